@@ -1,0 +1,100 @@
+// The LayerNorm math, written once for both backends.
+//
+// Every function here is a host/device template over the value type V, so the same
+// code runs on scalars (CPU tails, CUDA threads) and on at::vec::Vectorized lanes
+// (CPU main loops). Keeping the formulas in one place keeps the CPU and CUDA results
+// consistent with each other and with torch.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define LN_HOST_DEVICE inline
+#endif
+
+namespace layernorm_ext {
+namespace math {
+
+// Running moments of a set of samples: mean and M2 = sum((x - mean)^2).
+template <typename acc_t>
+struct WelfordState {
+  acc_t mean;
+  acc_t m2;
+  int64_t count;
+};
+
+// Welford's update for one more sample; `inv_count` is 1 / (samples seen, x included).
+// Taking the reciprocal as an argument lets vector lanes that share a count share it.
+template <typename V, typename S>
+LN_HOST_DEVICE void welford_step(V& mean, V& m2, const V& x, S inv_count) {
+  const V delta = x - mean;
+  mean = mean + delta * V(inv_count);
+  m2 = m2 + delta * (x - mean);
+}
+
+template <typename acc_t>
+LN_HOST_DEVICE WelfordState<acc_t> welford_update(WelfordState<acc_t> s, acc_t x) {
+  s.count += 1;
+  welford_step(s.mean, s.m2, x, acc_t(1) / static_cast<acc_t>(s.count));
+  return s;
+}
+
+// Chan et al.'s parallel combine of two disjoint sets. Not symmetric in rounding,
+// so callers combine in a fixed order to stay bitwise reproducible.
+template <typename acc_t>
+LN_HOST_DEVICE WelfordState<acc_t> welford_combine(const WelfordState<acc_t>& a,
+                                                   const WelfordState<acc_t>& b) {
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  const int64_t count = a.count + b.count;
+  const acc_t b_share = static_cast<acc_t>(b.count) / static_cast<acc_t>(count);
+  const acc_t delta = b.mean - a.mean;
+  return {a.mean + delta * b_share,
+          a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * b_share,
+          count};
+}
+
+template <typename acc_t>
+LN_HOST_DEVICE acc_t reciprocal_sqrt(acc_t v) {
+#if defined(__CUDA_ARCH__)
+  return ::rsqrt(v);
+#else
+  return acc_t(1) / std::sqrt(v);
+#endif
+}
+
+// rstd = 1 / sqrt(max(var, 0) + eps) with the biased variance, as torch. eps may be
+// zero or negative: the inf/NaN that follows is torch's behaviour too. NaN inputs and
+// empty rows (0 / 0) keep var = NaN, since the comparison lets NaN through.
+template <typename acc_t>
+LN_HOST_DEVICE acc_t rstd_from_moments(const WelfordState<acc_t>& s, acc_t eps) {
+  const acc_t var = s.m2 / static_cast<acc_t>(s.count);
+  return reciprocal_sqrt((var < acc_t(0) ? acc_t(0) : var) + eps);
+}
+
+// xhat = (x - mean) * rstd
+template <typename V>
+LN_HOST_DEVICE V normalize(const V& x, const V& mean, const V& rstd) {
+  return (x - mean) * rstd;
+}
+
+// y = xhat * w + b; callers pass w = 1 and b = 0 for the missing affine parts.
+template <typename V>
+LN_HOST_DEVICE V affine(const V& xhat, const V& w, const V& b) {
+  return xhat * w + b;
+}
+
+// Input gradient of one element. With g = dy * w and the row means
+// mean_g = mean(g), mean_g_xhat = mean(g * xhat):
+//   dx = rstd * (g - mean_g - xhat * mean_g_xhat)
+template <typename V>
+LN_HOST_DEVICE V input_grad(const V& g, const V& xhat, const V& rstd, const V& mean_g,
+                            const V& mean_g_xhat) {
+  return rstd * (g - mean_g - xhat * mean_g_xhat);
+}
+
+}  // namespace math
+}  // namespace layernorm_ext

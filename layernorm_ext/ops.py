@@ -1,0 +1,120 @@
+"""The Python side of the ``torch.ops.layernorm_ext`` operators.
+
+The schemas and the CPU/CUDA kernels are registered in C++ (``csrc/``); this module adds
+the fake (meta) kernels used by ``torch.compile`` and export, the autograd formula, and
+``layer_norm``, the functional entry point with ``F.layer_norm``'s signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+
+from . import _C  # noqa: F401  (loading the extension registers the operators)
+
+__all__ = ["layer_norm", "has_cuda_kernels"]
+
+_forward = torch.ops.layernorm_ext.forward.default
+_backward = torch.ops.layernorm_ext.backward.default
+
+_ShapeLike = Union[int, Sequence[int], torch.Size]
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build of the extension contains the CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_forward.name(), "CUDA")
+
+
+def _stats_dtype(input: torch.Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _param_dtype(input: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor]) -> torch.dtype:
+    for param in (weight, bias):
+        if param is not None:
+            return param.dtype
+    return input.dtype
+
+
+@torch.library.register_fake("layernorm_ext::forward")
+def _forward_fake(input, normalized_shape, weight, bias, eps):
+    stats_shape = input.shape[: input.dim() - len(normalized_shape)]
+    output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    mean = input.new_empty(stats_shape, dtype=_stats_dtype(input))
+    rstd = input.new_empty(stats_shape, dtype=_stats_dtype(input))
+    return output, mean, rstd
+
+
+@torch.library.register_fake("layernorm_ext::backward")
+def _backward_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    param_dtype = _param_dtype(input, weight, bias)
+    grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    grad_weight = input.new_empty(normalized_shape, dtype=param_dtype)
+    grad_bias = input.new_empty(normalized_shape, dtype=param_dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, bias, _eps = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.normalized_shape = normalized_shape
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+
+
+def _backward_formula(ctx, grad_out, _grad_mean, _grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = _backward(
+        grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias)
+    needs = ctx.needs_input_grad
+    return (
+        grad_input if needs[0] else None,
+        None,
+        grad_weight if weight is not None and needs[2] else None,
+        grad_bias if bias is not None and needs[3] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "layernorm_ext::forward", _backward_formula, setup_context=_setup_context)
+
+if not has_cuda_kernels():
+    # A CPU-only build: say so instead of the dispatcher's generic "no kernel" error.
+    def _no_cuda(*args, **kwargs):
+        raise RuntimeError(
+            "layernorm_ext was built without CUDA kernels, so it cannot run on a CUDA tensor. "
+            "Rebuild it where a CUDA toolkit and a CUDA build of torch are present "
+            "(and LAYERNORM_EXT_CPU_ONLY is unset).")
+
+    for _op in ("forward", "backward"):
+        torch.library.impl(f"layernorm_ext::{_op}", "CUDA")(_no_cuda)
+
+
+def _as_shape(normalized_shape: _ShapeLike) -> list[int]:
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return list(normalized_shape)
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: _ShapeLike,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Fused layer normalization over the trailing ``normalized_shape`` dims of ``input``.
+
+    Same signature and semantics as :func:`torch.nn.functional.layer_norm`:
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance,
+    computed in one pass over the data by the CPU or CUDA kernel of
+    ``torch.ops.layernorm_ext.forward``. float32, float64, float16 and bfloat16 inputs
+    are supported; float16/bfloat16 inputs may take float32 ``weight``/``bias``, and the
+    output then keeps the input's dtype.
+    """
+    return _forward(input, _as_shape(normalized_shape), weight, bias, eps)[0]
