@@ -22,9 +22,13 @@ _backward = torch.ops.layernorm_ext.backward.default
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
+# Read before the CPU-only stub below is registered for the CUDA key.
+_BUILT_WITH_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key(_forward.name(), "CUDA")
+
+
 def has_cuda_kernels() -> bool:
     """True when this build of the extension contains the CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(_forward.name(), "CUDA")
+    return _BUILT_WITH_CUDA
 
 
 def _stats_dtype(input: torch.Tensor) -> torch.dtype:
@@ -39,8 +43,19 @@ def _param_dtype(input: torch.Tensor, weight: Optional[torch.Tensor],
     return input.dtype
 
 
+def _check_same_device(input: torch.Tensor, *others: Optional[torch.Tensor]) -> None:
+    # The dispatcher routes a mix of devices to the highest-priority key (a meta weight
+    # with a CPU input lands here), so the fake kernels repeat the C++ device check.
+    for other in others:
+        if other is not None and other.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two "
+                f"devices, {input.device} and {other.device}!")
+
+
 @torch.library.register_fake("layernorm_ext::forward")
 def _forward_fake(input, normalized_shape, weight, bias, eps):
+    _check_same_device(input, weight, bias)
     stats_shape = input.shape[: input.dim() - len(normalized_shape)]
     output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     mean = input.new_empty(stats_shape, dtype=_stats_dtype(input))
@@ -50,6 +65,7 @@ def _forward_fake(input, normalized_shape, weight, bias, eps):
 
 @torch.library.register_fake("layernorm_ext::backward")
 def _backward_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    _check_same_device(input, grad_out, mean, rstd, weight, bias)
     param_dtype = _param_dtype(input, weight, bias)
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_weight = input.new_empty(normalized_shape, dtype=param_dtype)
@@ -83,7 +99,7 @@ def _backward_formula(ctx, grad_out, _grad_mean, _grad_rstd):
 torch.library.register_autograd(
     "layernorm_ext::forward", _backward_formula, setup_context=_setup_context)
 
-if not has_cuda_kernels():
+if not _BUILT_WITH_CUDA:
     # A CPU-only build: say so instead of the dispatcher's generic "no kernel" error.
     def _no_cuda(*args, **kwargs):
         raise RuntimeError(

@@ -1,0 +1,83 @@
+"""Bad input raises torch's exception and message, never crashes or returns garbage."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layernorm_ext import layer_norm
+
+
+def torch_message(fn):
+    with pytest.raises(RuntimeError) as info:
+        fn()
+    return str(info.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("case", ["empty_shape", "trailing_mismatch", "too_few_dims",
+                                  "weight_shape", "bias_shape"])
+def test_shape_errors_match_torch(device, case):
+    x = torch.randn(4, 8, device=device)
+    args = {
+        "empty_shape": (x, []),
+        "trailing_mismatch": (x, [7]),
+        "too_few_dims": (x, [2, 4, 8]),
+        "weight_shape": (x, [8], torch.ones(7, device=device)),
+        "bias_shape": (x, [8], None, torch.ones(7, device=device)),
+    }[case]
+    expected = torch_message(lambda: F.layer_norm(*args))
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        layer_norm(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64],
+                         ids=str)
+def test_non_float_input_rejected(device, dtype):
+    x = torch.ones(4, 8, device=device).to(dtype)
+    with pytest.raises(NotImplementedError, match="must be float32, float64, float16 or bfloat16"):
+        layer_norm(x, [8])
+
+
+def test_non_float_weight_rejected(device):
+    x = torch.ones(4, 8, device=device)
+    with pytest.raises(NotImplementedError, match="weight must be float32"):
+        layer_norm(x, [8], torch.ones(8, dtype=torch.int64, device=device))
+
+
+@pytest.mark.parametrize("input_dtype,param_dtype", [
+    (torch.float32, torch.float16), (torch.float32, torch.float64),
+    (torch.bfloat16, torch.float16), (torch.float64, torch.float32)], ids=str)
+def test_unsupported_mixed_dtypes_rejected(device, input_dtype, param_dtype):
+    x = torch.ones(4, 8, device=device, dtype=input_dtype)
+    w = torch.ones(8, device=device, dtype=param_dtype)
+    with pytest.raises(RuntimeError, match="mixed dtype: expected weight to have the input's dtype"):
+        layer_norm(x, [8], w)
+
+
+def test_weight_and_bias_dtypes_must_agree(device):
+    x = torch.ones(4, 8, device=device, dtype=torch.bfloat16)
+    w = torch.ones(8, device=device)
+    b = torch.zeros(8, device=device, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="expected weight and bias to have the same dtype"):
+        layer_norm(x, [8], w, b)
+
+
+def test_tensors_on_different_devices_rejected():
+    x = torch.ones(4, 8)
+    w = torch.ones(8, device="meta")
+    with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+        layer_norm(x, [8], w)
+
+
+def test_backward_op_checks_its_tensors(device):
+    x = torch.randn(4, 8, device=device)
+    out, mean, rstd = torch.ops.layernorm_ext.forward(x, [8], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="Expected grad_out of shape"):
+        torch.ops.layernorm_ext.backward(out[:2], x, [8], mean, rstd, None, None)
+    with pytest.raises(RuntimeError, match="Expected mean and rstd with 4 elements"):
+        torch.ops.layernorm_ext.backward(out, x, [8], mean[:2], rstd, None, None)
+    with pytest.raises(RuntimeError, match="Expected mean and rstd with 4 elements of dtype Float"):
+        torch.ops.layernorm_ext.backward(out, x, [8], mean.double(), rstd, None, None)

@@ -1,0 +1,69 @@
+"""layernorm_ext.LayerNorm as a drop-in for torch.nn.LayerNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from layernorm_ext import LayerNorm
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"eps": 1e-6}, {"elementwise_affine": False}, {"bias": False},
+], ids=["default", "eps", "no_affine", "no_bias"])
+@pytest.mark.parametrize("normalized_shape", [16, (4, 4)], ids=["int", "tuple"])
+def test_same_attributes_parameters_and_repr(device, kwargs, normalized_shape):
+    ours = LayerNorm(normalized_shape, device=device, **kwargs)
+    theirs = nn.LayerNorm(normalized_shape, device=device, **kwargs)
+    assert ours.normalized_shape == theirs.normalized_shape
+    assert ours.eps == theirs.eps
+    assert ours.elementwise_affine == theirs.elementwise_affine
+    assert ours.extra_repr() == theirs.extra_repr()
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert (ours.bias is None) == (theirs.bias is None)
+    assert isinstance(ours, nn.LayerNorm)
+    if ours.weight is not None:
+        assert ours.weight.device.type == device
+        with torch.no_grad():
+            ours.weight.mul_(3)
+        ours.reset_parameters()
+        assert torch.equal(ours.weight, torch.ones_like(ours.weight))
+
+
+def test_dtype_argument(device):
+    ours = LayerNorm(8, device=device, dtype=torch.float64)
+    assert ours.weight.dtype == torch.float64 and ours.bias.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"elementwise_affine": False}],
+                         ids=["default", "no_bias", "no_affine"])
+def test_state_dict_interchange_both_directions(device, kwargs):
+    torch.manual_seed(0)
+    theirs = nn.LayerNorm(12, device=device, **kwargs)
+    ours = LayerNorm(12, device=device, **kwargs)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(3, 12, device=device)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+    fresh = nn.LayerNorm(12, device=device, **kwargs)
+    fresh.load_state_dict(ours.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), ours(x))
+
+
+def test_module_forward_backward_matches_torch(device):
+    torch.manual_seed(0)
+    ours = LayerNorm((3, 8), device=device)
+    theirs = nn.LayerNorm((3, 8), device=device)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            p.normal_()
+            q.copy_(p)
+    x = torch.randn(2, 5, 3, 8, device=device)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

@@ -1,0 +1,217 @@
+"""The operators against torch.nn.functional.layer_norm: values, gradients, registration."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layernorm_ext
+from layernorm_ext import layer_norm
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Absolute slack on top of "within 2x torch's own error", relative to the values' scale.
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_inputs(shape, normalized_shape, dtype, device, affine=(True, True), param_dtype=None,
+                seed=0):
+    g = torch.Generator().manual_seed(seed)
+    param_dtype = param_dtype or dtype
+    n = torch.Size(normalized_shape)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(device, dtype)
+    w = (torch.randn(n, generator=g, dtype=torch.float64) + 1).to(device, param_dtype)
+    b = torch.randn(n, generator=g, dtype=torch.float64).to(device, param_dtype)
+    return x, (w if affine[0] else None), (b if affine[1] else None)
+
+
+def forward_backward(fn, x, normalized_shape, w, b, grad_out, eps=1e-5):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(leaves[0], normalized_shape, leaves[1], leaves[2], eps)
+    y.backward(grad_out)
+    return [y.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def to64(t):
+    return None if t is None else t.detach().double()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [1, 7, 20, 64, 768, 1000, 4096, 65537])
+def test_parity_with_torch(device, dtype, D):
+    rows = 3 if D > 10000 else 33
+    x, w, b = make_inputs((rows, D), [D], dtype, device)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    ours = forward_backward(layer_norm, x, [D], w, b, dy)
+    theirs = forward_backward(F.layer_norm, x, [D], w, b, dy)
+    ref = forward_backward(F.layer_norm, to64(x), [D], to64(w), to64(b), to64(dy))
+    for name, o, t, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, theirs, ref):
+        assert o.dtype == t.dtype and o.shape == t.shape, name
+        err_ours = (o.double() - r).abs().max().item()
+        err_torch = (t.double() - r).abs().max().item()
+        scale = max(1.0, r.abs().max().item())
+        assert err_ours <= 2 * err_torch + ATOL[dtype] * scale, (
+            f"{name}: error {err_ours:.3g} vs torch's {err_torch:.3g}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_input_with_fp32_params(device, dtype):
+    x, w, b = make_inputs((16, 96), [96], dtype, device, param_dtype=torch.float32)
+    dy = torch.randn_like(x)
+    y, dx, dw, db = forward_backward(layer_norm, x, [96], w, b, dy)
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32
+    ref = forward_backward(F.layer_norm, to64(x), [96], to64(w), to64(b), to64(dy))
+    torch.testing.assert_close(y.double(), ref[0], atol=ATOL[dtype] * 4, rtol=0)
+    torch.testing.assert_close(dw.double(), ref[2], atol=ATOL[dtype] * 16, rtol=1e-2)
+    torch.testing.assert_close(db.double(), ref[3], atol=ATOL[dtype] * 16, rtol=1e-2)
+
+
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["affine", "weight_only", "bias_only", "none"])
+@pytest.mark.parametrize("shape,normalized_shape", [((4, 9), [9]), ((2, 3, 4, 5), [4, 5])],
+                         ids=["1d", "2d"])
+def test_gradcheck(device, affine, shape, normalized_shape):
+    x, w, b = make_inputs(shape, normalized_shape, torch.float64, device, affine)
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: layer_norm(x, normalized_shape, w, b), inputs)
+
+
+def test_gradcheck_non_contiguous(device):
+    base, w, b = make_inputs((8, 6), [8], torch.float64, device)
+    x = base.t().requires_grad_()  # (6, 8), strides (1, 6)
+    assert not x.is_contiguous()
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: layer_norm(x, [8], w, b), (x, w.requires_grad_(), b.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_non_contiguous_and_expanded_inputs(device, dtype):
+    x, w, b = make_inputs((5, 16, 12), [12], dtype, device)
+    views = {
+        "transposed": x.transpose(0, 1),
+        "sliced": x[:, ::2, :],
+        "strided_last_dim": torch.cat([x, x], dim=-1)[..., ::2],
+        "expanded": x[:1].expand(5, 16, 12),
+    }
+    for name, view in views.items():
+        expected = F.layer_norm(view.contiguous(), [12], w, b)
+        torch.testing.assert_close(layer_norm(view, [12], w, b), expected, msg=name)
+
+
+def test_multi_dim_normalized_shape_and_leading_dims(device):
+    x, w, b = make_inputs((2, 3, 4, 5, 6), [5, 6], torch.float32, device)
+    out, mean, rstd = torch.ops.layernorm_ext.forward(x, [5, 6], w, b, 1e-5)
+    torch.testing.assert_close(out, F.layer_norm(x, [5, 6], w, b))
+    assert mean.shape == rstd.shape == (2, 3, 4)
+    assert mean.dtype == rstd.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0, 8), (0,)], ids=["rows0", "mid0", "flat0"])
+def test_zero_size_batch(device, shape):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    n = shape[-1:]
+    w = torch.ones(n, device=device, requires_grad=True)
+    b = torch.zeros(n, device=device, requires_grad=True)
+    y = layer_norm(x, n, w, b)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    expected_w = torch.zeros(n, device=device)
+    torch.testing.assert_close(w.grad, expected_w)
+    torch.testing.assert_close(b.grad, expected_w)
+
+
+def test_empty_normalized_dims_match_torch(device):
+    x = torch.randn(3, 0, device=device)
+    out, mean, rstd = torch.ops.layernorm_ext.forward(x, [0], None, None, 1e-5)
+    assert out.shape == (3, 0)
+    assert torch.all(mean == 0) and torch.all(torch.isnan(rstd))  # as torch.native_layer_norm
+
+
+def test_d_one_million(device):
+    x, w, b = make_inputs((2, 1_000_000), [1_000_000], torch.float32, device)
+    dy = torch.randn_like(x)
+    ours = forward_backward(layer_norm, x, [1_000_000], w, b, dy)
+    ref = forward_backward(F.layer_norm, to64(x), [1_000_000], to64(w), to64(b), to64(dy))
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.double(), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, 1e-12])
+def test_eps_zero_and_negative_as_torch(device, eps):
+    x = torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 3.0], [0.0, 0.0, 1e-3]], device=device)
+    ours = layer_norm(x, [3], eps=eps)
+    theirs = F.layer_norm(x, [3], eps=eps)
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+def test_nan_and_inf_propagate(device):
+    x = torch.randn(3, 16, device=device)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    ours = layer_norm(x, [16])
+    theirs = F.layer_norm(x, [16])
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    torch.testing.assert_close(ours[2], theirs[2])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_param_grads_bitwise_reproducible(device, dtype):
+    x, w, b = make_inputs((300, 257), [257], dtype, device)
+    dy = torch.randn_like(x)
+    first = forward_backward(layer_norm, x, [257], w, b, dy)
+    second = forward_backward(layer_norm, x, [257], w, b, dy)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_opcheck(device):
+    x, w, b = make_inputs((6, 4, 10), [4, 10], torch.float32, device)
+    out, mean, rstd = torch.ops.layernorm_ext.forward(x, [4, 10], w, b, 1e-5)
+    forward_samples = [
+        (x.requires_grad_(), [4, 10], w.requires_grad_(), b.requires_grad_(), 1e-5),
+        (x.detach(), [10], None, None, 1e-6),
+        (x.detach().bfloat16(), [10], torch.ones(10, device=device), None, 1e-5),
+    ]
+    for args in forward_samples:
+        torch.library.opcheck(torch.ops.layernorm_ext.forward.default, args)
+    dy = torch.randn_like(out)
+    backward_samples = [
+        (dy, x.detach(), [4, 10], mean, rstd, w.detach(), b.detach()),
+        (dy, x.detach(), [4, 10], mean, rstd, None, None),
+    ]
+    for args in backward_samples:
+        torch.library.opcheck(torch.ops.layernorm_ext.backward.default, args)
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), layernorm_ext.LayerNorm(16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 8, device=device)
+    eager_out = model(x)
+    eager_out.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled_out = compiled(x)
+    compiled_out.sum().backward()
+    torch.testing.assert_close(compiled_out, eager_out)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_cuda_kernels_built_when_expected():
+    """CI sets LAYERNORM_EXT_EXPECT_CUDA=1: there a missing CUDA build is a failure."""
+    if os.environ.get("LAYERNORM_EXT_EXPECT_CUDA") != "1" and not layernorm_ext.has_cuda_kernels():
+        pytest.skip("CPU-only build, and CUDA kernels were not expected")
+    assert layernorm_ext.has_cuda_kernels()
+    for op in ("forward", "backward"):
+        table = torch._C._dispatch_dump(f"layernorm_ext::{op}")
+        cuda_lines = [line for line in table.splitlines() if line.startswith("CUDA:")]
+        assert cuda_lines and "layernorm_cuda.cu" in cuda_lines[0], table
