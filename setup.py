@@ -14,9 +14,12 @@ against the torch that is already installed (an isolated build would download an
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -62,9 +65,59 @@ from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
     BuildExtension, CppExtension, CUDAExtension)
 
+# The CPU row kernels are compiled once more per x86 instruction set, as ATen does for
+# its own CPU kernels, and the extension picks one at run time (csrc/cpu/row_kernels.h).
+# Never -march=native: the built wheel must run on any x86-64 machine.
+ROW_KERNELS = "csrc/cpu/row_kernels.cpp"
+X86_ISA_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-mbmi2"],
+}
+BUILD_X86_ISAS = platform.machine().lower() in ("x86_64", "amd64")
+
+
+class BuildExtensionWithCpuIsas(BuildExtension):
+    """BuildExtension that adds the per-ISA objects of the CPU row kernels."""
+
+    def build_extension(self, ext):
+        if BUILD_X86_ISAS:
+            ext.extra_objects = list(ext.extra_objects or []) + self._compile_isa_objects(ext)
+        super().build_extension(ext)
+
+    def _compile_isa_objects(self, ext) -> list[str]:
+        out_dir = Path(self.build_temp) / "cpu_isa"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cxx = os.environ.get("CXX", "c++")
+        includes = [f"-I{d}" for d in [*ext.include_dirs, sysconfig.get_paths()["include"]]]
+        headers = list((ROOT / "csrc").rglob("*.h"))
+        newest_input = max(p.stat().st_mtime for p in [ROOT / ROW_KERNELS, *headers])
+
+        def compile_one(isa: str) -> str:
+            obj = out_dir / f"row_kernels_{isa}.o"
+            if obj.exists() and obj.stat().st_mtime > newest_input:
+                return str(obj)
+            cmd = [cxx, "-O3", "-fPIC", "-std=c++20", "-DNDEBUG", *includes,
+                   f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *X86_ISA_FLAGS[isa],
+                   "-DTORCH_API_INCLUDE_EXTENSION_H", "-c", str(ROOT / ROW_KERNELS),
+                   "-o", str(obj)]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            return str(obj)
+
+        jobs = int(os.environ.get("MAX_JOBS", "2"))
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            return list(pool.map(compile_one, X86_ISA_FLAGS))
+
+
 with_cuda = want_cuda(cuda_home)
-sources = ["csrc/layernorm.cpp", "csrc/cpu/layernorm_cpu.cpp"]
-extra_compile_args = {"cxx": ["-O3"]}
+sources = ["csrc/layernorm.cpp", "csrc/layernorm_autograd.cpp", "csrc/cpu/layernorm_cpu.cpp",
+           ROW_KERNELS]
+# at::parallel_for is header code: without -fopenmp it silently runs on one thread.
+# Linking -fopenmp records libgomp.so.1, which resolves to the copy torch has loaded.
+extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+extra_link_args = ["-fopenmp"]
+define_macros = [("LAYERNORM_EXT_X86_ISAS", None)] if BUILD_X86_ISAS else []
 if with_cuda:
     import torch
 
@@ -85,8 +138,9 @@ setup(
     version="0.1.0",
     description="Fused LayerNorm forward/backward kernels (CPU and CUDA) as torch ops",
     packages=["layernorm_ext"],
-    ext_modules=[extension("layernorm_ext._C", sources, extra_compile_args=extra_compile_args)],
-    cmdclass={"build_ext": BuildExtension},
+    ext_modules=[extension("layernorm_ext._C", sources, extra_compile_args=extra_compile_args,
+                           extra_link_args=extra_link_args, define_macros=define_macros)],
+    cmdclass={"build_ext": BuildExtensionWithCpuIsas},
     python_requires=">=3.10",
     install_requires=["torch"],
 )

@@ -42,19 +42,29 @@ LN_HOST_DEVICE WelfordState<acc_t> welford_update(WelfordState<acc_t> s, acc_t x
   return s;
 }
 
-// Chan et al.'s parallel combine of two disjoint sets. Not symmetric in rounding,
-// so callers combine in a fixed order to stay bitwise reproducible.
+// Chan et al.'s merge of set b into set a, given n_a and b's share of the merged count,
+// b_share = n_b / (n_a + n_b). Callers that know the share (equal counts: 1/2) skip the
+// division; V may be a scalar or a vector of independent lanes.
+template <typename V, typename S>
+LN_HOST_DEVICE void welford_merge(V& mean, V& m2, const V& mean_b, const V& m2_b, S n_a,
+                                  S b_share) {
+  const V delta = mean_b - mean;
+  mean = mean + delta * V(b_share);
+  m2 = m2 + m2_b + delta * delta * V(n_a * b_share);
+}
+
+// Chan's combine of two disjoint sets. Not symmetric in rounding, so callers combine
+// in a fixed order to stay bitwise reproducible.
 template <typename acc_t>
-LN_HOST_DEVICE WelfordState<acc_t> welford_combine(const WelfordState<acc_t>& a,
+LN_HOST_DEVICE WelfordState<acc_t> welford_combine(WelfordState<acc_t> a,
                                                    const WelfordState<acc_t>& b) {
   if (b.count == 0) return a;
   if (a.count == 0) return b;
   const int64_t count = a.count + b.count;
-  const acc_t b_share = static_cast<acc_t>(b.count) / static_cast<acc_t>(count);
-  const acc_t delta = b.mean - a.mean;
-  return {a.mean + delta * b_share,
-          a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * b_share,
-          count};
+  welford_merge(a.mean, a.m2, b.mean, b.m2, static_cast<acc_t>(a.count),
+                static_cast<acc_t>(b.count) / static_cast<acc_t>(count));
+  a.count = count;
+  return a;
 }
 
 template <typename acc_t>

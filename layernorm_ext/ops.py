@@ -1,8 +1,8 @@
 """The Python side of the ``torch.ops.layernorm_ext`` operators.
 
-The schemas and the CPU/CUDA kernels are registered in C++ (``csrc/``); this module adds
-the fake (meta) kernels used by ``torch.compile`` and export, the autograd formula, and
-``layer_norm``, the functional entry point with ``F.layer_norm``'s signature.
+The schemas, the CPU/CUDA kernels and the autograd formula are registered in C++
+(``csrc/``); this module adds the fake (meta) kernels used by ``torch.compile`` and
+export, and ``layer_norm``, the functional entry point with ``F.layer_norm``'s signature.
 """
 
 from __future__ import annotations
@@ -72,32 +72,6 @@ def _backward_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
     grad_bias = input.new_empty(normalized_shape, dtype=param_dtype)
     return grad_input, grad_weight, grad_bias
 
-
-def _setup_context(ctx, inputs, output):
-    input, normalized_shape, weight, bias, _eps = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.normalized_shape = normalized_shape
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(input, weight, bias, mean, rstd)
-
-
-def _backward_formula(ctx, grad_out, _grad_mean, _grad_rstd):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = _backward(
-        grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias)
-    needs = ctx.needs_input_grad
-    return (
-        grad_input if needs[0] else None,
-        None,
-        grad_weight if weight is not None and needs[2] else None,
-        grad_bias if bias is not None and needs[3] else None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "layernorm_ext::forward", _backward_formula, setup_context=_setup_context)
 
 if not _BUILT_WITH_CUDA:
     # A CPU-only build: say so instead of the dispatcher's generic "no kernel" error.

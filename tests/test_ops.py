@@ -215,3 +215,26 @@ def test_cuda_kernels_built_when_expected():
         table = torch._C._dispatch_dump(f"layernorm_ext::{op}")
         cuda_lines = [line for line in table.splitlines() if line.startswith("CUDA:")]
         assert cuda_lines and "layernorm_cuda.cu" in cuda_lines[0], table
+
+
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["affine", "weight_only", "bias_only", "none"])
+def test_gradgradcheck(device, affine):
+    x, w, b = make_inputs((3, 4, 5), [4, 5], torch.float64, device, affine)
+    present = [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+    def fn(*tensors):
+        it = iter(tensors)
+        return layer_norm(next(it), [4, 5], next(it) if w is not None else None,
+                          next(it) if b is not None else None)
+
+    assert torch.autograd.gradgradcheck(fn, present)
+
+
+def test_backward_op_called_directly_is_not_silently_differentiable(device):
+    x = torch.randn(4, 8, device=device)
+    out, mean, rstd = torch.ops.layernorm_ext.forward(x, [8], None, None, 1e-5)
+    dy = torch.randn_like(out).requires_grad_()
+    grad_input = torch.ops.layernorm_ext.backward(dy, x, [8], mean, rstd, None, None)[0]
+    with pytest.raises(RuntimeError, match="not implemented"):
+        grad_input.sum().backward()

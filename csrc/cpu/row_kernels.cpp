@@ -1,0 +1,232 @@
+// The CPU row kernels; see row_kernels.h for how this file is built once per ISA.
+//
+// Forward, per row: Welford statistics, then y, while the row is still in L1/L2, so
+// x comes from DRAM once. Backward, per row: the two row sums, then dx and the
+// dgamma/dbeta terms, again with dy and x cache-resident. Every value is converted to
+// the accumulation type (float for half/bf16) in registers; nothing is materialized.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT  // the build without ISA flags
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <type_traits>
+
+#include "../layernorm_math.h"
+#include "row_kernels.h"
+
+#define LN_CONCAT_(a, b) a##b
+#define LN_CONCAT(a, b) LN_CONCAT_(a, b)
+
+namespace layernorm_ext::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements of T moved kParts accumulation-type vectors at a time. For half/bf16 that
+// is exactly one Vectorized<T>; for float/double, two vectors give two independent
+// dependency chains in the reductions.
+template <typename T>
+struct Chunk {
+  using acc_t = at::opmath_type<T>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int kParts = 2;
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kSize = kParts * kLanes;
+  static constexpr bool kReduced = !std::is_same_v<T, acc_t>;
+  using Parts = std::array<Vec, kParts>;
+
+  static_assert(!kReduced || Vectorized<T>::size() == kSize);
+
+  // Loads n <= kSize elements; the lanes past n are zero.
+  static Parts load(const T* p, int64_t n = kSize) {
+    if constexpr (kReduced) {
+      const auto raw = n == kSize ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+      auto [lo, hi] = at::vec::convert_to_float<T>(raw);
+      return {lo, hi};
+    } else {
+      if (n == kSize) return {Vec::loadu(p), Vec::loadu(p + kLanes)};
+      return {Vec::loadu(p, std::min(n, kLanes)),
+              n > kLanes ? Vec::loadu(p + kLanes, n - kLanes) : Vec(0)};
+    }
+  }
+  // Loads a parameter chunk, or `fill` everywhere when the parameter is absent.
+  static Parts load_or(const T* p, int64_t n, acc_t fill) {
+    return p ? load(p, n) : Parts{Vec(fill), Vec(fill)};
+  }
+  // Stores the first n <= kSize elements.
+  static void store(T* p, const Parts& v, int64_t n = kSize) {
+    if constexpr (kReduced) {
+      const auto packed = at::vec::convert_from_float<T>(v[0], v[1]);
+      n == kSize ? packed.store(p) : packed.store(p, n);
+    } else if (n == kSize) {
+      v[0].store(p);
+      v[1].store(p + kLanes);
+    } else {
+      v[0].store(p, std::min(n, kLanes));
+      if (n > kLanes) v[1].store(p + kLanes, n - kLanes);
+    }
+  }
+};
+
+// Moments of one row. Full chunks: Welford per lane (all lanes share the count, so
+// one reciprocal serves them all), then the lanes merged pairwise — equal counts, so
+// every merge has b_share = 1/2 and no division. The last partial chunk: its exact
+// moments from two vector passes (masked), merged with Chan's combine.
+template <typename T>
+math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
+  using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  typename C::Parts mean{Vec(0), Vec(0)}, m2{Vec(0), Vec(0)};
+  int64_t steps = 0;
+  int64_t j = 0;
+  for (; j + C::kSize <= n; j += C::kSize) {
+    const auto v = C::load(x + j);
+    ++steps;
+    const acc_t inv_steps = acc_t(1) / static_cast<acc_t>(steps);
+    for (int k = 0; k < C::kParts; ++k) math::welford_step(mean[k], m2[k], v[k], inv_steps);
+  }
+
+  math::WelfordState<acc_t> total{acc_t(0), acc_t(0), 0};
+  if (steps > 0) {
+    std::array<acc_t, C::kSize> lane_mean, lane_m2;
+    for (int k = 0; k < C::kParts; ++k) {
+      mean[k].store(lane_mean.data() + k * C::kLanes);
+      m2[k].store(lane_m2.data() + k * C::kLanes);
+    }
+    acc_t lane_count = static_cast<acc_t>(steps);
+    for (int64_t width = C::kSize / 2; width >= 1; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) {
+        math::welford_merge(lane_mean[l], lane_m2[l], lane_mean[l + width], lane_m2[l + width],
+                            lane_count, acc_t(0.5));
+      }
+      lane_count *= 2;
+    }
+    total = {lane_mean[0], lane_m2[0], steps * C::kSize};
+  }
+
+  const int64_t rest = n - j;
+  if (rest > 0) {
+    const auto v = C::load(x + j, rest);  // zero past `rest`: harmless in the sum
+    Vec sum = v[0] + v[1];
+    const acc_t tail_mean =
+        at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, sum) / static_cast<acc_t>(rest);
+    Vec sq(0);
+    for (int k = 0; k < C::kParts; ++k) {
+      const int64_t valid = std::clamp<int64_t>(rest - k * C::kLanes, 0, C::kLanes);
+      const Vec dev = Vec::set(Vec(0), v[k] - Vec(tail_mean), valid);
+      sq = sq + dev * dev;
+    }
+    const acc_t tail_m2 = at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, sq);
+    total = math::welford_combine(total, {tail_mean, tail_m2, rest});
+  }
+  return total;
+}
+
+template <typename T, typename P>
+void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
+  using C = Chunk<T>;
+  using PC = Chunk<P>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  static_assert(C::kSize == PC::kSize);
+  const int64_t N = a.cols;
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = a.x + row * N;
+    T* y = a.y + row * N;
+    const auto moments = row_moments(x, N);
+    const acc_t mean = moments.mean;
+    const acc_t rstd = math::rstd_from_moments(moments, a.eps);
+    a.mean[row] = mean;
+    a.rstd[row] = rstd;
+    const Vec mean_v(mean), rstd_v(rstd);
+    for (int64_t j = 0; j < N; j += C::kSize) {
+      const int64_t n = std::min(C::kSize, N - j);
+      const auto xv = C::load(x + j, n);
+      const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
+      const auto bv = PC::load_or(a.bias ? a.bias + j : nullptr, n, acc_t(0));
+      typename C::Parts yv;
+      for (int k = 0; k < C::kParts; ++k) {
+        yv[k] = math::affine(math::normalize(xv[k], mean_v, rstd_v), wv[k], bv[k]);
+      }
+      C::store(y + j, yv, n);
+    }
+  }
+}
+
+template <typename T, typename P>
+void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
+                   at::opmath_type<T>* dgamma, at::opmath_type<T>* dbeta) {
+  using C = Chunk<T>;
+  using PC = Chunk<P>;
+  using AC = Chunk<at::opmath_type<T>>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  const int64_t N = a.cols;
+  const auto add = [](Vec u, Vec v) { return u + v; };
+  for (int64_t row = begin; row < end; ++row) {
+    const T* dy = a.dy + row * N;
+    const T* x = a.x + row * N;
+    T* dx = a.dx + row * N;
+    const Vec mean_v(a.mean[row]), rstd_v(a.rstd[row]);
+
+    // Pass 1: row sums of g = dy * w and g * xhat. Zero-filled tail lanes have g = 0.
+    Vec sum_g(0), sum_g_xhat(0);
+    for (int64_t j = 0; j < N; j += C::kSize) {
+      const int64_t n = std::min(C::kSize, N - j);
+      const auto dyv = C::load(dy + j, n);
+      const auto xv = C::load(x + j, n);
+      const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
+      for (int k = 0; k < C::kParts; ++k) {
+        const Vec g = dyv[k] * wv[k];
+        sum_g = sum_g + g;
+        sum_g_xhat = sum_g_xhat + g * math::normalize(xv[k], mean_v, rstd_v);
+      }
+    }
+    const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
+    const Vec mean_g_xhat(at::vec::vec_reduce_all(add, sum_g_xhat) / static_cast<acc_t>(N));
+
+    // Pass 2, row in cache: dx, and the dgamma/dbeta terms.
+    for (int64_t j = 0; j < N; j += C::kSize) {
+      const int64_t n = std::min(C::kSize, N - j);
+      const auto dyv = C::load(dy + j, n);
+      const auto xv = C::load(x + j, n);
+      const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
+      auto dgv = AC::load(dgamma + j, n);
+      auto dbv = AC::load(dbeta + j, n);
+      typename C::Parts dxv;
+      for (int k = 0; k < C::kParts; ++k) {
+        const Vec xhat = math::normalize(xv[k], mean_v, rstd_v);
+        dxv[k] = math::input_grad(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
+        dgv[k] = dgv[k] + dyv[k] * xhat;
+        dbv[k] = dbv[k] + dyv[k];
+      }
+      C::store(dx + j, dxv, n);
+      AC::store(dgamma + j, dgv, n);
+      AC::store(dbeta + j, dbv, n);
+    }
+  }
+}
+
+template <typename T, typename P>
+RowKernels<T, P> row_kernels() {
+  return {&forward_rows<T, P>, &backward_rows<T, P>};
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+const KernelTable& LN_CONCAT(kernel_table_, CPU_CAPABILITY)() {
+  static const KernelTable table{
+      row_kernels<float, float>(),         row_kernels<double, double>(),
+      row_kernels<c10::Half, c10::Half>(), row_kernels<c10::Half, float>(),
+      row_kernels<c10::BFloat16, c10::BFloat16>(), row_kernels<c10::BFloat16, float>()};
+  return table;
+}
+
+}  // namespace layernorm_ext::cpu

@@ -1,0 +1,66 @@
+// Row kernels of the CPU backend, compiled once per x86 instruction set.
+//
+// csrc/cpu/row_kernels.cpp is built for DEFAULT, AVX2 and AVX512 (setup.py adds the
+// -m flags and CPU_CAPABILITY, as ATen does for its own CPU kernels), so one build runs
+// everywhere and uses wide vectors where the machine has them. Each build exports a
+// KernelTable; layernorm_cpu.cpp picks one at run time by at::get_cpu_capability(),
+// which also honours ATEN_CPU_CAPABILITY. Only raw pointers cross this boundary, so the
+// ISA-specific objects need no ATen tensor code.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace layernorm_ext::cpu {
+
+template <typename T, typename P>
+struct ForwardRows {
+  using acc_t = at::opmath_type<T>;
+  const T* x;
+  T* y;
+  const P* weight;  // may be null
+  const P* bias;    // may be null
+  acc_t* mean;
+  acc_t* rstd;
+  int64_t cols;
+  acc_t eps;
+};
+
+template <typename T, typename P>
+struct BackwardRows {
+  using acc_t = at::opmath_type<T>;
+  const T* dy;
+  const T* x;
+  const acc_t* mean;
+  const acc_t* rstd;
+  const P* weight;  // may be null
+  T* dx;
+  int64_t cols;
+};
+
+template <typename T, typename P>
+struct RowKernels {
+  using acc_t = at::opmath_type<T>;
+  // Normalizes rows [begin, end) and writes their mean/rstd.
+  void (*forward)(const ForwardRows<T, P>&, int64_t begin, int64_t end);
+  // Writes dx of rows [begin, end) and adds their dgamma/dbeta terms to the
+  // caller's partial rows (cols elements each).
+  void (*backward)(const BackwardRows<T, P>&, int64_t begin, int64_t end, acc_t* dgamma,
+                   acc_t* dbeta);
+};
+
+// One entry per supported (input, parameter) element-type pair.
+using KernelTable =
+    std::tuple<RowKernels<float, float>, RowKernels<double, double>,
+               RowKernels<c10::Half, c10::Half>, RowKernels<c10::Half, float>,
+               RowKernels<c10::BFloat16, c10::BFloat16>, RowKernels<c10::BFloat16, float>>;
+
+const KernelTable& kernel_table_DEFAULT();
+const KernelTable& kernel_table_AVX2();
+const KernelTable& kernel_table_AVX512();
+
+}  // namespace layernorm_ext::cpu

@@ -1,0 +1,125 @@
+// Autograd for layernorm_ext::forward, in C++ as torchvision does for its ops: the
+// per-call cost of a Python autograd.Function is larger than the whole kernel for the
+// small layers of the training example. Fake kernels stay in Python (ops.py).
+//
+// First-order gradients come from the fused backward kernel. When the backward itself
+// must be differentiable (create_graph=True: gradient penalties, Hessian-vector
+// products), it is computed instead from differentiable ATen ops, so autograd can
+// differentiate it again.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <numeric>
+
+#include "layernorm.h"
+
+namespace layernorm_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor3 call_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                     const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layernorm_ext::forward", "")
+                             .typed<decltype(call_forward)>();
+  return op.call(input, normalized_shape, weight, bias, eps);
+}
+
+Tensor3 call_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                      at::IntArrayRef normalized_shape, const at::Tensor& mean,
+                      const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layernorm_ext::backward", "")
+                             .typed<decltype(call_backward)>();
+  return op.call(grad_out, input, normalized_shape, mean, rstd, weight, bias);
+}
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The LayerNorm backward as differentiable ATen ops (statistics recomputed from the
+// input, so their dependence on it is part of the graph). Returns (dx, dw, db).
+Tensor3 differentiable_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                at::IntArrayRef normalized_shape, const at::Tensor& weight,
+                                double eps) {
+  const int64_t axis = input.dim() - static_cast<int64_t>(normalized_shape.size());
+  std::vector<int64_t> row_dims(axis), col_dims(normalized_shape.size());
+  std::iota(row_dims.begin(), row_dims.end(), 0);
+  std::iota(col_dims.begin(), col_dims.end(), axis);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const at::Tensor x = input.to(acc);
+  const at::Tensor dy = grad_out.to(acc);
+  const at::Tensor mean = x.mean(col_dims, /*keepdim=*/true);
+  const at::Tensor centered = x - mean;
+  const at::Tensor var = centered.square().mean(col_dims, /*keepdim=*/true);
+  const at::Tensor rstd = (var + eps).rsqrt();
+  const at::Tensor xhat = centered * rstd;
+  const at::Tensor g = weight.defined() ? dy * weight.to(acc) : dy;
+  const at::Tensor dx =
+      rstd * (g - g.mean(col_dims, true) - xhat * (g * xhat).mean(col_dims, true));
+  const auto param_dtype = weight.defined() ? weight.scalar_type() : input.scalar_type();
+  return {dx.to(input.scalar_type()), (dy * xhat).sum(row_dims).to(param_dtype),
+          dy.sum(row_dims).to(param_dtype)};
+}
+
+class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               at::IntArrayRef normalized_shape,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, mean, rstd] = call_forward(input, normalized_shape, weight, bias, eps);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                            mean, rstd});
+    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, rstd});
+    return {output, mean, rstd};
+  }
+
+  // Gradients for (input, normalized_shape, weight, bias, eps).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto& input = saved[0];
+    const auto& weight = saved[1];
+    const auto& bias = saved[2];
+    const auto normalized_shape = ctx->saved_data["normalized_shape"].toIntVector();
+    const bool create_graph = torch::autograd::GradMode::is_enabled();
+    auto [grad_input, grad_weight, grad_bias] =
+        create_graph ? differentiable_backward(grad_out, input, normalized_shape, weight,
+                                               ctx->saved_data["eps"].toDouble())
+                     : call_backward(grad_out, input, normalized_shape, saved[3], saved[4],
+                                     defined_or_none(weight), defined_or_none(bias));
+    return {ctx->needs_input_grad(0) ? grad_input : at::Tensor(), at::Tensor(),
+            weight.defined() ? grad_weight : at::Tensor(),
+            bias.defined() ? grad_bias : at::Tensor(), at::Tensor()};
+  }
+};
+
+Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, double eps) {
+  const auto outputs = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
+  m.impl("forward", &forward_autograd);
+  // Called directly with inputs that require grad, the backward op has no derivative:
+  // raise at backward time instead of silently returning zeros.
+  m.impl("backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace layernorm_ext
