@@ -23,6 +23,7 @@ from typing import Optional
 
 from .training import (COMPARE_NORMS, MLP, NORMS, EpochResult, TrainConfig, checkpoint_config,
                        defaults_for, fit, load_checkpoint, plot_history, resolve_device, train)
+from .training.checkpoint import run_state
 from .training.config import DATASETS, DTYPES, OPTIMIZERS, resume_conflicts
 from .training.data import check_data_config
 from .training.distributed import check_torchrun_environment, is_main_process
@@ -157,6 +158,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CliOptions:
         if conflicts:
             parser.error(f"--resume {options.resume}: these settings cannot change on resume: "
                          + ", ".join(conflicts))
+        norms = COMPARE_NORMS if options.compare else (options.config.norm,)
+        for norm in norms:
+            if run_state(state, norm, single_run=len(norms) == 1) is None:
+                parser.error(f"--resume {options.resume}: the checkpoint has no {norm!r} run "
+                             f"(it has: {', '.join(sorted(state['runs']))})")
     else:
         options.config = dataclasses.replace(defaults_for(values.get("dataset", "random")),
                                              **values)
@@ -224,6 +230,7 @@ def _summary(options: CliOptions, histories: Mapping[str, list[EpochResult]]) ->
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m layernorm_ext.train [options]``; ``--help`` lists the options."""
     options = parse_args(argv)
     config = options.config
     main_process = is_main_process()

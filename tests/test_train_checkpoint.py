@@ -88,8 +88,8 @@ def test_resume_with_compare(capsys, tmp_path):
     assert rest[1:3] == full[2:4]
     # A one-run checkpoint has no torch run to compare with.
     run_cli(capsys, "--epochs", "2", "--save", str(path))
-    with pytest.raises(ValueError, match="no saved 'torch' run"):
-        run_cli(capsys, "--resume", str(path), "--compare", "--epochs", "4")
+    assert "the checkpoint has no 'torch' run (it has: fused)" in cli_error(
+        capsys, "--resume", str(path), "--compare", "--epochs", "4")
 
 
 def test_resume_refuses_settings_the_checkpoint_depends_on(capsys, tmp_path):

@@ -30,8 +30,8 @@ from .model import MLP, NORMS
 from .progress import ProgressBar
 
 COMPARE_NORMS = ("fused", "torch")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+AUTOCAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 EpochCallback = Callable[[dict[str, EpochResult]], None]
 
@@ -75,14 +75,14 @@ def autocast_factory(device: torch.device, dtype: str) -> Callable[[], ContextMa
     """Mixed precision as PyTorch does it: float32 weights, ops under ``torch.autocast``."""
     if dtype == "float32":
         return contextlib.nullcontext
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {dtype!r}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.autocast(device.type, dtype=DTYPES[dtype])
+        torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
     if caught:  # torch warns and turns autocast off where the device lacks the dtype
         raise ValueError(f"--dtype {dtype} on {device.type}: {caught[0].message}")
-    return lambda: torch.autocast(device.type, dtype=DTYPES[dtype])
+    return lambda: torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 def fit(config: TrainConfig, *, compare: bool = False, on_epoch: Optional[EpochCallback] = None,
@@ -123,6 +123,10 @@ def _fit(config: TrainConfig, norms: Sequence[str], device: torch.device, world:
 
     samples = len(train_split.y)
     local_batch = _local_batch_size(config.batch_size, samples, world)
+    if samples % world.size and world.is_main:
+        warnings.warn(f"{samples} training samples do not split evenly over {world.size} "
+                      "processes: DistributedSampler repeats some, so the losses differ "
+                      "slightly from a single-process run")
     # A full batch needs no shuffling, which keeps the document's run bit for bit.
     sampler = DistributedSampler(range(samples), num_replicas=world.size, rank=world.rank,
                                  shuffle=local_batch is not None, seed=config.seed)
@@ -178,7 +182,7 @@ def _build_runs(config: TrainConfig, norms: Sequence[str], device: torch.device,
         if world.distributed:
             model = DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = OPTIMIZERS[config.optimizer](module.parameters(), lr=config.lr)
+        optimizer = OPTIMIZER_CLASSES[config.optimizer](module.parameters(), lr=config.lr)
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
         scaler = torch.amp.GradScaler(device.type) if config.dtype == "float16" else None
         runs.append(_Run(norm, module, model, optimizer, scaler, []))

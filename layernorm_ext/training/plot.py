@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from .config import EpochResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LINE_STYLES = ("-", "--", ":", "-.")  # the torch curve dashed over the fused one
 
 
 def plot_history(histories: Mapping[str, Sequence[EpochResult]],
-                 path: Union[str, "os.PathLike[str]"]):
+                 path: Union[str, "os.PathLike[str]"]) -> "Figure":
     """Draws loss (left) and accuracy (right) per epoch into ``path`` (e.g. a .png).
 
     ``histories`` maps a run's name ("fused", "torch") to its per-epoch results. Returns
