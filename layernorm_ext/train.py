@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m layernorm_ext.train", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
-        description="Train the document's MLP (fc1 -> LayerNorm -> ReLU -> fc2) with the "
-                    "fused LayerNorm and print loss and accuracy per epoch. With --resume, "
+        description="Train the document's MLP (fc1 -> LayerNorm -> ReLU -> fc2) with the\n"
+                    "fused LayerNorm and print loss and accuracy per epoch. With --resume,\n"
                     "unset options keep the checkpoint's values.")
     data = parser.add_argument_group("model and data")
     data.add_argument("--dataset", choices=DATASETS,
