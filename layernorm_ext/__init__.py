@@ -7,6 +7,7 @@
 
 from .modules import LayerNorm
 from .ops import has_cuda_kernels, layer_norm
+from .patch import replace_layernorm
 
-__all__ = ["LayerNorm", "layer_norm", "has_cuda_kernels"]
+__all__ = ["LayerNorm", "layer_norm", "has_cuda_kernels", "replace_layernorm"]
 __version__ = "0.1.0"

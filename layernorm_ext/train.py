@@ -1,122 +1,260 @@
-"""The original document's example: an MLP with LayerNorm trained with SGD.
+"""``python -m layernorm_ext.train``: the original document's run, and a small training tool.
 
-``python -m layernorm_ext.train`` builds ``fc1 -> LayerNorm -> ReLU -> fc2`` (input 10,
-hidden 20, output 2), trains it on 100 random samples with CrossEntropyLoss and SGD
-(lr 0.01) for 10 full-batch epochs, and prints one line per epoch:
-``Epoch [i/10], Loss: x.xxxx, Accuracy: yy.yy%``. The LayerNorm is
-``layernorm_ext.LayerNorm`` (``--norm torch`` uses ``torch.nn.LayerNorm`` instead).
+With no arguments it is the document's example: ``fc1 -> LayerNorm -> ReLU -> fc2``
+(input 10, hidden 20, output 2) trained on 100 random samples with CrossEntropyLoss and
+SGD (lr 0.01) for 10 full-batch epochs on the CPU with ``layernorm_ext.LayerNorm``,
+printing one line per epoch: ``Epoch [i/10], Loss: x.xxxx, Accuracy: yy.yy%``.
+
+The options change the model, data (``--dataset digits``: a real task with a held-out
+split), optimizer, batch size, device and precision; ``--compare`` trains the fused and
+the ``torch.nn.LayerNorm`` model side by side; ``--save``/``--resume`` checkpoint;
+``--plot`` draws the curves; ``--ddp`` trains with DistributedDataParallel under torchrun.
+The library behind it is :mod:`layernorm_ext.training`.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-from torch import nn
+from .training import (COMPARE_NORMS, MLP, NORMS, EpochResult, TrainConfig, checkpoint_config,
+                       defaults_for, fit, load_checkpoint, plot_history, resolve_device, train)
+from .training.checkpoint import run_state
+from .training.config import DATASETS, DTYPES, OPTIMIZERS, resume_conflicts
+from .training.data import check_data_config
+from .training.distributed import check_torchrun_environment, is_main_process
+from .training.loop import autocast_factory
+from .training.progress import PROGRESS_MODES
 
-from .modules import LayerNorm
+__all__ = ["MLP", "NORMS", "TrainConfig", "EpochResult", "train", "format_epoch",
+           "format_comparison", "parse_args", "main"]
 
-NORMS: dict[str, type[nn.LayerNorm]] = {"fused": LayerNorm, "torch": nn.LayerNorm}
-
-
-class MLP(nn.Module):
-    """fc1 -> LayerNorm -> ReLU -> fc2, as in the document; `norm` picks the LayerNorm class."""
-
-    def __init__(self, input_size: int, hidden_size: int, output_size: int,
-                 norm: type[nn.LayerNorm] = LayerNorm) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(input_size, hidden_size)
-        self.norm1 = norm(hidden_size)
-        self.fc2 = nn.Linear(hidden_size, output_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        x = self.norm1(x)
-        x = torch.relu(x)
-        return self.fc2(x)
+EXAMPLES = """examples:
+  python -m layernorm_ext.train                          # the document's run
+  python -m layernorm_ext.train --compare                # fused vs torch.nn.LayerNorm
+  python -m layernorm_ext.train --dataset digits --plot digits.png
+  python -m layernorm_ext.train --epochs 5 --save run.pt && \\
+      python -m layernorm_ext.train --resume run.pt --epochs 10
+  torchrun --nproc_per_node=2 -m layernorm_ext.train --ddp --batch-size 20
+"""
 
 
 @dataclass
-class EpochResult:
-    epoch: int
-    loss: float
-    accuracy: float  # in [0, 1]
+class CliOptions:
+    """A parsed command line: the run's settings and what to do around it."""
+
+    config: TrainConfig
+    compare: bool = False
+    save: Optional[str] = None
+    resume: Optional[str] = None
+    resumed_epoch: int = 0
+    plot: Optional[str] = None
+    progress: str = "auto"
+    ddp: bool = False
 
 
-@dataclass
-class TrainConfig:
-    input_size: int = 10
-    hidden_size: int = 20
-    output_size: int = 2
-    samples: int = 100
-    epochs: int = 10
-    lr: float = 0.01
-    seed: int = 0
-    norm: str = "fused"
-    device: str = "cpu"
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Unset options are absent from the namespace (SUPPRESS), so the
+    defaults can come from the data set (``--dataset digits``) or from ``--resume``."""
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m layernorm_ext.train", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        description="Train the document's MLP (fc1 -> LayerNorm -> ReLU -> fc2) with the\n"
+                    "fused LayerNorm and print loss and accuracy per epoch. With --resume,\n"
+                    "unset options keep the checkpoint's values.")
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--dataset", choices=DATASETS,
+                      help="random: the document's random samples; digits: scikit-learn's "
+                           "bundled 8x8 digit images, 20%% held out for testing, with defaults "
+                           "--hidden-size 64 --epochs 20 --batch-size 64 --optimizer adam "
+                           "--lr 0.01 (default: random)")
+    data.add_argument("--input-size", type=_positive_int,
+                      help=f"features per sample (default: {d.input_size}; digits: 64)")
+    data.add_argument("--hidden-size", type=_positive_int,
+                      help=f"width of fc1 and the LayerNorm (default: {d.hidden_size})")
+    data.add_argument("--output-size", type=_positive_int,
+                      help=f"classes (default: {d.output_size}; digits: 10)")
+    data.add_argument("--samples", type=_positive_int,
+                      help=f"samples in the data set (default: {d.samples}; digits: all 1797)")
+    data.add_argument("--norm", choices=sorted(NORMS),
+                      help="fused: layernorm_ext.LayerNorm; torch: torch.nn.LayerNorm "
+                           f"(default: {d.norm})")
+    run = parser.add_argument_group("training")
+    run.add_argument("--epochs", type=_non_negative_int, help=f"default: {d.epochs}")
+    run.add_argument("--batch-size", type=_positive_int,
+                     help="global batch size, shared by all processes with --ddp "
+                          "(default: the full data set, as in the document)")
+    run.add_argument("--lr", type=_positive_float, help=f"learning rate (default: {d.lr})")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default: {d.optimizer}")
+    run.add_argument("--seed", type=int, help=f"seed for data and initialization "
+                                              f"(default: {d.seed})")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                     help=f"auto: CUDA when available (default: {d.device})")
+    run.add_argument("--dtype", choices=DTYPES,
+                     help="bfloat16/float16 train under torch.autocast with float32 weights "
+                          "(float16 with a GradScaler) (default: float32)")
+    tool = parser.add_argument_group("tool")
+    tool.add_argument("--compare", action="store_true",
+                      help="train the fused and a torch.nn.LayerNorm model from the same "
+                           "initialization and batches, side by side (excludes --norm)")
+    tool.add_argument("--save", metavar="PATH",
+                      help="write a checkpoint (models, optimizers, epoch, RNG) every epoch")
+    tool.add_argument("--resume", metavar="PATH", help="continue a checkpoint to --epochs")
+    tool.add_argument("--plot", metavar="PATH.png", help="draw loss and accuracy curves")
+    tool.add_argument("--progress", choices=PROGRESS_MODES,
+                      help="progress bar on stderr; auto: on a terminal, for runs longer "
+                           "than 2 s (default: auto)")
+    tool.add_argument("--ddp", action="store_true",
+                      help="DistributedDataParallel in a torchrun job (gloo on CPU, nccl on "
+                           "CUDA); logs from rank 0")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> CliOptions:
+    """Parses and checks the command line; errors exit with argparse's usage message."""
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    tool_fields = {f.name for f in dataclasses.fields(CliOptions)} - {"config"}
+    options = CliOptions(TrainConfig(), **{k: values.pop(k) for k in tool_fields & set(values)})
+    if options.compare and "norm" in values:
+        parser.error("--compare trains both norms; drop --norm")
+
+    if options.resume is not None:
+        try:
+            state = load_checkpoint(options.resume)
+        except (OSError, ValueError, RuntimeError) as error:
+            parser.error(f"--resume {options.resume}: {error}")
+        saved = checkpoint_config(state)
+        options.resumed_epoch = state["epoch"]
+        options.config = dataclasses.replace(saved, **values)
+        conflicts = resume_conflicts(saved, options.config)
+        if conflicts:
+            parser.error(f"--resume {options.resume}: these settings cannot change on resume: "
+                         + ", ".join(conflicts))
+        norms = COMPARE_NORMS if options.compare else (options.config.norm,)
+        for norm in norms:
+            if run_state(state, norm, single_run=len(norms) == 1) is None:
+                parser.error(f"--resume {options.resume}: the checkpoint has no {norm!r} run "
+                             f"(it has: {', '.join(sorted(state['runs']))})")
+    else:
+        options.config = dataclasses.replace(defaults_for(values.get("dataset", "random")),
+                                             **values)
+    _check(parser, options)
+    return options
+
+
+def _check(parser: argparse.ArgumentParser, options: CliOptions) -> None:
+    """Fails before training on what would fail during it."""
+    config = options.config
+    try:
+        check_data_config(config)
+        device = resolve_device(config.device, COMPARE_NORMS if options.compare else
+                                (config.norm,))
+        autocast_factory(device, config.dtype)
+        if options.ddp:
+            check_torchrun_environment()
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if options.ddp else 1
+    if config.batch_size is not None and config.batch_size % world_size:
+        parser.error(f"--batch-size {config.batch_size} must be divisible by the number of "
+                     f"processes ({world_size})")
+    for option, path in (("--save", options.save), ("--plot", options.plot)):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{option} {path}: the folder does not exist")
+
+
+def _columns(result: EpochResult) -> str:
+    text = "Loss: {:.4f}, Accuracy: {:.2f}%".format(result.loss, result.accuracy * 100)
+    if result.test_accuracy is not None:
+        text += ", Test Accuracy: {:.2f}%".format(result.test_accuracy * 100)
+    return text
 
 
 def format_epoch(result: EpochResult, epochs: int) -> str:
-    """The document's line: 'Epoch [i/N], Loss: x.xxxx, Accuracy: yy.yy%'."""
-    return "Epoch [{}/{}], Loss: {:.4f}, Accuracy: {:.2f}%".format(
-        result.epoch, epochs, result.loss, result.accuracy * 100)
+    """The document's line: 'Epoch [i/N], Loss: x.xxxx, Accuracy: yy.yy%' (and the test
+    accuracy for data sets with a held-out split)."""
+    return "Epoch [{}/{}], {}".format(result.epoch, epochs, _columns(result))
 
 
-def train(config: TrainConfig,
-          on_epoch: Optional[Callable[[EpochResult], None]] = None) -> list[EpochResult]:
-    """Runs the document's training loop; the seed fixes data and initialization."""
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device)
-    x_train = torch.randn((config.samples, config.input_size))
-    y_train = torch.randint(0, config.output_size, (config.samples,))
-    model = MLP(config.input_size, config.hidden_size, config.output_size,
-                NORMS[config.norm])
-    model.to(device)
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-
-    results = []
-    for epoch in range(config.epochs):
-        outputs = model(x_train)
-        loss = criterion(outputs, y_train)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        _, predicted = torch.max(outputs.data, 1)
-        correct = (predicted == y_train).sum().item()
-        result = EpochResult(epoch + 1, loss.item(), correct / y_train.size(0))
-        results.append(result)
-        if on_epoch is not None:
-            on_epoch(result)
-    return results
+def format_comparison(results: Mapping[str, EpochResult], epochs: int) -> str:
+    """One epoch of the fused and torch runs side by side, with their loss difference."""
+    fused, reference = results["fused"], results["torch"]
+    return "Epoch [{}/{}], fused {} | torch {} | loss difference: {:.2e}".format(
+        fused.epoch, epochs, _columns(fused), _columns(reference),
+        abs(fused.loss - reference.loss))
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m layernorm_ext.train",
-        description="Train the document's MLP (fc1 -> LayerNorm -> ReLU -> fc2) with the "
-                    "fused LayerNorm and print loss and accuracy per epoch.")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="seed for data and initialization (default: %(default)s)")
-    parser.add_argument("--norm", choices=sorted(NORMS), default=defaults.norm,
-                        help="fused: layernorm_ext.LayerNorm; torch: torch.nn.LayerNorm "
-                             "(default: %(default)s)")
-    parser.add_argument("--device", default=defaults.device, help="default: %(default)s")
-    args = parser.parse_args(argv)
-    return TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, norm=args.norm,
-                       device=args.device)
+def _summary(options: CliOptions, histories: Mapping[str, list[EpochResult]]) -> list[str]:
+    lines = []
+    if options.compare and histories["fused"]:
+        differences = [(abs(f.loss - t.loss), f.epoch)
+                       for f, t in zip(histories["fused"], histories["torch"])]
+        largest, epoch = max(differences)
+        lines.append(f"Largest loss difference, fused vs torch: {largest:.2e} (epoch {epoch})")
+    for norm, history in histories.items():
+        if history and history[-1].test_accuracy is not None:
+            label = f" ({norm} LayerNorm)" if options.compare else ""
+            lines.append(f"Test accuracy{label}: {history[-1].test_accuracy * 100:.2f}% "
+                         f"on the held-out split")
+    if options.save is not None and options.resumed_epoch < options.config.epochs:
+        lines.append(f"Saved checkpoint to {options.save} (epoch {options.config.epochs})")
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    config = parse_args(argv)
-    train(config, on_epoch=lambda r: print(format_epoch(r, config.epochs), flush=True))
+    """``python -m layernorm_ext.train [options]``; ``--help`` lists the options."""
+    options = parse_args(argv)
+    config = options.config
+    main_process = is_main_process()
+    if options.resume is not None and main_process:
+        print(f"Resumed from {options.resume} at epoch {options.resumed_epoch}", flush=True)
+        if options.resumed_epoch >= config.epochs:
+            print(f"Nothing to train: the checkpoint is at epoch {options.resumed_epoch}; "
+                  f"ask for more with --epochs", flush=True)
+
+    def print_epoch(results: Mapping[str, EpochResult]) -> None:
+        if options.compare:
+            print(format_comparison(results, config.epochs), flush=True)
+        else:
+            print(format_epoch(results[config.norm], config.epochs), flush=True)
+
+    histories = fit(config, compare=options.compare, on_epoch=print_epoch, save=options.save,
+                    resume=options.resume, progress=options.progress, ddp=options.ddp)
+    if not main_process:
+        return
+    for line in _summary(options, histories):
+        print(line)
+    if options.plot is not None:
+        plot_history(histories, options.plot)
+        print(f"Saved plot to {options.plot}")
 
 
 if __name__ == "__main__":

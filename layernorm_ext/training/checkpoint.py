@@ -1,0 +1,75 @@
+"""Checkpoints: models, optimizers, grad scalers, history, epoch, RNG state and settings.
+
+A checkpoint is a dict saved with ``torch.save`` and read back with ``weights_only=True``::
+
+    {"format": 1, "epoch": <completed epochs>, "config": <TrainConfig as a dict>,
+     "rng": {"torch": <CPU RNG state>, "cuda": <RNG state of the current GPU> or None},
+     "runs": {"fused": {"model": <state_dict>, "optimizer": ..., "scaler": ... or None,
+                        "history": [<EpochResult as a dict>, ...]},
+              "torch": {...}}}          # "torch" too after a --compare run
+
+``runs[...]["model"]`` is the MLP's state_dict; the fused and the torch LayerNorm share its
+layout, so either loads into an MLP built with either class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Union
+
+import torch
+
+from .config import TrainConfig, config_from_dict
+
+FORMAT = 1
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def save_checkpoint(path: PathLike, config: TrainConfig, epoch: int,
+                    runs: dict[str, dict[str, Any]], device: torch.device) -> None:
+    """Writes the checkpoint atomically: an interrupted save leaves the old file intact."""
+    state = {
+        "format": FORMAT,
+        "epoch": epoch,
+        "config": dataclasses.asdict(config),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "runs": runs,
+    }
+    temporary = f"{os.fspath(path)}.tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: PathLike) -> dict[str, Any]:
+    """Reads a checkpoint onto the CPU (``load_state_dict`` moves tensors where they belong)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)} is not a layernorm_ext.train checkpoint "
+                         f"(format {FORMAT})")
+    return state
+
+
+def checkpoint_config(state: dict[str, Any]) -> TrainConfig:
+    return config_from_dict(state["config"])
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+
+
+def run_state(state: dict[str, Any], norm: str, single_run: bool) -> Optional[dict[str, Any]]:
+    """The saved run to resume ``norm`` from.
+
+    A single run may switch LayerNorm class on resume (fused <-> torch): the state_dicts
+    are interchangeable, so a one-run checkpoint resumes under either norm.
+    """
+    runs = state["runs"]
+    if norm in runs:
+        return runs[norm]
+    if single_run and len(runs) == 1:
+        return next(iter(runs.values()))
+    return None
