@@ -61,7 +61,7 @@ if cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
 
-from setuptools import setup  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
     BuildExtension, CppExtension, CUDAExtension)
 
@@ -137,7 +137,7 @@ setup(
     name="layernorm_ext",
     version="0.1.0",
     description="Fused LayerNorm forward/backward kernels (CPU and CUDA) as torch ops",
-    packages=["layernorm_ext"],
+    packages=find_packages(include=["layernorm_ext", "layernorm_ext.*"]),
     ext_modules=[extension("layernorm_ext._C", sources, extra_compile_args=extra_compile_args,
                            extra_link_args=extra_link_args, define_macros=define_macros)],
     cmdclass={"build_ext": BuildExtensionWithCpuIsas},
