@@ -6,6 +6,9 @@
 // then summed in chunk order. The result never depends on thread scheduling: it is
 // bitwise reproducible for a given thread count.
 #include <ATen/Version.h>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,6 +21,23 @@ namespace {
 // Elements per parallel task: large enough to amortize a task, small enough to spread
 // a mid-size tensor over the cores.
 constexpr int64_t kElementsPerTask = 1 << 15;
+
+// Outputs at least this large are written with non-temporal stores: they cannot stay
+// in the last-level cache anyway, and streaming skips reading every line before
+// writing it. Smaller outputs are stored normally, to stay cached for the next op.
+// LAYERNORM_EXT_STREAM_BYTES overrides the threshold (the tests use it).
+int64_t stream_threshold_bytes() {
+  static const int64_t threshold = []() -> int64_t {
+    if (const char* bytes = std::getenv("LAYERNORM_EXT_STREAM_BYTES")) return std::atoll(bytes);
+    const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return llc > 0 ? static_cast<long long>(llc) : 32LL << 20;
+  }();
+  return threshold;
+}
+
+bool stream_output(const at::Tensor& output) {
+  return output.nbytes() >= static_cast<size_t>(stream_threshold_bytes());
+}
 
 int64_t rows_per_task(int64_t cols) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
@@ -51,7 +71,8 @@ void forward_kernel(const ForwardArgs& a) {
       a.mean.mutable_data_ptr<acc_t>(),
       a.rstd.mutable_data_ptr<acc_t>(),
       a.shape.cols,
-      static_cast<acc_t>(a.eps)};
+      static_cast<acc_t>(a.eps),
+      stream_output(a.output)};
   const auto forward = row_kernels<T, P>().forward;
   at::parallel_for(0, a.shape.rows, rows_per_task(a.shape.cols),
                    [&](int64_t begin, int64_t end) { forward(rows, begin, end); });
@@ -69,7 +90,8 @@ void backward_kernel(const BackwardArgs& a) {
       a.rstd.const_data_ptr<acc_t>(),
       a.weight.defined() ? a.weight.const_data_ptr<P>() : nullptr,
       a.grad_input.mutable_data_ptr<T>(),
-      N};
+      N,
+      stream_output(a.grad_input)};
   const auto backward = row_kernels<T, P>().backward;
 
   const int64_t chunk_rows =

@@ -13,7 +13,13 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#define LN_HAVE_STREAM_STORES 1
+#endif
 
 #include "../layernorm_math.h"
 #include "row_kernels.h"
@@ -26,6 +32,46 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
+
+// Non-temporal store of one whole vector to an address aligned to its size. For outputs
+// larger than the last-level cache this skips the read-for-ownership of every output
+// line: a third of the forward's DRAM traffic.
+template <typename V>
+void stream_store(void* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  using S = typename V::value_type;
+  if constexpr (std::is_same_v<S, float>) _mm512_stream_ps(static_cast<float*>(p), v);
+  else if constexpr (std::is_same_v<S, double>) _mm512_stream_pd(static_cast<double*>(p), v);
+  else _mm512_stream_si512(static_cast<__m512i*>(p), v);  // packed half/bf16
+#elif defined(CPU_CAPABILITY_AVX2)
+  using S = typename V::value_type;
+  if constexpr (std::is_same_v<S, float>) _mm256_stream_ps(static_cast<float*>(p), v);
+  else if constexpr (std::is_same_v<S, double>) _mm256_stream_pd(static_cast<double*>(p), v);
+  else _mm256_stream_si256(static_cast<__m256i*>(p), v);
+#else
+  v.store(p);
+#endif
+}
+
+// Orders the non-temporal stores before whatever the calling thread does next.
+inline void stream_fence() {
+#ifdef LN_HAVE_STREAM_STORES
+  _mm_sfence();
+#endif
+}
+
+// Whether a row's whole chunks may be streamed: the ISA has stream stores and the row
+// starts on a vector boundary (chunks are whole vectors, so they all do then).
+template <typename T>
+bool can_stream(const T* row) {
+#ifdef LN_HAVE_STREAM_STORES
+  constexpr uintptr_t kAlign = sizeof(Vectorized<at::opmath_type<T>>);
+  return reinterpret_cast<uintptr_t>(row) % kAlign == 0;
+#else
+  (void)row;
+  return false;
+#endif
+}
 
 // Elements of T moved kParts accumulation-type vectors at a time. For half/bf16 that
 // is exactly one Vectorized<T>; for float/double, two vectors give two independent
@@ -57,6 +103,19 @@ struct Chunk {
   // Loads a parameter chunk, or `fill` everywhere when the parameter is absent.
   static Parts load_or(const T* p, int64_t n, acc_t fill) {
     return p ? load(p, n) : Parts{Vec(fill), Vec(fill)};
+  }
+  // Stores kSize elements with non-temporal stores; p as can_stream() requires.
+  static void store_stream(T* p, const Parts& v) {
+    if constexpr (kReduced) {
+      stream_store(p, at::vec::convert_from_float<T>(v[0], v[1]));
+    } else {
+      stream_store(p, v[0]);
+      stream_store(p + kLanes, v[1]);
+    }
+  }
+  // Stores the first n <= kSize elements; streams whole chunks when `stream`.
+  static void store_row(T* p, const Parts& v, int64_t n, bool stream) {
+    stream && n == kSize ? store_stream(p, v) : store(p, v, n);
   }
   // Stores the first n <= kSize elements.
   static void store(T* p, const Parts& v, int64_t n = kSize) {
@@ -145,6 +204,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     a.mean[row] = mean;
     a.rstd[row] = rstd;
     const Vec mean_v(mean), rstd_v(rstd);
+    const bool stream = a.stream_output && can_stream(y);
     for (int64_t j = 0; j < N; j += C::kSize) {
       const int64_t n = std::min(C::kSize, N - j);
       const auto xv = C::load(x + j, n);
@@ -154,9 +214,10 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       for (int k = 0; k < C::kParts; ++k) {
         yv[k] = math::affine(math::normalize(xv[k], mean_v, rstd_v), wv[k], bv[k]);
       }
-      C::store(y + j, yv, n);
+      C::store_row(y + j, yv, n, stream);
     }
   }
+  if (a.stream_output) stream_fence();
 }
 
 template <typename T, typename P>
@@ -174,6 +235,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
     const T* x = a.x + row * N;
     T* dx = a.dx + row * N;
     const Vec mean_v(a.mean[row]), rstd_v(a.rstd[row]);
+    const bool stream = a.stream_output && can_stream(dx);
 
     // Pass 1: row sums of g = dy * w and g * xhat. Zero-filled tail lanes have g = 0.
     Vec sum_g(0), sum_g_xhat(0);
@@ -206,11 +268,12 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
         dgv[k] = dgv[k] + dyv[k] * xhat;
         dbv[k] = dbv[k] + dyv[k];
       }
-      C::store(dx + j, dxv, n);
+      C::store_row(dx + j, dxv, n, stream);
       AC::store(dgamma + j, dgv, n);
       AC::store(dbeta + j, dbv, n);
     }
   }
+  if (a.stream_output) stream_fence();
 }
 
 template <typename T, typename P>

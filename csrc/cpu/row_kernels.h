@@ -28,6 +28,7 @@ struct ForwardRows {
   acc_t* rstd;
   int64_t cols;
   acc_t eps;
+  bool stream_output;  // write y with non-temporal stores (see kernel_table users)
 };
 
 template <typename T, typename P>
@@ -40,6 +41,7 @@ struct BackwardRows {
   const P* weight;  // may be null
   T* dx;
   int64_t cols;
+  bool stream_output;  // write dx with non-temporal stores
 };
 
 template <typename T, typename P>

@@ -1,0 +1,56 @@
+"""The CPU kernel's alternative code paths give the same numbers as the default one.
+
+The paths are chosen once per process (instruction set, streaming stores), so each is
+run in a subprocess and compared bitwise, or within rounding across instruction sets.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = r"""
+import sys, torch, layernorm_ext
+torch.manual_seed(0)
+results = {}
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    for n in (1, 20, 33, 64, 1000):
+        x = torch.randn(37, n, dtype=dtype, requires_grad=True)
+        w = torch.randn(n, dtype=dtype, requires_grad=True)
+        b = torch.randn(n, dtype=dtype, requires_grad=True)
+        y = layernorm_ext.layer_norm(x, [n], w, b)
+        y.backward(torch.randn_like(y))
+        results[f"{dtype}-{n}"] = [t.detach().clone() for t in (y, x.grad, w.grad, b.grad)]
+torch.save(results, sys.argv[1])
+"""
+
+
+def run_variant(tmp_path, name: str, **env: str) -> dict:
+    out = tmp_path / f"{name}.pt"
+    subprocess.run([sys.executable, "-c", SCRIPT, str(out)], check=True, timeout=300,
+                   env={**os.environ, **env})
+    return torch.load(out)
+
+
+def test_streaming_stores_give_identical_results(tmp_path):
+    cached = run_variant(tmp_path, "cached", LAYERNORM_EXT_STREAM_BYTES=str(1 << 62))
+    streamed = run_variant(tmp_path, "streamed", LAYERNORM_EXT_STREAM_BYTES="0")
+    for key in cached:
+        for a, b in zip(cached[key], streamed[key]):
+            assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_every_instruction_set_agrees_with_the_best(tmp_path, capability):
+    best = run_variant(tmp_path, "best")
+    other = run_variant(tmp_path, capability, ATEN_CPU_CAPABILITY=capability)
+    for key in best:
+        dtype = best[key][0].dtype
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+        for a, b in zip(best[key], other[key]):
+            torch.testing.assert_close(a, b, atol=tol * max(1.0, a.abs().max().item()), rtol=tol,
+                                       msg=key)
