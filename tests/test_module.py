@@ -67,3 +67,15 @@ def test_module_forward_backward_matches_torch(device):
     theirs(x).square().sum().backward()
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_autocast_output_dtype_matches_torch(device, autocast_dtype, input_dtype):
+    x = torch.randn(4, 8, device=device, dtype=input_dtype)
+    ours, theirs = LayerNorm(8, device=device), nn.LayerNorm(8, device=device)
+    with torch.autocast(device, dtype=autocast_dtype):
+        expected = theirs(x)
+        got = ours(x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)

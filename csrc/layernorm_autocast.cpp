@@ -1,0 +1,33 @@
+// Autocast rules, matching torch's for layer_norm: on CUDA, layer_norm is on autocast's
+// float32 list, so the input and parameters run (and the output comes back) in float32.
+// On the CPU autocast leaves layer_norm alone, and so it leaves this op alone (no kernel
+// is registered for AutocastCPU, the dispatcher falls through).
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "layernorm.h"
+
+namespace layernorm_ext {
+namespace {
+
+Tensor3 forward_autocast_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layernorm_ext::forward", "")
+                             .typed<decltype(forward_autocast_cuda)>();
+  constexpr auto cuda = c10::DeviceType::CUDA;
+  return op.call(at::autocast::cached_cast(at::kFloat, input, cuda), normalized_shape,
+                 at::autocast::cached_cast(at::kFloat, weight, cuda),
+                 at::autocast::cached_cast(at::kFloat, bias, cuda), eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(layernorm_ext, AutocastCUDA, m) {
+  m.impl("forward", &forward_autocast_cuda);
+}
+
+}  // namespace layernorm_ext
