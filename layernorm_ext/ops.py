@@ -73,6 +73,42 @@ def _backward_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
     return grad_input, grad_weight, grad_bias
 
 
+@torch.library.register_vmap("layernorm_ext::forward")
+def _forward_vmap(info, in_dims, input, normalized_shape, weight, bias, eps):
+    """vmap maps onto the op itself: the batch dim becomes one more leading dim.
+
+    Per-sample weight/bias (batched parameters) are applied after an unweighted call,
+    with the batch dim broadcast over the leading dims.
+    """
+    input_dim, _, weight_dim, bias_dim, _ = in_dims
+    if input_dim is None:
+        input = input.expand(info.batch_size, *input.shape)
+    else:
+        input = input.movedim(input_dim, 0)
+    if weight_dim is None and bias_dim is None:
+        return _forward(input, normalized_shape, weight, bias, eps), (0, 0, 0)
+
+    output, mean, rstd = _forward(input, normalized_shape, None, None, eps)
+    # [B, *normalized_shape] -> [B, 1 (per leading dim), *normalized_shape]
+    ones = (1,) * (input.dim() - 1 - len(normalized_shape))
+
+    def per_sample(param, dim):
+        if param is None:
+            return None
+        if dim is None:
+            return param
+        return param.movedim(dim, 0).reshape(param.shape[dim], *ones, *normalized_shape)
+
+    w, b = per_sample(weight, weight_dim), per_sample(bias, bias_dim)
+    param_dtype = _param_dtype(input, weight, bias)
+    output = output.to(param_dtype)
+    if w is not None:
+        output = output * w
+    if b is not None:
+        output = output + b
+    return (output.to(input.dtype), mean, rstd), (0, 0, 0)
+
+
 if not _BUILT_WITH_CUDA:
     # A CPU-only build: say so instead of the dispatcher's generic "no kernel" error.
     def _no_cuda(*args, **kwargs):

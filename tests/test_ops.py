@@ -238,3 +238,22 @@ def test_backward_op_called_directly_is_not_silently_differentiable(device):
     grad_input = torch.ops.layernorm_ext.backward(dy, x, [8], mean, rstd, None, None)[0]
     with pytest.raises(RuntimeError, match="not implemented"):
         grad_input.sum().backward()
+
+
+@pytest.mark.parametrize("batched", ["input", "input_dim1", "weight", "all"])
+def test_vmap_matches_torch(device, batched):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 16, generator=g).to(device)
+    w = torch.randn(16, generator=g).to(device)
+    b = torch.randn(16, generator=g).to(device)
+    ws, bs = torch.randn(3, 16, generator=g).to(device), torch.randn(3, 16, generator=g).to(device)
+    ours = lambda x, w, b: layer_norm(x, [16], w, b)  # noqa: E731
+    theirs = lambda x, w, b: F.layer_norm(x, [16], w, b)  # noqa: E731
+    args, in_dims = {
+        "input": ((x, w, b), (0, None, None)),
+        "input_dim1": ((x.transpose(0, 1), w, b), (1, None, None)),
+        "weight": ((x[0], ws, None), (None, 0, None)),
+        "all": ((x, ws, bs), (0, 0, 0)),
+    }[batched]
+    torch.testing.assert_close(torch.func.vmap(ours, in_dims)(*args),
+                               torch.func.vmap(theirs, in_dims)(*args))
