@@ -68,6 +68,16 @@ __device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out
   }
 }
 
+// One 16-byte global store. Written in PTX because the compiler splits a plain uint4
+// store into four 4-byte stores in some kernels (seen with nvcc 13.0 in the forward).
+// No "memory" clobber: nothing in these kernels reads back what it stores, and without
+// it the compiler may still hoist the next vector's loads above this store.
+__device__ __forceinline__ void store_16_bytes(void* p, const uint4& v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w));
+}
+
+// Stores kN values as T to p (16-byte aligned; kN * sizeof(T) a multiple of 16).
 template <int kN, typename T, typename acc_t>
 __device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in)[kN]) {
   constexpr int kPerChunk = kVecOf<T>;
@@ -79,7 +89,7 @@ __device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in
     for (int k = 0; k < kPerChunk; ++k) values[k] = static_cast<T>(in[c * kPerChunk + k]);
     uint4 raw;
     memcpy(&raw, values, sizeof(raw));
-    reinterpret_cast<uint4*>(p)[c] = raw;
+    store_16_bytes(p + c * kPerChunk, raw);
   }
 }
 
