@@ -591,12 +591,14 @@ __global__ void __launch_bounds__(cuda_config::kFinalizeColumns * cuda_config::k
 // Host side
 
 // Offset in elements of `t`'s first element from a 16-byte boundary (0 for an absent
-// tensor), or -1 when it is not even aligned to its element size.
+// tensor). CUDA kernels, ours and torch's, need element-aligned pointers; only external
+// memory (from_blob, DLPack) can break that, so it gets an error instead of a fault.
 template <typename T>
 int misalign_of(const at::Tensor& t) {
   if (!t.defined()) return 0;
   const auto address = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  if (address % sizeof(T) != 0) return -1;
+  TORCH_CHECK(address % sizeof(T) == 0, "layernorm_ext: a CUDA tensor of ", t.scalar_type(),
+              " starts at an address that is not a multiple of its element size");
   return static_cast<int>((address / sizeof(T)) % kVecOf<T>);
 }
 
@@ -613,9 +615,7 @@ int common_misalign(std::initializer_list<const at::Tensor*> tensors) {
 template <typename P>
 ParamRef<P> param_ref(const at::Tensor& t) {
   if (!t.defined()) return {nullptr, 0};
-  const int misalign = misalign_of<P>(t);
-  // Not even element-aligned (never from torch's allocator): no vector loads, ever.
-  return {t.const_data_ptr<P>(), misalign < 0 ? 1 : misalign};
+  return {t.const_data_ptr<P>(), misalign_of<P>(t)};
 }
 
 dim3 block_of(const LaunchConfig& c) { return dim3(c.threads_per_row, c.rows_per_block); }
@@ -680,7 +680,7 @@ void run_backward(const BackwardArgs& args) {
 
   const LaunchConfig c = cuda_config::backward_config(cols, sizeof(T), a.vectorized);
   const int period = a.vectorized ? cuda_config::row_alignment_period(cols, kVecOf<T>) : 1;
-  const int64_t slots = cuda_config::backward_slots(rows, c, period);
+  const int64_t slots = cuda_config::backward_slots(rows, cols, c, period);
   at::Tensor partial = at::empty({slots, 2, cols}, args.mean.options());
   a.partial = partial.mutable_data_ptr<acc_t>();
   const auto stream = c10::cuda::getCurrentCUDAStream();

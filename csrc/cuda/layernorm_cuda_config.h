@@ -117,12 +117,22 @@ LN_HOST_DEVICE constexpr int row_alignment_period(int64_t n, int vec) {
   return static_cast<int>(vec / b);
 }
 
-// Number of backward slots for m rows: a multiple of rows_per_block (whole blocks) and of
-// the alignment period (so every row of a slot splits into head / vectors / tail the
-// same way, and a thread owns the same columns in all of them).
-LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, const LaunchConfig& c, int period) {
+// Number of backward slots for m rows of n elements: a multiple of rows_per_block (whole
+// blocks) and of the alignment period (so every row of a slot splits into head / vectors
+// / tail the same way, and a thread owns the same columns in all of them). The streaming
+// kernel updates its slot's partial row for every row, so its partial rows are capped at
+// kStreamingPartialBytes in all, to stay in L2.
+constexpr int64_t kStreamingPartialBytes = int64_t(32) << 20;
+
+LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, int64_t n, const LaunchConfig& c,
+                                                int period) {
   int64_t slots = ceil_div(m, kMinRowsPerSlot);
-  const int64_t cap = kBackwardBlocks * c.rows_per_block;
+  int64_t cap = kBackwardBlocks * c.rows_per_block;
+  if (c.kind == Kind::kStreaming) {
+    const int64_t partial_row_bytes = 2 * 4 * (n > 0 ? n : 1);  // dgamma + dbeta, fp32
+    const int64_t fit = kStreamingPartialBytes / partial_row_bytes;
+    if (fit < cap) cap = fit;
+  }
   if (slots > cap) slots = cap;
   if (slots < 1) slots = 1;
   const int64_t unit = c.rows_per_block > period ? c.rows_per_block : period;

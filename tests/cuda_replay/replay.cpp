@@ -146,7 +146,7 @@ void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes,
   const int vec = cfg::vector_width(elem_bytes);
   const int period = vectorized ? cfg::row_alignment_period(n, vec) : 1;
   for (int64_t m : {1, 2, 7, 33, 300, 1000, 4096, 100000}) {
-    const int64_t slots = cfg::backward_slots(m, c, period);
+    const int64_t slots = cfg::backward_slots(m, n, c, period);
     EXPECT(slots >= 1 && slots % c.rows_per_block == 0, "slots %lld for rows_per_block %d",
            (long long)slots, c.rows_per_block);
     if (!vectorized) continue;  // scalar rows: one split for all
