@@ -121,8 +121,10 @@ LN_HOST_DEVICE constexpr int row_alignment_period(int64_t n, int vec) {
 // blocks) and of the alignment period (so every row of a slot splits into head / vectors
 // / tail the same way, and a thread owns the same columns in all of them). The streaming
 // kernel updates its slot's partial row for every row, so its partial rows are capped at
-// kStreamingPartialBytes in all, to stay in L2.
+// kStreamingPartialBytes in all, to stay in L2, but not below kMinStreamingSlots blocks
+// (parallelism first; slots <= M / 16 keeps the buffer under 1/8 of the input's bytes).
 constexpr int64_t kStreamingPartialBytes = int64_t(32) << 20;
+constexpr int64_t kMinStreamingSlots = 64;
 
 LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, int64_t n, const LaunchConfig& c,
                                                 int period) {
@@ -130,7 +132,8 @@ LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, int64_t n, const Laun
   int64_t cap = kBackwardBlocks * c.rows_per_block;
   if (c.kind == Kind::kStreaming) {
     const int64_t partial_row_bytes = 2 * 4 * (n > 0 ? n : 1);  // dgamma + dbeta, fp32
-    const int64_t fit = kStreamingPartialBytes / partial_row_bytes;
+    int64_t fit = kStreamingPartialBytes / partial_row_bytes;
+    if (fit < kMinStreamingSlots) fit = kMinStreamingSlots;
     if (fit < cap) cap = fit;
   }
   if (slots > cap) slots = cap;
