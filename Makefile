@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.14.1
 SOURCES := setup.py $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 export MAX_JOBS ?= 2
 
-.PHONY: setup train test clean
+.PHONY: setup train test clean gpu-check
 
 $(VENV)/.deps-stamp: requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# On a machine with a CUDA GPU (no network needed): build for it, run the tests on CUDA,
+# compute-sanitizer and the benchmark; writes bench/results/<gpu>-check.txt and the
+# benchmark's bench/results/<gpu>.{md,csv,png}. Options: GPU_CHECK_ARGS="--quick" etc.
+gpu-check:
+	python3 scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info layernorm_ext/*.so $(VENV)/.build-stamp

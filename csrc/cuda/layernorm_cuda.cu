@@ -1,285 +1,705 @@
-// CUDA kernels. Correct and sound first; speed is tuned separately.
+// CUDA kernels of layernorm_ext.
 //
-// Forward: a block per row (grid-stride over rows), Welford per thread, Chan combine
-// across the block, then the normalized row. Backward: a fixed-size grid of blocks,
-// each owning a set of rows; per row two block sums, then dx, with dgamma/dbeta added
-// to the block's fp32 partial row (every column of it belongs to one thread, so no
-// atomics); a second kernel sums the partial rows in a fixed order. The grid size
-// depends only on M, so results are bitwise reproducible across runs and GPU models.
-// Rows use 16-byte vector accesses when N and every pointer allow it, scalar otherwise.
-// c10's CUDA headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers
-// that a bare CUDA toolkit may lack.
+// Forward. Rows up to 16384 elements live in registers: a group of threads per row (8
+// to 32 lanes of a warp for short rows, up to a 512-thread block for long ones) loads
+// the row once with 16-byte vectors, computes each thread's mean and M2 from its
+// registers (two-pass: exact for a handful of values), combines the threads' moments
+// with Chan's formula in a fixed tree, and writes y from the same registers. Longer rows,
+// float64, and tensors whose 16-byte alignment differs stream: a block per row, a
+// Welford pass and a normalize pass (the second one reads the row back from L2).
+//
+// Backward. A persistent grid of row groups ("slots", count a function of M and N only).
+// A slot's rows are slot, slot + slots, ...; they all split into head/vectors/tail the same
+// way, so a thread owns the same columns in each of them and keeps its dgamma/dbeta
+// contributions in registers across rows (streaming kernel: in its own fp32 partial row
+// in global memory). Per row: dy and x read once, two row sums, dx written once. Each slot
+// writes one fp32 partial row; a small kernel adds the partial rows in a fixed order. No
+// atomics anywhere: results are bitwise reproducible, on every GPU model.
+//
+// Launch configurations: layernorm_cuda_config.h (one table). Element-to-thread mapping
+// and the reduction order: layernorm_cuda_indexing.h, replayed on the CPU by the tests.
+// The math (Welford/Chan, normalize, affine, input gradient): ../layernorm_math.h,
+// shared with the CPU kernels. c10's CUDA headers only: ATen/cuda/CUDAContext.h pulls
+// in cuBLAS/cuSPARSE headers that a bare CUDA toolkit may lack.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "../layernorm.h"
 #include "../layernorm_math.h"
+#include "layernorm_cuda_config.h"
+#include "layernorm_cuda_indexing.h"
 
 namespace layernorm_ext {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kMaxThreads = 512;
-constexpr int kMaxWarps = kMaxThreads / kWarpSize;
-constexpr int64_t kBackwardMaxBlocks = 512;
-constexpr int kFinalizeThreads = 256;
+using cuda_config::Kind;
+using cuda_config::LaunchConfig;
+using cuda_indexing::RowSplit;
 
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kMaxGridBlocks = 1 << 19;
+
+template <typename T>
+constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
+
+// float64 rows always take the streaming kernels (see layernorm_cuda_config.h).
+template <typename T>
+constexpr bool kHasRegisterKernels = sizeof(T) <= 4;
+
+// ---------------------------------------------------------------------------------------
+// 16-byte vector I/O
+
+// Loads kN elements from p (16-byte aligned; kN * sizeof(T) a multiple of 16) as acc_t.
+template <int kN, typename T, typename acc_t>
+__device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out)[kN]) {
+  constexpr int kPerChunk = kVecOf<T>;
+  static_assert(kN % kPerChunk == 0, "whole 16-byte chunks");
+#pragma unroll
+  for (int c = 0; c < kN / kPerChunk; ++c) {
+    const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
+    T values[kPerChunk];
+    memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+    for (int k = 0; k < kPerChunk; ++k) out[c * kPerChunk + k] = static_cast<acc_t>(values[k]);
+  }
+}
+
+// One 16-byte global store. Written in PTX because the compiler splits a plain uint4
+// store into four 4-byte stores in some kernels (seen with nvcc 13.0 in the forward).
+// No "memory" clobber: nothing in these kernels reads back what it stores, and without
+// it the compiler may still hoist the next vector's loads above this store.
+__device__ __forceinline__ void store_16_bytes(void* p, const uint4& v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w));
+}
+
+// Stores kN values as T to p (16-byte aligned; kN * sizeof(T) a multiple of 16).
+template <int kN, typename T, typename acc_t>
+__device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in)[kN]) {
+  constexpr int kPerChunk = kVecOf<T>;
+  static_assert(kN % kPerChunk == 0, "whole 16-byte chunks");
+#pragma unroll
+  for (int c = 0; c < kN / kPerChunk; ++c) {
+    T values[kPerChunk];
+#pragma unroll
+    for (int k = 0; k < kPerChunk; ++k) values[k] = static_cast<T>(in[c * kPerChunk + k]);
+    uint4 raw;
+    memcpy(&raw, values, sizeof(raw));
+    store_16_bytes(p + c * kPerChunk, raw);
+  }
+}
+
+// A weight or bias: absent (nullptr, read as `fill`), or a pointer whose first element
+// is `misalign` elements past a 16-byte boundary.
+template <typename P>
+struct ParamRef {
+  const P* ptr;
+  int misalign;
+
+  // Whether the columns `head`, `head + vec`, ... of a row split start 16-byte vectors.
+  __device__ __forceinline__ bool vectors_at(int64_t head) const {
+    return (misalign + head) % kVecOf<P> == 0;
+  }
 };
 
-template <typename T, int kVec>
-__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p, int64_t i) {
-  return reinterpret_cast<const Pack<T, kVec>*>(p)[i];
-}
-
-// Element k of pack i of a parameter, or `fill` where the parameter is absent.
-template <typename acc_t, typename P, int kVec>
-__device__ __forceinline__ Pack<acc_t, kVec> load_param_pack(const P* p, int64_t i, acc_t fill) {
-  Pack<acc_t, kVec> out;
-  if (p) {
-    const auto raw = load_pack<P, kVec>(p, i);
+// Parameter columns [col, col + kN) as acc_t: vector loads when aligned, else scalar.
+template <int kN, typename P, typename acc_t>
+__device__ __forceinline__ void load_param(const ParamRef<P>& param, int64_t col, bool vector,
+                                           acc_t fill, acc_t (&out)[kN]) {
+  if (param.ptr == nullptr) {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) out.v[k] = static_cast<acc_t>(raw.v[k]);
+    for (int k = 0; k < kN; ++k) out[k] = fill;
+  } else if (vector) {
+    load_vector<kN>(param.ptr + col, out);
   } else {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) out.v[k] = fill;
+    for (int k = 0; k < kN; ++k) out[k] = static_cast<acc_t>(param.ptr[col + k]);
   }
-  return out;
 }
+
+template <typename P, typename acc_t>
+__device__ __forceinline__ acc_t load_param(const ParamRef<P>& param, int64_t col, acc_t fill) {
+  return param.ptr == nullptr ? fill : static_cast<acc_t>(param.ptr[col]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Reductions
+
+template <typename acc_t>
+using Welford = math::WelfordState<acc_t>;
 
 template <typename acc_t>
 struct SumPair {
   acc_t a, b;
 };
 
-template <typename acc_t>
-__device__ __forceinline__ math::WelfordState<acc_t> shfl_down(math::WelfordState<acc_t> s,
-                                                               int offset) {
-  return {__shfl_down_sync(0xffffffffu, s.mean, offset),
-          __shfl_down_sync(0xffffffffu, s.m2, offset),
-          __shfl_down_sync(0xffffffffu, static_cast<long long>(s.count), offset)};
-}
-
-template <typename acc_t>
-__device__ __forceinline__ SumPair<acc_t> shfl_down(SumPair<acc_t> s, int offset) {
-  return {__shfl_down_sync(0xffffffffu, s.a, offset), __shfl_down_sync(0xffffffffu, s.b, offset)};
-}
-
-template <typename acc_t>
-__device__ __forceinline__ math::WelfordState<acc_t> combine(const math::WelfordState<acc_t>& x,
-                                                             const math::WelfordState<acc_t>& y) {
-  return math::welford_combine(x, y);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ SumPair<acc_t> combine(const SumPair<acc_t>& x, const SumPair<acc_t>& y) {
-  return {x.a + y.a, x.b + y.b};
-}
-
-// Reduces one value per thread over the block in a fixed tree order and returns the
-// result to every thread. `identity` fills the unused slots of the last warp.
-// `shared` holds kMaxWarps values; blockDim.x is a multiple of 32, at most kMaxThreads.
-template <typename S>
-__device__ S block_allreduce(S value, S identity, S* shared) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value = combine(value, shfl_down(value, offset));
+struct WelfordCombine {
+  template <typename acc_t>
+  __device__ __forceinline__ Welford<acc_t> operator()(const Welford<acc_t>& x,
+                                                       const Welford<acc_t>& y) const {
+    return math::welford_combine(x, y);
   }
-  if (lane == 0) shared[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < warps ? shared[lane] : identity;
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      value = combine(value, shfl_down(value, offset));
-    }
-    if (lane == 0) shared[0] = value;
+};
+
+struct SumCombine {
+  template <typename acc_t>
+  __device__ __forceinline__ SumPair<acc_t> operator()(const SumPair<acc_t>& x,
+                                                       const SumPair<acc_t>& y) const {
+    return {x.a + y.a, x.b + y.b};
   }
-  __syncthreads();
-  value = shared[0];
-  __syncthreads();  // `shared` may be reused right after return
-  return value;
+};
+
+template <typename acc_t, typename Op>
+__device__ __forceinline__ Welford<acc_t> map_members(const Welford<acc_t>& s, Op op) {
+  return {op(s.mean), op(s.m2), static_cast<int64_t>(op(static_cast<long long>(s.count)))};
 }
 
-template <typename T, typename P, int kVec>
-__global__ void forward_kernel(const T* __restrict__ x, const P* __restrict__ w,
-                               const P* __restrict__ b, T* __restrict__ y,
-                               at::opmath_type<T>* __restrict__ mean_out,
-                               at::opmath_type<T>* __restrict__ rstd_out, int64_t M, int64_t N,
-                               at::opmath_type<T> eps) {
-  using acc_t = at::opmath_type<T>;
-  using Welford = math::WelfordState<acc_t>;
-  __shared__ Welford shared[kMaxWarps];
-  const int64_t packs = N / kVec;  // the host guarantees N % kVec == 0
+template <typename acc_t, typename Op>
+__device__ __forceinline__ SumPair<acc_t> map_members(const SumPair<acc_t>& s, Op op) {
+  return {op(s.a), op(s.b)};
+}
 
-  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
-    const T* xr = x + row * N;
-    T* yr = y + row * N;
-    Welford s{acc_t(0), acc_t(0), 0};
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      const auto xp = load_pack<T, kVec>(xr, i);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) s = math::welford_update(s, static_cast<acc_t>(xp.v[k]));
-    }
-    s = block_allreduce(s, Welford{acc_t(0), acc_t(0), 0}, shared);
-    const acc_t mean = s.mean;
-    const acc_t rstd = math::rstd_from_moments(s, eps);
-    if (threadIdx.x == 0) {
-      mean_out[row] = mean;
-      rstd_out[row] = rstd;
-    }
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      const auto xp = load_pack<T, kVec>(xr, i);
-      const auto wp = load_param_pack<acc_t, P, kVec>(w, i, acc_t(1));
-      const auto bp = load_param_pack<acc_t, P, kVec>(b, i, acc_t(0));
-      Pack<T, kVec> yp;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const acc_t xhat = math::normalize(static_cast<acc_t>(xp.v[k]), mean, rstd);
-        yp.v[k] = static_cast<T>(math::affine(xhat, wp.v[k], bp.v[k]));
-      }
-      reinterpret_cast<Pack<T, kVec>*>(yr)[i] = yp;
-    }
+// The CUDA side of the `lanes` interface of cuda_indexing::group_allreduce.
+struct BlockLanes {
+  __device__ __forceinline__ int thread() const { return threadIdx.x; }
+  __device__ __forceinline__ int group() const { return threadIdx.y; }
+  __device__ __forceinline__ int group_size() const { return blockDim.x; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+
+  template <typename S>
+  __device__ __forceinline__ S shfl_down(const S& v, int offset, int width) const {
+    return map_members(v, [=](auto m) { return __shfl_down_sync(kFullMask, m, offset, width); });
   }
-}
-
-// partial: [gridDim.x][2][N] fp32 (fp64 for fp64), zero-initialized; block g owns row g.
-template <typename T, typename P, int kVec>
-__global__ void backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                const at::opmath_type<T>* __restrict__ mean_in,
-                                const at::opmath_type<T>* __restrict__ rstd_in,
-                                const P* __restrict__ w, T* __restrict__ dx,
-                                at::opmath_type<T>* __restrict__ partial, int64_t M, int64_t N) {
-  using acc_t = at::opmath_type<T>;
-  using Sums = SumPair<acc_t>;
-  __shared__ Sums shared[kMaxWarps];
-  const int64_t packs = N / kVec;
-  acc_t* dgamma = partial + static_cast<int64_t>(blockIdx.x) * 2 * N;
-  acc_t* dbeta = dgamma + N;
-
-  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
-    const T* dyr = dy + row * N;
-    const T* xr = x + row * N;
-    T* dxr = dx + row * N;
-    const acc_t mean = mean_in[row];
-    const acc_t rstd = rstd_in[row];
-
-    // Pass 1: sums of g = dy * w and g * xhat.
-    Sums sums{acc_t(0), acc_t(0)};
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      const auto dyp = load_pack<T, kVec>(dyr, i);
-      const auto xp = load_pack<T, kVec>(xr, i);
-      const auto wp = load_param_pack<acc_t, P, kVec>(w, i, acc_t(1));
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const acc_t g = static_cast<acc_t>(dyp.v[k]) * wp.v[k];
-        sums.a += g;
-        sums.b += g * math::normalize(static_cast<acc_t>(xp.v[k]), mean, rstd);
-      }
-    }
-    sums = block_allreduce(sums, Sums{acc_t(0), acc_t(0)}, shared);
-    const acc_t mean_g = sums.a / static_cast<acc_t>(N);
-    const acc_t mean_g_xhat = sums.b / static_cast<acc_t>(N);
-
-    // Pass 2: dx and this block's dgamma/dbeta partials (same columns every row).
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      const auto dyp = load_pack<T, kVec>(dyr, i);
-      const auto xp = load_pack<T, kVec>(xr, i);
-      const auto wp = load_param_pack<acc_t, P, kVec>(w, i, acc_t(1));
-      Pack<T, kVec> dxp;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const acc_t dy_k = static_cast<acc_t>(dyp.v[k]);
-        const acc_t xhat = math::normalize(static_cast<acc_t>(xp.v[k]), mean, rstd);
-        dxp.v[k] = static_cast<T>(math::input_grad(dy_k * wp.v[k], xhat, rstd, mean_g, mean_g_xhat));
-        const int64_t col = i * kVec + k;
-        dgamma[col] += dy_k * xhat;
-        dbeta[col] += dy_k;
-      }
-      reinterpret_cast<Pack<T, kVec>*>(dxr)[i] = dxp;
-    }
+  template <typename S>
+  __device__ __forceinline__ S shfl(const S& v, int src, int width) const {
+    return map_members(v, [=](auto m) { return __shfl_sync(kFullMask, m, src, width); });
   }
+};
+
+template <typename S, typename Combine>
+__device__ __forceinline__ S group_allreduce(const S& value, const S& identity, Combine combine,
+                                             S* scratch) {
+  BlockLanes lanes;
+  return cuda_indexing::group_allreduce(value, identity, combine, lanes, scratch);
 }
 
-// grad_weight[j] / grad_bias[j] = sum over blocks, in block order, of the partials.
-template <typename acc_t, typename P>
-__global__ void finalize_param_grads_kernel(const acc_t* __restrict__ partial, int64_t blocks,
-                                            int64_t N, P* __restrict__ grad_weight,
-                                            P* __restrict__ grad_bias) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= N) return;
-  acc_t dgamma = 0, dbeta = 0;
-  for (int64_t g = 0; g < blocks; ++g) {
-    dgamma += partial[g * 2 * N + j];
-    dbeta += partial[g * 2 * N + N + j];
-  }
-  grad_weight[j] = static_cast<P>(dgamma);
-  grad_bias[j] = static_cast<P>(dbeta);
+// Moments of the kN values of one vector: two-pass, exact up to rounding.
+template <int kN, typename acc_t>
+__device__ __forceinline__ Welford<acc_t> vector_moments(const acc_t (&v)[kN]) {
+  acc_t sum = 0;
+#pragma unroll
+  for (int k = 0; k < kN; ++k) sum += v[k];
+  const acc_t mean = sum / acc_t(kN);
+  acc_t m2 = 0;
+#pragma unroll
+  for (int k = 0; k < kN; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+  return {mean, m2, kN};
 }
 
-bool is_aligned(const at::Tensor& t, int64_t bytes) {
-  return !t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0;
-}
+// ---------------------------------------------------------------------------------------
+// Kernel arguments
 
-// Elements per 16-byte access of T if N and every tensor's base allow it, else 1.
 template <typename T, typename P>
-int vector_width(int64_t N, std::initializer_list<const at::Tensor*> rows,
-                 std::initializer_list<const at::Tensor*> params) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (N % kVec != 0) return 1;
-  for (const at::Tensor* t : rows) {
-    if (!is_aligned(*t, 16)) return 1;
-  }
-  for (const at::Tensor* t : params) {
-    if (!is_aligned(*t, kVec * sizeof(P))) return 1;
-  }
-  return kVec;
-}
-
-// Threads per block for rows of `packs` vector accesses: whole warps, at most kMaxThreads.
-int threads_for(int64_t packs) {
-  const int64_t warps = std::min<int64_t>(kMaxWarps, std::max<int64_t>(1, at::ceil_div<int64_t>(packs, kWarpSize)));
-  return static_cast<int>(warps * kWarpSize);
-}
-
-template <typename T, typename P, int kVec>
-void launch_forward(const ForwardArgs& a) {
+struct ForwardParams {
   using acc_t = at::opmath_type<T>;
-  const int64_t M = a.shape.rows, N = a.shape.cols;
-  const int64_t blocks = std::min<int64_t>(M, 1 << 20);
-  forward_kernel<T, P, kVec><<<blocks, threads_for(N / kVec), 0, c10::cuda::getCurrentCUDAStream()>>>(
-      a.input.const_data_ptr<T>(), a.weight.defined() ? a.weight.const_data_ptr<P>() : nullptr,
-      a.bias.defined() ? a.bias.const_data_ptr<P>() : nullptr, a.output.mutable_data_ptr<T>(),
-      a.mean.mutable_data_ptr<acc_t>(), a.rstd.mutable_data_ptr<acc_t>(), M, N,
-      static_cast<acc_t>(a.eps));
+  const T* x;
+  ParamRef<P> weight, bias;
+  T* y;
+  acc_t* mean;
+  acc_t* rstd;
+  int64_t rows, cols;
+  acc_t eps;
+  int x_misalign;   // x and y: first element's offset from a 16-byte boundary
+  bool vectorized;  // x and y agree on that offset (else: scalar streaming)
+};
+
+template <typename T, typename P>
+struct BackwardParams {
+  using acc_t = at::opmath_type<T>;
+  const T* dy;
+  const T* x;
+  const acc_t* mean;
+  const acc_t* rstd;
+  ParamRef<P> weight;
+  T* dx;
+  acc_t* partial;  // [slots][2][cols]: dgamma then dbeta partial rows
+  int64_t rows, cols;
+  int x_misalign;   // dy, x and dx: first element's offset from a 16-byte boundary
+  bool vectorized;  // dy, x and dx agree on that offset (else: scalar streaming)
+};
+
+template <typename Params>
+__device__ __forceinline__ RowSplit row_split(const Params& a, int64_t row, int vec) {
+  return a.vectorized ? cuda_indexing::split_row(
+                            a.cols, vec, cuda_indexing::row_misalign(a.x_misalign, row, a.cols, vec))
+                      : cuda_indexing::scalar_row(a.cols, vec);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, rows in registers. blockDim = (threads per row G, rows per block).
+
+template <typename T, typename P, int kElems>
+__global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
+    forward_registers_kernel(const ForwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int kSlots = kElems / kVec;
+  __shared__ Welford<acc_t> scratch[cuda_indexing::kReduceScratch];
+  const int t = threadIdx.x;
+  const int group = blockDim.x;
+  const int64_t rows_per_block = blockDim.y;
+
+  // The loop bound is the block's first row, so every thread runs every iteration
+  // (the reductions shuffle across rows and sync the block).
+  for (int64_t first = blockIdx.x * rows_per_block; first < a.rows;
+       first += gridDim.x * rows_per_block) {
+    const int64_t row = first + threadIdx.y;
+    const bool valid = row < a.rows;
+    const RowSplit s = row_split(a, row, kVec);
+    const T* xr = a.x + row * a.cols;
+    T* yr = a.y + row * a.cols;
+
+    acc_t v[kSlots][kVec];
+    acc_t edge[2];
+    acc_t sum = 0;
+    int count = 0;
+    if (valid) {
+      cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+        load_vector(xr + e, v[i]);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) sum += v[i][k];
+        count += kVec;
+      });
+      cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+        edge[i] = static_cast<acc_t>(xr[e]);
+        sum += edge[i];
+        count += 1;
+      });
+    }
+    // This thread's moments, two-pass from registers, then Chan's combine over the row.
+    const acc_t local_mean = count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0);
+    acc_t m2 = 0;
+    if (valid) {
+      cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) m2 += (v[i][k] - local_mean) * (v[i][k] - local_mean);
+      });
+      cuda_indexing::for_each_register_edge(
+          s, t, [&](int i, int) { m2 += (edge[i] - local_mean) * (edge[i] - local_mean); });
+    }
+    const Welford<acc_t> moments = group_allreduce(
+        Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
+    const acc_t mean = moments.mean;
+    const acc_t rstd = math::rstd_from_moments(moments, a.eps);
+    if (!valid) continue;
+    if (t == 0) {
+      a.mean[row] = mean;
+      a.rstd[row] = rstd;
+    }
+    const bool weight_vectors = a.weight.vectors_at(s.head);
+    const bool bias_vectors = a.bias.vectors_at(s.head);
+    cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+      acc_t w[kVec], b[kVec], out[kVec];
+      load_param(a.weight, e, weight_vectors, acc_t(1), w);
+      load_param(a.bias, e, bias_vectors, acc_t(0), b);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out[k] = math::affine(math::normalize(v[i][k], mean, rstd), w[k], b[k]);
+      store_vector(yr + e, out);
+    });
+    cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+      const acc_t xhat = math::normalize(edge[i], mean, rstd);
+      yr[e] = static_cast<T>(math::affine(xhat, load_param(a.weight, e, acc_t(1)),
+                                          load_param(a.bias, e, acc_t(0))));
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, streaming: a block per row, any row length. Pass 1 Welford (per vector two-pass,
+// Chan's combine into the thread's moments), pass 2 the normalized row.
+
+template <typename T, typename P>
+__global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
+    forward_streaming_kernel(const ForwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  __shared__ Welford<acc_t> scratch[cuda_indexing::kReduceScratch];
+  const int t = threadIdx.x;
+  const int group = blockDim.x;
+
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const RowSplit s = row_split(a, row, kVec);
+    const T* xr = a.x + row * a.cols;
+    T* yr = a.y + row * a.cols;
+
+    Welford<acc_t> local{0, 0, 0};
+    cuda_indexing::for_each_streamed(
+        s, t, group,
+        [&](int64_t e) {
+          acc_t v[kVec];
+          load_vector(xr + e, v);
+          local = math::welford_combine(local, vector_moments(v));
+        },
+        [&](int64_t e) { local = math::welford_update(local, static_cast<acc_t>(xr[e])); });
+    const Welford<acc_t> moments =
+        group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
+    const acc_t mean = moments.mean;
+    const acc_t rstd = math::rstd_from_moments(moments, a.eps);
+    if (t == 0) {
+      a.mean[row] = mean;
+      a.rstd[row] = rstd;
+    }
+    const bool weight_vectors = a.weight.vectors_at(s.head);
+    const bool bias_vectors = a.bias.vectors_at(s.head);
+    cuda_indexing::for_each_streamed(
+        s, t, group,
+        [&](int64_t e) {
+          acc_t v[kVec], w[kVec], b[kVec];
+          load_vector(xr + e, v);
+          load_param(a.weight, e, weight_vectors, acc_t(1), w);
+          load_param(a.bias, e, bias_vectors, acc_t(0), b);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) v[k] = math::affine(math::normalize(v[k], mean, rstd), w[k], b[k]);
+          store_vector(yr + e, v);
+        },
+        [&](int64_t e) {
+          const acc_t xhat = math::normalize(static_cast<acc_t>(xr[e]), mean, rstd);
+          yr[e] = static_cast<T>(math::affine(xhat, load_param(a.weight, e, acc_t(1)),
+                                              load_param(a.bias, e, acc_t(0))));
+        });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, rows in registers. blockDim = (G, rows per block); slot = blockIdx.x *
+// blockDim.y + threadIdx.y handles rows slot, slot + slots, ... with slots = gridDim.x *
+// blockDim.y, a multiple of the rows' alignment period (cuda_config::backward_slots).
+
+template <typename T, typename P, int kElems>
+__global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
+    backward_registers_kernel(const BackwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int kSlots = kElems / kVec;
+  __shared__ SumPair<acc_t> scratch[cuda_indexing::kReduceScratch];
+  const int t = threadIdx.x;
+  const int group = blockDim.x;
+  const int64_t rows_per_block = blockDim.y;
+  const int64_t slots = gridDim.x * rows_per_block;
+  const int64_t slot = blockIdx.x * rows_per_block + threadIdx.y;
+  const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
+  // The same split for every row of this slot: this thread owns the same columns.
+  const RowSplit s = row_split(a, slot, kVec);
+
+  acc_t dgamma[kSlots][kVec], dbeta[kSlots][kVec], dgamma_edge[2], dbeta_edge[2];
+  cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) dgamma[i][k] = dbeta[i][k] = 0;
+  });
+  cuda_indexing::for_each_register_edge(
+      s, t, [&](int i, int) { dgamma_edge[i] = dbeta_edge[i] = 0; });
+  const bool weight_vectors = a.weight.vectors_at(s.head);
+
+  for (int64_t first = blockIdx.x * rows_per_block; first < a.rows; first += slots) {
+    const int64_t row = first + threadIdx.y;
+    const bool valid = row < a.rows;
+    const T* dyr = a.dy + row * a.cols;
+    const T* xr = a.x + row * a.cols;
+    T* dxr = a.dx + row * a.cols;
+
+    // g = dy * w and xhat stay in registers between the row sums and dx.
+    acc_t g[kSlots][kVec], xhat[kSlots][kVec], g_edge[2], xhat_edge[2];
+    SumPair<acc_t> sums{0, 0};
+    acc_t rstd = 0;
+    if (valid) {
+      const acc_t mean = a.mean[row];
+      rstd = a.rstd[row];
+      cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+        acc_t dy[kVec], w[kVec];
+        load_vector(dyr + e, dy);
+        load_vector(xr + e, xhat[i]);
+        load_param(a.weight, e, weight_vectors, acc_t(1), w);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          xhat[i][k] = math::normalize(xhat[i][k], mean, rstd);
+          g[i][k] = dy[k] * w[k];
+          dgamma[i][k] += dy[k] * xhat[i][k];
+          dbeta[i][k] += dy[k];
+          sums.a += g[i][k];
+          sums.b += g[i][k] * xhat[i][k];
+        }
+      });
+      cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+        const acc_t dy = static_cast<acc_t>(dyr[e]);
+        xhat_edge[i] = math::normalize(static_cast<acc_t>(xr[e]), mean, rstd);
+        g_edge[i] = dy * load_param(a.weight, e, acc_t(1));
+        dgamma_edge[i] += dy * xhat_edge[i];
+        dbeta_edge[i] += dy;
+        sums.a += g_edge[i];
+        sums.b += g_edge[i] * xhat_edge[i];
+      });
+    }
+    sums = group_allreduce(sums, SumPair<acc_t>{0, 0}, SumCombine{}, scratch);
+    if (!valid) continue;
+    const acc_t mean_g = sums.a * inv_cols;
+    const acc_t mean_g_xhat = sums.b * inv_cols;
+    cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+      acc_t dx[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) dx[k] = math::input_grad(g[i][k], xhat[i][k], rstd, mean_g, mean_g_xhat);
+      store_vector(dxr + e, dx);
+    });
+    cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+      dxr[e] = static_cast<T>(math::input_grad(g_edge[i], xhat_edge[i], rstd, mean_g, mean_g_xhat));
+    });
+  }
+
+  // This slot's partial row, every column (zeros for a slot without rows).
+  acc_t* partial_dgamma = a.partial + slot * 2 * a.cols;
+  acc_t* partial_dbeta = partial_dgamma + a.cols;
+  cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      partial_dgamma[e + k] = dgamma[i][k];
+      partial_dbeta[e + k] = dbeta[i][k];
+    }
+  });
+  cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+    partial_dgamma[e] = dgamma_edge[i];
+    partial_dbeta[e] = dbeta_edge[i];
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, streaming: a block per slot (gridDim.x slots), any row length. dgamma/dbeta
+// accumulate in the slot's partial row; each column of it belongs to one thread.
+
+template <typename T, typename P>
+__global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
+    backward_streaming_kernel(const BackwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  __shared__ SumPair<acc_t> scratch[cuda_indexing::kReduceScratch];
+  const int t = threadIdx.x;
+  const int group = blockDim.x;
+  const int64_t slot = blockIdx.x;
+  const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
+  const RowSplit s = row_split(a, slot, kVec);
+  const bool weight_vectors = a.weight.vectors_at(s.head);
+  acc_t* partial_dgamma = a.partial + slot * 2 * a.cols;
+  acc_t* partial_dbeta = partial_dgamma + a.cols;
+
+  cuda_indexing::for_each_streamed(
+      s, t, group,
+      [&](int64_t e) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) partial_dgamma[e + k] = partial_dbeta[e + k] = 0;
+      },
+      [&](int64_t e) { partial_dgamma[e] = partial_dbeta[e] = 0; });
+
+  for (int64_t row = slot; row < a.rows; row += gridDim.x) {
+    const T* dyr = a.dy + row * a.cols;
+    const T* xr = a.x + row * a.cols;
+    T* dxr = a.dx + row * a.cols;
+    const acc_t mean = a.mean[row];
+    const acc_t rstd = a.rstd[row];
+
+    SumPair<acc_t> sums{0, 0};
+    cuda_indexing::for_each_streamed(
+        s, t, group,
+        [&](int64_t e) {
+          acc_t dy[kVec], x[kVec], w[kVec];
+          load_vector(dyr + e, dy);
+          load_vector(xr + e, x);
+          load_param(a.weight, e, weight_vectors, acc_t(1), w);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const acc_t g = dy[k] * w[k];
+            sums.a += g;
+            sums.b += g * math::normalize(x[k], mean, rstd);
+          }
+        },
+        [&](int64_t e) {
+          const acc_t g = static_cast<acc_t>(dyr[e]) * load_param(a.weight, e, acc_t(1));
+          sums.a += g;
+          sums.b += g * math::normalize(static_cast<acc_t>(xr[e]), mean, rstd);
+        });
+    sums = group_allreduce(sums, SumPair<acc_t>{0, 0}, SumCombine{}, scratch);
+    const acc_t mean_g = sums.a * inv_cols;
+    const acc_t mean_g_xhat = sums.b * inv_cols;
+    cuda_indexing::for_each_streamed(
+        s, t, group,
+        [&](int64_t e) {
+          acc_t dy[kVec], x[kVec], w[kVec];
+          load_vector(dyr + e, dy);
+          load_vector(xr + e, x);
+          load_param(a.weight, e, weight_vectors, acc_t(1), w);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const acc_t xhat = math::normalize(x[k], mean, rstd);
+            partial_dgamma[e + k] += dy[k] * xhat;
+            partial_dbeta[e + k] += dy[k];
+            x[k] = math::input_grad(dy[k] * w[k], xhat, rstd, mean_g, mean_g_xhat);
+          }
+          store_vector(dxr + e, x);
+        },
+        [&](int64_t e) {
+          const acc_t dy = static_cast<acc_t>(dyr[e]);
+          const acc_t xhat = math::normalize(static_cast<acc_t>(xr[e]), mean, rstd);
+          partial_dgamma[e] += dy * xhat;
+          partial_dbeta[e] += dy;
+          dxr[e] = static_cast<T>(math::input_grad(dy * load_param(a.weight, e, acc_t(1)), xhat,
+                                                   rstd, mean_g, mean_g_xhat));
+        });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// dgamma/dbeta = the sum of the slots' partial rows, in a fixed order.
+// blockDim = (kFinalizeColumns, kFinalizeLanes).
+
+template <typename acc_t, typename P>
+__global__ void __launch_bounds__(cuda_config::kFinalizeColumns * cuda_config::kFinalizeLanes)
+    finalize_param_grads_kernel(const acc_t* __restrict__ partial, int64_t slots, int64_t cols,
+                                P* __restrict__ grad_weight, P* __restrict__ grad_bias) {
+  constexpr int kColumns = cuda_config::kFinalizeColumns;
+  constexpr int kLanes = cuda_config::kFinalizeLanes;
+  __shared__ SumPair<acc_t> sums[kLanes][kColumns];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  SumPair<acc_t> sum{0, 0};
+  if (col < cols) {
+    cuda_indexing::for_each_partial_slot(threadIdx.y, kLanes, slots, [&](int64_t s) {
+      sum.a += partial[s * 2 * cols + col];
+      sum.b += partial[s * 2 * cols + cols + col];
+    });
+  }
+  sums[threadIdx.y][threadIdx.x] = sum;
+  BlockLanes lanes;
+  cuda_indexing::shared_tree_reduce(&sums[0][threadIdx.x], kColumns, threadIdx.y, kLanes,
+                                    SumCombine{}, lanes);
+  if (threadIdx.y == 0 && col < cols) {
+    grad_weight[col] = static_cast<P>(sums[0][threadIdx.x].a);
+    grad_bias[col] = static_cast<P>(sums[0][threadIdx.x].b);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+
+// Offset in elements of `t`'s first element from a 16-byte boundary (0 for an absent
+// tensor). CUDA kernels, ours and torch's, need element-aligned pointers; only external
+// memory (from_blob, DLPack) can break that, so it gets an error instead of a fault.
+template <typename T>
+int misalign_of(const at::Tensor& t) {
+  if (!t.defined()) return 0;
+  const auto address = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  TORCH_CHECK(address % sizeof(T) == 0, "layernorm_ext: a CUDA tensor of ", t.scalar_type(),
+              " starts at an address that is not a multiple of its element size");
+  return static_cast<int>((address / sizeof(T)) % kVecOf<T>);
+}
+
+// The common misalignment of row tensors, or -1 when they differ.
+template <typename T>
+int common_misalign(std::initializer_list<const at::Tensor*> tensors) {
+  const int first = misalign_of<T>(**tensors.begin());
+  for (const at::Tensor* t : tensors) {
+    if (misalign_of<T>(*t) != first) return -1;
+  }
+  return first;
+}
+
+template <typename P>
+ParamRef<P> param_ref(const at::Tensor& t) {
+  if (!t.defined()) return {nullptr, 0};
+  return {t.const_data_ptr<P>(), misalign_of<P>(t)};
+}
+
+dim3 block_of(const LaunchConfig& c) { return dim3(c.threads_per_row, c.rows_per_block); }
+
+template <typename T, typename P>
+void run_forward(const ForwardArgs& args) {
+  using acc_t = at::opmath_type<T>;
+  ForwardParams<T, P> a;
+  a.x = args.input.const_data_ptr<T>();
+  a.weight = param_ref<P>(args.weight);
+  a.bias = param_ref<P>(args.bias);
+  a.y = args.output.mutable_data_ptr<T>();
+  a.mean = args.mean.mutable_data_ptr<acc_t>();
+  a.rstd = args.rstd.mutable_data_ptr<acc_t>();
+  a.rows = args.shape.rows;
+  a.cols = args.shape.cols;
+  a.eps = static_cast<acc_t>(args.eps);
+  const int misalign = common_misalign<T>({&args.input, &args.output});
+  a.vectorized = misalign >= 0;
+  a.x_misalign = a.vectorized ? misalign : 0;
+
+  const LaunchConfig c = cuda_config::forward_config(a.cols, sizeof(T), a.vectorized);
+  const int64_t blocks = std::min<int64_t>(at::ceil_div<int64_t>(a.rows, c.rows_per_block),
+                                           kMaxGridBlocks);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (c.kind == Kind::kStreaming) {
+    forward_streaming_kernel<T, P><<<blocks, block_of(c), 0, stream>>>(a);
+  } else if constexpr (kHasRegisterKernels<T>) {
+    if (c.elems_per_thread == cuda_config::kElemsSmall) {
+      forward_registers_kernel<T, P, cuda_config::kElemsSmall><<<blocks, block_of(c), 0, stream>>>(a);
+    } else {
+      TORCH_INTERNAL_ASSERT(c.elems_per_thread == cuda_config::kElemsLarge);
+      forward_registers_kernel<T, P, cuda_config::kElemsLarge><<<blocks, block_of(c), 0, stream>>>(a);
+    }
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "layernorm_ext: no register kernel for this dtype");
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename P, int kVec>
-void launch_backward(const BackwardArgs& a) {
+template <typename T, typename P>
+void run_backward(const BackwardArgs& args) {
   using acc_t = at::opmath_type<T>;
-  const int64_t M = a.shape.rows, N = a.shape.cols;
-  const int64_t blocks = std::min<int64_t>(M, kBackwardMaxBlocks);
-  at::Tensor partial = at::zeros({blocks, 2, N}, a.input.options().dtype(a.mean.scalar_type()));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (blocks > 0) {
-    backward_kernel<T, P, kVec><<<blocks, threads_for(N / kVec), 0, stream>>>(
-        a.grad_out.const_data_ptr<T>(), a.input.const_data_ptr<T>(),
-        a.mean.const_data_ptr<acc_t>(), a.rstd.const_data_ptr<acc_t>(),
-        a.weight.defined() ? a.weight.const_data_ptr<P>() : nullptr,
-        a.grad_input.mutable_data_ptr<T>(), partial.mutable_data_ptr<acc_t>(), M, N);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t rows = args.shape.rows, cols = args.shape.cols;
+  if (rows == 0) {
+    args.grad_weight.zero_();
+    args.grad_bias.zero_();
+    return;
   }
-  finalize_param_grads_kernel<acc_t, P><<<at::ceil_div<int64_t>(N, kFinalizeThreads), kFinalizeThreads, 0, stream>>>(
-      partial.const_data_ptr<acc_t>(), blocks, N, a.grad_weight.mutable_data_ptr<P>(),
-      a.grad_bias.mutable_data_ptr<P>());
+  BackwardParams<T, P> a;
+  a.dy = args.grad_out.const_data_ptr<T>();
+  a.x = args.input.const_data_ptr<T>();
+  a.mean = args.mean.const_data_ptr<acc_t>();
+  a.rstd = args.rstd.const_data_ptr<acc_t>();
+  a.weight = param_ref<P>(args.weight);
+  a.dx = args.grad_input.mutable_data_ptr<T>();
+  a.rows = rows;
+  a.cols = cols;
+  const int misalign = common_misalign<T>({&args.grad_out, &args.input, &args.grad_input});
+  a.vectorized = misalign >= 0;
+  a.x_misalign = a.vectorized ? misalign : 0;
+
+  const LaunchConfig c = cuda_config::backward_config(cols, sizeof(T), a.vectorized);
+  const int period = a.vectorized ? cuda_config::row_alignment_period(cols, kVecOf<T>) : 1;
+  const int64_t slots = cuda_config::backward_slots(rows, cols, c, period);
+  at::Tensor partial = at::empty({slots, 2, cols}, args.mean.options());
+  a.partial = partial.mutable_data_ptr<acc_t>();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = slots / c.rows_per_block;
+  if (c.kind == Kind::kStreaming) {
+    backward_streaming_kernel<T, P><<<blocks, block_of(c), 0, stream>>>(a);
+  } else if constexpr (kHasRegisterKernels<T>) {
+    TORCH_INTERNAL_ASSERT(c.elems_per_thread == cuda_config::kElemsBackward);
+    backward_registers_kernel<T, P, cuda_config::kElemsBackward><<<blocks, block_of(c), 0, stream>>>(a);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "layernorm_ext: no register kernel for this dtype");
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const dim3 finalize_block(cuda_config::kFinalizeColumns, cuda_config::kFinalizeLanes);
+  finalize_param_grads_kernel<acc_t, P>
+      <<<at::ceil_div<int64_t>(cols, cuda_config::kFinalizeColumns), finalize_block, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), slots, cols, args.grad_weight.mutable_data_ptr<P>(),
+          args.grad_bias.mutable_data_ptr<P>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -291,15 +711,7 @@ Tensor3 forward_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
   if (a.shape.rows == 0) return {a.output, a.mean, a.rstd};
   LAYERNORM_DISPATCH_TYPES(input.scalar_type(), a.param_dtype, "layernorm_ext_forward_cuda",
                            [&](auto input_tag, auto param_tag) {
-    using scalar_t = typename decltype(input_tag)::type;
-    using param_t = typename decltype(param_tag)::type;
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    if (vector_width<scalar_t, param_t>(a.shape.cols, {&a.input, &a.output},
-                                        {&a.weight, &a.bias}) == kVec) {
-      launch_forward<scalar_t, param_t, kVec>(a);
-    } else {
-      launch_forward<scalar_t, param_t, 1>(a);
-    }
+    run_forward<typename decltype(input_tag)::type, typename decltype(param_tag)::type>(a);
   });
   return {a.output, a.mean, a.rstd};
 }
@@ -313,15 +725,7 @@ Tensor3 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
   if (a.shape.cols == 0) return {a.grad_input, a.grad_weight, a.grad_bias};
   LAYERNORM_DISPATCH_TYPES(input.scalar_type(), a.param_dtype, "layernorm_ext_backward_cuda",
                            [&](auto input_tag, auto param_tag) {
-    using scalar_t = typename decltype(input_tag)::type;
-    using param_t = typename decltype(param_tag)::type;
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    if (vector_width<scalar_t, param_t>(a.shape.cols, {&a.grad_out, &a.input, &a.grad_input},
-                                        {&a.weight}) == kVec) {
-      launch_backward<scalar_t, param_t, kVec>(a);
-    } else {
-      launch_backward<scalar_t, param_t, 1>(a);
-    }
+    run_backward<typename decltype(input_tag)::type, typename decltype(param_tag)::type>(a);
   });
   return {a.grad_input, a.grad_weight, a.grad_bias};
 }

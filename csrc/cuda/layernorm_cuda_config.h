@@ -1,0 +1,146 @@
+// Which CUDA kernel runs for a given row length and dtype, with how many threads:
+// the one table of launch configurations. Plain C++ (host/device), so the host replay
+// test (tests/cuda_replay/) checks the configurations the launcher really uses.
+//
+// Kernels (csrc/cuda/layernorm_cuda.cu):
+//   forward, rows in registers    kElemsSmall (8) or kElemsLarge (32) elements per thread,
+//                                 `threads_per_row` threads per row (8 .. 512, a sub-warp
+//                                 group, a warp or a block), several rows per block when
+//                                 a row needs fewer than kRowBlockThreads threads.
+//   backward, rows in registers   kElemsBackward (16) elements per thread, dgamma/dbeta
+//                                 accumulated in registers over every row of a slot.
+//   streaming (both directions)   a block per row, any row length, two passes over the
+//                                 row (the second one hits L2); float64 rows and rows
+//                                 whose tensors disagree on 16-byte alignment use it too.
+#pragma once
+
+#include <cstdint>
+
+#include "../layernorm_math.h"  // LN_HOST_DEVICE
+
+namespace layernorm_ext {
+namespace cuda_config {
+
+constexpr int kWarpSize = 32;
+// Largest block of every kernel (their __launch_bounds__).
+constexpr int kMaxBlockThreads = 512;
+// Threads per block when several short rows share a block.
+constexpr int kRowBlockThreads = 128;
+// Register-resident kernels need whole vectors for their head/tail handling: a group
+// has at least as many threads as a 16-byte vector has elements (8 for 2-byte types).
+constexpr int kMinThreadsPerRow = 8;
+
+constexpr int kElemsSmall = 8;      // forward, rows up to 8 * 32 = 256 elements
+constexpr int kElemsLarge = 32;     // forward, rows up to 32 * 512 = 16384 elements
+constexpr int kElemsBackward = 16;  // backward, rows up to 16 * 512 = 8192 elements
+
+// Backward: a "slot" is one row group that accumulates dgamma/dbeta over the rows
+// slot, slot + slots, slot + 2 * slots, ... and writes one fp32 partial row. Fewer slots
+// mean less partial traffic, more slots more parallelism; the count depends on M and N
+// only (never on the GPU), so the result is bitwise the same on every GPU model.
+constexpr int64_t kMinRowsPerSlot = 16;
+constexpr int64_t kBackwardBlocks = 256;
+
+// Parameter-gradient reduction: 32 columns x 16 slot lanes per block.
+constexpr int kFinalizeColumns = 32;
+constexpr int kFinalizeLanes = 16;
+
+enum class Kind : int { kRegisters = 0, kStreaming = 1 };
+
+struct LaunchConfig {
+  Kind kind;
+  int elems_per_thread;  // register kernels: the row slice a thread holds
+  int threads_per_row;   // blockDim.x, a power of two
+  int rows_per_block;    // blockDim.y
+};
+
+// Elements per 16-byte vector of an element of `elem_bytes` bytes.
+LN_HOST_DEVICE constexpr int vector_width(int elem_bytes) { return 16 / elem_bytes; }
+
+LN_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Smallest power of two >= n, clamped to [lo, hi] (lo, hi powers of two).
+LN_HOST_DEVICE constexpr int pow2_clamped(int64_t n, int lo, int hi) {
+  int p = lo;
+  while (p < hi && p < n) p *= 2;
+  return p;
+}
+
+LN_HOST_DEVICE constexpr LaunchConfig with_rows_per_block(Kind kind, int elems, int threads) {
+  return {kind, elems, threads, threads < kRowBlockThreads ? kRowBlockThreads / threads : 1};
+}
+
+LN_HOST_DEVICE constexpr LaunchConfig streaming_config(int64_t n, int elem_bytes) {
+  // About four vectors per thread per pass, a block of 32 .. 512 threads per row.
+  const int64_t per_thread = 4 * vector_width(elem_bytes);
+  return {Kind::kStreaming, 0, pow2_clamped(ceil_div(n, per_thread), kWarpSize, kMaxBlockThreads),
+          1};
+}
+
+// `vectorized`: every row tensor starts at the same offset from a 16-byte boundary, so
+// rows split into the same head / 16-byte vectors / tail in all of them.
+// float64 always streams: it need only be correct, and this keeps the build small.
+LN_HOST_DEVICE constexpr LaunchConfig forward_config(int64_t n, int elem_bytes, bool vectorized) {
+  if (vectorized && elem_bytes <= 4) {
+    if (n <= int64_t(kElemsSmall) * kWarpSize) {
+      return with_rows_per_block(
+          Kind::kRegisters, kElemsSmall,
+          pow2_clamped(ceil_div(n, kElemsSmall), kMinThreadsPerRow, kWarpSize));
+    }
+    if (n <= int64_t(kElemsLarge) * kMaxBlockThreads) {
+      return with_rows_per_block(
+          Kind::kRegisters, kElemsLarge,
+          pow2_clamped(ceil_div(n, kElemsLarge), kWarpSize, kMaxBlockThreads));
+    }
+  }
+  return streaming_config(n, elem_bytes);
+}
+
+LN_HOST_DEVICE constexpr LaunchConfig backward_config(int64_t n, int elem_bytes, bool vectorized) {
+  if (vectorized && elem_bytes <= 4 && n <= int64_t(kElemsBackward) * kMaxBlockThreads) {
+    return with_rows_per_block(
+        Kind::kRegisters, kElemsBackward,
+        pow2_clamped(ceil_div(n, kElemsBackward), kMinThreadsPerRow, kMaxBlockThreads));
+  }
+  return streaming_config(n, elem_bytes);
+}
+
+// Rows r and r + period start at the same offset from a 16-byte boundary: the period
+// of r * n modulo the vector width `vec` (a power of two).
+LN_HOST_DEVICE constexpr int row_alignment_period(int64_t n, int vec) {
+  int64_t a = n % vec, b = vec;  // vec / gcd(n mod vec, vec)
+  while (a != 0) {
+    const int64_t r = b % a;
+    b = a;
+    a = r;
+  }
+  return static_cast<int>(vec / b);
+}
+
+// Number of backward slots for m rows of n elements: a multiple of rows_per_block (whole
+// blocks) and of the alignment period (so every row of a slot splits into head / vectors
+// / tail the same way, and a thread owns the same columns in all of them). The streaming
+// kernel updates its slot's partial row for every row, so its partial rows are capped at
+// kStreamingPartialBytes in all, to stay in L2, but not below kMinStreamingSlots blocks
+// (parallelism first; slots <= M / 16 keeps the buffer under 1/8 of the input's bytes).
+constexpr int64_t kStreamingPartialBytes = int64_t(32) << 20;
+constexpr int64_t kMinStreamingSlots = 64;
+
+LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, int64_t n, const LaunchConfig& c,
+                                                int period) {
+  int64_t slots = ceil_div(m, kMinRowsPerSlot);
+  int64_t cap = kBackwardBlocks * c.rows_per_block;
+  if (c.kind == Kind::kStreaming) {
+    const int64_t partial_row_bytes = 2 * 4 * (n > 0 ? n : 1);  // dgamma + dbeta, fp32
+    int64_t fit = kStreamingPartialBytes / partial_row_bytes;
+    if (fit < kMinStreamingSlots) fit = kMinStreamingSlots;
+    if (fit < cap) cap = fit;
+  }
+  if (slots > cap) slots = cap;
+  if (slots < 1) slots = 1;
+  const int64_t unit = c.rows_per_block > period ? c.rows_per_block : period;
+  return ceil_div(slots, unit) * unit;
+}
+
+}  // namespace cuda_config
+}  // namespace layernorm_ext

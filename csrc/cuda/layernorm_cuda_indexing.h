@@ -1,0 +1,166 @@
+// Which elements each CUDA thread touches, and the order in which threads combine
+// their partial results. Plain C++ templates (host/device): the kernels call them, and
+// the host replay test (tests/cuda_replay/) runs the same code for every thread of a
+// block on the CPU to check that every element is read and written exactly once and
+// every partial result is combined exactly once.
+//
+// A row of n elements is split as its tensors lie in memory: a head of elements up to
+// the first 16-byte boundary, then whole 16-byte vectors ("packs"), then a tail. The
+// split depends on the row's offset from a 16-byte boundary, which changes from row to
+// row when n is not a multiple of the vector width; the body is vectorized either way.
+#pragma once
+
+#include <cstdint>
+
+#include "../layernorm_math.h"  // LN_HOST_DEVICE
+#include "layernorm_cuda_config.h"
+
+#if defined(__CUDACC__)
+#define LN_UNROLL _Pragma("unroll")
+#else
+#define LN_UNROLL
+#endif
+
+namespace layernorm_ext {
+namespace cuda_indexing {
+
+struct RowSplit {
+  int64_t head;   // elements [0, head) before the first vector boundary
+  int64_t packs;  // then `packs` vectors of `vec` elements
+  int64_t tail;   // then the last `tail` elements
+  int vec;
+
+  LN_HOST_DEVICE int64_t tail_begin() const { return head + packs * vec; }
+};
+
+// Offset (in elements, 0 <= offset < vec) of row `row` from a vector boundary, for a
+// tensor of rows of n elements whose first element is `base_misalign` elements past one.
+LN_HOST_DEVICE int64_t row_misalign(int64_t base_misalign, int64_t row, int64_t n, int vec) {
+  return (base_misalign + (row % vec) * (n % vec)) % vec;
+}
+
+// The split of a row that starts `misalign` elements past a vector boundary.
+LN_HOST_DEVICE RowSplit split_row(int64_t n, int vec, int64_t misalign) {
+  int64_t head = (vec - misalign) % vec;
+  if (head > n) head = n;
+  const int64_t packs = (n - head) / vec;
+  return {head, packs, n - head - packs * vec, vec};
+}
+
+// Every element as head: the scalar path, for rows that cannot be vectorized.
+LN_HOST_DEVICE RowSplit scalar_row(int64_t n, int vec) { return {n, 0, 0, vec}; }
+
+// Register-resident rows: thread t of a group of G threads holds the packs t, t + G, ...
+// in register slots 0 .. kSlots-1, and at most one head and one tail element (edge slot
+// 0 and 1; G >= vec, so the fewer than vec elements of each fit). f(slot, first element).
+// The slot index is a compile-time constant after unrolling, so register arrays indexed
+// by it stay in registers. Register-resident rows are short (cuda_config), so element
+// indices are ints: fewer registers than 64-bit ones.
+template <int kSlots, typename F>
+LN_HOST_DEVICE void for_each_register_pack(const RowSplit& s, int t, int group, F&& f) {
+  const int head = static_cast<int>(s.head);
+  const int packs = static_cast<int>(s.packs);
+  LN_UNROLL
+  for (int i = 0; i < kSlots; ++i) {
+    const int p = i * group + t;
+    if (p < packs) f(i, head + p * s.vec);
+  }
+}
+
+template <typename F>
+LN_HOST_DEVICE void for_each_register_edge(const RowSplit& s, int t, F&& f) {
+  if (t < s.head) f(0, t);
+  if (t < s.tail) f(1, static_cast<int>(s.tail_begin()) + t);
+}
+
+// Streaming rows: thread t of G visits the packs t, t + G, ... (pack(first element)),
+// then the head and tail elements t, t + G, ... (element(index)). Any row length.
+template <typename FPack, typename FElement>
+LN_HOST_DEVICE void for_each_streamed(const RowSplit& s, int t, int group, FPack&& pack,
+                                      FElement&& element) {
+#if defined(__CUDACC__)
+#pragma unroll 4
+#endif
+  for (int64_t p = t; p < s.packs; p += group) pack(s.head + p * s.vec);
+  for (int64_t e = t; e < s.head; e += group) element(e);
+  for (int64_t e = t; e < s.tail; e += group) element(s.tail_begin() + e);
+}
+
+// Scratch entries group_allreduce needs: one per warp, then one result per group.
+constexpr int kReduceScratch =
+    cuda_config::kMaxBlockThreads / cuda_config::kWarpSize +
+    cuda_config::kMaxBlockThreads / (2 * cuda_config::kWarpSize);
+
+// Reduces `value` over the threads of a row group (threads x = 0 .. G-1 of block row y)
+// and returns the total to each of them. The order of combination is fixed, so results
+// are bitwise reproducible; `combine` need not be commutative (Chan's Welford combine
+// is not, in rounding).
+//
+// `lanes` is the execution environment (a CUDA block, or the host replay):
+//   thread() = threadIdx.x, group() = threadIdx.y, group_size() = blockDim.x,
+//   shfl_down(v, offset, width) and shfl(v, src_lane, width) as __shfl_*_sync over the
+//   full warp, sync() = __syncthreads().
+// `scratch` is shared memory of kReduceScratch entries (an S*, or the host replay's
+// checked stand-in).
+// Requirements: G is a power of two, the block has a multiple of 32 threads, G * blockDim.y
+// <= kMaxBlockThreads, and every thread of the block calls this (it may sync the block).
+template <typename S, typename Combine, typename Lanes, typename Scratch>
+LN_HOST_DEVICE S group_allreduce(S value, const S& identity, Combine combine, Lanes& lanes,
+                                 Scratch scratch) {
+  constexpr int kWarp = cuda_config::kWarpSize;
+  const int group_size = lanes.group_size();
+  const int width = group_size < kWarp ? group_size : kWarp;
+  // Tree within each warp (or sub-warp group): lane 0 of each segment ends with its total.
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    value = combine(value, lanes.shfl_down(value, offset, width));
+  }
+  if (group_size <= kWarp) return lanes.shfl(value, 0, width);
+
+  // Across the group's warps: lane 0 of each warp posts its total, the group's first
+  // warp reduces them, and everyone reads the group's result.
+  const int linear = lanes.group() * group_size + lanes.thread();
+  const int lane = linear % kWarp;
+  const int warp = linear / kWarp;
+  const int warps = group_size / kWarp;
+  const int first_warp = lanes.group() * warps;
+  const int result_slot = kReduceScratch - 1 - lanes.group();
+  if (lane == 0) scratch[warp] = value;
+  lanes.sync();
+  if (warp == first_warp) {
+    value = identity;
+    if (lane < warps) value = scratch[first_warp + lane];
+    for (int offset = warps / 2; offset > 0; offset /= 2) {
+      value = combine(value, lanes.shfl_down(value, offset, warps));
+    }
+    if (lane == 0) scratch[result_slot] = value;
+  }
+  lanes.sync();
+  // No barrier needed before the next call: it writes the warp slots, which were last
+  // read before the barrier above, and the result slot only after its own first barrier.
+  value = scratch[result_slot];
+  return value;
+}
+
+// Parameter-gradient reduction: lane `lane` of `lanes` sums the partial rows
+// lane, lane + lanes, ... in increasing order; f(slot).
+template <typename F>
+LN_HOST_DEVICE void for_each_partial_slot(int lane, int lanes, int64_t slots, F&& f) {
+  for (int64_t s = lane; s < slots; s += lanes) f(s);
+}
+
+// Then the lanes' sums, values[lane * stride] in shared memory, are added by a fixed tree
+// into values[0]. Every lane calls it (it syncs); `lanes` is a power of two.
+template <typename Values, typename Combine, typename Lanes>
+LN_HOST_DEVICE void shared_tree_reduce(Values values, int stride, int lane, int lanes,
+                                       Combine combine, Lanes& sync_lanes) {
+  sync_lanes.sync();
+  for (int half = lanes / 2; half > 0; half /= 2) {
+    if (lane < half) {
+      values[lane * stride] = combine(values[lane * stride], values[(lane + half) * stride]);
+    }
+    sync_lanes.sync();
+  }
+}
+
+}  // namespace cuda_indexing
+}  // namespace layernorm_ext

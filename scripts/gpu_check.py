@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""One-command check of layernorm_ext on a machine with a CUDA GPU (no network needed).
+
+Steps, each with a time limit inside an overall budget (default 9.5 minutes):
+  1. build the extension in place for sm_80, sm_90 and the visible GPU;
+  2. run the whole test suite (CUDA tests included; a CPU-only build fails);
+  3. run compute-sanitizer memcheck, racecheck, synccheck and initcheck over
+     scripts/cuda_sanitizer_workload.py (every CUDA kernel variant, small shapes);
+  4. run the benchmark sweep (bench/bench_layernorm.py --device cuda), which writes
+     bench/results/<gpu>.md, .csv and .png.
+It writes bench/results/<gpu>-check.txt (a summary table, then every step's command and
+output) and exits 0 only when no step failed. Uses only the standard library here; the
+steps run under a Python with a CUDA build of torch: --python, else the project's .venv,
+else python3.
+
+    make gpu-check            # or: python3 scripts/gpu_check.py [--quick] [--skip-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+WORKLOAD = ROOT / "scripts" / "cuda_sanitizer_workload.py"
+BENCH = ROOT / "bench" / "bench_layernorm.py"
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+
+PROBE = """
+import json, torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda,
+        "gpu": torch.cuda.is_available()}
+if info["gpu"]:
+    info["name"] = torch.cuda.get_device_name(0)
+    info["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+print(json.dumps(info))
+"""
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = "SKIP"  # PASS, FAIL or SKIP
+    seconds: float = 0.0
+    summary: str = ""
+    command: str = ""
+    output: str = ""
+
+
+@dataclass
+class Check:
+    deadline: float
+    env: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, step: Step, cmd: list, limit: float, env: Optional[dict] = None) -> int:
+        """Runs cmd from the repository root, echoing and recording its output; returns its
+        exit status (124 when it was stopped at min(limit, the time left))."""
+        timeout = min(limit, self.remaining() - 15)
+        step.command = shlex.join(str(c) for c in cmd)
+        print(f"\n=== {step.name}: {step.command}", flush=True)
+        if timeout < 10:
+            step.status, step.summary = "SKIP", "no time left in the budget"
+            return 124
+        start = time.monotonic()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", start_new_session=True)
+        timed_out = threading.Event()
+
+        def stop() -> None:
+            timed_out.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole process group it started
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, stop)
+        timer.start()
+        lines = []
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+        rc = proc.wait()
+        timer.cancel()
+        step.seconds = time.monotonic() - start
+        step.output = "".join(lines)
+        if timed_out.is_set():
+            step.output += f"\n[stopped after {timeout:.0f} s]\n"
+            return 124
+        return rc
+
+
+def slugify(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (as bench/machine.py names it)."""
+    text = re.sub(r"\((r|tm|c)\)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def probe_python(python: str) -> Optional[dict]:
+    try:
+        out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def choose_python(explicit: Optional[str]) -> tuple[str, dict]:
+    candidates = [explicit] if explicit else [str(ROOT / ".venv" / "bin" / "python"), "python3",
+                                              sys.executable]
+    seen = []
+    for python in dict.fromkeys(candidates):  # in order, without repeats
+        if not python or not (Path(python).exists() or shutil.which(python)):
+            continue
+        info = probe_python(python)
+        seen.append(f"{python}: {info or 'no torch'}")
+        if info and info.get("gpu") and info.get("cuda"):
+            return python, info
+    raise SystemExit("gpu_check: no Python with a CUDA build of torch that sees a GPU:\n  "
+                     + "\n  ".join(seen or ["(no candidate found)"]))
+
+
+def find_tool(name: str) -> Optional[str]:
+    """A CUDA tool on PATH, in CUDA_HOME, or in the usual install places."""
+    found = shutil.which(name)
+    if found:
+        return found
+    patterns = [os.path.join(os.environ[v], "bin", name) for v in ("CUDA_HOME", "CUDA_PATH")
+                if os.environ.get(v)]
+    patterns += [f"/usr/local/cuda/bin/{name}", f"/usr/local/cuda-*/bin/{name}",
+                 f"/usr/local/cuda*/{name}/{name}", f"/opt/nvidia/*/{name}",
+                 f"/opt/nvidia/*/*/{name}"]
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern), reverse=True):
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def tool_version(path: Optional[str]) -> str:
+    if not path:
+        return "not found"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+        lines = [l for l in out.stdout.splitlines() if l.strip()]
+        return f"{path} ({lines[-1].strip() if lines else '?'})"
+    except (OSError, subprocess.SubprocessError):
+        return f"{path} (no version)"
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build(check: Check, python: str, info: dict) -> Step:
+    step = Step("build")
+    archs = ["8.0", "9.0"] + ([info["capability"]] if info["capability"] not in ("8.0", "9.0")
+                              else [])
+    env = dict(check.env, TORCH_CUDA_ARCH_LIST=";".join(archs), MAX_JOBS=str(os.cpu_count() or 4))
+    env.pop("LAYERNORM_EXT_CPU_ONLY", None)
+    # In place: nothing is installed, and the repository root is on the steps' PYTHONPATH.
+    rc = check.run(step, [python, "setup.py", "build_ext", "--inplace"], 480, env)
+    if rc == 0:
+        verify = [python, "-c", "import layernorm_ext, sys; "
+                  "sys.exit(0 if layernorm_ext.has_cuda_kernels() else 'no CUDA kernels')"]
+        probe = Step("build check")
+        rc = check.run(probe, verify, 120)
+        step.output += probe.output
+    step.status = "PASS" if rc == 0 else "FAIL"
+    step.summary = f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}" + (
+        "" if rc == 0 else f", exit status {rc}")
+    return step
+
+
+def tests(check: Check, python: str) -> Step:
+    step = Step("tests")
+    env = dict(check.env, LAYERNORM_EXT_EXPECT_CUDA="1")
+    rc = check.run(step, [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          "tests"], 300, env)
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", step.output,
+                         re.MULTILINE)
+    step.summary = summary[-1] if summary else f"exit status {rc}"
+    # With a GPU, no CUDA test may be skipped for want of one.
+    cuda_skips = len(re.findall(r"SKIPPED.*needs a CUDA GPU", step.output))
+    if cuda_skips:
+        step.summary += f"; {cuda_skips} CUDA tests skipped"
+    step.status = "PASS" if rc == 0 and not cuda_skips else "FAIL"
+    return step
+
+
+def ours(report: str) -> bool:
+    """Whether a sanitizer report is about one of our kernels (its lines before the host
+    backtrace name the kernel)."""
+    device_part = re.split(r"Host Frame|host backtrace", report, maxsplit=1)[0]
+    return "layernorm_ext" in device_part
+
+
+def sanitizer_reports(output: str) -> list:
+    """The reports in compute-sanitizer output: blocks that start with a '========= X' line,
+    other than its banner and summaries."""
+    blocks = re.split(r"^(?=={9} \S)", output, flags=re.MULTILINE)
+    return [b for b in blocks if b.startswith("=========") and not re.match(
+        r"={9} (COMPUTE-SANITIZER|ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY)", b)]
+
+
+def sanitizer(check: Check, python: str, tool: str, sanitizer_path: Optional[str],
+              kernel_filter: bool) -> Step:
+    step = Step(f"compute-sanitizer {tool}")
+    if sanitizer_path is None:
+        step.status, step.summary = "FAIL", "compute-sanitizer not found"
+        return step
+    # initcheck needs every kernel instrumented (torch's kernels initialize our inputs), and
+    # then may report torch's own kernels: only reports about ours count. The other tools
+    # look at our kernels only (much faster), and any report fails the step.
+    cmd = [sanitizer_path, "--tool", tool, "--print-limit", "100"]
+    if tool != "initcheck":
+        cmd += ["--error-exitcode", "99"]
+    filtered = cmd + ["--kernel-name", "kns=layernorm_ext"]
+    workload = [python, str(WORKLOAD)]
+    env = dict(check.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    use_filter = kernel_filter and tool != "initcheck"
+    rc = check.run(step, (filtered if use_filter else cmd) + workload, 240, env)
+    if use_filter and rc not in (0, 124) and "cases passed" not in step.output:
+        # This compute-sanitizer did not take the filter: run unfiltered.
+        first = step.output
+        rc = check.run(step, cmd + workload, 240, env)
+        step.output = first + "\n[kernel filter refused; unfiltered run follows]\n" + step.output
+    reports = sanitizer_reports(step.output)
+    mine = [r for r in reports if ours(r)]
+    totals = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: .*", step.output)
+    step.summary = totals[-1] if totals else f"exit status {rc}"
+    if tool == "initcheck":
+        step.summary += f"; {len(mine)} in layernorm_ext kernels"
+    workload_ok = re.search(r"^(\d+)/\1 cases passed", step.output, re.MULTILINE)
+    if not workload_ok:
+        step.summary += "; the workload did not pass"
+    if tool == "initcheck":
+        failed = bool(mine) or not workload_ok or not totals
+    else:
+        failed = rc != 0 or bool(reports) or not workload_ok or not totals
+    step.status = "FAIL" if failed else "PASS"
+    return step
+
+
+def bench(check: Check, python: str, prefix: Path, quick: bool, extra: list) -> Step:
+    step = Step("benchmark")
+    if not BENCH.exists():
+        step.status = "SKIP"
+        step.summary = f"{BENCH.relative_to(ROOT)} not found: no benchmark in this checkout"
+        print(f"\n=== benchmark: {step.summary}", flush=True)
+        return step
+    cmd = [python, str(BENCH), "--device", "cuda", "--out", str(prefix), "--no-progress"]
+    cmd += (["--quick"] if quick else []) + extra
+    rc = check.run(step, cmd, 420)
+    written = re.findall(r"^wrote (\S+)", step.output, re.MULTILINE)
+    step.status = "PASS" if rc == 0 else "FAIL"
+    step.summary = ("wrote " + ", ".join(Path(p).name for p in written)) if written else (
+        f"exit status {rc}")
+    return step
+
+
+def write_report(path: Path, header: list, steps: list) -> None:
+    lines = ["# layernorm_ext GPU check", ""] + header + ["", "| step | result | time | summary |",
+                                                        "| --- | --- | --- | --- |"]
+    lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} s | {s.summary} |" for s in steps]
+    for s in steps:
+        lines += ["", f"## {s.name}: {s.status}", "", f"$ {s.command}" if s.command else "", "",
+                  s.output.rstrip()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python3 scripts/gpu_check.py",
+        description="Build layernorm_ext for the visible GPU, run the tests on CUDA, "
+                    "compute-sanitizer and the benchmark; write bench/results/<gpu>-check.txt.")
+    parser.add_argument("--python", help="Python with a CUDA build of torch for the steps "
+                                         "(default: .venv/bin/python, else python3)")
+    parser.add_argument("--budget", type=float, default=570,
+                        help="seconds for the whole check (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="the benchmark's --quick sweep")
+    parser.add_argument("--bench-args", default="",
+                        help="more arguments for bench/bench_layernorm.py, one string")
+    for name in ("build", "tests", "sanitizer", "bench"):
+        parser.add_argument(f"--skip-{name}", action="store_true", help=f"skip the {name} step")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    python, info = choose_python(args.python)
+    slug = slugify(info["name"])
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    report = RESULTS_DIR / f"{slug}-check.txt"
+    nvcc = find_tool("nvcc")
+    sanitizer_path = find_tool("compute-sanitizer")
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # CUDA_HOME is left to setup.py, which asks nvcc itself (nvcc may be a wrapper script).
+    check = Check(deadline=started + args.budget, env=env)
+    kernel_filter = False
+    if sanitizer_path:
+        helptext = subprocess.run([sanitizer_path, "--help"], capture_output=True, text=True,
+                                  timeout=60).stdout
+        kernel_filter = "--kernel-name" in helptext
+    header = [
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- revision: {git_revision()}",
+        f"- GPU: {info['name']} (compute capability {info['capability']})",
+        f"- python: {python}, torch {info['torch']} (CUDA {info['cuda']})",
+        f"- nvcc: {tool_version(nvcc)}",
+        f"- compute-sanitizer: {tool_version(sanitizer_path)}",
+    ]
+    print("\n".join(header), flush=True)
+
+    steps = check.steps
+    if not args.skip_build:
+        steps.append(build(check, python, info))
+    if steps and steps[-1].status == "FAIL":
+        print("\nbuild failed: the remaining steps need it", flush=True)
+    else:
+        if not args.skip_tests:
+            steps.append(tests(check, python))
+        if not args.skip_sanitizer:
+            for tool in SANITIZER_TOOLS:
+                steps.append(sanitizer(check, python, tool, sanitizer_path, kernel_filter))
+        if not args.skip_bench:
+            steps.append(bench(check, python, RESULTS_DIR / slug, args.quick,
+                               shlex.split(args.bench_args)))
+    write_report(report, header + [f"- total: {time.monotonic() - started:.0f} s"], steps)
+
+    print("\n=== summary")
+    for s in steps:
+        print(f"{s.status:4}  {s.name:28} {s.seconds:5.0f} s  {s.summary}")
+    print(f"wrote {report.relative_to(ROOT)} ({time.monotonic() - started:.0f} s in all)")
+    return 1 if any(s.status == "FAIL" for s in steps) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

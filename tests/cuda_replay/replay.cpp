@@ -1,0 +1,409 @@
+// Host replay of the CUDA kernels' indexing and reduction order.
+//
+// Runs the very functions the kernels call (csrc/cuda/layernorm_cuda_indexing.h, with the
+// launch table of layernorm_cuda_config.h) for every thread of a block, on the CPU:
+//   1. for many row lengths, dtypes and alignments, every element of a row is visited
+//      exactly once (the kernels load x/dy, store y/dx and write the dgamma/dbeta
+//      partial columns through these visitors), and every 16-byte vector starts on a
+//      16-byte boundary;
+//   2. the group reductions give every thread of a row group each partial exactly once
+//      (CUDA threads emulated by std::threads, warp shuffles and __syncthreads by
+//      barriers, so the shuffle and shared-memory tree is the kernels' own code), and
+//      no two threads touch a shared-memory entry between the same two barriers with
+//      one of them writing (a deterministic race check, like compute-sanitizer's);
+//   3. the dgamma/dbeta finalize adds every slot's partial row exactly once.
+// Built and run by tests/test_cuda_static.py; prints a summary, exits 1 on failure.
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "cuda/layernorm_cuda_config.h"
+#include "cuda/layernorm_cuda_indexing.h"
+
+namespace cfg = layernorm_ext::cuda_config;
+namespace idx = layernorm_ext::cuda_indexing;
+
+namespace {
+
+int failures = 0;
+long checks = 0;
+
+#define EXPECT(cond, ...)                          \
+  do {                                             \
+    ++checks;                                      \
+    if (!(cond)) {                                 \
+      std::fprintf(stderr, "FAIL: " __VA_ARGS__);  \
+      std::fprintf(stderr, "\n");                  \
+      if (++failures >= 25) std::exit(1);          \
+    }                                              \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------
+// 1. Element coverage
+
+struct RowCase {
+  const char* direction;
+  int elem_bytes;
+  int64_t n;
+  bool vectorized;
+  int64_t misalign;  // of this row
+};
+
+void check_counts(const std::vector<int>& counts, const RowCase& c, int group) {
+  for (int64_t e = 0; e < c.n; ++e) {
+    EXPECT(counts[e] == 1, "%s elem_bytes=%d n=%lld vectorized=%d misalign=%lld G=%d: element %lld "
+           "visited %d times", c.direction, c.elem_bytes, (long long)c.n, c.vectorized,
+           (long long)c.misalign, group, (long long)e, counts[e]);
+    if (counts[e] != 1) return;
+  }
+}
+
+template <int kSlots>
+void cover_register_row(const idx::RowSplit& s, const RowCase& c, int group) {
+  std::vector<int> counts(c.n, 0);
+  for (int t = 0; t < group; ++t) {
+    idx::for_each_register_pack<kSlots>(s, t, group, [&](int slot, int e) {
+      EXPECT(slot >= 0 && slot < kSlots, "register slot %d out of range", slot);
+      EXPECT((c.misalign + e) % s.vec == 0, "%s n=%lld: pack at %d not 16-byte aligned",
+             c.direction, (long long)c.n, e);
+      for (int k = 0; k < s.vec; ++k) counts.at(e + k) += 1;
+    });
+    int edges = 0;
+    idx::for_each_register_edge(s, t, [&](int slot, int e) {
+      EXPECT(slot == 0 || slot == 1, "edge slot %d out of range", slot);
+      counts.at(e) += 1;
+      ++edges;
+    });
+    EXPECT(edges <= 2, "thread %d holds %d edge elements", t, edges);
+  }
+  check_counts(counts, c, group);
+}
+
+void cover_streamed_row(const idx::RowSplit& s, const RowCase& c, int group) {
+  std::vector<int> counts(c.n, 0);
+  for (int t = 0; t < group; ++t) {
+    idx::for_each_streamed(
+        s, t, group,
+        [&](int64_t e) {
+          EXPECT((c.misalign + e) % s.vec == 0, "%s n=%lld: pack at %lld not 16-byte aligned",
+                 c.direction, (long long)c.n, (long long)e);
+          for (int k = 0; k < s.vec; ++k) counts.at(e + k) += 1;
+        },
+        [&](int64_t e) { counts.at(e) += 1; });
+  }
+  check_counts(counts, c, group);
+}
+
+void check_config(const cfg::LaunchConfig& c, const RowCase& rc, int vec) {
+  const int threads = c.threads_per_row * c.rows_per_block;
+  const int g = c.threads_per_row;
+  EXPECT(g > 0 && (g & (g - 1)) == 0, "threads_per_row %d not a power of two", g);
+  EXPECT(threads <= cfg::kMaxBlockThreads && threads % cfg::kWarpSize == 0,
+         "%s n=%lld: block of %d threads", rc.direction, (long long)rc.n, threads);
+  if (c.kind == cfg::Kind::kRegisters) {
+    EXPECT(rc.vectorized && rc.elem_bytes <= 4, "register kernel for an unvectorized/fp64 row");
+    EXPECT(g >= vec, "register group of %d threads < vector width %d", g, vec);
+    EXPECT(c.elems_per_thread % vec == 0, "elems_per_thread %d", c.elems_per_thread);
+    EXPECT(rc.n <= int64_t(g) * c.elems_per_thread, "%s n=%lld does not fit %d x %d",
+           rc.direction, (long long)rc.n, g, c.elems_per_thread);
+  } else {
+    EXPECT(c.rows_per_block == 1, "streaming kernel with %d rows per block", c.rows_per_block);
+  }
+}
+
+// Number of kernel variants each direction reached (to report coverage of the table).
+std::set<std::pair<int, int>> variants_seen[2];
+
+void cover_row(const cfg::LaunchConfig& c, const RowCase& rc) {
+  const int vec = cfg::vector_width(rc.elem_bytes);
+  check_config(c, rc, vec);
+  const idx::RowSplit s =
+      rc.vectorized ? idx::split_row(rc.n, vec, rc.misalign) : idx::scalar_row(rc.n, vec);
+  EXPECT(s.head >= 0 && s.head < vec + (rc.vectorized ? 0 : rc.n) && s.tail >= 0 &&
+             s.tail < vec && s.head + s.packs * vec + s.tail == rc.n,
+         "bad split of n=%lld", (long long)rc.n);
+  variants_seen[rc.direction[0] == 'b'].insert({int(c.kind), c.elems_per_thread});
+  if (c.kind == cfg::Kind::kStreaming) return cover_streamed_row(s, rc, c.threads_per_row);
+  switch (c.elems_per_thread / vec) {
+    case 1: return cover_register_row<1>(s, rc, c.threads_per_row);
+    case 2: return cover_register_row<2>(s, rc, c.threads_per_row);
+    case 4: return cover_register_row<4>(s, rc, c.threads_per_row);
+    case 8: return cover_register_row<8>(s, rc, c.threads_per_row);
+    default: EXPECT(false, "no replay for %d register slots", c.elems_per_thread / vec);
+  }
+}
+
+// Backward slots: whole blocks, and every row of a slot split like the slot's first row
+// (the kernels keep a thread's dgamma/dbeta columns in registers across those rows).
+void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes, bool vectorized) {
+  const int vec = cfg::vector_width(elem_bytes);
+  const int period = vectorized ? cfg::row_alignment_period(n, vec) : 1;
+  for (int64_t m : {1, 2, 7, 33, 300, 1000, 4096, 100000}) {
+    const int64_t slots = cfg::backward_slots(m, n, c, period);
+    EXPECT(slots >= 1 && slots % c.rows_per_block == 0, "slots %lld for rows_per_block %d",
+           (long long)slots, c.rows_per_block);
+    if (!vectorized) continue;  // scalar rows: one split for all
+    for (int64_t base = 0; base < vec; ++base) {
+      for (int64_t row = 0; row < std::min<int64_t>(m, 3 * slots + 9); ++row) {
+        const int64_t slot = row % slots;
+        EXPECT(idx::row_misalign(base, row, n, vec) == idx::row_misalign(base, slot, n, vec),
+               "elem_bytes=%d n=%lld m=%lld: row %lld splits unlike its slot %lld", elem_bytes,
+               (long long)n, (long long)m,
+               (long long)row, (long long)slot);
+      }
+    }
+  }
+}
+
+void replay_coverage() {
+  const int64_t lengths[] = {0,    1,    2,    3,    4,    5,    7,     8,     9,     15,   16,
+                             17,   20,   31,   63,   64,   65,   96,    127,   128,   129,  255,
+                             256,  257,  511,  512,  513,  768,  1000,  1001,  1023,  1024, 1025,
+                             2047, 2048, 2049, 4095, 4096, 4097, 8191,  8192,  8193,  12345,
+                             16383, 16384, 16385, 65537, 100003};
+  for (int elem_bytes : {2, 4, 8}) {
+    const int vec = cfg::vector_width(elem_bytes);
+    for (int64_t n : lengths) {
+      for (bool vectorized : {true, false}) {
+        const cfg::LaunchConfig fwd = cfg::forward_config(n, elem_bytes, vectorized);
+        const cfg::LaunchConfig bwd = cfg::backward_config(n, elem_bytes, vectorized);
+        for (int64_t base = 0; base < vec; ++base) {
+          for (int64_t row = 0; row < vec; ++row) {
+            const int64_t misalign = vectorized ? idx::row_misalign(base, row, n, vec) : 0;
+            cover_row(fwd, {"forward", elem_bytes, n, vectorized, misalign});
+            cover_row(bwd, {"backward", elem_bytes, n, vectorized, misalign});
+          }
+        }
+        check_backward_slots(bwd, n, elem_bytes, vectorized);
+      }
+    }
+  }
+  std::printf("coverage: %zu forward and %zu backward kernel variants replayed\n",
+              variants_seen[0].size(), variants_seen[1].size());
+}
+
+// ---------------------------------------------------------------------------------------
+// 2 and 3. Reductions, with CUDA threads emulated by std::threads
+
+// Which partials a value holds: counts[i] = times partial i was added in.
+struct Contribution {
+  std::vector<int> counts;
+};
+
+struct AddContributions {
+  Contribution operator()(const Contribution& a, const Contribution& b) const {
+    Contribution out = a;
+    for (size_t i = 0; i < out.counts.size(); ++i) out.counts[i] += b.counts[i];
+    return out;
+  }
+};
+
+// One emulated block: blockDim = (group_size, groups).
+struct EmulatedBlock {
+  int group_size, groups;
+  std::barrier<> block_barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<Contribution> shuffle_slots;  // one per thread
+
+  EmulatedBlock(int g, int r)
+      : group_size(g), groups(r), block_barrier(g * r), shuffle_slots(g * r) {
+    for (int w = 0; w < g * r / cfg::kWarpSize; ++w) {
+      warp_barriers.push_back(std::make_unique<std::barrier<>>(cfg::kWarpSize));
+    }
+  }
+};
+
+// The `lanes` interface of cuda_indexing::group_allreduce for one emulated thread, with
+// __shfl_*_sync semantics: a source lane outside the caller's segment of `width` lanes
+// returns the caller's own value. `epoch` counts the block barriers this thread passed.
+struct HostLanes {
+  EmulatedBlock* block;
+  int x, y;
+  mutable long epoch = 0;
+
+  int thread() const { return x; }
+  int group() const { return y; }
+  int group_size() const { return block->group_size; }
+  void sync() const {
+    block->block_barrier.arrive_and_wait();
+    ++epoch;
+  }
+
+  int linear() const { return y * block->group_size + x; }
+  Contribution exchange(const Contribution& v, int src_lane) const {
+    const int lane = linear() % cfg::kWarpSize;
+    const int warp_base = linear() - lane;
+    std::barrier<>& warp = *block->warp_barriers[linear() / cfg::kWarpSize];
+    block->shuffle_slots[linear()] = v;
+    warp.arrive_and_wait();
+    Contribution out = block->shuffle_slots[warp_base + src_lane];
+    warp.arrive_and_wait();
+    return out;
+  }
+  Contribution shfl_down(const Contribution& v, int offset, int width) const {
+    const int lane = linear() % cfg::kWarpSize;
+    return exchange(v, lane % width + offset < width ? lane + offset : lane);
+  }
+  Contribution shfl(const Contribution& v, int src, int width) const {
+    const int lane = linear() % cfg::kWarpSize;
+    return exchange(v, lane - lane % width + src);
+  }
+};
+
+// Emulated shared memory that logs every access (thread, barrier epoch, read or write)
+// and reports a hazard when two threads touch an entry in the same epoch and one writes.
+struct SharedMemory {
+  struct Access {
+    int thread;
+    long epoch;
+    bool write;
+  };
+  std::vector<Contribution> data;
+  std::vector<std::vector<Access>> log;
+  std::mutex mutex;
+  const char* what;
+
+  SharedMemory(size_t n, int partials, const char* what_)
+      : data(n, Contribution{std::vector<int>(partials, 0)}), log(n), what(what_) {}
+
+  void record(size_t i, const HostLanes& by, bool write) {
+    for (const Access& a : log.at(i)) {
+      EXPECT(!(a.thread != by.linear() && a.epoch == by.epoch && (a.write || write)),
+             "%s: threads %d and %d race on shared entry %zu between two barriers (%s)", what,
+             a.thread, by.linear(), i, write ? "write" : "read");
+    }
+    log[i].push_back({by.linear(), by.epoch, write});
+  }
+};
+
+// The S* a kernel indexes, for one emulated thread.
+struct SharedRef {
+  SharedMemory* memory;
+  const HostLanes* lanes;
+  size_t i;
+
+  SharedRef& operator=(const Contribution& v) {
+    std::lock_guard<std::mutex> lock(memory->mutex);
+    memory->record(i, *lanes, true);
+    memory->data[i] = v;
+    return *this;
+  }
+  operator Contribution() const {
+    std::lock_guard<std::mutex> lock(memory->mutex);
+    memory->record(i, *lanes, false);
+    return memory->data[i];
+  }
+};
+
+struct SharedPointer {
+  SharedMemory* memory;
+  const HostLanes* lanes;
+  size_t offset = 0;
+
+  SharedRef operator[](size_t i) const { return {memory, lanes, offset + i}; }
+};
+
+void replay_group_allreduce(int group_size, int groups) {
+  const int threads = group_size * groups;
+  EmulatedBlock block(group_size, groups);
+  SharedMemory scratch(idx::kReduceScratch, threads, "group_allreduce scratch");
+  // Several calls in a row by the same threads, as the kernels make one per row: the
+  // scratch must be safe to reuse (a missing barrier shows up as a wrong count here,
+  // though only when the threads happen to interleave badly).
+  constexpr int kCalls = 3;
+  std::vector<std::vector<Contribution>> results(kCalls, std::vector<Contribution>(threads));
+  std::vector<std::thread> workers;
+  for (int y = 0; y < groups; ++y) {
+    for (int x = 0; x < group_size; ++x) {
+      workers.emplace_back([&, x, y] {
+        HostLanes lanes{&block, x, y};
+        const Contribution identity{std::vector<int>(threads, 0)};
+        for (int call = 0; call < kCalls; ++call) {
+          Contribution mine{std::vector<int>(threads, 0)};
+          mine.counts[lanes.linear()] = call + 1;  // a different value in each call
+          results[call][lanes.linear()] =
+              idx::group_allreduce(mine, identity, AddContributions{}, lanes,
+                                   SharedPointer{&scratch, &lanes});
+        }
+      });
+    }
+  }
+  for (auto& w : workers) w.join();
+  for (int call = 0; call < kCalls; ++call) {
+    for (int y = 0; y < groups; ++y) {
+      for (int x = 0; x < group_size; ++x) {
+        const Contribution& r = results[call][y * group_size + x];
+        for (int i = 0; i < threads; ++i) {
+          const int expected = i / group_size == y ? call + 1 : 0;
+          EXPECT(r.counts[i] == expected,
+                 "group_allreduce G=%d R=%d call %d: thread (%d,%d) holds partial %d %d times",
+                 group_size, groups, call, x, y, i, r.counts[i] / (call + 1));
+          if (r.counts[i] != expected) return;
+        }
+      }
+    }
+  }
+}
+
+void replay_finalize(int64_t slots) {
+  constexpr int kColumns = cfg::kFinalizeColumns, kLanes = cfg::kFinalizeLanes;
+  EmulatedBlock block(kColumns, kLanes);
+  SharedMemory sums(kColumns * kLanes, slots, "finalize sums");  // [lane][column]
+  std::vector<std::thread> workers;
+  for (int y = 0; y < kLanes; ++y) {
+    for (int x = 0; x < kColumns; ++x) {
+      workers.emplace_back([&, x, y] {
+        HostLanes lanes{&block, x, y};
+        Contribution sum{std::vector<int>(slots, 0)};
+        idx::for_each_partial_slot(y, kLanes, slots, [&](int64_t s) { sum.counts.at(s) += 1; });
+        const SharedPointer column{&sums, &lanes, size_t(x)};
+        column[y * kColumns] = sum;
+        idx::shared_tree_reduce(column, kColumns, y, kLanes, AddContributions{}, lanes);
+      });
+    }
+  }
+  for (auto& w : workers) w.join();
+  for (int x = 0; x < kColumns; ++x) {
+    for (int64_t s = 0; s < slots; ++s) {
+      EXPECT(sums.data[x].counts[s] == 1, "finalize slots=%lld: column %d adds slot %lld %d times",
+             (long long)slots, x, (long long)s, sums.data[x].counts[s]);
+    }
+  }
+}
+
+void replay_reductions() {
+  // Every (G, rows per block) the launch table can produce, whatever the row length.
+  std::set<std::pair<int, int>> shapes;
+  for (int elem_bytes : {2, 4, 8}) {
+    for (int64_t n = 0; n <= 70000; n = n < 64 ? n + 1 : n + n / 7) {
+      for (bool vectorized : {true, false}) {
+        for (const auto& c : {cfg::forward_config(n, elem_bytes, vectorized),
+                              cfg::backward_config(n, elem_bytes, vectorized)}) {
+          shapes.insert({c.threads_per_row, c.rows_per_block});
+        }
+      }
+    }
+  }
+  for (const auto& [g, r] : shapes) replay_group_allreduce(g, r);
+  std::printf("group_allreduce: %zu block shapes replayed:", shapes.size());
+  for (const auto& [g, r] : shapes) std::printf(" %dx%d", g, r);
+  std::printf("\n");
+  for (int64_t slots : {1, 2, 15, 16, 17, 100, 256, 4096}) replay_finalize(slots);
+  std::printf("finalize: 8 slot counts replayed\n");
+}
+
+}  // namespace
+
+int main() {
+  replay_coverage();
+  replay_reductions();
+  std::printf("%ld checks, %d failures\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
