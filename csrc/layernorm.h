@@ -98,3 +98,43 @@ void dispatch_param_type(at::ScalarType param_dtype, const F& fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, INPUT_DTYPE, NAME, [&] { \
     layernorm_ext::dispatch_param_type<scalar_t>(PARAM_DTYPE, __VA_ARGS__);           \
   })
+
+namespace layernorm_ext {
+
+// The host side of a backend's operators, written once: checks and allocation, the
+// empty cases, the dtype dispatch, then `kernel(TypeTag<T>, TypeTag<P>, args)`.
+template <typename Kernel>
+Tensor3 run_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                    const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, double eps, const Kernel& kernel) {
+  ForwardArgs args = prepare_forward(input, normalized_shape, weight, bias, eps);
+  if (args.shape.rows > 0) {
+    LAYERNORM_DISPATCH_TYPES(input.scalar_type(), args.param_dtype, "layernorm_ext::forward",
+                             [&](auto input_tag, auto param_tag) {
+                               kernel(input_tag, param_tag, args);
+                             });
+  }
+  return {args.output, args.mean, args.rstd};
+}
+
+// Rows == 0 still runs the kernel: it must write zero parameter gradients.
+template <typename Kernel>
+Tensor3 run_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                     at::IntArrayRef normalized_shape, const at::Tensor& mean,
+                     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const Kernel& kernel) {
+  BackwardArgs args =
+      prepare_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias);
+  if (args.shape.cols > 0) {
+    LAYERNORM_DISPATCH_TYPES(input.scalar_type(), args.param_dtype, "layernorm_ext::backward",
+                             [&](auto input_tag, auto param_tag) {
+                               kernel(input_tag, param_tag, args);
+                             });
+  }
+  return {args.grad_input, args.grad_weight, args.grad_bias};
+}
+
+// The element type a TypeTag carries, for the backends' kernel lambdas.
+#define LAYERNORM_TAG_TYPE(tag) typename decltype(tag)::type
+
+}  // namespace layernorm_ext

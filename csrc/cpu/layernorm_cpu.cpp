@@ -125,29 +125,22 @@ void backward_kernel(const BackwardArgs& a) {
 Tensor3 forward_cpu(const at::Tensor& input, at::IntArrayRef normalized_shape,
                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                     double eps) {
-  ForwardArgs args = prepare_forward(input, normalized_shape, weight, bias, eps);
-  if (args.shape.rows > 0) {
-    LAYERNORM_DISPATCH_TYPES(input.scalar_type(), args.param_dtype, "layernorm_ext_forward_cpu",
-                             [&](auto input_tag, auto param_tag) {
-                               forward_kernel<typename decltype(input_tag)::type,
-                                              typename decltype(param_tag)::type>(args);
-                             });
-  }
-  return {args.output, args.mean, args.rstd};
+  return run_forward(input, normalized_shape, weight, bias, eps,
+                     [](auto input_tag, auto param_tag, const ForwardArgs& args) {
+                       forward_kernel<LAYERNORM_TAG_TYPE(input_tag),
+                                      LAYERNORM_TAG_TYPE(param_tag)>(args);
+                     });
 }
 
 Tensor3 backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                      at::IntArrayRef normalized_shape, const at::Tensor& mean,
                      const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias) {
-  BackwardArgs args =
-      prepare_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias);
-  LAYERNORM_DISPATCH_TYPES(input.scalar_type(), args.param_dtype, "layernorm_ext_backward_cpu",
-                           [&](auto input_tag, auto param_tag) {
-                             backward_kernel<typename decltype(input_tag)::type,
-                                             typename decltype(param_tag)::type>(args);
-                           });
-  return {args.grad_input, args.grad_weight, args.grad_bias};
+  return run_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias,
+                      [](auto input_tag, auto param_tag, const BackwardArgs& args) {
+                        backward_kernel<LAYERNORM_TAG_TYPE(input_tag),
+                                        LAYERNORM_TAG_TYPE(param_tag)>(args);
+                      });
 }
 
 }  // namespace

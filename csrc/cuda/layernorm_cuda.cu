@@ -621,7 +621,7 @@ ParamRef<P> param_ref(const at::Tensor& t) {
 dim3 block_of(const LaunchConfig& c) { return dim3(c.threads_per_row, c.rows_per_block); }
 
 template <typename T, typename P>
-void run_forward(const ForwardArgs& args) {
+void launch_forward(const ForwardArgs& args) {
   using acc_t = at::opmath_type<T>;
   ForwardParams<T, P> a;
   a.x = args.input.const_data_ptr<T>();
@@ -657,7 +657,7 @@ void run_forward(const ForwardArgs& args) {
 }
 
 template <typename T, typename P>
-void run_backward(const BackwardArgs& args) {
+void launch_backward(const BackwardArgs& args) {
   using acc_t = at::opmath_type<T>;
   const int64_t rows = args.shape.rows, cols = args.shape.cols;
   if (rows == 0) {
@@ -707,13 +707,11 @@ Tensor3 forward_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
                      const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, double eps) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
-  ForwardArgs a = prepare_forward(input, normalized_shape, weight, bias, eps);
-  if (a.shape.rows == 0) return {a.output, a.mean, a.rstd};
-  LAYERNORM_DISPATCH_TYPES(input.scalar_type(), a.param_dtype, "layernorm_ext_forward_cuda",
-                           [&](auto input_tag, auto param_tag) {
-    run_forward<typename decltype(input_tag)::type, typename decltype(param_tag)::type>(a);
-  });
-  return {a.output, a.mean, a.rstd};
+  return run_forward(input, normalized_shape, weight, bias, eps,
+                     [](auto input_tag, auto param_tag, const ForwardArgs& args) {
+                       launch_forward<LAYERNORM_TAG_TYPE(input_tag),
+                                      LAYERNORM_TAG_TYPE(param_tag)>(args);
+                     });
 }
 
 Tensor3 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
@@ -721,13 +719,11 @@ Tensor3 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
                       const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
-  BackwardArgs a = prepare_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias);
-  if (a.shape.cols == 0) return {a.grad_input, a.grad_weight, a.grad_bias};
-  LAYERNORM_DISPATCH_TYPES(input.scalar_type(), a.param_dtype, "layernorm_ext_backward_cuda",
-                           [&](auto input_tag, auto param_tag) {
-    run_backward<typename decltype(input_tag)::type, typename decltype(param_tag)::type>(a);
-  });
-  return {a.grad_input, a.grad_weight, a.grad_bias};
+  return run_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias,
+                      [](auto input_tag, auto param_tag, const BackwardArgs& args) {
+                        launch_backward<LAYERNORM_TAG_TYPE(input_tag),
+                                        LAYERNORM_TAG_TYPE(param_tag)>(args);
+                      });
 }
 
 }  // namespace
