@@ -132,33 +132,77 @@ struct Chunk {
   }
 };
 
-// Moments of one row. Full chunks: Welford per lane (all lanes share the count, so
-// one reciprocal serves them all), then the lanes merged pairwise — equal counts, so
-// every merge has b_share = 1/2 and no division. The last partial chunk: its exact
-// moments from two vector passes (masked), merged with Chan's combine.
+// Per-lane Welford moments of whole chunks: every lane of every part has seen `steps`
+// elements, so merges between two such states share one scalar count and share.
+template <typename T>
+struct LaneMoments {
+  typename Chunk<T>::Parts mean, m2;
+  int64_t steps;
+
+  // Folds `other` (disjoint elements, same lanes) into this one: Chan's merge.
+  void merge(const LaneMoments& other) {
+    using acc_t = typename Chunk<T>::acc_t;
+    const int64_t total = steps + other.steps;
+    const acc_t share = static_cast<acc_t>(other.steps) / static_cast<acc_t>(total);
+    for (int k = 0; k < Chunk<T>::kParts; ++k) {
+      math::welford_merge(mean[k], m2[k], other.mean[k], other.m2[k],
+                          static_cast<acc_t>(steps), share);
+    }
+    steps = total;
+  }
+};
+
+// Elements of a row in one Welford run: long runs let rounding errors of the running
+// mean pile up, so longer rows are cut into blocks whose moments are merged pairwise
+// (a cascade, as torch's RowwiseMoments does): the error grows with log(n), not n.
+constexpr int64_t kBlockSteps = 128;
+
+// Moments of one row.
+// - Whole chunks: Welford per lane in blocks of kBlockSteps chunks (one reciprocal
+//   serves all lanes), blocks merged in a cascade, then the lanes merged pairwise; equal
+//   counts there, so every merge has share 1/2 and no division.
+// - The last partial chunk: exact moments from two masked vector passes, shifted by its
+//   first element (exact for constant data, no overflow near the dtype's max), merged
+//   with Chan's combine.
 template <typename T>
 math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
-  typename C::Parts mean{Vec(0), Vec(0)}, m2{Vec(0), Vec(0)};
-  int64_t steps = 0;
+  using Moments = LaneMoments<T>;
+  const Moments empty{{Vec(0), Vec(0)}, {Vec(0), Vec(0)}, 0};
+
+  // cascade[d] holds a pending block merge; counts strictly decrease with d.
+  std::array<Moments, 64> cascade;
+  int depth = 0;
   int64_t j = 0;
-  for (; j + C::kSize <= n; j += C::kSize) {
-    const auto v = C::load(x + j);
-    ++steps;
-    const acc_t inv_steps = acc_t(1) / static_cast<acc_t>(steps);
-    for (int k = 0; k < C::kParts; ++k) math::welford_step(mean[k], m2[k], v[k], inv_steps);
+  while (j + C::kSize <= n) {
+    Moments block = empty;
+    for (; j + C::kSize <= n && block.steps < kBlockSteps; j += C::kSize) {
+      const auto v = C::load(x + j);
+      ++block.steps;
+      const acc_t inv_steps = acc_t(1) / static_cast<acc_t>(block.steps);
+      for (int k = 0; k < C::kParts; ++k) {
+        math::welford_step(block.mean[k], block.m2[k], v[k], inv_steps);
+      }
+    }
+    cascade[depth++] = block;
+    while (depth >= 2 && cascade[depth - 2].steps == cascade[depth - 1].steps) {
+      cascade[depth - 2].merge(cascade[depth - 1]);
+      --depth;
+    }
   }
+  for (int d = depth - 1; d >= 1; --d) cascade[d - 1].merge(cascade[d]);
 
   math::WelfordState<acc_t> total{acc_t(0), acc_t(0), 0};
-  if (steps > 0) {
+  if (depth > 0) {
+    const Moments& lanes = cascade[0];
     std::array<acc_t, C::kSize> lane_mean, lane_m2;
     for (int k = 0; k < C::kParts; ++k) {
-      mean[k].store(lane_mean.data() + k * C::kLanes);
-      m2[k].store(lane_m2.data() + k * C::kLanes);
+      lanes.mean[k].store(lane_mean.data() + k * C::kLanes);
+      lanes.m2[k].store(lane_m2.data() + k * C::kLanes);
     }
-    acc_t lane_count = static_cast<acc_t>(steps);
+    acc_t lane_count = static_cast<acc_t>(lanes.steps);
     for (int64_t width = C::kSize / 2; width >= 1; width /= 2) {
       for (int64_t l = 0; l < width; ++l) {
         math::welford_merge(lane_mean[l], lane_m2[l], lane_mean[l + width], lane_m2[l + width],
@@ -166,22 +210,30 @@ math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
       }
       lane_count *= 2;
     }
-    total = {lane_mean[0], lane_m2[0], steps * C::kSize};
+    total = {lane_mean[0], lane_m2[0], lanes.steps * C::kSize};
   }
 
   const int64_t rest = n - j;
   if (rest > 0) {
-    const auto v = C::load(x + j, rest);  // zero past `rest`: harmless in the sum
-    Vec sum = v[0] + v[1];
+    const auto add = [](Vec a, Vec b) { return a + b; };
+    const auto v = C::load(x + j, rest);
+    const auto masked_sum = [&](const auto& term) {  // sum over the `rest` valid lanes
+      Vec sum(0);
+      for (int k = 0; k < C::kParts; ++k) {
+        const int64_t valid = std::clamp<int64_t>(rest - k * C::kLanes, 0, C::kLanes);
+        sum = sum + Vec::set(Vec(0), term(v[k]), valid);
+      }
+      return at::vec::vec_reduce_all(add, sum);
+    };
+    const acc_t shift = static_cast<acc_t>(x[j]);
+    const Vec shift_v(shift);
     const acc_t tail_mean =
-        at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, sum) / static_cast<acc_t>(rest);
-    Vec sq(0);
-    for (int k = 0; k < C::kParts; ++k) {
-      const int64_t valid = std::clamp<int64_t>(rest - k * C::kLanes, 0, C::kLanes);
-      const Vec dev = Vec::set(Vec(0), v[k] - Vec(tail_mean), valid);
-      sq = sq + dev * dev;
-    }
-    const acc_t tail_m2 = at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, sq);
+        shift + masked_sum([&](const Vec& e) { return e - shift_v; }) / static_cast<acc_t>(rest);
+    const Vec mean_v(tail_mean);
+    const acc_t tail_m2 = masked_sum([&](const Vec& e) {
+      const Vec dev = e - mean_v;
+      return dev * dev;
+    });
     total = math::welford_combine(total, {tail_mean, tail_m2, rest});
   }
   return total;
