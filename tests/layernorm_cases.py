@@ -75,6 +75,23 @@ class Case:
     seed: int = 0
 
 
+# Shapes at the kernels' internal boundaries, which random cases rarely reach: more rows
+# than the CUDA backward's 512 blocks (grid-stride loop), rows longer than one CUDA block
+# covers in one pass, D = 1 with many rows, and misaligned 16-byte-packable rows.
+BOUNDARY_CASES = [
+    Case(leading=(1000,), normalized=(64,), dtype=torch.float32, param_dtype=torch.float32),
+    Case(leading=(700,), normalized=(1,), dtype=torch.bfloat16, param_dtype=torch.float32),
+    Case(leading=(3,), normalized=(16392,), dtype=torch.float32, param_dtype=torch.float32),
+    Case(leading=(2,), normalized=(32776,), dtype=torch.bfloat16, param_dtype=torch.bfloat16),
+    Case(leading=(513,), normalized=(8,), dtype=torch.float16, param_dtype=torch.float16,
+         x_layout="offset", grad_layout="offset", param_layout="offset"),
+    Case(leading=(40,), normalized=(1024,), dtype=torch.float64, param_dtype=torch.float64,
+         x_layout="offset", has_bias=False),
+    Case(leading=(600, 2), normalized=(5, 3), dtype=torch.float16, param_dtype=torch.float32,
+         x_layout="transposed", grad_layout="broadcast"),
+]
+
+
 def input_layouts(leading: tuple[int, ...]) -> tuple[str, ...]:
     """The layouts an input may take without making rows of zero variance.
 

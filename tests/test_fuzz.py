@@ -16,6 +16,8 @@ LAYERNORM_EXT_FUZZ_EXAMPLES raises the number of examples for a longer local run
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,9 +25,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layernorm_cases import (DTYPE_PAIRS, EPS_VALUES, EXTENDED_PRECISION_AVAILABLE, LAYOUTS,
-                             ROW_SIZES, VALUE_RANGES, Case, check_case,
-                             extended_precision_reference, input_layouts, make_inputs)
+from layernorm_cases import (BOUNDARY_CASES, DTYPE_PAIRS, EPS_VALUES,
+                             EXTENDED_PRECISION_AVAILABLE, LAYOUTS, ROW_SIZES, VALUE_RANGES, Case,
+                             check_case, extended_precision_reference, input_layouts,
+                             make_inputs)
 
 EXAMPLES = int(os.environ.get("LAYERNORM_EXT_FUZZ_EXAMPLES", "250"))
 
@@ -75,6 +78,12 @@ def test_random_calls_match_reference(device, case):
     check_case(case, device)
 
 
+@pytest.mark.parametrize("case", BOUNDARY_CASES,
+                         ids=lambda c: f"{list(c.leading)}x{list(c.normalized)}")
+def test_kernel_boundary_shapes_match_reference(device, case):
+    check_case(case, device)
+
+
 @pytest.mark.skipif(not EXTENDED_PRECISION_AVAILABLE, reason="numpy long double is float64 here")
 @pytest.mark.parametrize("normalized", [(7,), (64,), (3, 5)], ids=str)
 def test_extended_precision_reference_agrees_with_torch_float64(normalized):
@@ -89,3 +98,12 @@ def test_extended_precision_reference_agrees_with_torch_float64(normalized):
     got = extended_precision_reference(x, weight, bias, grad_out, normalized, case.eps)
     for name, e, g in zip(["output", "grad_input", "grad_weight", "grad_bias"], expected, got):
         torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-12, msg=name)
+
+
+def test_fuzz_cases_script_runs(device):
+    """tests/fuzz_cuda_cases.py (the compute-sanitizer entry point) keeps working."""
+    script = os.path.join(os.path.dirname(__file__), "fuzz_cuda_cases.py")
+    proc = subprocess.run([sys.executable, script, "--device", device, "--cases", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{len(BOUNDARY_CASES) + 5} passed, 0 failed" in proc.stdout
