@@ -10,6 +10,7 @@ the same kind of cases without hypothesis). A :class:`Case` names everything abo
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import warnings
 from typing import Callable, Optional, Sequence
@@ -324,8 +325,40 @@ def reference_errors(ours: Sequence[Optional[torch.Tensor]],
     return problems
 
 
+def distance_from_zero(x: torch.Tensor, normalized_ndim: int, eps: float) -> float:
+    """The largest |row mean| / row std of x: how ill-conditioned its rows are.
+
+    Every algorithm rounds the mean to its accumulation type, which puts an error of
+    about one ulp of the mean into x - mean; relative to the row's spread, that is
+    this number of ulps. (Two close values far from zero, e.g. [-28.119, -28.1715],
+    make it ~1e3.)
+    """
+    row_size = math.prod(x.shape[x.dim() - normalized_ndim:])
+    if x.numel() == 0 or row_size < 2:  # the mean of one value is exact
+        return 0.0
+    rows = x.detach().cpu().double().reshape(-1, row_size)
+    mean = rows.mean(-1)
+    std = (rows.var(-1, unbiased=False) + eps).sqrt()
+    return (mean.abs() / std).max().item()
+
+
+# Rows whose mean sits farther than this many standard deviations from zero get slack
+# in proportion (see check_case); of the random cases, ~3% (short rows with an offset).
+WELL_CONDITIONED = 16.0
+
+
 def check_case(case: Case, device: str) -> None:
-    """Runs the case and raises AssertionError, naming the case, if a bound is broken."""
-    ours, theirs, reference = run_case(case, device)
-    problems = reference_errors(ours, theirs, reference, case.dtype)
+    """Runs the case and raises AssertionError, naming the case, if a bound is broken.
+
+    The slack ATOL[dtype] is scaled by max(1, distance_from_zero / WELL_CONDITIONED):
+    random short rows with an offset (e.g. two values close together around -28) are
+    ill-conditioned, and there 2x torch's error is a matter of luck. Constant rows,
+    where the exact mean is reachable, are not drawn (see input_layouts).
+    """
+    x, weight, bias, grad_out = make_inputs(case, device)
+    ours, theirs, reference = run_all(x, case.normalized, weight, bias, grad_out, case.eps,
+                                      case.input_requires_grad)
+    conditioning = distance_from_zero(x, len(case.normalized), case.eps)
+    atol = ATOL[case.dtype] * max(1.0, conditioning / WELL_CONDITIONED)
+    problems = reference_errors(ours, theirs, reference, case.dtype, atol=atol)
     assert not problems, f"{case}:\n  " + "\n  ".join(problems)
