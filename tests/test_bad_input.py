@@ -139,8 +139,9 @@ CASES: dict[str, BadCall] = {
     "bias_shape": BadCall(lambda f, d: f(x_on(d), [8], None, ones(d, 7)), same_message=True),
     "weight_2d": BadCall(lambda f, d: f(x_on(d), [8], ones(d, (1, 8))), same_message=True),
     "weight_0d": BadCall(lambda f, d: f(x_on(d), [8], ones(d, ())), same_message=True),
+    # 1 PiB: more than a 47-bit address space, so no overcommit setting lets it through.
     "output_too_large_to_allocate": BadCall(
-        lambda f, d: f(torch.zeros(1, 8, device=d).expand(2**40, 8), [8]),
+        lambda f, d: f(torch.zeros(1, 8, device=d).expand(2**45, 8), [8]),
         phrase="allocate", devices=("cpu",)),
     # arguments that are not what the signature says
     "input_list": BadCall(lambda f, d: f([[1.0] * 8], [8]), bug=TYPE_ERROR_BUG, devices=META),
