@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from typing import Callable
 
@@ -159,8 +160,9 @@ CASES: dict[str, BadCall] = {
     "bias_int": BadCall(lambda f, d: f(x_on(d), [8], None, 2), bug=TYPE_ERROR_BUG),
     "eps_str": BadCall(lambda f, d: f(x_on(d), [8], None, None, "1e-5"), bug=TYPE_ERROR_BUG),
     "eps_none": BadCall(lambda f, d: f(x_on(d), [8], None, None, None), bug=TYPE_ERROR_BUG),
-    # Not a test case: kills the process, for test_a_crash_is_reported_as_a_failure_of_its_case.
+    # Not test cases: they kill or hang the process, for the runner's own test.
     "_abort": BadCall(lambda f, d: os.abort(), devices=()),
+    "_hang": BadCall(lambda f, d: time.sleep(3600), devices=()),
 }
 
 
@@ -194,24 +196,32 @@ def run_cases(device: str, names: list[str]) -> None:
         print(json.dumps(record), flush=True)
 
 
-def run_table(device: str, names: list[str]) -> dict[str, dict]:
-    """Every named case's record. A case that kills its process gets {"crashed": status}
-    and the cases after it run in a new process."""
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
+def run_table(device: str, names: list[str], timeout: float = 120) -> dict[str, dict]:
+    """Every named case's record. A case that kills or hangs its process gets
+    {"crashed": exit status or "timeout"} and the cases after it run in a new process."""
     pending = list(names)
     results: dict[str, dict] = {}
     while pending:
-        proc = subprocess.run([sys.executable, __file__, device, *pending],
-                              capture_output=True, text=True, timeout=300)
+        try:
+            proc = subprocess.run([sys.executable, __file__, device, *pending],
+                                  capture_output=True, text=True, timeout=timeout)
+            stdout, stderr, status = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as expired:
+            stdout, stderr, status = _text(expired.stdout), _text(expired.stderr), "timeout"
         started = None
-        for line in proc.stdout.splitlines():
+        for line in stdout.splitlines():
             record = json.loads(line)
             if "start" in record:
                 started = record["start"]
             else:
                 results[record["case"]] = record
         unfinished = [name for name in pending if name not in results]
-        if proc.returncode != 0 or unfinished:
-            died = {"crashed": proc.returncode, "stderr": proc.stderr[-2000:]}
+        if status != 0 or unfinished:
+            died = {"crashed": status, "stderr": stderr[-2000:]}
             if not unfinished:  # died after its last case (at exit): blame them all
                 results.update({name: died for name in pending})
             else:
@@ -253,12 +263,15 @@ def test_bad_call_fails_as_torch(device, name):
         assert case.phrase in ours["message"], ours["message"]
 
 
-def test_a_crash_is_reported_as_a_failure_of_its_case():
-    """The runner itself: a case that kills its process is blamed, and the rest still run."""
+def test_a_crash_or_hang_is_reported_as_a_failure_of_its_case():
+    """The runner itself: a case that kills or hangs its process is blamed, and the rest
+    still run."""
     results = run_table("cpu", ["trailing_shape_mismatch", "_abort", "negative_size"])
     assert results["_abort"]["crashed"] < 0  # killed by SIGABRT
     for name in ("trailing_shape_mismatch", "negative_size"):
         assert results[name]["ours"]["raised"] == "RuntimeError"
+    # After a hang, the same path as after a crash runs the rest.
+    assert run_table("cpu", ["_hang"], timeout=5)["_hang"]["crashed"] == "timeout"
 
 
 if __name__ == "__main__":

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 import threading
 
-import pytest
 import torch
 
 from layernorm_cases import DTYPE_PAIRS, forward_backward

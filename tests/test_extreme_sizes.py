@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from layernorm_cases import ATOL, reference_errors, run_all
 
