@@ -19,3 +19,8 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+def pytest_configure(config) -> None:
+    # Slow tests run by default (CI included); deselect them with -m "not slow".
+    config.addinivalue_line("markers", "slow: takes several seconds or many GB of memory")

@@ -1,0 +1,364 @@
+"""Random LayerNorm cases, the float64 reference and the error bound they are judged by.
+
+Shared by the property-based tests (tests/test_fuzz.py, driven by hypothesis) and by
+tests/fuzz_cuda_cases.py (driven by a seeded ``random.Random``, so compute-sanitizer can run
+the same kind of cases without hypothesis). A :class:`Case` names everything about a call
+(shapes, dtypes, memory layouts, value range, eps, seed), so printing it is a reproducer:
+``check_case(Case(...), "cpu")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import warnings
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import layernorm_ext
+
+# (input dtype, weight/bias dtype): every pair the operator accepts.
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+]
+
+# Absolute slack, relative to the values' scale, on top of "at most 2x torch's own error
+# against the float64 reference": roughly a few units in the last place of each dtype.
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# How a tensor of the wanted shape is laid out in memory:
+#   contiguous   - the plain case
+#   offset       - contiguous, but starting one element into its storage (misaligned base)
+#   transposed   - dims stored in reverse order, then permuted back (non-unit last stride)
+#   sliced       - every other element of a larger tensor along the first and last dims
+#   expanded     - the first dim broadcast with stride 0
+#   broadcast    - one value broadcast with stride 0 everywhere (as the grad_out of
+#                  ``y.sum().backward()``; for an input, rows of zero variance)
+# torch has no negative strides (flip() returns a contiguous copy), so there is no
+# negative-step layout to test.
+LAYOUTS = ("contiguous", "offset", "transposed", "sliced", "expanded", "broadcast")
+
+# Normalized sizes around the CPU vector widths (8/16 floats, 32 bf16/fp16 per chunk) and
+# the CUDA 16-byte packs, where main loops and tails meet.
+ROW_SIZES = (1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 257, 1000,
+             1031)
+EPS_VALUES = (1e-5, 1e-6, 1e-3, 0.25)
+VALUE_RANGES = ((1.0, 0.0), (1e-2, 0.0), (1e2, 0.0), (1.0, 5.0), (3.0, -30.0))  # (scale, offset)
+OUTPUT_NAMES = ("output", "grad_input", "grad_weight", "grad_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call of layer_norm forward + backward; see LAYOUTS for the layout names."""
+
+    leading: tuple[int, ...]
+    normalized: tuple[int, ...]
+    dtype: torch.dtype
+    param_dtype: torch.dtype
+    x_layout: str = "contiguous"
+    grad_layout: str = "contiguous"
+    param_layout: str = "contiguous"
+    has_weight: bool = True
+    has_bias: bool = True
+    input_requires_grad: bool = True
+    eps: float = 1e-5
+    scale: float = 1.0
+    offset: float = 0.0
+    seed: int = 0
+
+
+# Shapes at the kernels' internal boundaries, which random cases rarely reach: more rows
+# than the CUDA backward's 512 blocks (grid-stride loop), rows longer than one CUDA block
+# covers in one pass, D = 1 with many rows, and misaligned 16-byte-packable rows.
+BOUNDARY_CASES = [
+    Case(leading=(1000,), normalized=(64,), dtype=torch.float32, param_dtype=torch.float32),
+    Case(leading=(700,), normalized=(1,), dtype=torch.bfloat16, param_dtype=torch.float32),
+    Case(leading=(3,), normalized=(16392,), dtype=torch.float32, param_dtype=torch.float32),
+    Case(leading=(2,), normalized=(32776,), dtype=torch.bfloat16, param_dtype=torch.bfloat16),
+    Case(leading=(513,), normalized=(8,), dtype=torch.float16, param_dtype=torch.float16,
+         x_layout="offset", grad_layout="offset", param_layout="offset"),
+    Case(leading=(40,), normalized=(1024,), dtype=torch.float64, param_dtype=torch.float64,
+         x_layout="offset", has_bias=False),
+    Case(leading=(600, 2), normalized=(5, 3), dtype=torch.float16, param_dtype=torch.float32,
+         x_layout="transposed", grad_layout="broadcast"),
+]
+
+
+def input_layouts(leading: tuple[int, ...]) -> tuple[str, ...]:
+    """The layouts an input may take without making rows of zero variance.
+
+    Constant rows are tested on their own (tests/test_extreme_values.py): they hit a known
+    accuracy bug of the CPU kernel that would otherwise drown every other finding here.
+    """
+    return tuple(layout for layout in LAYOUTS
+                 if layout != "broadcast" and (layout != "expanded" or leading))
+
+
+def random_case(rng: random.Random) -> Case:
+    """A case drawn with ``rng``, from the same ranges as the hypothesis strategy."""
+    if rng.random() < 0.6:
+        normalized = (rng.choice(ROW_SIZES),)
+    else:
+        normalized = tuple(rng.randint(0, 6) for _ in range(rng.randint(2, 3)))
+    dtype, param_dtype = rng.choice(DTYPE_PAIRS)
+    scale, offset = rng.choice(VALUE_RANGES)
+    leading = tuple(rng.randint(0, 5) for _ in range(rng.randint(0, 3)))
+    return Case(
+        leading=leading, normalized=normalized, dtype=dtype, param_dtype=param_dtype,
+        x_layout=rng.choice(input_layouts(leading)), grad_layout=rng.choice(LAYOUTS),
+        param_layout=rng.choice(LAYOUTS), has_weight=rng.random() < 0.75,
+        has_bias=rng.random() < 0.75, input_requires_grad=rng.random() < 0.9,
+        eps=rng.choice(EPS_VALUES), scale=scale, offset=offset, seed=rng.randrange(2**31))
+
+
+def laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor equal to ``values`` (same shape, same numbers) in the given memory layout."""
+    shape = values.shape
+    if layout == "contiguous" or values.dim() == 0:
+        return values.contiguous()
+    if layout == "offset":
+        storage = values.new_empty(values.numel() + 1)
+        storage[1:] = values.reshape(-1)
+        return storage[1:].view(shape)
+    if layout == "transposed":
+        dims = list(reversed(range(values.dim())))
+        return values.permute(dims).contiguous().permute(dims)
+    if layout == "sliced":
+        # Every other element along the first and the last dim of a twice larger tensor.
+        index = (slice(None, None, 2),) + (slice(None),) * (values.dim() - 1)
+        index = index[:-1] + (slice(None, None, 2),)
+        bigger = [2 * size if i.step == 2 else size for i, size in zip(index, shape)]
+        base = values.new_zeros(bigger)
+        base[index] = values
+        return base[index]
+    if layout == "expanded":
+        # Every slice along dim 0 is made equal to the first one, then broadcast.
+        if shape[0] == 0:
+            return values
+        return values[:1].contiguous().expand(shape)
+    if layout == "broadcast":
+        if values.numel() == 0:
+            return values
+        return values.reshape(-1)[:1].reshape([1] * values.dim()).expand(shape)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def make_inputs(case: Case, device: str):
+    """(x, weight, bias, grad_out) for the case; weight/bias are None when absent."""
+    gen = torch.Generator().manual_seed(case.seed)
+    shape = case.leading + case.normalized
+
+    def randn(size, layout, dtype, scale=1.0, offset=0.0):
+        values = torch.randn(size, generator=gen, dtype=torch.float64) * scale + offset
+        return laid_out(values.to(device=device, dtype=dtype), layout)
+
+    x = randn(shape, case.x_layout, case.dtype, case.scale, case.offset)
+    weight = randn(case.normalized, case.param_layout, case.param_dtype, 1.0, 1.0)
+    bias = randn(case.normalized, case.param_layout, case.param_dtype)
+    grad_out = randn(shape, case.grad_layout, case.dtype)
+    return x, (weight if case.has_weight else None), (bias if case.has_bias else None), grad_out
+
+
+LayerNormFn = Callable[..., torch.Tensor]
+
+
+def forward_backward(fn: LayerNormFn, x, normalized_shape, weight, bias, grad_out, eps,
+                     input_requires_grad: bool = True) -> list[Optional[torch.Tensor]]:
+    """[output, grad_input, grad_weight, grad_bias] of ``fn``; None for what has no grad."""
+    x = x.detach().requires_grad_(input_requires_grad)
+    params = [p.detach().requires_grad_() if p is not None else None for p in (weight, bias)]
+    output = fn(x, list(normalized_shape), params[0], params[1], eps)
+    if output.requires_grad:
+        output.backward(grad_out)
+    grads = [x.grad] + [p.grad if p is not None else None for p in params]
+    return [output.detach()] + grads
+
+
+Results = list  # [output, grad_input, grad_weight, grad_bias], None where no gradient
+
+
+def run_all(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor], grad_out: torch.Tensor, eps: float = 1e-5,
+            input_requires_grad: bool = True) -> tuple[Results, Results, Results]:
+    """(ours, torch's, reference) forward + backward results for one set of inputs.
+
+    The reference is float64 on the CPU: torch's layer_norm on float64 copies for
+    float32/float16/bfloat16 inputs, extended_precision_reference for float64 inputs.
+    """
+    args = (normalized_shape, eps, input_requires_grad)
+    ours = forward_backward(layernorm_ext.layer_norm, x, normalized_shape, weight, bias,
+                            grad_out, eps, input_requires_grad)
+    theirs = torch_results(x, weight, bias, grad_out, *args)
+    cpu64 = [None if t is None else t.detach().cpu().double() for t in (x, weight, bias, grad_out)]
+    if x.dtype == torch.float64:
+        reference = extended_precision_reference(*cpu64, *args)
+    else:
+        reference = forward_backward(F.layer_norm, cpu64[0], normalized_shape, cpu64[1],
+                                     cpu64[2], cpu64[3], eps, input_requires_grad)
+    return ours, theirs, reference
+
+
+def run_case(case: Case, device: str) -> tuple[Results, Results, Results]:
+    """(ours, torch's, reference) results of the case; see run_all."""
+    x, weight, bias, grad_out = make_inputs(case, device)
+    return run_all(x, case.normalized, weight, bias, grad_out, case.eps,
+                   case.input_requires_grad)
+
+
+def torch_results(x, weight, bias, grad_out, normalized_shape, eps,
+                  input_requires_grad=True) -> Results:
+    """torch's layer_norm results, working around the calls torch itself does not run."""
+    param = weight if weight is not None else bias
+    if param is None or param.dtype == x.dtype:
+        return forward_backward(F.layer_norm, x, normalized_shape, weight, bias, grad_out, eps,
+                                input_requires_grad)
+    # Reduced-precision input with fp32 parameters. torch's CUDA kernel rejects it
+    # (pytorch #138128) and its CPU backward rejects an fp32 bias without a weight
+    # ("expected scalar type BFloat16 but found Float"): run torch's CPU kernel, with a
+    # weight of ones where there is none (same output, same input and bias gradients).
+    missing_weight = weight is None
+    if missing_weight:
+        weight = torch.ones(normalized_shape, dtype=param.dtype)
+    on_cpu = [None if t is None else t.cpu() for t in (x, weight, bias, grad_out)]
+    result = forward_backward(F.layer_norm, on_cpu[0], normalized_shape, on_cpu[1], on_cpu[2],
+                              on_cpu[3], eps, input_requires_grad)
+    if missing_weight:
+        result[2] = None
+    return result
+
+
+# numpy's long double: 80-bit x87 on x86-64 Linux (64-bit mantissa), binary128 on aarch64.
+EXTENDED_PRECISION_AVAILABLE = np.finfo(np.longdouble).eps < np.finfo(np.float64).eps
+
+
+def extended_precision_reference(x, weight, bias, grad_out, normalized_shape, eps,
+                                 input_requires_grad=True) -> Results:
+    """[output, grad_input, grad_weight, grad_bias] in float64, computed in long double.
+
+    A float64 input cannot be judged by torch's float64 result: that is only another
+    float64 computation (for a constant row it is off by an ulp of x * rstd where the exact
+    output is the bias). So float64 inputs are compared with the LayerNorm formulas in
+    numpy's extended precision, two-pass (the mean refined once), which is exact to well
+    below a float64 ulp. Takes CPU tensors.
+    """
+    assert EXTENDED_PRECISION_AVAILABLE, "numpy has no long double wider than float64 here"
+    ext = np.longdouble
+    normalized_shape = tuple(normalized_shape)
+    axes = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    row_axes = tuple(range(x.dim() - len(normalized_shape)))
+
+    def as_ext(t, default=None):
+        return ext(default) if t is None else t.detach().double().numpy().astype(ext)
+
+    xv, dy, w, b = as_ext(x), as_ext(grad_out), as_ext(weight, 1), as_ext(bias, 0)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # means of empty rows
+        centered = xv - xv.mean(axis=axes, keepdims=True)
+        centered -= centered.mean(axis=axes, keepdims=True)
+        rstd = 1 / np.sqrt((centered * centered).mean(axis=axes, keepdims=True) + ext(eps))
+        xhat = centered * rstd
+        output = xhat * w + b
+        g = dy * w
+        grad_input = rstd * (g - g.mean(axis=axes, keepdims=True)
+                             - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+        grad_weight = (dy * xhat).sum(axis=row_axes)
+        grad_bias = dy.sum(axis=row_axes)
+
+    def as_tensor(a, shape):
+        return torch.from_numpy(np.asarray(a, dtype=np.float64)).reshape(shape)
+
+    return [as_tensor(output, x.shape),
+            as_tensor(grad_input, x.shape) if input_requires_grad else None,
+            as_tensor(grad_weight, normalized_shape) if weight is not None else None,
+            as_tensor(grad_bias, normalized_shape) if bias is not None else None]
+
+
+def max_abs_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    if result.numel() == 0:
+        return 0.0
+    return (result.detach().cpu().double() - reference.cpu()).abs().max().item()
+
+
+def reference_errors(ours: Sequence[Optional[torch.Tensor]],
+                     theirs: Sequence[Optional[torch.Tensor]],
+                     reference: Sequence[Optional[torch.Tensor]],
+                     dtype: torch.dtype, names: Sequence[str] = OUTPUT_NAMES,
+                     atol: Optional[float] = None) -> list[str]:
+    """What breaks the bound: ours' error <= 2x torch's error + atol * scale.
+
+    Errors are max-abs against the float64 reference; scale is max(1, max|reference|);
+    atol defaults to ATOL[dtype], a few ulps (callers with ill-conditioned inputs pass
+    the error the inputs' rounding forces instead).
+    Also checks that ours and torch's agree on presence, shape and dtype. Returns one
+    message per broken check (empty when all hold).
+    """
+    problems = []
+    for name, o, t, r in zip(names, ours, theirs, reference):
+        if (o is None) != (t is None):
+            problems.append(f"{name}: ours is {'None' if o is None else 'set'}, torch's is not")
+            continue
+        if o is None:
+            continue
+        if o.shape != t.shape or o.dtype != t.dtype:
+            problems.append(f"{name}: ours {o.dtype}{list(o.shape)} vs torch's "
+                            f"{t.dtype}{list(t.shape)}")
+            continue
+        if not torch.isfinite(r).all():
+            problems.append(f"{name}: the float64 reference is not finite; not a valid case")
+            continue
+        err_ours = max_abs_error(o, r)
+        err_torch = max_abs_error(t, r)
+        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+        bound = 2 * err_torch + (ATOL[dtype] if atol is None else atol) * scale
+        if not err_ours <= bound:  # also catches NaN
+            problems.append(f"{name}: max error {err_ours:.4g} > bound {bound:.4g} "
+                            f"(torch's error {err_torch:.4g}, scale {scale:.4g})")
+    return problems
+
+
+def distance_from_zero(x: torch.Tensor, normalized_ndim: int, eps: float) -> float:
+    """The largest |row mean| / row std of x: how ill-conditioned its rows are.
+
+    Every algorithm rounds the mean to its accumulation type, which puts an error of
+    about one ulp of the mean into x - mean; relative to the row's spread, that is
+    this number of ulps. (Two close values far from zero, e.g. [-28.119, -28.1715],
+    make it ~1e3.)
+    """
+    row_size = math.prod(x.shape[x.dim() - normalized_ndim:])
+    if x.numel() == 0 or row_size < 2:  # the mean of one value is exact
+        return 0.0
+    rows = x.detach().cpu().double().reshape(-1, row_size)
+    mean = rows.mean(-1)
+    std = (rows.var(-1, unbiased=False) + eps).sqrt()
+    return (mean.abs() / std).max().item()
+
+
+# Rows whose mean sits farther than this many standard deviations from zero get slack
+# in proportion (see check_case); of the random cases, ~3% (short rows with an offset).
+WELL_CONDITIONED = 16.0
+
+
+def check_case(case: Case, device: str) -> None:
+    """Runs the case and raises AssertionError, naming the case, if a bound is broken.
+
+    The slack ATOL[dtype] is scaled by max(1, distance_from_zero / WELL_CONDITIONED):
+    random short rows with an offset (e.g. two values close together around -28) are
+    ill-conditioned, and there 2x torch's error is a matter of luck. Constant rows,
+    where the exact mean is reachable, are not drawn (see input_layouts).
+    """
+    x, weight, bias, grad_out = make_inputs(case, device)
+    ours, theirs, reference = run_all(x, case.normalized, weight, bias, grad_out, case.eps,
+                                      case.input_requires_grad)
+    conditioning = distance_from_zero(x, len(case.normalized), case.eps)
+    atol = ATOL[case.dtype] * max(1.0, conditioning / WELL_CONDITIONED)
+    problems = reference_errors(ours, theirs, reference, case.dtype, atol=atol)
+    assert not problems, f"{case}:\n  " + "\n  ".join(problems)
