@@ -53,9 +53,38 @@ def _check_same_device(input: torch.Tensor, *others: Optional[torch.Tensor]) -> 
                 f"devices, {input.device} and {other.device}!")
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_fake_inputs(input, normalized_shape, weight, bias) -> None:
+    """The shape and dtype checks of csrc/layernorm.cpp, for fake and meta tensors.
+
+    The real kernels run the C++ checks; fake tensors never reach them, so shape
+    inference (torch.compile, export, meta tensors) repeats them, with the same messages.
+    """
+    shape = list(normalized_shape)
+    if not shape:
+        raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., "
+                           f"containing at least one element, but got normalized_shape = {shape}")
+    if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
+        raise RuntimeError(f"Given normalized_shape={shape}, expected input with shape "
+                           f"[*, {', '.join(str(s) for s in shape)}], but got input of size"
+                           f"{list(input.shape)}")
+    for name, tensor in (("input", input), ("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype not in _FLOAT_DTYPES:
+            raise NotImplementedError(f"layernorm_ext: {name} must be float32, float64, "
+                                      f"float16 or bfloat16, but got {tensor.dtype}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and list(param.shape) != shape:
+            raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but "
+                               f"got {name} of shape {list(param.shape)} and normalized_shape "
+                               f"= {shape}")
+
+
 @torch.library.register_fake("layernorm_ext::forward")
 def _forward_fake(input, normalized_shape, weight, bias, eps):
     _check_same_device(input, weight, bias)
+    _check_fake_inputs(input, normalized_shape, weight, bias)
     stats_shape = input.shape[: input.dim() - len(normalized_shape)]
     output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     mean = input.new_empty(stats_shape, dtype=_stats_dtype(input))
@@ -66,6 +95,7 @@ def _forward_fake(input, normalized_shape, weight, bias, eps):
 @torch.library.register_fake("layernorm_ext::backward")
 def _backward_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
     _check_same_device(input, grad_out, mean, rstd, weight, bias)
+    _check_fake_inputs(input, normalized_shape, weight, bias)
     param_dtype = _param_dtype(input, weight, bias)
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_weight = input.new_empty(normalized_shape, dtype=param_dtype)
@@ -121,10 +151,58 @@ if not _BUILT_WITH_CUDA:
         torch.library.impl(f"layernorm_ext::{_op}", "CUDA")(_no_cuda)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _type_error(argument: str, position: int, expected: str, value: object) -> TypeError:
+    # torch's argument parser words it so; `except TypeError` works as with F.layer_norm.
+    return TypeError(f"layer_norm(): argument '{argument}' (position {position}) must be "
+                     f"{expected}, not {type(value).__name__}")
+
+
 def _as_shape(normalized_shape: _ShapeLike) -> list[int]:
-    if isinstance(normalized_shape, int):
+    """normalized_shape as a list of ints; an int is taken as (int,), as nn.LayerNorm does."""
+    if isinstance(normalized_shape, (int, torch.SymInt)) and not isinstance(normalized_shape, bool):
         return [normalized_shape]
+    if not isinstance(normalized_shape, (list, tuple, torch.Size)):
+        raise _type_error("normalized_shape", 2, "tuple of ints", normalized_shape)
+    for pos, size in enumerate(normalized_shape):
+        if isinstance(size, bool) or not isinstance(size, (int, torch.SymInt)):
+            raise TypeError("layer_norm(): argument 'normalized_shape' (position 2) must be "
+                            f"tuple of ints, but found element of type {type(size).__name__} "
+                            f"at pos {pos}")
+        if isinstance(size, int) and not _INT64_MIN <= size <= _INT64_MAX:
+            raise TypeError("layer_norm(): argument 'normalized_shape' (position 2): "
+                            f"{size} at pos {pos} does not fit in int64")
     return list(normalized_shape)
+
+
+def _check_argument_types(input: object, weight: object, bias: object, eps: object) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise _type_error("input", 1, "Tensor", input)
+    for name, position, param in (("weight", 3, weight), ("bias", 4, bias)):
+        if param is not None and not isinstance(param, torch.Tensor):
+            raise _type_error(name, position, "Tensor", param)
+    if isinstance(eps, bool) or not isinstance(eps, (float, int, torch.SymFloat)):
+        raise _type_error("eps", 5, "float", eps)
+
+
+def _jagged_layer_norm(input: torch.Tensor, normalized_shape: list[int],
+                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       eps: float) -> torch.Tensor:
+    """A jagged nested tensor normalized over regular trailing dims: its values are rows."""
+    if input.layout != torch.jagged:
+        raise ValueError("layernorm_ext.layer_norm: nested tensors need layout=torch.jagged")
+    if len(normalized_shape) > input.dim() - 1 - input._ragged_idx:
+        raise ValueError("layernorm_ext.layer_norm: normalized_shape must not include the "
+                         "ragged dimension of a nested tensor")
+    # A view over the same offsets keeps the ragged size symbol, so the result combines
+    # with the input (residual connections), as torch's own layer_norm result does.
+    from torch.nested._internal.nested_tensor import nested_view_from_values_offsets_lengths
+
+    values = layer_norm(input.values(), normalized_shape, weight, bias, eps)
+    return nested_view_from_values_offsets_lengths(values, input.offsets(), input.lengths(),
+                                                   ragged_idx=input._ragged_idx)
 
 
 def layer_norm(
@@ -141,6 +219,11 @@ def layer_norm(
     computed in one pass over the data by the CPU or CUDA kernel of
     ``torch.ops.layernorm_ext.forward``. float32, float64, float16 and bfloat16 inputs
     are supported; float16/bfloat16 inputs may take float32 ``weight``/``bias``, and the
-    output then keeps the input's dtype.
+    output then keeps the input's dtype. ``normalized_shape`` may also be a single int
+    (as for ``nn.LayerNorm``), and jagged nested tensors are normalized row by row.
     """
-    return _forward(input, _as_shape(normalized_shape), weight, bias, eps)[0]
+    shape = _as_shape(normalized_shape)
+    _check_argument_types(input, weight, bias, eps)
+    if input.is_nested:
+        return _jagged_layer_norm(input, shape, weight, bias, eps)
+    return _forward(input, shape, weight, bias, eps)[0]

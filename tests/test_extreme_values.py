@@ -79,22 +79,9 @@ def test_nan_and_inf_in_params_and_grad_out_propagate_as_torch(device, dtype, wh
     assert_same_special_values(ours, theirs)
 
 
-def constant_row_bug_on_cpu(request, device, dtype, D):
-    # The CPU kernel takes the mean of a row's last partial vector chunk as sum / count.
-    # For a constant row whose tail is not a power of two long, the mean is then off
-    # by an ulp, x - mean is not 0 and rstd = 1/sqrt(eps) magnifies it.
-    # Which sizes show it depends on the vector width (here: AVX512) and on the values.
-    if device == "cpu" and (dtype, D) in {(torch.float32, 7), (torch.float32, 15),
-                                          (torch.float64, 15)}:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "bug: CPU mean of a constant row is inexact when its tail is not a power of two "
-            "(fp32 x = full((2, 15), 123.456): y = 2.4e-3 instead of the bias, torch exact)")))
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [1, 3, 7, 15, 16, 33, 100, 1000])
-def test_constant_rows_match_reference(request, device, dtype, D):
-    constant_row_bug_on_cpu(request, device, dtype, D)
+def test_constant_rows_match_reference(device, dtype, D):
     values = torch.tensor([0.0, 0.1, 1.0, -3.7, 123.456, 1e4], dtype=torch.float64)
     x = values[:, None].expand(-1, D).to(device, dtype)
     weight, bias = params(D, dtype, device)
@@ -172,14 +159,13 @@ def extreme_row(kind: str, D: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def overflow_bug_on_cpu(request, device, dtype, kind):
-    # The CPU kernel sums a row's last partial vector chunk before dividing by its
-    # count; values near the max overflow that sum where torch's statistics stay finite.
-    buggy = {(torch.float32, "near_max"), (torch.bfloat16, "near_max"),
-             (torch.float64, "near_max"), (torch.float64, "uniform_to_max")}
-    if device == "cpu" and (dtype, kind) in buggy:
+    # Values spread over the whole float64 range: x - mean overflows to inf, and the
+    # normalization (x - mean) * rstd with rstd = 0 gives NaN, where torch's CPU form
+    # x * rstd - mean * rstd gives 0 (torch is finite at D = 5 here).
+    if device == "cpu" and (dtype, kind) == (torch.float64, "uniform_to_max"):
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "bug: CPU tail mean sum overflows near the dtype's max "
-            "(layer_norm(torch.full((1, 100), 3e38), [100]): ours NaN, torch 0)")))
+            "bug: (x - mean) overflows for float64 rows spanning +-1.8e308: ours NaN where "
+            "torch gives 0 (D = 5)")))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
