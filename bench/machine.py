@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -122,3 +123,15 @@ def format_bytes(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.3g} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def source_revision(path: Path) -> str:
+    """The git commit of the checkout at ``path`` ("+ changes" when dirty), or "unknown"."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+        return git("rev-parse", "--short", "HEAD") + dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

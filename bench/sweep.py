@@ -205,7 +205,8 @@ def describe_run(config: SweepConfig) -> dict[str, str]:
         "machine": f"{machine.machine_name(device)} ({hardware})",
         "device": device,
         "torch": torch.__version__ + (f", CUDA {torch.version.cuda}" if device == "cuda" else ""),
-        "layernorm_ext": layernorm_ext.__version__,
+        "layernorm_ext": f"{layernorm_ext.__version__}, git "
+                         + machine.source_revision(Path(__file__).resolve().parent),
         "threads": str(torch.get_num_threads()),
         "allocator": machine.allocator_settings(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -95,7 +95,7 @@ def test_help_lists_the_interface():
 
 
 def test_a_contender_that_fails_is_reported_and_the_sweep_goes_on(monkeypatch, tmp_path: Path):
-    sys.path.insert(0, str(REPO))
+    monkeypatch.syspath_prepend(str(REPO))
     from bench import contenders, sweep
     from bench.report import write_reports
 
