@@ -234,7 +234,9 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     progress = tqdm(total=len(cases) * len(config.passes), unit="case", disable=not config.progress,
                     dynamic_ncols=True)
     generator = torch.Generator(config.device)
+    peak_load = os.getloadavg()[0]  # this run adds ~threads; much more means others were busy
     for dtype_name, (rows, cols) in cases:
+        peak_load = max(peak_load, os.getloadavg()[0])
         dtype = DTYPES[dtype_name]
         generator.manual_seed(0)
         make = dict(dtype=dtype, device=config.device)
@@ -262,6 +264,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         gc.collect()
     progress.close()
     result.header["load average (after)"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    result.header["peak 1-min load during the run"] = f"{max(peak_load, os.getloadavg()[0]):.2f}"
     return result
 
 
