@@ -36,3 +36,8 @@ gpu-check:
 
 clean:
 	rm -rf build *.egg-info layernorm_ext/*.so $(VENV)/.build-stamp
+
+# The CPU microbenchmark's full sweep (bench/bench_layernorm.py --help for the options).
+.PHONY: bench
+bench: setup
+	$(PY) bench/bench_layernorm.py --malloc-tuned

@@ -1,0 +1,1 @@
+"""Microbenchmarks for layernorm_ext (``python bench/bench_layernorm.py --help``)."""

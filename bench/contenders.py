@@ -1,0 +1,83 @@
+"""The LayerNorm implementations the benchmark compares, each as ``fn(x, weight, bias) -> y``.
+
+Every contender normalizes over the last dimension with the same eps. ``make`` is called once
+per shape and dtype: that is where ``torch.compile`` gets a fresh, shape-specialized function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import layernorm_ext
+
+EPS = 1e-5
+LayerNormFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+EXT = "layernorm_ext"
+EAGER = "torch eager"
+COMPILED = "torch.compile"
+LIGER = "Liger-Kernel"
+APEX = "apex"
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    make: Callable[[], LayerNormFn]
+
+
+def _make_ext() -> LayerNormFn:
+    return lambda x, weight, bias: layernorm_ext.layer_norm(x, x.shape[-1:], weight, bias, EPS)
+
+
+def _make_eager() -> LayerNormFn:
+    return lambda x, weight, bias: F.layer_norm(x, x.shape[-1:], weight, bias, EPS)
+
+
+def _make_compiled() -> LayerNormFn:
+    # Dynamo caches compiled graphs on F.layer_norm's code object, shared by every
+    # torch.compile wrapper: without a reset, shape after shape would pile up there until the
+    # recompile limit silently sends calls back to eager. Nothing else here uses dynamo.
+    torch._dynamo.reset()
+    compiled = torch.compile(F.layer_norm, dynamic=False, fullgraph=True)
+    return lambda x, weight, bias: compiled(x, x.shape[-1:], weight, bias, EPS)
+
+
+def _make_liger() -> LayerNormFn:
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    return lambda x, weight, bias: LigerLayerNormFunction.apply(x, weight, bias, EPS)
+
+
+def _make_apex() -> LayerNormFn:
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+
+    return lambda x, weight, bias: fused_layer_norm_affine(x, weight, bias, x.shape[-1:], EPS)
+
+
+def _importable(make: Callable[[], LayerNormFn]) -> str | None:
+    """None when ``make`` works, else why not (the package or its extension is missing)."""
+    try:
+        make()
+    except Exception as error:  # ImportError, or a package whose native part fails to load
+        return f"not importable ({type(error).__name__}: {error})"
+    return None
+
+
+def select_contenders(device: str) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders that can run on ``device``, and the skipped ones with the reason."""
+    contenders = [Contender(EXT, _make_ext), Contender(EAGER, _make_eager),
+                  Contender(COMPILED, _make_compiled)]
+    skipped: dict[str, str] = {}
+    for name, make in ((LIGER, _make_liger), (APEX, _make_apex)):
+        if device != "cuda":
+            skipped[name] = "CUDA only"
+        elif (reason := _importable(make)) is not None:
+            skipped[name] = reason
+        else:
+            contenders.append(Contender(name, make))
+    return contenders, skipped

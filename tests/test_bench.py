@@ -1,0 +1,118 @@
+"""The microbenchmark's smoke run: it writes its three files with every contender, pass and
+dtype and sensible numbers. No timing is asserted; speed is the benchmark's business."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "bench_layernorm.py"
+CONTENDERS = {"layernorm_ext", "torch eager", "torch.compile", "copy (roof)"}
+PASSES = {"fwd", "bwd", "fwdbwd"}
+DTYPES = {"float32", "bfloat16", "float16"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    prefix = tmp_path_factory.mktemp("bench") / "quick"
+    # A private compile cache so a stale one from another checkout cannot hide a failure.
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(prefix.parent / "inductor"))
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-progress", "--out", str(prefix)],
+                   check=True, timeout=300, env=env, cwd=REPO)
+    return prefix
+
+
+def test_quick_run_writes_markdown_csv_and_png(quick_run: Path):
+    for ext in (".md", ".csv", ".png"):
+        path = quick_run.with_name(quick_run.name + ext)
+        assert path.is_file() and path.stat().st_size > 0, path
+    assert quick_run.with_name("quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_has_every_case_with_finite_positive_numbers(quick_run: Path):
+    with quick_run.with_name("quick.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    cases = {(r["pass"], r["dtype"], r["contender"]) for r in rows}
+    assert cases == {(p, d, c) for p in PASSES for d in DTYPES for c in CONTENDERS}
+    for row in rows:
+        for column in ("median_us", "GBps", "roof_GBps", "pct_roof"):
+            value = float(row[column])
+            assert math.isfinite(value) and value > 0, (column, row)
+        assert int(row["bytes"]) == {"fwd": 2, "bwd": 3, "fwdbwd": 5}[row["pass"]] * int(
+            row["M"]) * int(row["N"]) * (4 if row["dtype"] == "float32" else 2)
+        if row["contender"] == "copy (roof)":
+            assert row["ext_speedup"] == ""
+        else:
+            speedup = float(row["ext_speedup"])
+            assert math.isfinite(speedup) and speedup > 0, row
+        if row["contender"] == "layernorm_ext":
+            assert float(row["ext_speedup"]) == 1.0
+
+
+def test_markdown_names_machine_settings_contenders_and_summary(quick_run: Path):
+    text = quick_run.with_name("quick.md").read_text()
+    for setting in ("| machine |", "| torch |", "| threads |", "| allocator |", "| date |"):
+        assert setting in text
+    for pass_name in PASSES:
+        for dtype in DTYPES:
+            assert f"## {pass_name}, {dtype}" in text
+            assert f"| {pass_name} | {dtype} |" in text.split("## Summary")[1]
+    for name in ("layernorm_ext µs", "torch eager µs", "torch.compile µs", "roof GB/s"):
+        assert name in text
+    assert "Liger-Kernel: CUDA only" in text and "apex: CUDA only" in text
+    assert "n/a" not in text and not re.search(r"\bnan\b", text, re.IGNORECASE)
+    assert "differs from torch eager" not in text and "failed" not in text
+
+
+def test_malloc_tuned_reruns_under_the_tuned_settings_and_reports_them(tmp_path: Path):
+    prefix = tmp_path / "tuned"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    subprocess.run([sys.executable, str(SCRIPT), "--malloc-tuned", "--shapes", "8x16", "--passes",
+                    "fwd", "--dtypes", "float32", "--reps", "1", "--no-progress", "--out",
+                    str(prefix)], check=True, timeout=300, env=env, cwd=REPO)
+    header = prefix.with_name("tuned.md").read_text().split("\n\n")[1]
+    allocator = next(line for line in header.splitlines() if line.startswith("| allocator |"))
+    for setting in ("MALLOC_MMAP_THRESHOLD_=1099511627776", "MALLOC_TRIM_THRESHOLD_=1099511627776",
+                    "GLIBC_TUNABLES=glibc.malloc.tcache_count=0"):
+        assert setting in allocator
+
+
+def test_help_lists_the_interface():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    for option in ("--device", "--passes", "--dtypes", "--shapes", "--quick", "--out",
+                   "--malloc-tuned"):
+        assert option in out
+
+
+def test_a_contender_that_fails_is_reported_and_the_sweep_goes_on(monkeypatch, tmp_path: Path):
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import contenders, sweep
+    from bench.report import write_reports
+
+    def broken() -> contenders.LayerNormFn:
+        def layer_norm(x, weight, bias):
+            raise RuntimeError("no kernel for this case")
+        return layer_norm
+
+    picked = [contenders.Contender(contenders.EXT, contenders._make_ext),
+              contenders.Contender(contenders.EAGER, contenders._make_eager),
+              contenders.Contender("broken", broken)]
+    monkeypatch.setattr(sweep, "select_contenders", lambda device: (picked, {}))
+    result = sweep.run_sweep(sweep.SweepConfig(shapes=[(8, 16)], dtypes=["float32"], reps=2,
+                                               warmup=1, progress=False))
+    assert {row.contender for row in result.rows} == {"layernorm_ext", "torch eager", "copy (roof)"}
+    assert {row.pass_name for row in result.rows} == PASSES
+    failures = [note for note in result.notes if "broken failed: RuntimeError: no kernel" in note]
+    assert len(failures) == 4  # the forward check, then each of the three passes
+    md, _, _ = write_reports(result, tmp_path / "broken")
+    assert "| broken µs |" in md.read_text() and "n/a" in md.read_text()
