@@ -164,39 +164,51 @@ constexpr int64_t kBlockSteps = 128;
 // - The last partial chunk: exact moments from two masked vector passes, shifted by its
 //   first element (exact for constant data, no overflow near the dtype's max), merged
 //   with Chan's combine.
+// Welford per lane over `steps` whole chunks from x: one reciprocal serves all lanes.
+// A function of its own so the running moments stay in registers.
+template <typename T>
+LaneMoments<T> block_moments(const T* x, int64_t steps) {
+  using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  typename C::Parts mean{Vec(0), Vec(0)}, m2{Vec(0), Vec(0)};
+  for (int64_t step = 1; step <= steps; ++step, x += C::kSize) {
+    const auto v = C::load(x);
+    const acc_t inv_step = acc_t(1) / static_cast<acc_t>(step);
+    for (int k = 0; k < C::kParts; ++k) math::welford_step(mean[k], m2[k], v[k], inv_step);
+  }
+  return {mean, m2, steps};
+}
+
 template <typename T>
 math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
   using Moments = LaneMoments<T>;
-  const Moments empty{{Vec(0), Vec(0)}, {Vec(0), Vec(0)}, 0};
 
-  // cascade[d] holds a pending block merge; counts strictly decrease with d.
-  std::array<Moments, 64> cascade;
-  int depth = 0;
-  int64_t j = 0;
-  while (j + C::kSize <= n) {
-    Moments block = empty;
-    for (; j + C::kSize <= n && block.steps < kBlockSteps; j += C::kSize) {
-      const auto v = C::load(x + j);
-      ++block.steps;
-      const acc_t inv_steps = acc_t(1) / static_cast<acc_t>(block.steps);
-      for (int k = 0; k < C::kParts; ++k) {
-        math::welford_step(block.mean[k], block.m2[k], v[k], inv_steps);
+  const int64_t chunks = n / C::kSize;
+  const int64_t j = chunks * C::kSize;  // start of the partial chunk
+  Moments lanes = block_moments(x, std::min(chunks, kBlockSteps));
+  if (chunks > kBlockSteps) {
+    // cascade[d] holds a pending block; counts strictly decrease with d.
+    std::array<Moments, 64> cascade;
+    cascade[0] = lanes;
+    int depth = 1;
+    for (int64_t done = kBlockSteps; done < chunks; done += kBlockSteps) {
+      cascade[depth++] =
+          block_moments(x + done * C::kSize, std::min(kBlockSteps, chunks - done));
+      while (depth >= 2 && cascade[depth - 2].steps == cascade[depth - 1].steps) {
+        cascade[depth - 2].merge(cascade[depth - 1]);
+        --depth;
       }
     }
-    cascade[depth++] = block;
-    while (depth >= 2 && cascade[depth - 2].steps == cascade[depth - 1].steps) {
-      cascade[depth - 2].merge(cascade[depth - 1]);
-      --depth;
-    }
+    for (int d = depth - 1; d >= 1; --d) cascade[d - 1].merge(cascade[d]);
+    lanes = cascade[0];
   }
-  for (int d = depth - 1; d >= 1; --d) cascade[d - 1].merge(cascade[d]);
 
   math::WelfordState<acc_t> total{acc_t(0), acc_t(0), 0};
-  if (depth > 0) {
-    const Moments& lanes = cascade[0];
+  if (chunks > 0) {
     std::array<acc_t, C::kSize> lane_mean, lane_m2;
     for (int k = 0; k < C::kParts; ++k) {
       lanes.mean[k].store(lane_mean.data() + k * C::kLanes);
