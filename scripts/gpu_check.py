@@ -38,6 +38,9 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 WORKLOAD = ROOT / "scripts" / "cuda_sanitizer_workload.py"
+# The reliability fuzz cases' CUDA half (issue 8), under memcheck and racecheck.
+FUZZ_WORKLOAD = {"memcheck": ["--cases", "40"], "racecheck": ["--cases", "10"]}
+FUZZ_SCRIPT = ROOT / "tests" / "fuzz_cuda_cases.py"
 BENCH = ROOT / "bench" / "bench_layernorm.py"
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 
@@ -234,8 +237,10 @@ def sanitizer_reports(output: str) -> list:
 
 
 def sanitizer(check: Check, python: str, tool: str, sanitizer_path: Optional[str],
-              kernel_filter: bool) -> Step:
-    step = Step(f"compute-sanitizer {tool}")
+              kernel_filter: bool, fuzz_args: Optional[list] = None) -> Step:
+    """compute-sanitizer `tool` over the kernel-variant workload, or over the fuzz
+    cases when `fuzz_args` is given."""
+    step = Step(f"compute-sanitizer {tool}" + (" (fuzz)" if fuzz_args is not None else ""))
     if sanitizer_path is None:
         step.status, step.summary = "FAIL", "compute-sanitizer not found"
         return step
@@ -246,7 +251,8 @@ def sanitizer(check: Check, python: str, tool: str, sanitizer_path: Optional[str
     if tool != "initcheck":
         cmd += ["--error-exitcode", "99"]
     filtered = cmd + ["--kernel-name", "kns=layernorm_ext"]
-    workload = [python, str(WORKLOAD)]
+    workload = ([python, str(FUZZ_SCRIPT), *fuzz_args] if fuzz_args is not None
+                else [python, str(WORKLOAD)])
     env = dict(check.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     use_filter = kernel_filter and tool != "initcheck"
     rc = check.run(step, (filtered if use_filter else cmd) + workload, 240, env)
@@ -352,6 +358,9 @@ def main(argv: Optional[list] = None) -> int:
         if not args.skip_sanitizer:
             for tool in SANITIZER_TOOLS:
                 steps.append(sanitizer(check, python, tool, sanitizer_path, kernel_filter))
+            for tool, fuzz_args in FUZZ_WORKLOAD.items():
+                steps.append(sanitizer(check, python, tool, sanitizer_path, kernel_filter,
+                                       fuzz_args))
         if not args.skip_bench:
             steps.append(bench(check, python, RESULTS_DIR / slug, args.quick,
                                shlex.split(args.bench_args)))

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()  # surface an asynchronous kernel error here
     print(f"{len(cases) - failures} passed, {failures} failed")
+    print(f"{len(cases) - failures}/{len(cases)} cases passed")  # what scripts/gpu_check.py reads
     return 1 if failures else 0
 
 
