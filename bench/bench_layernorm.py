@@ -115,8 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--reps must be at least 1")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
-    result = run_sweep(config)
     prefix = Path(args.out) if args.out else RESULTS_DIR / machine.machine_name(config.device)
+    result = run_sweep(config, after_case=lambda partial: write_reports(partial, prefix, plot=False))
     for path in write_reports(result, prefix):
         print(f"wrote {path}")
     return 0

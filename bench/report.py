@@ -19,12 +19,14 @@ CSV_FIELDS = ("device", "pass", "dtype", "M", "N", "contender", "median_us", "iq
               "bytes", "GBps", "roof_GBps", "pct_roof", "ext_speedup")
 
 
-def write_reports(result: SweepResult, prefix: Path) -> list[Path]:
-    """Write PREFIX.md, PREFIX.csv and PREFIX.png; return their paths."""
+def write_reports(result: SweepResult, prefix: Path, plot: bool = True) -> list[Path]:
+    """Write PREFIX.md, PREFIX.csv and (with ``plot``) PREFIX.png; return their paths."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [prefix.with_name(prefix.name + ext) for ext in (".md", ".csv", ".png")]
     paths[0].write_text(markdown(result))
     write_csv(result, paths[1])
+    if not plot:
+        return paths[:2]
     write_plot(result, paths[2])
     return paths
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import gc
 import math
 import os
+import resource
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -222,8 +223,13 @@ def describe_run(config: SweepConfig) -> dict[str, str]:
     }
 
 
-def run_sweep(config: SweepConfig) -> SweepResult:
-    """Measure every contender on every (dtype, shape, pass) case of ``config``."""
+def run_sweep(config: SweepConfig,
+              after_case: Optional[Callable[[SweepResult], None]] = None) -> SweepResult:
+    """Measure every contender on every (dtype, shape, pass) case of ``config``.
+
+    ``after_case`` sees the partial result after each shape, so a long run that is stopped
+    still leaves what it measured (the command line rewrites its Markdown and CSV there).
+    """
     if config.device == "cuda" and not (torch.cuda.is_available()
                                         and layernorm_ext.has_cuda_kernels()):
         raise RuntimeError("--device cuda needs a CUDA GPU and a CUDA build of layernorm_ext")
@@ -262,9 +268,21 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             progress.update()
         del x, weight, bias, grad_out, fns
         gc.collect()
+        _record_end(result, peak_load, finished=False)
+        if after_case is not None:
+            after_case(result)
     progress.close()
+    _record_end(result, peak_load, finished=True)
+    return result
+
+
+def _record_end(result: SweepResult, peak_load: float, finished: bool) -> None:
     result.header["load average (after)"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     result.header["peak 1-min load during the run"] = f"{max(peak_load, os.getloadavg()[0]):.2f}"
-    return result
+    # ru_maxrss is in KiB on Linux.
+    result.header["peak resident memory"] = machine.format_bytes(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result.header["status"] = "complete" if finished else (
+        f"INCOMPLETE: {len(result.rows)} rows so far (still running, or stopped)")
 
 

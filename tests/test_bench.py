@@ -61,6 +61,7 @@ def test_markdown_names_machine_settings_contenders_and_summary(quick_run: Path)
     text = quick_run.with_name("quick.md").read_text()
     for setting in ("| machine |", "| torch |", "| threads |", "| allocator |", "| date |"):
         assert setting in text
+    assert "| status | complete |" in text
     for pass_name in PASSES:
         for dtype in DTYPES:
             assert f"## {pass_name}, {dtype}" in text
