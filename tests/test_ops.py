@@ -257,3 +257,22 @@ def test_vmap_matches_torch(device, batched):
     }[batched]
     torch.testing.assert_close(torch.func.vmap(ours, in_dims)(*args),
                                torch.func.vmap(theirs, in_dims)(*args))
+
+
+def test_export_contains_the_op_and_runs(device):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), layernorm_ext.LayerNorm(16),
+                                torch.nn.ReLU()).to(device)
+    x = torch.randn(5, 8, device=device)
+    exported = torch.export.export(model, (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.layernorm_ext.forward.default in targets
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_torch_compile_dynamic_shapes(device):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), layernorm_ext.LayerNorm(16)).to(device)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (3, 7, 11):
+        x = torch.randn(batch, 2, 8, device=device)
+        torch.testing.assert_close(compiled(x), model(x))
