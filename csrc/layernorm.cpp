@@ -132,8 +132,9 @@ ForwardArgs prepare_forward(const at::Tensor& input, at::IntArrayRef normalized_
   args.bias = contiguous_or_undefined(bias);
   args.output = at::empty(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
   const auto stats_options = input.options().dtype(stats_dtype(input.scalar_type()));
-  args.mean = at::empty(stats_shape(input, normalized_shape), stats_options);
-  args.rstd = at::empty(stats_shape(input, normalized_shape), stats_options);
+  const auto mean_shape = stats_shape(input, normalized_shape);
+  args.mean = at::empty(mean_shape, stats_options);
+  args.rstd = at::empty(mean_shape, stats_options);
   args.shape = shape;
   args.eps = eps;
   args.param_dtype = param_dtype(input, weight, bias);
