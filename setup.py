@@ -77,6 +77,27 @@ X86_ISA_FLAGS = {
 BUILD_X86_ISAS = platform.machine().lower() in ("x86_64", "amd64")
 
 
+def check_shared_libstdcxx(library: Path) -> None:
+    """Fails the build when the extension carries its own copy of libstdc++.
+
+    A compiler whose library path holds only libstdc++.a (seen: a g++ wrapper that puts
+    its own lib directory first with -B) links the C++ runtime into the extension. That
+    private copy's iostreams and locales are never initialized, so the first error
+    message the extension formats crashes the process instead of raising.
+    """
+    readelf = shutil.which("readelf")
+    if readelf is None or not library.exists():
+        return
+    dynamic = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    if needed and not any(name.startswith("libstdc++.so") for name in needed):
+        raise RuntimeError(
+            f"layernorm_ext: {library.name} links libstdc++ statically (compiler: "
+            f"{os.environ.get('CXX', 'c++')}); it would crash on its first error message. "
+            "Build with a compiler that links libstdc++ as a shared library, e.g. "
+            "CC=/usr/bin/gcc CXX=/usr/bin/g++.")
+
+
 class BuildExtensionWithCpuIsas(BuildExtension):
     """BuildExtension that adds the per-ISA objects of the CPU row kernels."""
 
@@ -84,6 +105,7 @@ class BuildExtensionWithCpuIsas(BuildExtension):
         if BUILD_X86_ISAS:
             ext.extra_objects = list(ext.extra_objects or []) + self._compile_isa_objects(ext)
         super().build_extension(ext)
+        check_shared_libstdcxx(Path(self.get_ext_fullpath(ext.name)))
 
     def _compile_isa_objects(self, ext) -> list[str]:
         out_dir = Path(self.build_temp) / "cpu_isa"

@@ -185,6 +185,28 @@ def git_revision() -> str:
         return "unknown"
 
 
+# Must raise, not crash: an extension that carries a private libstdc++ crashes here.
+ERROR_PATH_PROBE = """
+import torch, layernorm_ext
+try:
+    torch.ops.layernorm_ext.forward(torch.randn(4, 8), [7], None, None, 1e-5)
+except RuntimeError as e:
+    print("error path ok:", str(e).splitlines()[0])
+else:
+    raise SystemExit("a bad shape did not raise")
+"""
+
+
+def system_compilers() -> Optional[dict]:
+    """CC/CXX of the distribution's gcc, when they differ from the environment's."""
+    cc, cxx = "/usr/bin/gcc", "/usr/bin/g++"
+    if not (os.path.exists(cc) and os.path.exists(cxx)):
+        return None
+    if os.environ.get("CXX") in (None, "", cxx, "g++", "c++"):
+        return None
+    return {"CC": cc, "CXX": cxx}
+
+
 def build(check: Check, python: str, info: dict) -> Step:
     step = Step("build")
     archs = ["8.0", "9.0"] + ([info["capability"]] if info["capability"] not in ("8.0", "9.0")
@@ -192,27 +214,55 @@ def build(check: Check, python: str, info: dict) -> Step:
     env = dict(check.env, TORCH_CUDA_ARCH_LIST=";".join(archs), MAX_JOBS=str(os.cpu_count() or 4))
     env.pop("LAYERNORM_EXT_CPU_ONLY", None)
     # In place: nothing is installed, and the repository root is on the steps' PYTHONPATH.
-    rc = check.run(step, [python, "setup.py", "build_ext", "--inplace"], 480, env)
-    if rc == 0:
-        verify = [python, "-c", "import layernorm_ext, sys; "
-                  "sys.exit(0 if layernorm_ext.has_cuda_kernels() else 'no CUDA kernels')"]
-        probe = Step("build check")
-        rc = check.run(probe, verify, 120)
+    cmd = [python, "setup.py", "build_ext", "--inplace"]
+    rc = check.run(step, cmd, 480, env)
+    fallback = system_compilers()
+    if rc != 0 and "links libstdc++ statically" in step.output and fallback:
+        # setup.py refused a compiler that links the C++ runtime in (see setup.py).
+        first = step.output
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
+        env.update(fallback)
+        rc = check.run(step, cmd, 480, env)
+        step.output = (first + f"\n[retried with CC={fallback['CC']} CXX={fallback['CXX']}]\n"
+                       + step.output)
+    for name, code in (("build check", "import layernorm_ext, sys; sys.exit(0 if "
+                        "layernorm_ext.has_cuda_kernels() else 'no CUDA kernels')"),
+                       ("error path check", ERROR_PATH_PROBE)):
+        if rc != 0:
+            break
+        probe = Step(name)
+        rc = check.run(probe, [python, "-c", code], 120)
         step.output += probe.output
     step.status = "PASS" if rc == 0 else "FAIL"
     step.summary = f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}" + (
+        f", CXX={env['CXX']}" if env.get("CXX") else "") + (
         "" if rc == 0 else f", exit status {rc}")
     return step
 
 
-def tests(check: Check, python: str) -> Step:
-    step = Step("tests")
+def has_module(python: str, module: str) -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def tests(check: Check, python: str, limit: float, marker: str) -> Step:
+    step = Step("tests" + (f" (-m '{marker}')" if marker else ""))
     env = dict(check.env, LAYERNORM_EXT_EXPECT_CUDA="1")
-    rc = check.run(step, [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                          "tests"], 300, env)
+    # -v names every test as it ends, so a step stopped at its limit still says which
+    # tests failed; xdist and a per-test timeout when the Python has them.
+    cmd = [python, "-m", "pytest", "-v", "-rfEs", "--durations=15", "-p", "no:cacheprovider"]
+    if has_module(python, "xdist"):
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+    if has_module(python, "pytest_timeout"):
+        cmd += ["--timeout", "240"]
+    if marker:
+        cmd += ["-m", marker]
+    rc = check.run(step, cmd + ["tests"], limit, env)
     summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", step.output,
                          re.MULTILINE)
+    failed = sorted(set(re.findall(r"(?:FAILED|ERROR) (tests/\S+)", step.output)))
     step.summary = summary[-1] if summary else f"exit status {rc}"
+    if failed:
+        step.summary += f"; failed: {', '.join(failed[:20])}" + (" ..." if len(failed) > 20 else "")
     # With a GPU, no CUDA test may be skipped for want of one.
     cuda_skips = len(re.findall(r"SKIPPED.*needs a CUDA GPU", step.output))
     if cuda_skips:
@@ -317,6 +367,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the benchmark's --quick sweep")
     parser.add_argument("--bench-args", default="",
                         help="more arguments for bench/bench_layernorm.py, one string")
+    parser.add_argument("--tests-limit", type=float, default=360,
+                        help="seconds for the test step (default: %(default)s)")
+    parser.add_argument("--tests-marker", default="",
+                        help="pytest -m expression for the test step, e.g. 'not slow'")
     for name in ("build", "tests", "sanitizer", "bench"):
         parser.add_argument(f"--skip-{name}", action="store_true", help=f"skip the {name} step")
     args = parser.parse_args(argv)
@@ -354,7 +408,7 @@ def main(argv: Optional[list] = None) -> int:
         print("\nbuild failed: the remaining steps need it", flush=True)
     else:
         if not args.skip_tests:
-            steps.append(tests(check, python))
+            steps.append(tests(check, python, args.tests_limit, args.tests_marker))
         if not args.skip_sanitizer:
             for tool in SANITIZER_TOOLS:
                 steps.append(sanitizer(check, python, tool, sanitizer_path, kernel_filter))
