@@ -1,0 +1,257 @@
+"""layer_norm under torch.func transforms and forward-mode AD, against F.layer_norm.
+
+Every transform is applied to our layer_norm and to torch's in the same way (float64, each
+weight/bias combination); the results must agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import func
+
+import layernorm_ext
+from layernorm_ext import layer_norm
+
+AFFINE = pytest.mark.parametrize(
+    "affine", [(True, True), (True, False), (False, True), (False, False)],
+    ids=["affine", "weight_only", "bias_only", "none"])
+NORMALIZED = [4, 5]
+
+
+def make_args(device, affine, shape=(3, 4, 5), normalized_shape=NORMALIZED, seed=0):
+    """(x, weight, bias) in float64: only the present tensors, so transforms see each one."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.Size(normalized_shape)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5
+    params = [torch.randn(n, generator=g, dtype=torch.float64) + 1,
+              torch.randn(n, generator=g, dtype=torch.float64)]
+    args = [x] + [p for p, keep in zip(params, affine) if keep]
+    return tuple(t.to(device) for t in args)
+
+
+def as_function(norm, affine, normalized_shape=NORMALIZED):
+    """norm(x, normalized_shape, w, b) as a function of the present tensors only."""
+    def fn(x, *params):
+        it = iter(params)
+        weight = next(it) if affine[0] else None
+        bias = next(it) if affine[1] else None
+        return norm(x, normalized_shape, weight, bias)
+    return fn
+
+
+def scalar_loss(norm, affine, normalized_shape=NORMALIZED):
+    """A non-linear scalar of the output, so second derivatives are not trivially zero."""
+    fn = as_function(norm, affine, normalized_shape)
+
+    def loss(*args):
+        y = fn(*args)
+        return (y.sin() * torch.linspace(-1, 2, y.numel(), dtype=y.dtype,
+                                         device=y.device).view_as(y)).sum()
+    return loss
+
+
+def tangents_like(args, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(a.shape, generator=g, dtype=a.dtype).to(a.device) for a in args)
+
+
+def assert_trees_close(ours, theirs):
+    flat_ours, spec_ours = torch.utils._pytree.tree_flatten(ours)
+    flat_theirs, spec_theirs = torch.utils._pytree.tree_flatten(theirs)
+    assert spec_ours == spec_theirs
+    for o, t in zip(flat_ours, flat_theirs):
+        torch.testing.assert_close(o, t)
+
+
+@AFFINE
+def test_func_grad(device, affine):
+    args = make_args(device, affine)
+    argnums = tuple(range(len(args)))
+    ours = func.grad(scalar_loss(layer_norm, affine), argnums)(*args)
+    theirs = func.grad(scalar_loss(F.layer_norm, affine), argnums)(*args)
+    assert_trees_close(ours, theirs)
+
+
+@AFFINE
+def test_func_vjp(device, affine):
+    args = make_args(device, affine)
+    out, vjp_fn = func.vjp(as_function(layer_norm, affine), *args)
+    ref_out, ref_vjp_fn = func.vjp(as_function(F.layer_norm, affine), *args)
+    cotangent = tangents_like((out,))[0]
+    torch.testing.assert_close(out, ref_out)
+    assert_trees_close(vjp_fn(cotangent), ref_vjp_fn(cotangent))
+
+
+@AFFINE
+def test_func_jvp(device, affine):
+    args = make_args(device, affine)
+    tangents = tangents_like(args)
+    ours = func.jvp(as_function(layer_norm, affine), args, tangents)
+    theirs = func.jvp(as_function(F.layer_norm, affine), args, tangents)
+    assert_trees_close(ours, theirs)
+
+
+@pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
+def test_func_jvp_with_respect_to_one_argument(device, wrt):
+    x, w, b = make_args(device, (True, True))
+    position = {"input": 0, "weight": 1, "bias": 2}[wrt]
+
+    def along(norm):
+        def fn(t):
+            args = [x, w, b]
+            args[position] = t
+            return norm(args[0], NORMALIZED, args[1], args[2])
+        primal = (x, w, b)[position]
+        return func.jvp(fn, (primal,), tangents_like((primal,)))
+
+    assert_trees_close(along(layer_norm), along(F.layer_norm))
+
+
+@AFFINE
+def test_forward_ad_dual_numbers(device, affine):
+    args = make_args(device, affine)
+    tangents = tangents_like(args)
+
+    def primal_and_tangent(norm):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(a, t) for a, t in zip(args, tangents)]
+            out = fwAD.unpack_dual(as_function(norm, affine)(*duals))
+            return out.primal, out.tangent
+
+    ours, theirs = primal_and_tangent(layer_norm), primal_and_tangent(F.layer_norm)
+    assert ours[1] is not None
+    assert_trees_close(ours, theirs)
+
+
+def test_forward_ad_level_without_duals_and_backward_inside_it(device):
+    x, w, b = (t.requires_grad_() for t in make_args(device, (True, True)))
+    with fwAD.dual_level():
+        y = layer_norm(x, NORMALIZED, w, b)
+        assert fwAD.unpack_dual(y).tangent is None
+        ours = torch.autograd.grad(y.square().sum(), (x, w, b))
+    theirs = torch.autograd.grad(F.layer_norm(x, NORMALIZED, w, b).square().sum(), (x, w, b))
+    torch.testing.assert_close(y, F.layer_norm(x, NORMALIZED, w, b))
+    assert_trees_close(ours, theirs)
+
+
+@pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
+@AFFINE
+def test_jacobians(device, affine, transform):
+    args = make_args(device, affine, shape=(2, 4, 5))
+    jac = getattr(func, transform)
+    argnums = tuple(range(len(args)))
+    assert_trees_close(jac(as_function(layer_norm, affine), argnums)(*args),
+                       jac(as_function(F.layer_norm, affine), argnums)(*args))
+
+
+@pytest.mark.parametrize("outer,inner", [("jacfwd", "jacrev"), ("jacrev", "jacrev"),
+                                         ("jacfwd", "jacfwd"), ("jacrev", "jacfwd")])
+@AFFINE
+def test_hessians(device, affine, outer, inner):
+    args = make_args(device, affine, shape=(2, 3), normalized_shape=[3])
+    argnums = tuple(range(len(args)))
+
+    def hessian(norm):
+        loss = scalar_loss(norm, affine, [3])
+        return getattr(func, outer)(getattr(func, inner)(loss, argnums), argnums)(*args)
+
+    assert_trees_close(hessian(layer_norm), hessian(F.layer_norm))
+
+
+@AFFINE
+def test_hessian_vector_product_forward_over_reverse(device, affine):
+    args = make_args(device, affine)
+    tangents = tangents_like(args)
+    argnums = tuple(range(len(args)))
+
+    def hvp(norm):
+        grad_fn = func.grad(scalar_loss(norm, affine), argnums)
+        return func.jvp(grad_fn, args, tangents)
+
+    assert_trees_close(hvp(layer_norm), hvp(F.layer_norm))
+
+
+@AFFINE
+def test_vmap_of_grad_per_sample_gradients(device, affine):
+    args = make_args(device, affine, shape=(6, 4, 5))
+    in_dims = (0,) + (None,) * (len(args) - 1)
+    argnums = tuple(range(len(args)))
+
+    def per_sample(norm):
+        return func.vmap(func.grad(scalar_loss(norm, affine), argnums), in_dims)(*args)
+
+    assert_trees_close(per_sample(layer_norm), per_sample(F.layer_norm))
+
+
+def test_vmap_of_jvp_with_batched_parameters(device):
+    x, w, b = make_args(device, (True, True), shape=(3, 4, 5))
+    ws, bs = torch.stack([w, w * 2, -w]), torch.stack([b, b + 1, b * 3])
+    tx, tw, tb = tangents_like((x, ws, bs))
+
+    def batched_jvp(norm):
+        fn = as_function(norm, (True, True))
+        return func.vmap(lambda *a: func.jvp(fn, a[:3], a[3:]))(x, ws, bs, tx, tw, tb)
+
+    assert_trees_close(batched_jvp(layer_norm), batched_jvp(F.layer_norm))
+
+
+def test_grad_of_module_via_functional_call(device):
+    model = layernorm_ext.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
+    reference = torch.nn.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
+    x = make_args(device, (False, False))[0]
+    params = {k: v.detach() + 0.1 * i for i, (k, v) in enumerate(model.named_parameters())}
+
+    def grads(module):
+        loss = lambda p: func.functional_call(module, p, (x,)).sin().sum()  # noqa: E731
+        return func.grad(loss)(params)
+
+    assert_trees_close(grads(model), grads(reference))
+
+
+@AFFINE
+def test_gradcheck_forward_mode_and_batched(device, affine):
+    args = [t.requires_grad_() for t in make_args(device, affine, shape=(3, 6), normalized_shape=[6])]
+    fn = as_function(layer_norm, affine, [6])
+    assert torch.autograd.gradcheck(fn, args, check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+    assert torch.autograd.gradgradcheck(fn, args, check_fwd_over_rev=True,
+                                        check_rev_over_rev=True, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_jvp_reduced_precision_keeps_the_output_dtype(device, dtype):
+    x, w, b = make_args(device, (True, True), shape=(8, 32), normalized_shape=[32])
+    tx, tw, tb = tangents_like((x, w, b))
+    low = [t.to(dtype) for t in (x, tx)]
+    params = [t.float() for t in (w, b, tw, tb)]  # fp32 parameters, as under mixed precision
+    out, tangent = func.jvp(lambda x, w, b: layer_norm(x, [32], w, b),
+                            (low[0], params[0], params[1]), (low[1], params[2], params[3]))
+    ref_out, ref_tangent = func.jvp(lambda x, w, b: F.layer_norm(x, [32], w, b),
+                                    tuple(t.double() for t in (low[0], params[0], params[1])),
+                                    tuple(t.double() for t in (low[1], params[2], params[3])))
+    assert out.dtype == tangent.dtype == dtype
+    tol = {torch.float32: 1e-4, torch.bfloat16: 8e-2, torch.float16: 1e-2}[dtype]
+    torch.testing.assert_close(tangent.double(), ref_tangent, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+
+
+def test_double_backward_without_leading_dims(device):
+    x, w, b = (t.requires_grad_() for t in make_args(device, (True, True), shape=(5,),
+                                                     normalized_shape=[5]))
+
+    def grads(norm):
+        first = torch.autograd.grad(norm(x, [5], w, b).sin().sum(), (x, w, b), create_graph=True)
+        return first, torch.autograd.grad(sum(g.square().sum() for g in first), (x, w, b))
+
+    assert_trees_close(grads(layer_norm), grads(F.layer_norm))
+
+
+def test_plain_eager_keeps_the_cpp_autograd_node(device):
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    assert "LayerNormFunction" in layer_norm(x, [8]).grad_fn.name()
+    assert "CppNode" in layer_norm(x, [8]).grad_fn.name()
+    with fwAD.dual_level():
+        assert "CppNode" not in layer_norm(x, [8]).grad_fn.name()
