@@ -65,8 +65,10 @@ Tensor3 differentiable_backward(const at::Tensor& grad_out, const at::Tensor& in
   const at::Tensor dx =
       rstd * (g - g.mean(col_dims, true) - xhat * (g * xhat).mean(col_dims, true));
   const auto param_dtype = weight.defined() ? weight.scalar_type() : input.scalar_type();
-  return {dx.to(input.scalar_type()), (dy * xhat).sum(row_dims).to(param_dtype),
-          dy.sum(row_dims).to(param_dtype)};
+  // An empty dim list would reduce every dim: without leading dims there is one row.
+  const auto sum_rows = [&](const at::Tensor& t) { return axis > 0 ? t.sum(row_dims) : t; };
+  return {dx.to(input.scalar_type()), sum_rows(dy * xhat).to(param_dtype),
+          sum_rows(dy).to(param_dtype)};
 }
 
 class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {

@@ -146,11 +146,14 @@ class LayerNormFunction(torch.autograd.Function):
         return output_t.to(input.dtype)
 
 
-def _forward_ad_levels() -> int:
-    """How many forward-mode AD levels are open: functorch jvp transforms + forward_ad."""
-    jvp_transforms = sum(interpreter.key() == TransformType.Jvp
-                         for interpreter in retrieve_all_functorch_interpreters())
-    return jvp_transforms + (forward_ad._current_level >= 0)
+def _nested_forward_ad() -> bool:
+    """More than one forward-mode AD level is open.
+
+    Only functorch nests them (forward_ad has a single dual level, which the outermost
+    torch.func.jvp opens itself), so this counts functorch's jvp transforms.
+    """
+    interpreters = retrieve_all_functorch_interpreters()
+    return sum(interpreter.key() == TransformType.Jvp for interpreter in interpreters) > 1
 
 
 def _composite_layer_norm(input: torch.Tensor, num_normalized_dims: int,
@@ -166,6 +169,6 @@ def transformed_layer_norm(input: torch.Tensor, num_normalized_dims: int,
                            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            eps: float) -> torch.Tensor:
     """layer_norm while :func:`transforms_active`; the arguments are already checked."""
-    if _forward_ad_levels() > 1:
+    if _nested_forward_ad():
         return _composite_layer_norm(input, num_normalized_dims, weight, bias, eps)
     return LayerNormFunction.apply(input, num_normalized_dims, weight, bias, eps)

@@ -53,6 +53,20 @@ def scalar_loss(norm, affine, normalized_shape=NORMALIZED):
     return loss
 
 
+def reference_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """LayerNorm from elementary ops, the reference for second and higher derivatives.
+
+    F.layer_norm is not one there: on torch 2.14 its vmapped Hessians (jacrev/jacfwd of
+    jacrev/jacfwd) get the mixed input/weight block wrong, and its nested forward-mode
+    derivatives too (pytorch/pytorch#196700, functorch#534); its grad-of-grad is right.
+    """
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    centered = x - x.mean(dims, keepdim=True)
+    y = centered * (centered.square().mean(dims, keepdim=True) + eps).rsqrt()
+    y = y * weight if weight is not None else y
+    return y + bias if bias is not None else y
+
+
 def tangents_like(args, seed=1):
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(a.shape, generator=g, dtype=a.dtype).to(a.device) for a in args)
@@ -158,7 +172,39 @@ def test_hessians(device, affine, outer, inner):
         loss = scalar_loss(norm, affine, [3])
         return getattr(func, outer)(getattr(func, inner)(loss, argnums), argnums)(*args)
 
-    assert_trees_close(hessian(layer_norm), hessian(F.layer_norm))
+    assert_trees_close(hessian(layer_norm), hessian(reference_layer_norm))
+
+
+def test_hessian_matches_torch_grad_of_grad(device):
+    """The reference itself, against F.layer_norm where torch is right (grad of grad)."""
+    args = make_args(device, (True, True), shape=(2, 3), normalized_shape=[3])
+    for i in range(3):
+        for j in range(3):
+            def mixed(norm):
+                grad_i = func.grad(scalar_loss(norm, (True, True), [3]), argnums=i)
+                return func.jacrev(grad_i, argnums=j)(*args)
+
+            torch.testing.assert_close(mixed(layer_norm), mixed(F.layer_norm))
+
+
+@pytest.mark.parametrize("modes", ["fff", "rrr", "frf", "rff"])
+def test_third_directional_derivative(device, modes):
+    """d^3/dt^3 <f(x + t v), c> at t = 0, by any mix of forward (f) and reverse (r) mode."""
+    x, w, b = make_args(device, (True, True))
+    v, c = tangents_like((x, x))
+
+    def derivative(fn, mode):
+        if mode == "f":
+            return lambda t: func.jvp(fn, (t,), (torch.ones_like(t),))[1]
+        return func.grad(fn)
+
+    def third(norm):
+        fn = lambda t: (norm(x + t * v, NORMALIZED, w, b).sin() * c).sum()  # noqa: E731
+        for mode in modes:
+            fn = derivative(fn, mode)
+        return fn(torch.zeros((), dtype=x.dtype, device=device))
+
+    torch.testing.assert_close(third(layer_norm), third(reference_layer_norm))
 
 
 @AFFINE
@@ -255,3 +301,35 @@ def test_plain_eager_keeps_the_cpp_autograd_node(device):
     assert "CppNode" in layer_norm(x, [8]).grad_fn.name()
     with fwAD.dual_level():
         assert "CppNode" not in layer_norm(x, [8]).grad_fn.name()
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jvp", "forward_ad", "vmap", "jacrev"])
+def test_transforms_run_the_fused_forward_op(device, monkeypatch, transform):
+    import layernorm_ext.transforms as transforms
+
+    calls = []
+    real_forward = transforms._forward
+
+    def counting_forward(*args):
+        calls.append(args[0].shape)
+        return real_forward(*args)
+
+    monkeypatch.setattr(transforms, "_forward", counting_forward)
+    x, w, b = make_args(device, (True, True))
+    fn = lambda x: layer_norm(x, NORMALIZED, w, b)  # noqa: E731
+    if transform == "grad":
+        func.grad(lambda x: fn(x).sum())(x)
+    elif transform == "vjp":
+        func.vjp(fn, x)[1](torch.ones_like(x))
+    elif transform == "jvp":
+        func.jvp(fn, (x,), (x,))
+    elif transform == "forward_ad":
+        with fwAD.dual_level():
+            fn(fwAD.make_dual(x, x))
+    elif transform == "vmap":
+        func.vmap(fn)(x)
+    else:
+        func.jacrev(fn)(x)
+    # One call: under vmap the op's batching rule takes the whole batch (the Python code
+    # sees the per-sample shape), not a loop over samples.
+    assert len(calls) == 1 and calls[0][-2:] == x.shape[-2:]
