@@ -8,10 +8,11 @@ implemented for them. When one of those is active, ``layer_norm`` calls
 (what functorch requires), a ``jvp`` and a generated vmap rule. Its forward is the same
 fused op, so vmap still maps onto the op's own batching rule.
 
-One case is computed from differentiable ATen ops instead of the op: nested forward-mode
-AD (``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``). torch runs an autograd.Function's ``jvp``
-with forward AD off, so the outer level's derivative of the tangent would silently be
-zero (pytorch/pytorch#197867).
+Two cases are computed from differentiable ATen ops instead of the op: nested
+forward-mode AD (``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``: torch runs an
+autograd.Function's ``jvp`` with forward AD off, so the outer level's derivative of the
+tangent would silently be zero, pytorch/pytorch#197867), and transforms traced by
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+from torch._functorch import eager_transforms
 
 from . import _C  # noqa: F401  (loading the extension registers the operators)
 
@@ -150,10 +151,10 @@ def _nested_forward_ad() -> bool:
     """More than one forward-mode AD level is open.
 
     Only functorch nests them (forward_ad has a single dual level, which the outermost
-    torch.func.jvp opens itself), so this counts functorch's jvp transforms.
+    torch.func.jvp opens itself). functorch counts its open jvp transforms in a module
+    global, which torch.compile can read (it cannot walk the interpreter stack).
     """
-    interpreters = retrieve_all_functorch_interpreters()
-    return sum(interpreter.key() == TransformType.Jvp for interpreter in interpreters) > 1
+    return eager_transforms.JVP_NESTING > 1
 
 
 def _composite_layer_norm(input: torch.Tensor, num_normalized_dims: int,
@@ -169,6 +170,9 @@ def transformed_layer_norm(input: torch.Tensor, num_normalized_dims: int,
                            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            eps: float) -> torch.Tensor:
     """layer_norm while :func:`transforms_active`; the arguments are already checked."""
-    if _nested_forward_ad():
+    # torch.compile cannot trace the op's call from inside a functorch transform (it runs
+    # the autograd.Function's forward at the transform's level, where the op's C++ node
+    # is refused); the differentiable ops compile, and Inductor fuses them.
+    if _nested_forward_ad() or torch.compiler.is_compiling():
         return _composite_layer_norm(input, num_normalized_dims, weight, bias, eps)
     return LayerNormFunction.apply(input, num_normalized_dims, weight, bias, eps)

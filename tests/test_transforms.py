@@ -259,7 +259,8 @@ def test_grad_of_module_via_functional_call(device):
 
 @AFFINE
 def test_gradcheck_forward_mode_and_batched(device, affine):
-    args = [t.requires_grad_() for t in make_args(device, affine, shape=(3, 6), normalized_shape=[6])]
+    args = [t.requires_grad_()
+            for t in make_args(device, affine, shape=(3, 6), normalized_shape=[6])]
     fn = as_function(layer_norm, affine, [6])
     assert torch.autograd.gradcheck(fn, args, check_forward_ad=True, check_batched_grad=True,
                                     check_batched_forward_grad=True)
@@ -333,3 +334,19 @@ def test_transforms_run_the_fused_forward_op(device, monkeypatch, transform):
     # One call: under vmap the op's batching rule takes the whole batch (the Python code
     # sees the per-sample shape), not a loop over samples.
     assert len(calls) == 1 and calls[0][-2:] == x.shape[-2:]
+
+
+@pytest.mark.slow
+def test_torch_compile_of_grad_and_jvp(device):
+    torch._dynamo.reset()
+    x, w, b = make_args(device, (True, True))
+    t = tangents_like((x,))[0]
+
+    def grad_and_jvp(norm):
+        def fn(x, t):
+            f = lambda x: norm(x, NORMALIZED, w, b)  # noqa: E731
+            return func.grad(lambda x: f(x).sin().sum())(x), func.jvp(f, (x,), (t,))
+        return fn
+
+    compiled = torch.compile(grad_and_jvp(layer_norm), fullgraph=True)
+    assert_trees_close(compiled(x, t), grad_and_jvp(F.layer_norm)(x, t))
