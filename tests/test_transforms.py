@@ -350,3 +350,60 @@ def test_torch_compile_of_grad_and_jvp(device):
 
     compiled = torch.compile(grad_and_jvp(layer_norm), fullgraph=True)
     assert_trees_close(compiled(x, t), grad_and_jvp(F.layer_norm)(x, t))
+
+
+@pytest.mark.parametrize("affine", [(True, True), (False, True)], ids=["affine", "bias_only"])
+@pytest.mark.parametrize("path", ["create_graph", "func_grad"])
+def test_differentiable_backward_keeps_fp32_parameter_grads(device, affine, path):
+    """bf16 input with fp32 weight/bias: the differentiable backward (double backward, and
+    every torch.func gradient) accumulates the parameter grads in fp32, as the fused one."""
+    x, w, b = make_args(device, (True, True), shape=(64, 32), normalized_shape=[32])
+    x = x.bfloat16()
+    params = [p.float() for p, keep in zip((w, b), affine) if keep]
+    fn = as_function(layer_norm, affine, [32])
+    loss = lambda x, *params: fn(x, *params).float().sin().sum()  # noqa: E731
+    leaves = [t.detach().requires_grad_() for t in params]
+    fused = torch.autograd.grad(loss(x, *leaves), leaves)  # the fused backward kernel
+    if path == "create_graph":
+        ours = torch.autograd.grad(loss(x, *leaves), leaves, create_graph=True)
+    else:
+        ours = func.grad(loss, argnums=tuple(range(1, len(params) + 1)))(x, *params)
+    for o, f in zip(ours, fused):
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o, f, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "forward_ad"])
+def test_bad_arguments_raise_torchs_errors_under_transforms(device, transform):
+    x, w, b = make_args(device, (True, True))
+
+    def run(fn):
+        if transform == "grad":
+            return func.grad(lambda x: fn(x).sum())(x)
+        if transform == "jvp":
+            return func.jvp(fn, (x,), (x,))
+        with fwAD.dual_level():
+            return fn(fwAD.make_dual(x, x))
+
+    with pytest.raises(RuntimeError, match=r"Given normalized_shape=\[3\]"):
+        run(lambda x: layer_norm(x, [3]))
+    with pytest.raises(RuntimeError, match="Expected weight to be of same shape"):
+        run(lambda x: layer_norm(x, NORMALIZED, w[0], b))
+    with pytest.raises(NotImplementedError, match="must be float32"):
+        run(lambda x: layer_norm(x, NORMALIZED, w.int(), b))
+
+
+def test_vmap_of_grad_over_stacked_module_parameters(device):
+    """Model ensembling: one LayerNorm's parameters stacked, vmap(grad) over them."""
+    x = make_args(device, (False, False))[0]
+    stacked = {"weight": torch.stack([torch.full(NORMALIZED, s, dtype=torch.float64)
+                                      for s in (0.5, 1.0, 2.0)]).to(device),
+               "bias": torch.randn(3, *NORMALIZED, dtype=torch.float64).to(device)}
+
+    def ensemble_grads(module):
+        loss = lambda p: func.functional_call(module, p, (x,)).sin().sum()  # noqa: E731
+        return func.vmap(func.grad(loss))(stacked)
+
+    ours = layernorm_ext.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
+    theirs = torch.nn.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
+    assert_trees_close(ensemble_grads(ours), ensemble_grads(theirs))
