@@ -134,12 +134,13 @@ class LayerNormFunction(torch.autograd.Function):
         dims = _normalized_dims(input, ctx.num_normalized_dims)
         xhat, rstd = _normalize(input, dims, ctx.eps)
         acc = xhat.dtype
-        output_t = torch.zeros_like(xhat)
         if input_t is not None:
             dx = input_t.to(acc)
             dxhat = rstd * (dx - dx.mean(dims, keepdim=True)
                             - xhat * (dx * xhat).mean(dims, keepdim=True))
             output_t = dxhat * weight.to(acc) if weight is not None else dxhat
+        else:
+            output_t = torch.zeros_like(xhat)
         if weight_t is not None:
             output_t = output_t + xhat * weight_t.to(acc)
         if bias_t is not None:
