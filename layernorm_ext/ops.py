@@ -231,8 +231,8 @@ def layer_norm(
         return _jagged_layer_norm(input, shape, weight, bias, eps)
     if transforms_active():
         # torch.func / forward AD: the op's C++ autograd node supports neither. The op's
-        # checks run first, as only the number of normalized dims is passed on.
+        # checks run here, as the autograd.Function only gets the number of normalized dims.
         _check_same_device(input, weight, bias)
         _check_fake_inputs(input, shape, weight, bias)
-        return transformed_layer_norm(input, len(shape), weight, bias, eps)
+        return transformed_layer_norm(input, shape, weight, bias, eps)
     return _forward(input, shape, weight, bias, eps)[0]

@@ -6,7 +6,9 @@ the cheapest per call, but functorch transforms (``grad``, ``vjp``, ``jvp``, ``j
 implemented for them. When one of those is active, ``layer_norm`` calls
 :class:`LayerNormFunction` instead: a Python ``autograd.Function`` with ``setup_context``
 (what functorch requires), a ``jvp`` and a generated vmap rule. Its forward is the same
-fused op, so vmap still maps onto the op's own batching rule.
+fused op, so vmap still maps onto the op's own batching rule. Under ``vmap`` alone
+(no gradient transform) the op is called as in plain eager: functorch keeps autograd out
+of a vmap level, and the op's batching rule is cheaper than the Function.
 
 Two cases are computed from differentiable ATen ops instead of the op: nested
 forward-mode AD (``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``: torch runs an
@@ -22,6 +24,7 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+from torch._C._functorch import TransformType, get_interpreter_stack
 from torch._functorch import eager_transforms
 
 from . import _C  # noqa: F401  (loading the extension registers the operators)
@@ -158,6 +161,13 @@ def _nested_forward_ad() -> bool:
     return eager_transforms.JVP_NESTING > 1
 
 
+def _differentiating_transform_active() -> bool:
+    """A functorch grad/vjp/jvp transform (or a jacobian built on them) is active."""
+    stack = get_interpreter_stack() or []
+    return any(interpreter.key() in (TransformType.Grad, TransformType.Jvp)
+               for interpreter in stack)
+
+
 def _composite_layer_norm(input: torch.Tensor, num_normalized_dims: int,
                           weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                           eps: float) -> torch.Tensor:
@@ -167,13 +177,17 @@ def _composite_layer_norm(input: torch.Tensor, num_normalized_dims: int,
     return output.to(input.dtype)
 
 
-def transformed_layer_norm(input: torch.Tensor, num_normalized_dims: int,
+def transformed_layer_norm(input: torch.Tensor, normalized_shape: list[int],
                            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            eps: float) -> torch.Tensor:
     """layer_norm while :func:`transforms_active`; the arguments are already checked."""
+    num_normalized_dims = len(normalized_shape)
     # torch.compile cannot trace the op's call from inside a functorch transform (it runs
     # the autograd.Function's forward at the transform's level, where the op's C++ node
-    # is refused); the differentiable ops compile, and Inductor fuses them.
-    if _nested_forward_ad() or torch.compiler.is_compiling():
+    # is refused), nor walk functorch's interpreter stack; the differentiable ops
+    # compile, and Inductor fuses them.
+    if torch.compiler.is_compiling() or _nested_forward_ad():
         return _composite_layer_norm(input, num_normalized_dims, weight, bias, eps)
+    if forward_ad._current_level < 0 and not _differentiating_transform_active():
+        return _forward(input, normalized_shape, weight, bias, eps)[0]
     return LayerNormFunction.apply(input, num_normalized_dims, weight, bias, eps)

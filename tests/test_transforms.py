@@ -407,3 +407,23 @@ def test_vmap_of_grad_over_stacked_module_parameters(device):
     ours = layernorm_ext.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
     theirs = torch.nn.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
     assert_trees_close(ensemble_grads(ours), ensemble_grads(theirs))
+
+
+@pytest.mark.parametrize("batched_weight", [False, True], ids=["shared_weight", "per_sample"])
+def test_vmap_alone_keeps_the_cpp_node_and_backpropagates(device, batched_weight):
+    """vmap without a gradient transform calls the op as plain eager does: its batching
+    rule, then the C++ autograd node for a backward taken outside vmap."""
+    x, w, _ = make_args(device, (True, False))
+    weights = torch.stack([w, 2 * w, -w]) if batched_weight else w
+    x = x.requires_grad_()
+    weights = weights.requires_grad_()
+    in_dims = (0, 0 if batched_weight else None)
+
+    def forward_backward(norm):
+        y = func.vmap(lambda x, w: norm(x, NORMALIZED, w, None), in_dims)(x, weights)
+        return y, torch.autograd.grad(y.sin().sum(), (x, weights))
+
+    ours, theirs = forward_backward(layer_norm), forward_backward(F.layer_norm)
+    assert_trees_close(ours, theirs)
+    if not batched_weight:
+        assert "CppNode" in ours[0].grad_fn.name()
