@@ -413,7 +413,7 @@ def test_vmap_of_grad_over_stacked_module_parameters(device):
 def test_vmap_alone_keeps_the_cpp_node_and_backpropagates(device, batched_weight):
     """vmap without a gradient transform calls the op as plain eager does: its batching
     rule, then the C++ autograd node for a backward taken outside vmap."""
-    x, w, _ = make_args(device, (True, False))
+    x, w = make_args(device, (True, False))
     weights = torch.stack([w, 2 * w, -w]) if batched_weight else w
     x = x.requires_grad_()
     weights = weights.requires_grad_()
