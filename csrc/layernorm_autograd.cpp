@@ -48,7 +48,7 @@ std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
 // input, so their dependence on it is part of the graph). Returns (dx, dw, db).
 Tensor3 differentiable_backward(const at::Tensor& grad_out, const at::Tensor& input,
                                 at::IntArrayRef normalized_shape, const at::Tensor& weight,
-                                double eps) {
+                                const at::Tensor& bias, double eps) {
   const int64_t axis = input.dim() - static_cast<int64_t>(normalized_shape.size());
   std::vector<int64_t> row_dims(axis), col_dims(normalized_shape.size());
   std::iota(row_dims.begin(), row_dims.end(), 0);
@@ -64,9 +64,14 @@ Tensor3 differentiable_backward(const at::Tensor& grad_out, const at::Tensor& in
   const at::Tensor g = weight.defined() ? dy * weight.to(acc) : dy;
   const at::Tensor dx =
       rstd * (g - g.mean(col_dims, true) - xhat * (g * xhat).mean(col_dims, true));
-  const auto param_dtype = weight.defined() ? weight.scalar_type() : input.scalar_type();
-  return {dx.to(input.scalar_type()), (dy * xhat).sum(row_dims).to(param_dtype),
-          dy.sum(row_dims).to(param_dtype)};
+  // The parameters' dtype (float32 weight/bias may come with a bf16/fp16 input).
+  const auto param_dtype = weight.defined() ? weight.scalar_type()
+                           : bias.defined() ? bias.scalar_type()
+                                            : input.scalar_type();
+  // An empty dim list would reduce every dim: without leading dims there is one row.
+  const auto sum_rows = [&](const at::Tensor& t) { return axis > 0 ? t.sum(row_dims) : t; };
+  return {dx.to(input.scalar_type()), sum_rows(dy * xhat).to(param_dtype),
+          sum_rows(dy).to(param_dtype)};
 }
 
 class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
@@ -96,7 +101,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const auto normalized_shape = ctx->saved_data["normalized_shape"].toIntVector();
     const bool create_graph = torch::autograd::GradMode::is_enabled();
     auto [grad_input, grad_weight, grad_bias] =
-        create_graph ? differentiable_backward(grad_out, input, normalized_shape, weight,
+        create_graph ? differentiable_backward(grad_out, input, normalized_shape, weight, bias,
                                                ctx->saved_data["eps"].toDouble())
                      : call_backward(grad_out, input, normalized_shape, saved[3], saved[4],
                                      defined_or_none(weight), defined_or_none(bias));

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers the operators)
+from .transforms import transformed_layer_norm, transforms_active
 
 __all__ = ["layer_norm", "has_cuda_kernels"]
 
@@ -221,9 +222,17 @@ def layer_norm(
     are supported; float16/bfloat16 inputs may take float32 ``weight``/``bias``, and the
     output then keeps the input's dtype. ``normalized_shape`` may also be a single int
     (as for ``nn.LayerNorm``), and jagged nested tensors are normalized row by row.
+    It works under ``torch.func`` transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``,
+    ``jacfwd``, ``hessian``, ``vmap``) and ``torch.autograd.forward_ad``.
     """
     shape = _as_shape(normalized_shape)
     _check_argument_types(input, weight, bias, eps)
     if input.is_nested:
         return _jagged_layer_norm(input, shape, weight, bias, eps)
+    if transforms_active():
+        # torch.func / forward AD: the op's C++ autograd node supports neither. The op's
+        # checks run here, as the autograd.Function only gets the number of normalized dims.
+        _check_same_device(input, weight, bias)
+        _check_fake_inputs(input, shape, weight, bias)
+        return transformed_layer_norm(input, shape, weight, bias, eps)
     return _forward(input, shape, weight, bias, eps)[0]
