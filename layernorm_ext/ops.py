@@ -313,6 +313,23 @@ def _kernel_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optio
     return weight.to(torch.float32 if reduced else input.dtype)
 
 
+def _on_jagged_values(input: torch.Tensor, normalized_shape: list[int], function: str,
+                      normalize) -> torch.Tensor:
+    """``normalize(values)`` of a jagged nested tensor normalized over regular trailing dims:
+    its values are the rows. The result is a view over the same offsets, so it keeps the
+    ragged size symbol and combines with the input (residual connections)."""
+    if input.layout != torch.jagged:
+        raise ValueError(f"layernorm_ext.{function}: nested tensors need layout=torch.jagged")
+    if len(normalized_shape) > input.dim() - 1 - input._ragged_idx:
+        raise ValueError(f"layernorm_ext.{function}: normalized_shape must not include the "
+                         "ragged dimension of a nested tensor")
+    from torch.nested._internal.nested_tensor import nested_view_from_values_offsets_lengths
+
+    return nested_view_from_values_offsets_lengths(normalize(input.values()), input.offsets(),
+                                                   input.lengths(),
+                                                   ragged_idx=input._ragged_idx)
+
+
 def rms_norm(
     input: torch.Tensor,
     normalized_shape: _ShapeLike,
@@ -328,7 +345,8 @@ def rms_norm(
     Computed by the LayerNorm kernels of this package compiled for RMSNorm
     (``torch.ops.layernorm_ext.rms_forward``). The output has the input's dtype; ``weight``
     may have any floating dtype, as with torch (float16/bfloat16 input with float32 weight
-    runs natively, other mixes cast the weight). ``normalized_shape`` may also be an int.
+    runs natively, other mixes cast the weight). ``normalized_shape`` may also be an int,
+    and jagged nested tensors are normalized row by row.
     """
     shape = _as_shape(normalized_shape, "rms_norm")
     if not isinstance(input, torch.Tensor):
@@ -339,4 +357,7 @@ def rms_norm(
         raise _type_error("eps", 4, "float", eps, "rms_norm")
     if eps is not None and not isinstance(eps, torch.SymFloat):
         eps = float(eps)
+    if input.is_nested:
+        return _on_jagged_values(input, shape, "rms_norm",
+                                 lambda values: rms_norm(values, shape, weight, eps))
     return _rms_forward(input, shape, _kernel_weight(input, weight), eps)[0]

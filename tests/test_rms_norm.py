@@ -482,3 +482,13 @@ def test_cuda_registrations_when_expected():
         table = torch._C._dispatch_dump(f"layernorm_ext::{op}")
         cuda_lines = [line for line in table.splitlines() if line.startswith("CUDA:")]
         assert cuda_lines and "layernorm_cuda.cu" in cuda_lines[0], table
+
+
+def test_jagged_nested_input_as_torch(device):
+    nt = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)], layout=torch.jagged,
+                                    device=device)
+    w = torch.randn(8, device=device)
+    ours, theirs = rms_norm(nt, [8], w), F.rms_norm(nt, [8], w)
+    assert ours.is_nested and ours.shape == theirs.shape
+    (ours + nt).values()  # shares the ragged size symbol with the input, as torch's result
+    torch.testing.assert_close(ours.values(), theirs.values())
