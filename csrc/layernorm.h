@@ -29,13 +29,6 @@ RowShape check_norm_inputs(Norm norm, const at::Tensor& input, at::IntArrayRef n
                            const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias);
 
-inline RowShape check_layer_norm_inputs(const at::Tensor& input,
-                                        at::IntArrayRef normalized_shape,
-                                        const std::optional<at::Tensor>& weight,
-                                        const std::optional<at::Tensor>& bias) {
-  return check_norm_inputs(Norm::kLayer, input, normalized_shape, weight, bias);
-}
-
 // Checks the backward's extra tensors against the forward's arguments. mean is an
 // undefined tensor for RMSNorm.
 void check_layer_norm_backward_inputs(const at::Tensor& grad_out, const at::Tensor& input,
