@@ -318,11 +318,12 @@ def _on_jagged_values(input: torch.Tensor, normalized_shape: list[int], function
     """``normalize(values)`` of a jagged nested tensor normalized over regular trailing dims:
     its values are the rows. The result is a view over the same offsets, so it keeps the
     ragged size symbol and combines with the input (residual connections)."""
+    # RuntimeError: what torch's rms_norm raises for strided nested tensors.
     if input.layout != torch.jagged:
-        raise ValueError(f"layernorm_ext.{function}: nested tensors need layout=torch.jagged")
+        raise RuntimeError(f"layernorm_ext.{function}: nested tensors need layout=torch.jagged")
     if len(normalized_shape) > input.dim() - 1 - input._ragged_idx:
-        raise ValueError(f"layernorm_ext.{function}: normalized_shape must not include the "
-                         "ragged dimension of a nested tensor")
+        raise RuntimeError(f"layernorm_ext.{function}: normalized_shape must not include the "
+                           "ragged dimension of a nested tensor")
     from torch.nested._internal.nested_tensor import nested_view_from_values_offsets_lengths
 
     return nested_view_from_values_offsets_lengths(normalize(input.values()), input.offsets(),
