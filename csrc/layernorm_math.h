@@ -112,9 +112,15 @@ LN_HOST_DEVICE V normalize(const V& x, const V& mean, const V& rstd) {
 }
 
 // y = xhat * w + b; callers pass w = 1 and b = 0 for the missing affine parts.
-template <typename V>
+// RMSNorm (kRms) has no bias: y = xhat * w (no "+ 0", which would turn -0 into +0).
+template <Norm kNorm = Norm::kLayer, typename V>
 LN_HOST_DEVICE V affine(const V& xhat, const V& w, const V& b) {
-  return xhat * w + b;
+  if constexpr (kNorm == Norm::kRms) {
+    (void)b;
+    return xhat * w;
+  } else {
+    return xhat * w + b;
+  }
 }
 
 // Input gradient of one element. With g = dy * w and the row means

@@ -492,3 +492,14 @@ def test_jagged_nested_input_as_torch(device):
     assert ours.is_nested and ours.shape == theirs.shape
     (ours + nt).values()  # shares the ragged size symbol with the input, as torch's result
     torch.testing.assert_close(ours.values(), theirs.values())
+
+
+@pytest.mark.parametrize("value", [1e-30, 1e20, 3e38], ids=["tiny", "square_overflows", "near_max"])
+def test_extreme_rows_as_torch(device, value):
+    """Rows whose mean square under- or overflows float32 give torch's result, signed zeros
+    included (x * rstd * w, with no "+ 0" of a missing bias)."""
+    x = torch.full((2, 16), value, device=device)
+    x[0, 0] = -value
+    ours, theirs = rms_norm(x, [16]), F.rms_norm(x, [16])
+    torch.testing.assert_close(ours, theirs)
+    assert torch.equal(torch.signbit(ours), torch.signbit(theirs))

@@ -320,7 +320,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       const auto bv = PC::load_or(a.bias ? a.bias + j : nullptr, n, acc_t(0));
       typename C::Parts yv;
       for (int k = 0; k < C::kParts; ++k) {
-        yv[k] = math::affine(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
+        yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
       }
       C::store_row(y + j, yv, n, stream);
     }

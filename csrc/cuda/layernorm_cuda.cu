@@ -344,12 +344,12 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
       load_param(a.weight, e, weight_vectors, acc_t(1), w);
       load_param(a.bias, e, bias_vectors, acc_t(0), b);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) out[k] = math::affine(math::normalize<kNorm>(v[i][k], mean, rstd), w[k], b[k]);
+      for (int k = 0; k < kVec; ++k) out[k] = math::affine<kNorm>(math::normalize<kNorm>(v[i][k], mean, rstd), w[k], b[k]);
       store_vector(yr + e, out);
     });
     cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
       const acc_t xhat = math::normalize<kNorm>(edge[i], mean, rstd);
-      yr[e] = static_cast<T>(math::affine(xhat, load_param(a.weight, e, acc_t(1)),
+      yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
                                           load_param(a.bias, e, acc_t(0))));
     });
   }
@@ -419,12 +419,12 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
           load_param(a.weight, e, weight_vectors, acc_t(1), w);
           load_param(a.bias, e, bias_vectors, acc_t(0), b);
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) v[k] = math::affine(math::normalize<kNorm>(v[k], mean, rstd), w[k], b[k]);
+          for (int k = 0; k < kVec; ++k) v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], mean, rstd), w[k], b[k]);
           store_vector(yr + e, v);
         },
         [&](int64_t e) {
           const acc_t xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
-          yr[e] = static_cast<T>(math::affine(xhat, load_param(a.weight, e, acc_t(1)),
+          yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
                                               load_param(a.bias, e, acc_t(0))));
         });
   }
