@@ -56,7 +56,9 @@ Tensor2 differentiable_rms_backward(const at::Tensor& grad_out, const at::Tensor
   const at::Tensor g = weight.defined() ? dy * weight.to(acc) : dy;
   const at::Tensor dx = rstd * (g - xhat * (g * xhat).mean(col_dims, /*keepdim=*/true));
   const auto param_dtype = weight.defined() ? weight.scalar_type() : input.scalar_type();
-  return {dx.to(input.scalar_type()), (dy * xhat).sum(row_dims).to(param_dtype)};
+  // An empty dim list would reduce every dim: without leading dims there is one row.
+  const at::Tensor dw = axis > 0 ? (dy * xhat).sum(row_dims) : dy * xhat;
+  return {dx.to(input.scalar_type()), dw.to(param_dtype)};
 }
 
 class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {

@@ -159,6 +159,13 @@ def test_gradgradcheck(device, with_weight):
                                             (x.requires_grad_(),))
 
 
+def test_gradgradcheck_input_without_leading_dims(device):
+    # One row and no leading dims: the double backward's sum over rows is over no dims.
+    x, w = make_inputs((8,), [8], torch.float64, device)
+    assert torch.autograd.gradgradcheck(lambda x, w: rms_norm(x, [8], w),
+                                        (x.requires_grad_(), w.requires_grad_()))
+
+
 def test_gradgradcheck_non_contiguous(device):
     base, w = make_inputs((8, 6), [8], torch.float64, device)
     x = base.t().requires_grad_()
