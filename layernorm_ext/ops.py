@@ -2,7 +2,8 @@
 
 The schemas, the CPU/CUDA kernels and the autograd formula are registered in C++
 (``csrc/``); this module adds the fake (meta) kernels used by ``torch.compile`` and
-export, and ``layer_norm``, the functional entry point with ``F.layer_norm``'s signature.
+export, and ``layer_norm``, the functional entry point with ``F.layer_norm``'s signature;
+then the same for RMSNorm (``rms_forward``/``rms_backward``, ``rms_norm``).
 """
 
 from __future__ import annotations
