@@ -1,10 +1,12 @@
 """LayerNorm microbenchmark: layernorm_ext against torch eager, torch.compile (and on CUDA
-Liger-Kernel and apex), each against the memory roof measured in the same run.
+Liger-Kernel and apex), each against the memory roof measured in the same run; with
+--norms rms (or layer,rms) also RMSNorm against F.rms_norm eager and compiled.
 
     python bench/bench_layernorm.py                   # full CPU sweep -> bench/results/<machine>.*
     python bench/bench_layernorm.py --malloc-tuned    # the same under tuned glibc malloc settings
     python bench/bench_layernorm.py --device cuda     # the GPU sweep
     python bench/bench_layernorm.py --quick --out /tmp/q
+    python bench/bench_layernorm.py --norms layer,rms # LayerNorm and RMSNorm rows
 
 LayerNorm is memory-bound, so each contender is judged by its effective bandwidth under the
 byte model (forward 2*M*N*s, backward 3*M*N*s, forward+backward 5*M*N*s for s bytes per
@@ -27,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable as a p
 import torch
 
 from bench import machine
+from bench.contenders import NORMS
 from bench.sweep import (DTYPES, PASSES, QUICK_SHAPES, RESULTS_DIR, SEED_SHAPE, SWEEP_DIMS,
                          SweepConfig, SweepResult, run_sweep)
 
@@ -62,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + __doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    parser.add_argument("--norms", type=lambda s: _parse_list(s, NORMS, "norm"), default="layer",
+                        help="comma-separated subset of layer,rms (LayerNorm, RMSNorm; "
+                             "default: %(default)s)")
     parser.add_argument("--passes", type=lambda s: _parse_list(s, PASSES, "pass"),
                         default=",".join(PASSES), help="comma-separated subset of the default %(default)s")
     parser.add_argument("--dtypes", type=lambda s: _parse_list(s, tuple(DTYPES), "dtype"),
@@ -104,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bench.report import write_reports  # matplotlib is only needed once there are results
 
     config = SweepConfig(
-        device=args.device, passes=args.passes, dtypes=args.dtypes, shapes=args.shapes,
+        device=args.device, norms=args.norms, passes=args.passes, dtypes=args.dtypes, shapes=args.shapes,
         quick=args.quick,
         reps=args.reps if args.reps is not None else (5 if args.quick else 15),
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),

@@ -1,13 +1,16 @@
-"""The LayerNorm implementations the benchmark compares, each as ``fn(x, weight, bias) -> y``.
+"""The LayerNorm and RMSNorm implementations the benchmark compares, each as
+``fn(x, weight, bias) -> y`` (RMSNorm ignores ``bias``, which is None for it).
 
-Every contender normalizes over the last dimension with the same eps. ``make`` is called once
-per shape and dtype: that is where ``torch.compile`` gets a fresh, shape-specialized function.
+Every contender normalizes over the last dimension with the same eps. ``make`` (LayerNorm) and
+``make_rms`` (RMSNorm; None for a contender measured on LayerNorm only) are called once per
+shape and dtype: that is where ``torch.compile`` gets a fresh, shape-specialized function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,8 @@ import torch.nn.functional as F
 import layernorm_ext
 
 EPS = 1e-5
-LayerNormFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LayerNormFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+NORMS = ("layer", "rms")  # LayerNorm, RMSNorm
 
 EXT = "layernorm_ext"
 EAGER = "torch eager"
@@ -28,6 +32,11 @@ APEX = "apex"
 class Contender:
     name: str
     make: Callable[[], LayerNormFn]
+    make_rms: Optional[Callable[[], LayerNormFn]] = None
+
+    def maker(self, norm: str) -> Optional[Callable[[], LayerNormFn]]:
+        """The factory for ``norm`` ("layer" or "rms"); None when not measured for it."""
+        return self.make if norm == "layer" else self.make_rms
 
 
 def _make_ext() -> LayerNormFn:
@@ -45,6 +54,20 @@ def _make_compiled() -> LayerNormFn:
     torch._dynamo.reset()
     compiled = torch.compile(F.layer_norm, dynamic=False, fullgraph=True)
     return lambda x, weight, bias: compiled(x, x.shape[-1:], weight, bias, EPS)
+
+
+def _make_ext_rms() -> LayerNormFn:
+    return lambda x, weight, bias: layernorm_ext.rms_norm(x, x.shape[-1:], weight, EPS)
+
+
+def _make_eager_rms() -> LayerNormFn:
+    return lambda x, weight, bias: F.rms_norm(x, x.shape[-1:], weight, EPS)
+
+
+def _make_compiled_rms() -> LayerNormFn:
+    torch._dynamo.reset()  # as _make_compiled
+    compiled = torch.compile(F.rms_norm, dynamic=False, fullgraph=True)
+    return lambda x, weight, bias: compiled(x, x.shape[-1:], weight, EPS)
 
 
 def _make_liger() -> LayerNormFn:
@@ -70,8 +93,9 @@ def _importable(make: Callable[[], LayerNormFn]) -> str | None:
 
 def select_contenders(device: str) -> tuple[list[Contender], dict[str, str]]:
     """The contenders that can run on ``device``, and the skipped ones with the reason."""
-    contenders = [Contender(EXT, _make_ext), Contender(EAGER, _make_eager),
-                  Contender(COMPILED, _make_compiled)]
+    contenders = [Contender(EXT, _make_ext, _make_ext_rms),
+                  Contender(EAGER, _make_eager, _make_eager_rms),
+                  Contender(COMPILED, _make_compiled, _make_compiled_rms)]
     skipped: dict[str, str] = {}
     for name, make in ((LIGER, _make_liger), (APEX, _make_apex)):
         if device != "cuda":

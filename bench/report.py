@@ -1,4 +1,4 @@
-"""Writes a sweep's results as Markdown (tables per pass and dtype), CSV, and a PNG plot."""
+"""Writes a sweep's results as Markdown (tables per norm, pass and dtype), CSV, and a PNG plot."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.sweep import EXT, ROOF, Row, SweepResult  # noqa: E402
 
-CSV_FIELDS = ("device", "pass", "dtype", "M", "N", "contender", "median_us", "iqr_us", "inner",
-              "bytes", "GBps", "roof_GBps", "pct_roof", "ext_speedup")
+CSV_FIELDS = ("device", "norm", "pass", "dtype", "M", "N", "contender", "median_us", "iqr_us",
+              "inner", "bytes", "GBps", "roof_GBps", "pct_roof", "ext_speedup")
+NORM_TITLES = {"layer": "", "rms": "RMSNorm "}  # LayerNorm sections keep their old titles
 
 
 def write_reports(result: SweepResult, prefix: Path, plot: bool = True) -> list[Path]:
@@ -31,11 +32,13 @@ def write_reports(result: SweepResult, prefix: Path, plot: bool = True) -> list[
     return paths
 
 
-def _cases(rows: Iterable[Row]) -> dict[tuple[str, str], dict[tuple[int, int], dict[str, Row]]]:
-    """rows grouped as {(pass, dtype): {(M, N): {contender: row}}}, in sweep order."""
+def _cases(rows: Iterable[Row]
+           ) -> dict[tuple[str, str, str], dict[tuple[int, int], dict[str, Row]]]:
+    """rows grouped as {(norm, pass, dtype): {(M, N): {contender: row}}}, in sweep order."""
     grouped: dict = defaultdict(dict)
     for row in rows:
-        grouped[(row.pass_name, row.dtype)].setdefault((row.rows, row.cols), {})[row.contender] = row
+        key = (row.norm, row.pass_name, row.dtype)
+        grouped[key].setdefault((row.rows, row.cols), {})[row.contender] = row
     return grouped
 
 
@@ -50,7 +53,7 @@ def _geomean(values: list[float]) -> float:
 
 def markdown(result: SweepResult) -> str:
     others = [name for name in result.contenders if name != EXT]
-    lines = [f"# LayerNorm microbenchmark: {result.header['machine'].split(' ')[0]}", "",
+    lines = [f"# {_title(result)} microbenchmark: {result.header['machine'].split(' ')[0]}", "",
              "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in result.header.items()]
     lines += ["", "Effective bandwidth by the byte model: fwd 2·M·N·s, bwd 3·M·N·s, fwd+bwd "
@@ -65,8 +68,8 @@ def markdown(result: SweepResult) -> str:
     if result.notes:
         lines += ["Notes:", ""] + [f"- {note}" for note in result.notes] + [""]
 
-    for (pass_name, dtype), shapes in _cases(result.rows).items():
-        lines += [f"## {pass_name}, {dtype}", ""]
+    for (norm, pass_name, dtype), shapes in _cases(result.rows).items():
+        lines += [f"## {NORM_TITLES[norm]}{pass_name}, {dtype}", ""]
         head = ["M×N", "roof GB/s", f"{EXT} µs", "GB/s", "% roof"]
         for name in others:
             head += [f"{name} µs", "GB/s", "% roof", "ext ×"]
@@ -88,10 +91,10 @@ def markdown(result: SweepResult) -> str:
     lines += ["## Summary", "",
               "Geometric mean over the shapes of each case of the speedup of layernorm_ext "
               "(> 1: layernorm_ext is faster), and of layernorm_ext's % of the roof.", ""]
-    head = ["pass", "dtype"] + [f"vs {name}" for name in others] + [f"{EXT} % roof"]
+    head = ["norm", "pass", "dtype"] + [f"vs {name}" for name in others] + [f"{EXT} % roof"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for (pass_name, dtype), shapes in _cases(result.rows).items():
-        cells = [pass_name, dtype]
+    for (norm, pass_name, dtype), shapes in _cases(result.rows).items():
+        cells = [{"layer": "LayerNorm", "rms": "RMSNorm"}[norm], pass_name, dtype]
         for name in others + [EXT]:
             if name == EXT:
                 values = [s[EXT].pct_roof for s in shapes.values() if EXT in s]
@@ -109,7 +112,7 @@ def write_csv(result: SweepResult, path: Path) -> None:
         writer.writerow(CSV_FIELDS)
         for row in result.rows:
             writer.writerow([
-                result.config.device, row.pass_name, row.dtype, row.rows, row.cols, row.contender,
+                result.config.device, row.norm, row.pass_name, row.dtype, row.rows, row.cols, row.contender,
                 f"{row.median_s * 1e6:.3f}", f"{row.iqr_s * 1e6:.3f}", row.inner, row.bytes_moved,
                 f"{row.gbps:.3f}", f"{row.roof_gbps:.3f}", f"{row.pct_roof:.2f}",
                 "" if row.ext_speedup is None else f"{row.ext_speedup:.4f}"])
@@ -122,18 +125,25 @@ def _short(count: int) -> str:
     return str(count)
 
 
+def _title(result: SweepResult) -> str:
+    norms = dict.fromkeys(row.norm for row in result.rows) or {"layer": None}
+    return " and ".join({"layer": "LayerNorm", "rms": "RMSNorm"}[n] for n in norms)
+
+
 def write_plot(result: SweepResult, path: Path) -> None:
-    """Bandwidth against the shape per contender, one panel per pass and dtype, roof dashed."""
-    passes = list(dict.fromkeys(row.pass_name for row in result.rows)) or ["(none)"]
+    """Bandwidth against the shape per contender, one panel per (norm, pass) and dtype, roof
+    dashed."""
+    passes = list(dict.fromkeys((row.norm, row.pass_name) for row in result.rows)) or [
+        ("layer", "(none)")]
     dtypes = list(dict.fromkeys(row.dtype for row in result.rows)) or ["(none)"]
     grouped = _cases(result.rows)
     names = result.contenders + [ROOF]
     fig, axes = plt.subplots(len(passes), len(dtypes), squeeze=False, sharey="row",
                              figsize=(4.8 * len(dtypes) + 1, 3.4 * len(passes) + 0.6))
-    for i, pass_name in enumerate(passes):
+    for i, (norm, pass_name) in enumerate(passes):
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
-            shapes = grouped.get((pass_name, dtype), {})
+            shapes = grouped.get((norm, pass_name, dtype), {})
             positions = range(len(shapes))
             for name in names:
                 values = [by_name[name].gbps if name in by_name else float("nan")
@@ -142,7 +152,7 @@ def write_plot(result: SweepResult, path: Path) -> None:
                 ax.plot(positions, values, marker="o", markersize=3, label=name, **style)
             ax.set_xticks(list(positions))
             ax.set_xticklabels([f"{cols}\n{_short(rows)}" for rows, cols in shapes], fontsize=7)
-            ax.set_title(f"{pass_name}, {dtype}", fontsize=10)
+            ax.set_title(f"{NORM_TITLES[norm]}{pass_name}, {dtype}", fontsize=10)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             if j == 0:
@@ -151,7 +161,7 @@ def write_plot(result: SweepResult, path: Path) -> None:
                 ax.set_xlabel("D (normalized size)\nM (rows)", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(names), frameon=False)
-    fig.suptitle(f"LayerNorm effective bandwidth: {result.header['machine']}", fontsize=10)
+    fig.suptitle(f"{_title(result)} effective bandwidth: {result.header['machine']}", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

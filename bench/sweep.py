@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import layernorm_ext
 from bench import machine
-from bench.contenders import EAGER, EXT, LayerNormFn, select_contenders
+from bench.contenders import EAGER, EXT, NORMS, LayerNormFn, select_contenders
 from bench.timing import Measurement, Runner, measure_interleaved
 
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -47,6 +47,7 @@ class SweepConfig:
     """What to measure. ``shapes=None`` runs the default sweep (or the quick one)."""
 
     device: str = "cpu"
+    norms: Sequence[str] = ("layer",)  # of NORMS: "layer" (LayerNorm), "rms" (RMSNorm)
     passes: Sequence[str] = PASSES
     dtypes: Sequence[str] = tuple(DTYPES)
     shapes: Optional[Sequence[tuple[int, int]]] = None
@@ -73,6 +74,7 @@ class Row:
     gbps: float
     roof_gbps: float
     ext_speedup: Optional[float]  # contender time / layernorm_ext time; None for the roof
+    norm: str = "layer"  # "layer" or "rms"
 
     @property
     def pct_roof(self) -> float:
@@ -119,24 +121,25 @@ def sweep_shapes(config: SweepConfig, dtype: torch.dtype) -> list[tuple[int, int
 
 
 def _pass_runners(pass_name: str, fns: dict[str, LayerNormFn], x: torch.Tensor,
-                  weight: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor
+                  weight: torch.Tensor, bias: Optional[torch.Tensor], grad_out: torch.Tensor
                   ) -> dict[str, Runner]:
-    """Zero-argument callables that run one pass of each contender."""
+    """Zero-argument callables that run one pass of each contender (bias None: RMSNorm)."""
     if pass_name == "fwd":
         return {name: (lambda fn=fn: fn(x, weight, bias)) for name, fn in fns.items()}
-    leaves = tuple(t.detach().requires_grad_() for t in (x, weight, bias))
+    leaves = tuple(t.detach().requires_grad_() for t in (x, weight, bias) if t is not None)
+    args = leaves + (None,) * (3 - len(leaves))  # (x, weight, bias or None)
     if pass_name == "bwd":
         # The graph is built once; only the backward is timed.
         runners = {}
         for name, fn in fns.items():
             try:
-                y = fn(*leaves)
+                y = fn(*args)
             except Exception as error:  # reported by measure_interleaved, like any failure
                 runners[name] = _raiser(error)
                 continue
             runners[name] = lambda y=y: torch.autograd.grad(y, leaves, grad_out, retain_graph=True)
         return runners
-    return {name: (lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, grad_out))
+    return {name: (lambda fn=fn: torch.autograd.grad(fn(*args), leaves, grad_out))
             for name, fn in fns.items()}
 
 
@@ -158,7 +161,7 @@ _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def _check_outputs(fns: dict[str, LayerNormFn], x: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor) -> list[str]:
+                   bias: Optional[torch.Tensor]) -> list[str]:
     """Compare every contender's forward with torch eager on ~256 sampled rows."""
     rows = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], 256), device=x.device).long()
     sample = x.index_select(0, rows)
@@ -178,7 +181,7 @@ def _check_outputs(fns: dict[str, LayerNormFn], x: torch.Tensor, weight: torch.T
 
 
 def _case_rows(pass_name: str, dtype_name: str, shape: tuple[int, int],
-               measured: dict[str, Measurement]) -> list[Row]:
+               measured: dict[str, Measurement], norm: str = "layer") -> list[Row]:
     rows, cols = shape
     element_size = DTYPES[dtype_name].itemsize
     bytes_moved = PASS_TRAFFIC[pass_name] * rows * cols * element_size
@@ -188,7 +191,7 @@ def _case_rows(pass_name: str, dtype_name: str, shape: tuple[int, int],
     for name, m in measured.items():
         speedup = (m.median_s / ext.median_s) if ext is not None and name != ROOF else None
         result.append(Row(pass_name, dtype_name, rows, cols, name, m.median_s, m.iqr_s, m.inner,
-                          bytes_moved, bytes_moved / m.median_s / 1e9, roof_gbps, speedup))
+                          bytes_moved, bytes_moved / m.median_s / 1e9, roof_gbps, speedup, norm))
     return result
 
 
@@ -208,6 +211,7 @@ def describe_run(config: SweepConfig) -> dict[str, str]:
         "torch": torch.__version__ + (f", CUDA {torch.version.cuda}" if device == "cuda" else ""),
         "layernorm_ext": f"{layernorm_ext.__version__}, git "
                          + machine.source_revision(Path(__file__).resolve().parent),
+        "norms": ", ".join({"layer": "LayerNorm", "rms": "RMSNorm"}[n] for n in config.norms),
         "threads": str(torch.get_num_threads()),
         "allocator": machine.allocator_settings(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -233,36 +237,46 @@ def run_sweep(config: SweepConfig,
     if config.device == "cuda" and not (torch.cuda.is_available()
                                         and layernorm_ext.has_cuda_kernels()):
         raise RuntimeError("--device cuda needs a CUDA GPU and a CUDA build of layernorm_ext")
+    unknown = set(config.norms) - set(NORMS)
+    if unknown or not config.norms:
+        raise ValueError(f"norms must be a non-empty subset of {NORMS}, got {config.norms}")
     contenders, skipped = select_contenders(config.device)
     result = SweepResult(config, describe_run(config), [c.name for c in contenders], skipped)
-    cases = [(dtype_name, shape) for dtype_name in config.dtypes
+    for c in contenders:
+        missing = [n for n in config.norms if c.maker(n) is None]
+        if missing:
+            result.notes.append(f"{c.name}: not measured for {', '.join(missing)}")
+    cases = [(norm, dtype_name, shape) for norm in config.norms for dtype_name in config.dtypes
              for shape in sweep_shapes(config, DTYPES[dtype_name])]
     progress = tqdm(total=len(cases) * len(config.passes), unit="case", disable=not config.progress,
                     dynamic_ncols=True)
     generator = torch.Generator(config.device)
     peak_load = os.getloadavg()[0]  # this run adds ~threads; much more means others were busy
-    for dtype_name, (rows, cols) in cases:
+    for norm, dtype_name, (rows, cols) in cases:
         peak_load = max(peak_load, os.getloadavg()[0])
+        label = f"{'' if norm == 'layer' else 'rms '}{dtype_name} {rows}x{cols}"
         dtype = DTYPES[dtype_name]
         generator.manual_seed(0)
         make = dict(dtype=dtype, device=config.device)
         x = torch.randn(rows, cols, generator=generator, **make)
         weight = 1 + 0.1 * torch.randn(cols, generator=generator, **make)
-        bias = 0.1 * torch.randn(cols, generator=generator, **make)
+        bias = 0.1 * torch.randn(cols, generator=generator, **make) if norm == "layer" else None
         grad_out = torch.randn(rows, cols, generator=generator, **make)
-        fns = {c.name: c.make() for c in contenders}  # torch.compile: once per shape and dtype
+        # torch.compile: once per norm, shape and dtype.
+        fns = {c.name: c.maker(norm)() for c in contenders if c.maker(norm) is not None}
         for problem in _check_outputs(fns, x, weight, bias):
-            result.notes.append(f"{dtype_name} {rows}x{cols}: {problem}")
+            result.notes.append(f"{label}: {problem}")
         for pass_name in config.passes:
-            progress.set_postfix_str(f"{pass_name} {dtype_name} {rows}x{cols}")
+            progress.set_postfix_str(f"{pass_name} {label}")
             runners = _pass_runners(pass_name, fns, x, weight, bias, grad_out)
             runners[ROOF] = _roof_runner(pass_name, x)
             measured, failures = measure_interleaved(
                 runners, config.device, config.reps, config.warmup, config.min_sample_s)
             for name, error in failures.items():
-                result.notes.append(f"{pass_name} {dtype_name} {rows}x{cols}: {name} failed: {error}")
+                result.notes.append(f"{pass_name} {label}: {name} failed: {error}")
             if ROOF in measured:
-                result.rows.extend(_case_rows(pass_name, dtype_name, (rows, cols), measured))
+                result.rows.extend(_case_rows(pass_name, dtype_name, (rows, cols), measured,
+                                              norm))
             del runners, measured
             gc.collect()
             progress.update()

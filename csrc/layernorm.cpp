@@ -6,6 +6,8 @@
 
 #include <c10/util/irange.h>
 
+#include <limits>
+
 #include "layernorm.h"
 
 // The extension is loaded as the Python module layernorm_ext._C; loading it runs the
@@ -50,28 +52,48 @@ void check_param(const at::Tensor& input, const at::Tensor& param, const char* n
               reduced_input ? " or float32" : "", ", but got ", p);
 }
 
-}  // namespace
-
-RowShape check_layer_norm_inputs(const at::Tensor& input, at::IntArrayRef normalized_shape,
-                                 const std::optional<at::Tensor>& weight,
-                                 const std::optional<at::Tensor>& bias) {
+// The shape messages: layer_norm's, and rms_norm's, which torch words differently
+// ("[*5, 4]"; a ValueError for an input with too few dims).
+void check_input_shape(Norm norm, const at::Tensor& input, at::IntArrayRef normalized_shape) {
   const int64_t normalized_ndim = normalized_shape.size();
-  TORCH_CHECK(normalized_ndim >= 1,
-              "Expected normalized_shape to be at least 1-dimensional, i.e., ",
-              "containing at least one element, but got normalized_shape = ", normalized_shape);
   const auto input_shape = input.sizes();
   const int64_t input_ndim = input.dim();
+  if (norm == Norm::kRms) {
+    TORCH_CHECK_VALUE(input_ndim >= normalized_ndim, "Input tensor must have at least ",
+                      normalized_ndim, " dimensions, but got ", input_ndim);
+  }
   if (input_ndim < normalized_ndim ||
       !input_shape.slice(input_ndim - normalized_ndim).equals(normalized_shape)) {
     std::stringstream ss;
     ss << "Given normalized_shape=" << normalized_shape << ", expected input with shape [*";
-    for (auto size : normalized_shape) ss << ", " << size;
+    for (const auto i : c10::irange(normalized_ndim)) {
+      ss << (norm == Norm::kLayer || i > 0 ? ", " : "") << normalized_shape[i];
+    }
     ss << "], but got input of size" << input_shape;
     TORCH_CHECK(false, ss.str());
+  }
+}
+
+}  // namespace
+
+RowShape check_norm_inputs(Norm norm, const at::Tensor& input, at::IntArrayRef normalized_shape,
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias) {
+  const int64_t normalized_ndim = normalized_shape.size();
+  TORCH_CHECK(normalized_ndim >= 1,
+              "Expected normalized_shape to be at least 1-dimensional, i.e., ",
+              "containing at least one element, but got normalized_shape = ", normalized_shape);
+  check_input_shape(norm, input, normalized_shape);
+  if (norm == Norm::kRms) {
+    const auto dtype = input.scalar_type();
+    TORCH_CHECK_NOT_IMPLEMENTED(dtype == at::kFloat || dtype == at::kDouble ||
+                                    dtype == at::kHalf || dtype == at::kBFloat16,
+                                "\"rms_norm\" not implemented for '", c10::toString(dtype), "'");
   }
   check_floating(input, "input");
   const bool has_weight = weight.has_value() && weight->defined();
   const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_INTERNAL_ASSERT(norm == Norm::kLayer || !has_bias, "RMSNorm has no bias");
   if (has_weight) check_param(input, *weight, "weight", normalized_shape);
   if (has_bias) check_param(input, *bias, "bias", normalized_shape);
   if (has_weight && has_bias) {
@@ -79,9 +101,9 @@ RowShape check_layer_norm_inputs(const at::Tensor& input, at::IntArrayRef normal
                 "mixed dtype: expected weight and bias to have the same dtype, but got ",
                 weight->scalar_type(), " and ", bias->scalar_type());
   }
-  const int64_t axis = input_ndim - normalized_ndim;
-  return {c10::multiply_integers(input_shape.slice(0, axis)),
-          c10::multiply_integers(input_shape.slice(axis))};
+  const int64_t axis = input.dim() - normalized_ndim;
+  return {c10::multiply_integers(input.sizes().slice(0, axis)),
+          c10::multiply_integers(input.sizes().slice(axis))};
 }
 
 void check_layer_norm_backward_inputs(const at::Tensor& grad_out, const at::Tensor& input,
@@ -92,8 +114,11 @@ void check_layer_norm_backward_inputs(const at::Tensor& grad_out, const at::Tens
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "Expected grad_out of dtype ",
               input.scalar_type(), ", but got ", grad_out.scalar_type());
   const auto stats = stats_dtype(input.scalar_type());
-  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) check_same_device(input, *t);
+  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) {
+    if (t->defined()) check_same_device(input, *t);  // RMSNorm: no mean
+  }
   for (const at::Tensor* t : {&mean, &rstd}) {
+    if (!t->defined()) continue;
     TORCH_CHECK(t->numel() == shape.rows && t->scalar_type() == stats,
                 "Expected mean and rstd with ", shape.rows, " elements of dtype ", stats,
                 ", but got ", t->numel(), " elements of dtype ", t->scalar_type());
@@ -102,6 +127,12 @@ void check_layer_norm_backward_inputs(const at::Tensor& grad_out, const at::Tens
 
 at::ScalarType stats_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+double rms_norm_eps(at::ScalarType input_dtype, std::optional<double> eps) {
+  if (eps.has_value()) return *eps;
+  return input_dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                    : std::numeric_limits<float>::epsilon();
 }
 
 at::ScalarType param_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -122,10 +153,10 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 }
 }  // namespace
 
-ForwardArgs prepare_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+ForwardArgs prepare_forward(Norm norm, const at::Tensor& input, at::IntArrayRef normalized_shape,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, double eps) {
-  const RowShape shape = check_layer_norm_inputs(input, normalized_shape, weight, bias);
+  const RowShape shape = check_norm_inputs(norm, input, normalized_shape, weight, bias);
   ForwardArgs args;
   args.input = input.contiguous();
   args.weight = contiguous_or_undefined(weight);
@@ -133,7 +164,7 @@ ForwardArgs prepare_forward(const at::Tensor& input, at::IntArrayRef normalized_
   args.output = at::empty(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
   const auto stats_options = input.options().dtype(stats_dtype(input.scalar_type()));
   const auto mean_shape = stats_shape(input, normalized_shape);
-  args.mean = at::empty(mean_shape, stats_options);
+  if (norm == Norm::kLayer) args.mean = at::empty(mean_shape, stats_options);
   args.rstd = at::empty(mean_shape, stats_options);
   args.shape = shape;
   args.eps = eps;
@@ -141,23 +172,23 @@ ForwardArgs prepare_forward(const at::Tensor& input, at::IntArrayRef normalized_
   return args;
 }
 
-BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
+BackwardArgs prepare_backward(Norm norm, const at::Tensor& grad_out, const at::Tensor& input,
                               at::IntArrayRef normalized_shape, const at::Tensor& mean,
                               const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias) {
-  const RowShape shape = check_layer_norm_inputs(input, normalized_shape, weight, bias);
+  const RowShape shape = check_norm_inputs(norm, input, normalized_shape, weight, bias);
   check_layer_norm_backward_inputs(grad_out, input, mean, rstd, shape);
   BackwardArgs args;
   args.grad_out = grad_out.contiguous();
   args.input = input.contiguous();
-  args.mean = mean.contiguous();
+  if (norm == Norm::kLayer) args.mean = mean.contiguous();
   args.rstd = rstd.contiguous();
   args.weight = contiguous_or_undefined(weight);
   args.grad_input = at::empty(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
   args.param_dtype = param_dtype(input, weight, bias);
   const auto param_options = input.options().dtype(args.param_dtype);
   args.grad_weight = at::empty(normalized_shape, param_options);
-  args.grad_bias = at::empty(normalized_shape, param_options);
+  if (norm == Norm::kLayer) args.grad_bias = at::empty(normalized_shape, param_options);
   args.shape = shape;
   return args;
 }
@@ -174,6 +205,15 @@ TORCH_LIBRARY(layernorm_ext, m) {
   m.def(
       "backward(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, "
       "Tensor rstd, Tensor? weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
+  // RMSNorm, from the same kernels: returns (output, rstd), rstd as above. eps=None is
+  // torch's default (rms_norm_eps in layernorm.h).
+  m.def(
+      "rms_forward(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) "
+      "-> (Tensor, Tensor)");
+  // Returns (grad_input, grad_weight); grad_weight as backward's.
+  m.def(
+      "rms_backward(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, "
+      "Tensor? weight) -> (Tensor, Tensor)");
 }
 
 }  // namespace layernorm_ext

@@ -7,8 +7,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <optional>
+
 #include <tuple>
 #include <type_traits>
+
+#include "layernorm_math.h"
 
 namespace layernorm_ext {
 
@@ -18,19 +22,25 @@ struct RowShape {
   int64_t cols;  // N = prod(normalized_shape)
 };
 
-// Validates the arguments of layer_norm exactly once per call, with torch's messages
-// where torch has one, and returns the row view of the problem.
-RowShape check_layer_norm_inputs(const at::Tensor& input, at::IntArrayRef normalized_shape,
-                                 const std::optional<at::Tensor>& weight,
-                                 const std::optional<at::Tensor>& bias);
+// Validates the arguments of layer_norm (norm = kLayer) or rms_norm (kRms, no bias)
+// exactly once per call, with torch's messages where torch has one, and returns the
+// row view of the problem.
+RowShape check_norm_inputs(Norm norm, const at::Tensor& input, at::IntArrayRef normalized_shape,
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias);
 
-// Checks the backward's extra tensors against the forward's arguments.
+// Checks the backward's extra tensors against the forward's arguments. mean is an
+// undefined tensor for RMSNorm.
 void check_layer_norm_backward_inputs(const at::Tensor& grad_out, const at::Tensor& input,
                                       const at::Tensor& mean, const at::Tensor& rstd,
                                       const RowShape& shape);
 
 // dtype of mean/rstd and of the dgamma/dbeta partial sums: fp32 unless the input is fp64.
 at::ScalarType stats_dtype(at::ScalarType input_dtype);
+
+// rms_norm's eps: the given one, else torch's default, the machine epsilon of the
+// computation type (float32's for float32/float16/bfloat16 input, float64's for float64).
+double rms_norm_eps(at::ScalarType input_dtype, std::optional<double> eps);
 
 // dtype of the affine parameters (and of their gradients): weight's, else bias's, else input's.
 at::ScalarType param_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -41,9 +51,11 @@ std::vector<int64_t> stats_shape(const at::Tensor& input, at::IntArrayRef normal
 
 // Forward: (output, mean, rstd). Backward: (grad_input, grad_weight, grad_bias).
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// RMSNorm forward: (output, rstd). Backward: (grad_input, grad_weight).
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 
 // Everything a forward kernel needs: contiguous inputs, allocated outputs.
-// weight/bias are undefined tensors when absent.
+// weight/bias are undefined tensors when absent; bias and mean always are for RMSNorm.
 struct ForwardArgs {
   at::Tensor input, weight, bias;  // contiguous
   at::Tensor output, mean, rstd;   // freshly allocated
@@ -53,7 +65,8 @@ struct ForwardArgs {
 };
 
 // Everything a backward kernel needs. grad_weight/grad_bias are allocated with the
-// parameters' dtype; the kernel fills them (zeros when there are no rows).
+// parameters' dtype; the kernel fills them (zeros when there are no rows). For RMSNorm
+// mean and grad_bias are undefined.
 struct BackwardArgs {
   at::Tensor grad_out, input, mean, rstd, weight;  // contiguous
   at::Tensor grad_input, grad_weight, grad_bias;   // freshly allocated
@@ -61,11 +74,11 @@ struct BackwardArgs {
   at::ScalarType param_dtype;
 };
 
-// The host side common to all backends: checks, .contiguous(), allocation.
-ForwardArgs prepare_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+// The host side common to all backends and both norms: checks, .contiguous(), allocation.
+ForwardArgs prepare_forward(Norm norm, const at::Tensor& input, at::IntArrayRef normalized_shape,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, double eps);
-BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
+BackwardArgs prepare_backward(Norm norm, const at::Tensor& grad_out, const at::Tensor& input,
                               at::IntArrayRef normalized_shape, const at::Tensor& mean,
                               const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias);
@@ -101,37 +114,83 @@ void dispatch_param_type(at::ScalarType param_dtype, const F& fn) {
 
 namespace layernorm_ext {
 
-// The host side of a backend's operators, written once: checks and allocation, the
-// empty cases, the dtype dispatch, then `kernel(TypeTag<T>, TypeTag<P>, args)`.
-template <typename Kernel>
-Tensor3 run_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
-                    const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, double eps, const Kernel& kernel) {
-  ForwardArgs args = prepare_forward(input, normalized_shape, weight, bias, eps);
+// The norm a kernel computes, as a type: kernels take it as their first argument.
+template <Norm kNorm>
+using NormTag = std::integral_constant<Norm, kNorm>;
+
+// The host side of a backend's operators, written once for both norms: checks and
+// allocation, the empty cases, the dtype dispatch, then
+// `kernel(NormTag<kNorm>, TypeTag<T>, TypeTag<P>, args)`. Returns the filled arguments.
+template <Norm kNorm, typename Kernel>
+ForwardArgs run_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                        const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, double eps,
+                        const Kernel& kernel) {
+  ForwardArgs args = prepare_forward(kNorm, input, normalized_shape, weight, bias, eps);
   if (args.shape.rows > 0) {
     LAYERNORM_DISPATCH_TYPES(input.scalar_type(), args.param_dtype, "layernorm_ext::forward",
                              [&](auto input_tag, auto param_tag) {
-                               kernel(input_tag, param_tag, args);
+                               kernel(NormTag<kNorm>{}, input_tag, param_tag, args);
                              });
   }
-  return {args.output, args.mean, args.rstd};
+  return args;
 }
 
 // Rows == 0 still runs the kernel: it must write zero parameter gradients.
-template <typename Kernel>
-Tensor3 run_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                     at::IntArrayRef normalized_shape, const at::Tensor& mean,
-                     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, const Kernel& kernel) {
+template <Norm kNorm, typename Kernel>
+BackwardArgs run_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                          at::IntArrayRef normalized_shape, const at::Tensor& mean,
+                          const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, const Kernel& kernel) {
   BackwardArgs args =
-      prepare_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias);
+      prepare_backward(kNorm, grad_out, input, normalized_shape, mean, rstd, weight, bias);
   if (args.shape.cols > 0) {
     LAYERNORM_DISPATCH_TYPES(input.scalar_type(), args.param_dtype, "layernorm_ext::backward",
                              [&](auto input_tag, auto param_tag) {
-                               kernel(input_tag, param_tag, args);
+                               kernel(NormTag<kNorm>{}, input_tag, param_tag, args);
                              });
   }
-  return {args.grad_input, args.grad_weight, args.grad_bias};
+  return args;
+}
+
+// The four operators of a backend from its two kernel launchers (each a callable taking
+// (NormTag, TypeTag<T>, TypeTag<P>, args)): LayerNorm's forward/backward and RMSNorm's.
+template <typename ForwardKernel>
+Tensor3 layer_norm_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, double eps) {
+  const ForwardArgs a =
+      run_forward<Norm::kLayer>(input, normalized_shape, weight, bias, eps, ForwardKernel{});
+  return {a.output, a.mean, a.rstd};
+}
+
+template <typename BackwardKernel>
+Tensor3 layer_norm_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                            at::IntArrayRef normalized_shape, const at::Tensor& mean,
+                            const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias) {
+  const BackwardArgs a = run_backward<Norm::kLayer>(grad_out, input, normalized_shape, mean,
+                                                    rstd, weight, bias, BackwardKernel{});
+  return {a.grad_input, a.grad_weight, a.grad_bias};
+}
+
+template <typename ForwardKernel>
+Tensor2 rms_norm_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                         const std::optional<at::Tensor>& weight, std::optional<double> eps) {
+  const ForwardArgs a =
+      run_forward<Norm::kRms>(input, normalized_shape, weight, std::nullopt,
+                              rms_norm_eps(input.scalar_type(), eps), ForwardKernel{});
+  return {a.output, a.rstd};
+}
+
+template <typename BackwardKernel>
+Tensor2 rms_norm_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                          at::IntArrayRef normalized_shape, const at::Tensor& rstd,
+                          const std::optional<at::Tensor>& weight) {
+  const BackwardArgs a = run_backward<Norm::kRms>(grad_out, input, normalized_shape,
+                                                  at::Tensor(), rstd, weight, std::nullopt,
+                                                  BackwardKernel{});
+  return {a.grad_input, a.grad_weight};
 }
 
 // The element type a TypeTag carries, for the backends' kernel lambdas.

@@ -24,10 +24,24 @@ Tensor3 forward_autocast_cuda(const at::Tensor& input, at::IntArrayRef normalize
                  at::autocast::cached_cast(at::kFloat, bias, cuda), eps);
 }
 
+// rms_norm is on the same CUDA float32 list (and, like layer_norm, has no CPU rule).
+Tensor2 rms_forward_autocast_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                                  const std::optional<at::Tensor>& weight,
+                                  std::optional<double> eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layernorm_ext::rms_forward", "")
+                             .typed<decltype(rms_forward_autocast_cuda)>();
+  constexpr auto cuda = c10::DeviceType::CUDA;
+  return op.call(at::autocast::cached_cast(at::kFloat, input, cuda), normalized_shape,
+                 at::autocast::cached_cast(at::kFloat, weight, cuda), eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layernorm_ext, AutocastCUDA, m) {
   m.impl("forward", &forward_autocast_cuda);
+  m.impl("rms_forward", &rms_forward_autocast_cuda);
 }
 
 }  // namespace layernorm_ext

@@ -16,6 +16,14 @@
 #endif
 
 namespace layernorm_ext {
+
+// Which normalization a kernel computes: one template flag selects it everywhere.
+//   kLayer: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var(x) + eps)
+//   kRms:   y = x * rstd * w,               rstd = 1 / sqrt(mean(x^2) + eps)
+// RMSNorm is LayerNorm with the mean fixed at zero and no bias, so the kernels share
+// every pass and skip, at compile time, what RMSNorm does not need.
+enum class Norm { kLayer, kRms };
+
 namespace math {
 
 // Running moments of a set of samples: mean and M2 = sum((x - mean)^2).
@@ -85,25 +93,52 @@ LN_HOST_DEVICE acc_t rstd_from_moments(const WelfordState<acc_t>& s, acc_t eps) 
   return reciprocal_sqrt((var < acc_t(0) ? acc_t(0) : var) + eps);
 }
 
-// xhat = (x - mean) * rstd
-template <typename V>
+// rstd = 1 / sqrt(mean(x^2) + eps), RMSNorm's statistic. NaN inputs and empty rows
+// (0 / 0) give NaN, as torch's rms_norm.
+template <typename acc_t>
+LN_HOST_DEVICE acc_t rstd_from_mean_square(acc_t mean_square, acc_t eps) {
+  return reciprocal_sqrt(mean_square + eps);
+}
+
+// xhat = (x - mean) * rstd; RMSNorm (kRms) has no mean: xhat = x * rstd.
+template <Norm kNorm = Norm::kLayer, typename V>
 LN_HOST_DEVICE V normalize(const V& x, const V& mean, const V& rstd) {
-  return (x - mean) * rstd;
+  if constexpr (kNorm == Norm::kRms) {
+    (void)mean;
+    return x * rstd;
+  } else {
+    return (x - mean) * rstd;
+  }
 }
 
 // y = xhat * w + b; callers pass w = 1 and b = 0 for the missing affine parts.
-template <typename V>
+// RMSNorm (kRms) has no bias: y = xhat * w (no "+ 0", which would turn -0 into +0).
+template <Norm kNorm = Norm::kLayer, typename V>
 LN_HOST_DEVICE V affine(const V& xhat, const V& w, const V& b) {
-  return xhat * w + b;
+  if constexpr (kNorm == Norm::kRms) {
+    (void)b;
+    return xhat * w;
+  } else {
+    return xhat * w + b;
+  }
 }
 
 // Input gradient of one element. With g = dy * w and the row means
 // mean_g = mean(g), mean_g_xhat = mean(g * xhat):
-//   dx = rstd * (g - mean_g - xhat * mean_g_xhat)
-template <typename V>
+//   LayerNorm: dx = rstd * (g - mean_g - xhat * mean_g_xhat)
+//   RMSNorm:   dx = rstd * (g - xhat * mean_g_xhat)
+// (RMSNorm: d rstd / d x_i = -rstd^3 x_i / N, so dx_i = rstd g_i - rstd^3 x_i mean(g x),
+// and rstd^3 x_i mean(g x) = rstd xhat_i mean(g xhat). No mean, so no mean_g term;
+// callers may pass anything for mean_g.)
+template <Norm kNorm = Norm::kLayer, typename V>
 LN_HOST_DEVICE V input_grad(const V& g, const V& xhat, const V& rstd, const V& mean_g,
                             const V& mean_g_xhat) {
-  return rstd * (g - mean_g - xhat * mean_g_xhat);
+  if constexpr (kNorm == Norm::kRms) {
+    (void)mean_g;
+    return rstd * (g - xhat * mean_g_xhat);
+  } else {
+    return rstd * (g - mean_g - xhat * mean_g_xhat);
+  }
 }
 
 }  // namespace math

@@ -1,13 +1,17 @@
-"""layernorm_ext: fused LayerNorm forward/backward kernels for PyTorch (CPU and CUDA).
+"""layernorm_ext: fused LayerNorm and RMSNorm forward/backward kernels for PyTorch (CPU and CUDA).
 
 - :func:`layer_norm`: ``torch.nn.functional.layer_norm``'s signature.
 - :class:`LayerNorm`: ``torch.nn.LayerNorm``'s constructor, parameters and state_dict.
-- ``torch.ops.layernorm_ext.forward`` / ``backward``: the dispatcher operators.
+- :func:`rms_norm` / :class:`RMSNorm`: the same for ``F.rms_norm`` / ``nn.RMSNorm``,
+  computed by the same kernels.
+- ``torch.ops.layernorm_ext.forward`` / ``backward`` / ``rms_forward`` / ``rms_backward``:
+  the dispatcher operators.
 """
 
-from .modules import LayerNorm
-from .ops import has_cuda_kernels, layer_norm
-from .patch import replace_layernorm
+from .modules import LayerNorm, RMSNorm
+from .ops import has_cuda_kernels, layer_norm, rms_norm
+from .patch import replace_layernorm, replace_rmsnorm
 
-__all__ = ["LayerNorm", "layer_norm", "has_cuda_kernels", "replace_layernorm"]
+__all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "has_cuda_kernels",
+           "replace_layernorm", "replace_rmsnorm"]
 __version__ = "0.1.0"

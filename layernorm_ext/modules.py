@@ -1,11 +1,12 @@
-"""``LayerNorm``: ``torch.nn.LayerNorm`` running the fused kernels."""
+"""``LayerNorm`` and ``RMSNorm``: ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` running the
+fused kernels."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .ops import layer_norm
+from .ops import layer_norm, rms_norm
 
 
 class LayerNorm(nn.LayerNorm):
@@ -21,3 +22,18 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """Drop-in replacement for :class:`torch.nn.RMSNorm` using the fused kernels.
+
+    It is an ``nn.RMSNorm`` in every other respect: the same constructor
+    ``RMSNorm(normalized_shape, eps=None, elementwise_affine=True, device=None,
+    dtype=None)`` (``eps=None``: torch's default, see :func:`layernorm_ext.rms_norm`),
+    the same ``weight`` parameter (None without ``elementwise_affine``),
+    ``reset_parameters()``, ``extra_repr()`` and state_dict layout, so checkpoints move
+    between the two classes and ``isinstance(m, nn.RMSNorm)`` stays true.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)

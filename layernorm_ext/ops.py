@@ -2,7 +2,8 @@
 
 The schemas, the CPU/CUDA kernels and the autograd formula are registered in C++
 (``csrc/``); this module adds the fake (meta) kernels used by ``torch.compile`` and
-export, and ``layer_norm``, the functional entry point with ``F.layer_norm``'s signature.
+export, and ``layer_norm``, the functional entry point with ``F.layer_norm``'s signature;
+then the same for RMSNorm (``rms_forward``/``rms_backward``, ``rms_norm``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from . import _C  # noqa: F401  (loading the extension registers the operators)
 from .transforms import transformed_layer_norm, transforms_active
 
-__all__ = ["layer_norm", "has_cuda_kernels"]
+__all__ = ["layer_norm", "rms_norm", "has_cuda_kernels"]
 
 _forward = torch.ops.layernorm_ext.forward.default
 _backward = torch.ops.layernorm_ext.backward.default
@@ -155,25 +156,26 @@ if not _BUILT_WITH_CUDA:
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _type_error(argument: str, position: int, expected: str, value: object) -> TypeError:
+def _type_error(argument: str, position: int, expected: str, value: object,
+                function: str = "layer_norm") -> TypeError:
     # torch's argument parser words it so; `except TypeError` works as with F.layer_norm.
-    return TypeError(f"layer_norm(): argument '{argument}' (position {position}) must be "
+    return TypeError(f"{function}(): argument '{argument}' (position {position}) must be "
                      f"{expected}, not {type(value).__name__}")
 
 
-def _as_shape(normalized_shape: _ShapeLike) -> list[int]:
+def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> list[int]:
     """normalized_shape as a list of ints; an int is taken as (int,), as nn.LayerNorm does."""
     if isinstance(normalized_shape, (int, torch.SymInt)) and not isinstance(normalized_shape, bool):
         return [normalized_shape]
     if not isinstance(normalized_shape, (list, tuple, torch.Size)):
-        raise _type_error("normalized_shape", 2, "tuple of ints", normalized_shape)
+        raise _type_error("normalized_shape", 2, "tuple of ints", normalized_shape, function)
     for pos, size in enumerate(normalized_shape):
         if isinstance(size, bool) or not isinstance(size, (int, torch.SymInt)):
-            raise TypeError("layer_norm(): argument 'normalized_shape' (position 2) must be "
+            raise TypeError(f"{function}(): argument 'normalized_shape' (position 2) must be "
                             f"tuple of ints, but found element of type {type(size).__name__} "
                             f"at pos {pos}")
         if isinstance(size, int) and not _INT64_MIN <= size <= _INT64_MAX:
-            raise TypeError("layer_norm(): argument 'normalized_shape' (position 2): "
+            raise TypeError(f"{function}(): argument 'normalized_shape' (position 2): "
                             f"{size} at pos {pos} does not fit in int64")
     return list(normalized_shape)
 
@@ -236,3 +238,137 @@ def layer_norm(
         _check_fake_inputs(input, shape, weight, bias)
         return transformed_layer_norm(input, shape, weight, bias, eps)
     return _forward(input, shape, weight, bias, eps)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm: torch.ops.layernorm_ext.rms_forward / rms_backward, the same kernels as
+# LayerNorm with the Norm::kRms template flag (csrc/layernorm_math.h).
+
+_rms_forward = torch.ops.layernorm_ext.rms_forward.default
+_REDUCED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_rms_fake_shape(input, normalized_shape) -> None:
+    """rms_norm's shape messages (torch words them apart from layer_norm's)."""
+    shape = list(normalized_shape)
+    if not shape:
+        return  # _check_fake_inputs has the message
+    if input.dim() < len(shape):
+        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got "
+                         f"{input.dim()}")
+    if list(input.shape[input.dim() - len(shape):]) != shape:
+        raise RuntimeError(f"Given normalized_shape={shape}, expected input with shape "
+                           f"[*{', '.join(str(s) for s in shape)}], but got input of size"
+                           f"{list(input.shape)}")
+
+
+@torch.library.register_fake("layernorm_ext::rms_forward")
+def _rms_forward_fake(input, normalized_shape, weight, eps):
+    _check_same_device(input, weight)
+    _check_rms_fake_shape(input, normalized_shape)
+    _check_fake_inputs(input, normalized_shape, weight, None)
+    stats_shape = input.shape[: input.dim() - len(normalized_shape)]
+    output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    return output, input.new_empty(stats_shape, dtype=_stats_dtype(input))
+
+
+@torch.library.register_fake("layernorm_ext::rms_backward")
+def _rms_backward_fake(grad_out, input, normalized_shape, rstd, weight):
+    _check_same_device(input, grad_out, rstd, weight)
+    _check_rms_fake_shape(input, normalized_shape)
+    _check_fake_inputs(input, normalized_shape, weight, None)
+    grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    grad_weight = input.new_empty(normalized_shape, dtype=_param_dtype(input, weight, None))
+    return grad_input, grad_weight
+
+
+@torch.library.register_vmap("layernorm_ext::rms_forward")
+def _rms_forward_vmap(info, in_dims, input, normalized_shape, weight, eps):
+    """As LayerNorm's rule: the batch dim becomes one more leading dim of the op's input; a
+    per-sample weight is applied after an unweighted call."""
+    input_dim, _, weight_dim, _ = in_dims
+    if input_dim is None:
+        input = input.expand(info.batch_size, *input.shape)
+    else:
+        input = input.movedim(input_dim, 0)
+    if weight_dim is None:
+        return _rms_forward(input, normalized_shape, weight, eps), (0, 0)
+    output, rstd = _rms_forward(input, normalized_shape, None, eps)
+    ones = (1,) * (input.dim() - 1 - len(normalized_shape))
+    w = weight.movedim(weight_dim, 0).reshape(weight.shape[weight_dim], *ones, *normalized_shape)
+    output = output.to(_param_dtype(input, weight, None)) * w
+    return (output.to(input.dtype), rstd), (0, 0)
+
+
+if not _BUILT_WITH_CUDA:
+    for _op in ("rms_forward", "rms_backward"):
+        torch.library.impl(f"layernorm_ext::{_op}", "CUDA")(_no_cuda)
+
+
+def _kernel_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """weight in a dtype the kernels pair with input's (input's own, or float32 for
+    float16/bfloat16 input).
+
+    torch's rms_norm takes a floating weight of any dtype and returns the input's dtype;
+    the cast is differentiable, so weight.grad still comes back in weight's dtype.
+    Non-floating weights go through unchanged, for the op's checks to reject.
+    """
+    if weight is None or weight.dtype == input.dtype or not weight.is_floating_point():
+        return weight
+    reduced = input.dtype in _REDUCED_DTYPES
+    if reduced and weight.dtype == torch.float32:
+        return weight
+    if input.dtype not in _FLOAT_DTYPES:
+        return weight
+    return weight.to(torch.float32 if reduced else input.dtype)
+
+
+def _on_jagged_values(input: torch.Tensor, normalized_shape: list[int], function: str,
+                      normalize) -> torch.Tensor:
+    """``normalize(values)`` of a jagged nested tensor normalized over regular trailing dims:
+    its values are the rows. The result is a view over the same offsets, so it keeps the
+    ragged size symbol and combines with the input (residual connections)."""
+    # RuntimeError: what torch's rms_norm raises for strided nested tensors.
+    if input.layout != torch.jagged:
+        raise RuntimeError(f"layernorm_ext.{function}: nested tensors need layout=torch.jagged")
+    if len(normalized_shape) > input.dim() - 1 - input._ragged_idx:
+        raise RuntimeError(f"layernorm_ext.{function}: normalized_shape must not include the "
+                           "ragged dimension of a nested tensor")
+    from torch.nested._internal.nested_tensor import nested_view_from_values_offsets_lengths
+
+    return nested_view_from_values_offsets_lengths(normalize(input.values()), input.offsets(),
+                                                   input.lengths(),
+                                                   ragged_idx=input._ragged_idx)
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: _ShapeLike,
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    """Fused root mean square normalization over the trailing ``normalized_shape`` dims.
+
+    Same signature and semantics as :func:`torch.nn.functional.rms_norm`:
+    ``y = x / sqrt(mean(x^2) + eps) * weight``, where ``eps=None`` means torch's default,
+    the machine epsilon of the computation type (``torch.finfo(torch.float32).eps`` for
+    float32/float16/bfloat16 input, ``torch.finfo(torch.float64).eps`` for float64).
+    Computed by the LayerNorm kernels of this package compiled for RMSNorm
+    (``torch.ops.layernorm_ext.rms_forward``). The output has the input's dtype; ``weight``
+    may have any floating dtype, as with torch (float16/bfloat16 input with float32 weight
+    runs natively, other mixes cast the weight). ``normalized_shape`` may also be an int,
+    and jagged nested tensors are normalized row by row.
+    """
+    shape = _as_shape(normalized_shape, "rms_norm")
+    if not isinstance(input, torch.Tensor):
+        raise _type_error("input", 1, "Tensor", input, "rms_norm")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise _type_error("weight", 3, "Tensor", weight, "rms_norm")
+    if eps is not None and not isinstance(eps, (float, int, torch.SymFloat)):
+        raise _type_error("eps", 4, "float", eps, "rms_norm")
+    if eps is not None and not isinstance(eps, torch.SymFloat):
+        eps = float(eps)
+    if input.is_nested:
+        return _on_jagged_values(input, shape, "rms_norm",
+                                 lambda values: rms_norm(values, shape, weight, eps))
+    return _rms_forward(input, shape, _kernel_weight(input, weight), eps)[0]

@@ -1,12 +1,13 @@
-"""``replace_layernorm``: put the fused LayerNorm into an existing model."""
+"""``replace_layernorm`` and ``replace_rmsnorm``: put the fused LayerNorm / RMSNorm into an
+existing model."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .modules import LayerNorm
+from .modules import LayerNorm, RMSNorm
 
-__all__ = ["replace_layernorm"]
+__all__ = ["replace_layernorm", "replace_rmsnorm"]
 
 
 def replace_layernorm(model: nn.Module) -> nn.Module:
@@ -38,4 +39,21 @@ def replace_layernorm(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.LayerNorm:
             module.__class__ = LayerNorm
+    return model
+
+
+def replace_rmsnorm(model: nn.Module) -> nn.Module:
+    """Makes every ``torch.nn.RMSNorm`` in ``model`` a :class:`layernorm_ext.RMSNorm`, in place.
+
+    The RMSNorm counterpart of :func:`replace_layernorm`, with the same rules: modules whose
+    type is exactly ``torch.nn.RMSNorm`` (``model`` itself included) change class and stay
+    the same objects (same ``weight`` Parameter, settings, hooks, state_dict keys); other
+    subclasses of ``nn.RMSNorm`` and modules that already are ``layernorm_ext.RMSNorm`` are
+    left alone. LayerNorms are untouched (call both functions to swap both kinds).
+
+    Returns ``model``.
+    """
+    for module in model.modules():
+        if type(module) is nn.RMSNorm:
+            module.__class__ = RMSNorm
     return model

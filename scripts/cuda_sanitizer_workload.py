@@ -1,5 +1,6 @@
 """A small CUDA workload for compute-sanitizer: forward and backward through every kernel
-variant of layernorm_ext (csrc/cuda/layernorm_cuda_config.h), on small shapes.
+variant of layernorm_ext (csrc/cuda/layernorm_cuda_config.h), on small shapes, for
+LayerNorm and for RMSNorm (the same kernels compiled with the Norm::kRms flag).
 
 Each case is checked against torch in float64, loosely (the test suite checks accuracy;
 this catches garbage), so the run also fails on wrong results. Exit status 0 when every
@@ -66,8 +67,11 @@ def offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
     return view
 
 
-def run_case(case: Case, device: str) -> Optional[str]:
-    """Runs one case; returns an error message, or None."""
+NORMS = ("layer", "rms")
+
+
+def run_case(case: Case, device: str, norm: str = "layer") -> Optional[str]:
+    """Runs one case with LayerNorm or RMSNorm (no bias); returns an error message, or None."""
     g = torch.Generator().manual_seed(case.cols * 31 + case.rows)
     pdtype = case.param_dtype or case.dtype
     x = offset_copy((torch.randn(case.rows, case.cols, generator=g) * 2 + 0.5)
@@ -79,14 +83,21 @@ def run_case(case: Case, device: str) -> Optional[str]:
                         case.param_offset)
         b = offset_copy(torch.randn(case.cols, generator=g).to(device, pdtype),
                         case.param_offset)
+    if norm == "rms":
+        b = None
+        ours_fn = lambda x, w, b: layernorm_ext.rms_norm(x, [case.cols], w, 1e-5)  # noqa: E731
+        ref_fn = lambda x, w, b: F.rms_norm(x, [case.cols], w, 1e-5)  # noqa: E731
+    else:
+        ours_fn = lambda x, w, b: layernorm_ext.layer_norm(x, [case.cols], w, b)  # noqa: E731
+        ref_fn = lambda x, w, b: F.layer_norm(x, [case.cols], w, b)  # noqa: E731
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
-    y = layernorm_ext.layer_norm(leaves[0], [case.cols], leaves[1], leaves[2])
+    y = ours_fn(*leaves)
     y.backward(dy)
     torch.cuda.synchronize()
 
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None
                   for t in (x, w, b)]
-    ref = F.layer_norm(ref_leaves[0], [case.cols], ref_leaves[1], ref_leaves[2])
+    ref = ref_fn(*ref_leaves)
     ref.backward(dy.double())
     tol = 1e-3 if case.dtype in (torch.float32, torch.float64) else 6e-2
     pairs = [("output", y, ref)] + [
@@ -109,7 +120,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         description="Forward and backward through every layernorm_ext CUDA kernel variant on "
                     "small shapes (a workload for compute-sanitizer).")
     parser.add_argument("--device", default="cuda", help="CUDA device (default: %(default)s)")
+    parser.add_argument("--norm", default=",".join(NORMS),
+                        help="comma-separated norms to run, of %(default)s (default: both)")
     args = parser.parse_args(argv)
+    norms = [n.strip() for n in args.norm.split(",") if n.strip()]
+    if not norms or set(norms) - set(NORMS):
+        parser.error(f"--norm: choose from {', '.join(NORMS)}")
     if not torch.cuda.is_available():
         print("no CUDA GPU visible to torch", file=sys.stderr)
         return 2
@@ -117,12 +133,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("layernorm_ext was built without CUDA kernels", file=sys.stderr)
         return 2
     failures = 0
-    for case in CASES:
-        error = run_case(case, args.device)
-        print(f"{'FAIL' if error else 'ok  '} {case.name}" + (f": {error}" if error else ""),
-              flush=True)
+    runs = [(norm, case) for norm in norms for case in CASES]
+    for norm, case in runs:
+        error = run_case(case, args.device, norm)
+        print(f"{'FAIL' if error else 'ok  '} [{norm}] {case.name}"
+              + (f": {error}" if error else ""), flush=True)
         failures += error is not None
-    print(f"{len(CASES) - failures}/{len(CASES)} cases passed")
+    print(f"{len(runs) - failures}/{len(runs)} cases passed")
     return 1 if failures else 0
 
 

@@ -11,6 +11,10 @@ Each case runs forward + backward and is checked against the reference like the 
     compute-sanitizer --tool racecheck --error-exitcode 1 \\
         python tests/fuzz_cuda_cases.py --cases 10
     python tests/fuzz_cuda_cases.py --device cpu         # the same cases on the CPU
+    python tests/fuzz_cuda_cases.py --norm rms           # RMSNorm only (default: both)
+
+Every case runs once per norm (--norm): LayerNorm, and RMSNorm (the same kernels with the
+Norm::kRms flag; the case's bias is ignored).
 
 Exits with status 1 when a case breaks its bound or raises; each failing Case is printed
 and replays alone with ``layernorm_cases.check_case(Case(...), device)``.
@@ -27,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from layernorm_cases import BOUNDARY_CASES, check_case, random_case  # noqa: E402
+import dataclasses  # noqa: E402
+
+from layernorm_cases import NORMS, BOUNDARY_CASES, check_case, random_case  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random cases")
     parser.add_argument("--no-boundary", action="store_true",
                         help="skip the boundary cases (the largest ones)")
-    return parser.parse_args(argv)
+    parser.add_argument("--norm", default=",".join(NORMS),
+                        help="comma-separated norms, of %(default)s (default: both)")
+    args = parser.parse_args(argv)
+    args.norms = [n.strip() for n in args.norm.split(",") if n.strip()]
+    if not args.norms or set(args.norms) - set(NORMS):
+        parser.error(f"--norm: choose from {', '.join(NORMS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     cases = ([] if args.no_boundary else list(BOUNDARY_CASES))
     cases += [random_case(rng) for _ in range(args.cases)]
+    cases = [dataclasses.replace(case, norm=norm) for norm in args.norms for case in cases]
     failures = 0
     for index, case in enumerate(cases):
         try:

@@ -54,6 +54,9 @@ ROW_SIZES = (1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 1
 EPS_VALUES = (1e-5, 1e-6, 1e-3, 0.25)
 VALUE_RANGES = ((1.0, 0.0), (1e-2, 0.0), (1e2, 0.0), (1.0, 5.0), (3.0, -30.0))  # (scale, offset)
 OUTPUT_NAMES = ("output", "grad_input", "grad_weight", "grad_bias")
+# "layer": layer_norm vs F.layer_norm; "rms": rms_norm vs F.rms_norm (the same kernels with
+# the Norm::kRms flag; a case's bias is then ignored).
+NORMS = ("layer", "rms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Case:
     scale: float = 1.0
     offset: float = 0.0
     seed: int = 0
+    norm: str = "layer"
 
 
 # Shapes at the kernels' internal boundaries, which random cases rarely reach: more rows
@@ -186,15 +190,37 @@ def forward_backward(fn: LayerNormFn, x, normalized_shape, weight, bias, grad_ou
 Results = list  # [output, grad_input, grad_weight, grad_bias], None where no gradient
 
 
+def _rms_norm(x, normalized_shape, weight, bias, eps):
+    assert bias is None, "RMSNorm has no bias"
+    return layernorm_ext.rms_norm(x, normalized_shape, weight, eps)
+
+
+def _torch_rms_norm(x, normalized_shape, weight, bias, eps):
+    assert bias is None, "RMSNorm has no bias"
+    return F.rms_norm(x, normalized_shape, weight, eps)
+
+
 def run_all(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
             bias: Optional[torch.Tensor], grad_out: torch.Tensor, eps: float = 1e-5,
-            input_requires_grad: bool = True) -> tuple[Results, Results, Results]:
+            input_requires_grad: bool = True, norm: str = "layer"
+            ) -> tuple[Results, Results, Results]:
     """(ours, torch's, reference) forward + backward results for one set of inputs.
 
     The reference is float64 on the CPU: torch's layer_norm on float64 copies for
     float32/float16/bfloat16 inputs, extended_precision_reference for float64 inputs.
+    With norm="rms" (bias must be None): rms_norm, against torch's rms_norm in float64.
     """
     args = (normalized_shape, eps, input_requires_grad)
+    if norm == "rms":
+        ours = forward_backward(_rms_norm, x, normalized_shape, weight, None, grad_out, *args[1:])
+        with warnings.catch_warnings():  # torch: mixed dtypes skip its fused kernel
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+            theirs = forward_backward(_torch_rms_norm, x, normalized_shape, weight, None,
+                                      grad_out, *args[1:])
+        cpu64 = [None if t is None else t.detach().cpu().double() for t in (x, weight, grad_out)]
+        reference = forward_backward(_torch_rms_norm, cpu64[0], normalized_shape, cpu64[1], None,
+                                     cpu64[2], *args[1:])
+        return ours, theirs, reference
     ours = forward_backward(layernorm_ext.layer_norm, x, normalized_shape, weight, bias,
                             grad_out, eps, input_requires_grad)
     theirs = torch_results(x, weight, bias, grad_out, *args)
@@ -210,8 +236,10 @@ def run_all(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[t
 def run_case(case: Case, device: str) -> tuple[Results, Results, Results]:
     """(ours, torch's, reference) results of the case; see run_all."""
     x, weight, bias, grad_out = make_inputs(case, device)
+    if case.norm == "rms":
+        bias = None
     return run_all(x, case.normalized, weight, bias, grad_out, case.eps,
-                   case.input_requires_grad)
+                   case.input_requires_grad, case.norm)
 
 
 def torch_results(x, weight, bias, grad_out, normalized_shape, eps,
@@ -356,9 +384,13 @@ def check_case(case: Case, device: str) -> None:
     where the exact mean is reachable, are not drawn (see input_layouts).
     """
     x, weight, bias, grad_out = make_inputs(case, device)
+    if case.norm == "rms":
+        bias = None
     ours, theirs, reference = run_all(x, case.normalized, weight, bias, grad_out, case.eps,
-                                      case.input_requires_grad)
-    conditioning = distance_from_zero(x, len(case.normalized), case.eps)
+                                      case.input_requires_grad, case.norm)
+    # RMSNorm subtracts no mean: its statistic has no such cancellation.
+    conditioning = 0.0 if case.norm == "rms" else distance_from_zero(x, len(case.normalized),
+                                                                      case.eps)
     atol = ATOL[case.dtype] * max(1.0, conditioning / WELL_CONDITIONED)
     problems = reference_errors(ours, theirs, reference, case.dtype, atol=atol)
     assert not problems, f"{case}:\n  " + "\n  ".join(problems)

@@ -1,4 +1,5 @@
-"""A table of invalid calls: each must fail as torch.nn.functional.layer_norm fails.
+"""A table of invalid calls: each must fail as torch.nn.functional.layer_norm fails (and, run
+for RMSNorm, rms_norm as F.rms_norm).
 
 "As torch" means: where torch raises, ours raises an instance of torch's exception class
 (so ``except <torch's class>`` still catches it) with torch's message where the case
@@ -157,6 +158,24 @@ CASES: dict[str, BadCall] = {
 }
 
 
+# Cases that have no RMSNorm counterpart, and why.
+LAYER_NORM_ONLY = {
+    "bias_shape": "RMSNorm has no bias",
+    "bias_complex64": "RMSNorm has no bias",
+    "bias_float64_for_float32": "RMSNorm has no bias",
+    "bias_on_meta": "RMSNorm has no bias",
+    "bias_int": "RMSNorm has no bias",
+    "weight_float32_bias_bfloat16": "RMSNorm has no bias",
+    "nested_jagged_input": "passes a bias (tests/test_rms_norm.py has the jagged case)",
+}
+# Known deviations of rms_norm from F.rms_norm (strict xfails): the kernels take floating
+# point only, where torch's composite rms_norm also computes complex inputs and integer weights.
+RMS_DEVIATIONS = {
+    "input_complex64": "complex input: torch computes it, the kernels are real-only",
+    "weight_int64": "integer weight: torch multiplies by it, the kernels take floating weights",
+}
+
+
 def outcome(fn: Callable[[], torch.Tensor]) -> dict:
     """What a call did: the exception it raised, or what it returned."""
     try:
@@ -172,18 +191,30 @@ def outcome(fn: Callable[[], torch.Tensor]) -> dict:
                          str(result.device)]}
 
 
-def run_cases(device: str, names: list[str]) -> None:
+def as_rms_norm(rms_norm: Callable) -> Callable:
+    """A layer_norm-shaped call of an rms_norm: the cases' bias (always None in the cases
+    run for RMSNorm) is dropped, eps passed on."""
+    def call(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        return rms_norm(input, normalized_shape, weight, eps)
+    return call
+
+
+def run_cases(device: str, names: list[str], norm: str = "layer") -> None:
     """The subprocess side: one JSON line as each case starts and as it ends."""
     import torch.nn.functional as F
 
     import layernorm_ext
 
+    if norm == "rms":
+        theirs, ours = as_rms_norm(F.rms_norm), as_rms_norm(layernorm_ext.rms_norm)
+    else:
+        theirs, ours = F.layer_norm, layernorm_ext.layer_norm
     for name in names:
         print(json.dumps({"start": name}), flush=True)
         case = CASES[name]
         record = {"case": name,
-                  "torch": outcome(lambda: case.call(F.layer_norm, device)),
-                  "ours": outcome(lambda: case.call(layernorm_ext.layer_norm, device))}
+                  "torch": outcome(lambda: case.call(theirs, device)),
+                  "ours": outcome(lambda: case.call(ours, device))}
         print(json.dumps(record), flush=True)
 
 
@@ -191,14 +222,15 @@ def _text(output) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
-def run_table(device: str, names: list[str], timeout: float = 120) -> dict[str, dict]:
+def run_table(device: str, names: list[str], timeout: float = 120,
+              norm: str = "layer") -> dict[str, dict]:
     """Every named case's record. A case that kills or hangs its process gets
     {"crashed": exit status or "timeout"} and the cases after it run in a new process."""
     pending = list(names)
     results: dict[str, dict] = {}
     while pending:
         try:
-            proc = subprocess.run([sys.executable, __file__, device, *pending],
+            proc = subprocess.run([sys.executable, __file__, f"--norm={norm}", device, *pending],
                                   capture_output=True, text=True, timeout=timeout)
             stdout, stderr, status = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as expired:
@@ -222,22 +254,28 @@ def run_table(device: str, names: list[str], timeout: float = 120) -> dict[str, 
 
 
 @functools.lru_cache(maxsize=None)
-def table_results(device: str) -> dict[str, dict]:
-    return run_table(device, [name for name, case in CASES.items() if device in case.devices])
+def table_results(device: str, norm: str = "layer") -> dict[str, dict]:
+    names = [name for name, case in CASES.items() if device in case.devices
+             and (norm == "layer" or name not in LAYER_NORM_ONLY)]
+    return run_table(device, names, norm=norm)
 
 
-def case_param(name: str, case: BadCall):
-    marks = [pytest.mark.xfail(strict=True, reason=case.bug)] if case.bug else []
-    return pytest.param(name, id=name, marks=marks)
+def case_param(name: str, case: BadCall, norm: str):
+    bug = case.bug if norm == "layer" else RMS_DEVIATIONS.get(name, "")
+    marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
+    return pytest.param(name, norm, id=name if norm == "layer" else f"{name}-rms", marks=marks)
 
 
-@pytest.mark.parametrize("name", [case_param(n, c) for n, c in CASES.items()
-                                  if not n.startswith("_")])
-def test_bad_call_fails_as_torch(device, name):
+@pytest.mark.parametrize("name,norm", [case_param(n, c, norm) for norm in ("layer", "rms")
+                                       for n, c in CASES.items() if not n.startswith("_")])
+def test_bad_call_fails_as_torch(device, name, norm):
+    """Each case for layer_norm vs F.layer_norm and for rms_norm vs F.rms_norm."""
     case = CASES[name]
     if device not in case.devices:
         pytest.skip(f"runs on {', '.join(case.devices)} only")
-    record = table_results(device)[name]
+    if norm == "rms" and name in LAYER_NORM_ONLY:
+        pytest.skip(LAYER_NORM_ONLY[name])
+    record = table_results(device, norm)[name]
     assert "crashed" not in record, (
         f"the process died with exit status {record.get('crashed')}:\n{record.get('stderr')}")
     theirs, ours = record["torch"], record["ours"]
@@ -250,6 +288,10 @@ def test_bad_call_fails_as_torch(device, name):
         f"ours raised {ours['raised']}: {ours['message']}")
     if case.same_message:
         assert ours["message"] == theirs["message"]
+    elif norm == "rms":  # rms_norm: torch's message, else the case's phrase
+        phrase = case.phrase.replace("::forward", "::rms_forward")
+        assert ours["message"] == theirs["message"] or phrase in ours["message"], (
+            f"{ours['message']!r}: neither torch's ({theirs['message']!r}) nor {phrase!r}")
     else:
         assert case.phrase in ours["message"], ours["message"]
 
@@ -266,4 +308,5 @@ def test_a_crash_or_hang_is_reported_as_a_failure_of_its_case():
 
 
 if __name__ == "__main__":
-    run_cases(sys.argv[1], sys.argv[2:])
+    norm_flag, device_arg, *case_names = sys.argv[1:]
+    run_cases(device_arg, case_names, norm_flag.removeprefix("--norm="))

@@ -90,8 +90,8 @@ def test_malloc_tuned_reruns_under_the_tuned_settings_and_reports_them(tmp_path:
 def test_help_lists_the_interface():
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
                          check=True, timeout=120).stdout
-    for option in ("--device", "--passes", "--dtypes", "--shapes", "--quick", "--out",
-                   "--malloc-tuned"):
+    for option in ("--device", "--norms", "--passes", "--dtypes", "--shapes", "--quick",
+                   "--out", "--malloc-tuned"):
         assert option in out
 
 
@@ -117,3 +117,28 @@ def test_a_contender_that_fails_is_reported_and_the_sweep_goes_on(monkeypatch, t
     assert len(failures) == 4  # the forward check, then each of the three passes
     md, _, _ = write_reports(result, tmp_path / "broken")
     assert "| broken µs |" in md.read_text() and "n/a" in md.read_text()
+
+
+def test_rms_rows_with_norms_option(tmp_path: Path):
+    """--norms layer,rms adds RMSNorm rows (layernorm_ext.rms_norm vs F.rms_norm eager and
+    compiled) next to the LayerNorm ones, in every output."""
+    prefix = tmp_path / "rms"
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    subprocess.run([sys.executable, str(SCRIPT), "--norms", "layer,rms", "--shapes", "64x256",
+                    "--passes", "fwd,bwd", "--dtypes", "bfloat16", "--reps", "1", "--warmup",
+                    "0", "--no-progress", "--out", str(prefix)], check=True, timeout=300,
+                   env=env, cwd=REPO)
+    with prefix.with_name("rms.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    cases = {(r["norm"], r["pass"], r["contender"]) for r in rows}
+    assert cases == {(n, p, c) for n in ("layer", "rms") for p in ("fwd", "bwd")
+                     for c in CONTENDERS}
+    for row in rows:  # (GBps has 3 decimals: a tiny case under load may print 0.000)
+        assert math.isfinite(float(row["median_us"])) and float(row["median_us"]) > 0, row
+        assert int(row["bytes"]) == {"fwd": 2, "bwd": 3}[row["pass"]] * 64 * 256 * 2, row
+    text = prefix.with_name("rms.md").read_text()
+    assert "# LayerNorm and RMSNorm microbenchmark" in text
+    for pass_name in ("fwd", "bwd"):
+        assert f"## {pass_name}, bfloat16" in text and f"## RMSNorm {pass_name}, bfloat16" in text
+        assert f"| RMSNorm | {pass_name} | bfloat16 |" in text.split("## Summary")[1]
+    assert "differs from torch eager" not in text and "failed" not in text

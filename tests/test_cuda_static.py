@@ -114,8 +114,11 @@ def test_no_kernel_spills_or_uses_local_memory():
 def test_row_kernels_use_128_bit_global_accesses():
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     row_kernels = {name: body for name, body in functions.items() if family(name) in ROW_KERNELS}
-    # 2 forward register kernels x 5 dtype pairs, 6 streaming, 5 + 6 backward.
-    assert len(row_kernels) == 2 * 5 + 6 + 5 + 6, sorted(row_kernels)
+    # Per norm (LayerNorm, RMSNorm): 2 forward register kernels x 5 dtype pairs, 6
+    # streaming, 5 + 6 backward.
+    assert len(row_kernels) == 2 * (2 * 5 + 6 + 5 + 6), sorted(row_kernels)
+    for norm in (0, 1):  # the Norm template argument, as mangled: LNS_4NormE0E / ...E1E
+        assert sum(f"NormE{norm}E" in name for name in row_kernels) == 2 * 5 + 6 + 5 + 6
     for name, body in row_kernels.items():
         assert re.search(r"\bLDG\.E\.128\b", body), f"{name}: no 128-bit global load"
         assert re.search(r"\bSTG\.E\.128\b", body), f"{name}: no 128-bit global store"

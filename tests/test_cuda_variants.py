@@ -163,3 +163,58 @@ def test_launch_table_picks_expected_kernels(dtype, D, forward_kernel, backward_
         pytest.skip("the profiler recorded no CUDA kernels (CUPTI unavailable?)")
     assert forward_kernel in names and backward_kernel in names, names
     assert "finalize_param_grads_kernel" in names, names
+
+
+# --- RMSNorm: the same kernels with the Norm::kRms flag, through every variant ------------
+
+RMS_LAYOUTS = ["aligned", "misaligned_input", "misaligned_weight"]
+
+
+@pytest.mark.parametrize("layout", RMS_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64] + REDUCED, ids=str)
+@pytest.mark.parametrize("D", [7, 255, 257, 1001, 4099, 8193, 16385, 20000])
+def test_rms_variant_edges(layout, dtype, D):
+    from test_rms_norm import assert_within_torch_error, reference
+    from test_rms_norm import forward_backward as rms_forward_backward
+
+    x, w, _ = make_inputs((37, D), [D], dtype, "cuda", seed=D)
+    dy = random_grad(x)
+    if layout == "misaligned_input":
+        x, dy = offset_view(x, 1), offset_view(dy, 3)
+    elif layout == "misaligned_weight":
+        w = offset_view(w, 1)
+    ours = rms_forward_backward(layernorm_ext.rms_norm, x, [D], w, dy)
+    theirs = rms_forward_backward(F.rms_norm, x, [D], w, dy)
+    assert_within_torch_error(ours, theirs, reference(x, [D], w, dy, None), dtype)
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+@pytest.mark.parametrize("D", [20, 1001, 8193, 16385])
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no_weight"])
+def test_rms_reduced_input_fp32_weight_and_no_weight(dtype, D, with_weight):
+    from test_rms_norm import assert_within_torch_error, reference
+    from test_rms_norm import forward_backward as rms_forward_backward
+
+    x, w, _ = make_inputs((13, D), [D], dtype, "cuda", param_dtype=torch.float32, seed=5)
+    w = w if with_weight else None
+    dy = random_grad(x)
+    ours = rms_forward_backward(layernorm_ext.rms_norm, x, [D], w, dy)
+    theirs = rms_forward_backward(F.rms_norm, x, [D], w, dy)
+    assert_within_torch_error(ours, theirs, reference(x, [D], w, dy, None), dtype)
+
+
+@pytest.mark.parametrize("D", [100, 6000, 9000])
+def test_rms_many_rows_per_backward_slot_bitwise_reproducible(D):
+    from test_rms_norm import forward_backward as rms_forward_backward
+
+    rows = 5000 if D <= 1000 else 1200
+    x, w, _ = make_inputs((rows, D), [D], torch.bfloat16, "cuda", seed=7)
+    dy = random_grad(x)
+    first = rms_forward_backward(layernorm_ext.rms_norm, x, [D], w, dy)
+    second = rms_forward_backward(layernorm_ext.rms_norm, x, [D], w, dy)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+    ref = rms_forward_backward(F.rms_norm, to64(x), [D], to64(w), to64(dy),
+                               torch.finfo(torch.float32).eps)
+    for o, r in zip(first, ref):
+        torch.testing.assert_close(o.double(), r, atol=6e-2, rtol=2e-2)

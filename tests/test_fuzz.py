@@ -15,6 +15,7 @@ LAYERNORM_EXT_FUZZ_EXAMPLES raises the number of examples for a longer local run
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -84,6 +85,19 @@ def test_kernel_boundary_shapes_match_reference(device, case):
     check_case(case, device)
 
 
+# RMSNorm runs the same kernels (Norm::kRms): the same cases, bias ignored, fewer of them.
+@settings(FUZZ_SETTINGS, max_examples=max(1, EXAMPLES // 2))
+@given(case=cases())
+def test_random_rms_calls_match_reference(device, case):
+    check_case(dataclasses.replace(case, norm="rms"), device)
+
+
+@pytest.mark.parametrize("case", BOUNDARY_CASES,
+                         ids=lambda c: f"{list(c.leading)}x{list(c.normalized)}")
+def test_kernel_boundary_shapes_match_reference_rms(device, case):
+    check_case(dataclasses.replace(case, norm="rms"), device)
+
+
 @pytest.mark.skipif(not EXTENDED_PRECISION_AVAILABLE, reason="numpy long double is float64 here")
 @pytest.mark.parametrize("normalized", [(7,), (64,), (3, 5)], ids=str)
 def test_extended_precision_reference_agrees_with_torch_float64(normalized):
@@ -106,4 +120,5 @@ def test_fuzz_cases_script_runs(device):
     proc = subprocess.run([sys.executable, script, "--device", device, "--cases", "5"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"{len(BOUNDARY_CASES) + 5} passed, 0 failed" in proc.stdout
+    # Every case once per norm (LayerNorm, RMSNorm).
+    assert f"{2 * (len(BOUNDARY_CASES) + 5)} passed, 0 failed" in proc.stdout

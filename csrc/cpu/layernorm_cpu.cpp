@@ -55,12 +55,17 @@ const cpu::KernelTable& kernel_table() {
   return table;
 }
 
-template <typename T, typename P>
-const cpu::RowKernels<T, P>& row_kernels() {
-  return std::get<cpu::RowKernels<T, P>>(kernel_table());
+template <Norm kNorm, typename T, typename P>
+const cpu::NormRowKernels<T, P>& row_kernels() {
+  return std::get<cpu::RowKernels<T, P>>(kernel_table())[kNorm];
 }
 
-template <typename T, typename P>
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+template <Norm kNorm, typename T, typename P>
 void forward_kernel(const ForwardArgs& a) {
   using acc_t = at::opmath_type<T>;
   const cpu::ForwardRows<T, P> rows{
@@ -68,17 +73,21 @@ void forward_kernel(const ForwardArgs& a) {
       a.output.mutable_data_ptr<T>(),
       a.weight.defined() ? a.weight.const_data_ptr<P>() : nullptr,
       a.bias.defined() ? a.bias.const_data_ptr<P>() : nullptr,
-      a.mean.mutable_data_ptr<acc_t>(),
+      data_or_null<acc_t>(a.mean),
       a.rstd.mutable_data_ptr<acc_t>(),
       a.shape.cols,
       static_cast<acc_t>(a.eps),
       stream_output(a.output)};
-  const auto forward = row_kernels<T, P>().forward;
+  const auto forward = row_kernels<kNorm, T, P>().forward;
   at::parallel_for(0, a.shape.rows, rows_per_task(a.shape.cols),
                    [&](int64_t begin, int64_t end) { forward(rows, begin, end); });
 }
 
-template <typename T, typename P>
+// The parameter gradients a norm has: dgamma and dbeta (LayerNorm), dgamma (RMSNorm).
+template <Norm kNorm>
+constexpr int64_t kParamGrads = kNorm == Norm::kLayer ? 2 : 1;
+
+template <Norm kNorm, typename T, typename P>
 void backward_kernel(const BackwardArgs& a) {
   using acc_t = at::opmath_type<T>;
   const int64_t M = a.shape.rows;
@@ -86,68 +95,65 @@ void backward_kernel(const BackwardArgs& a) {
   const cpu::BackwardRows<T, P> rows{
       a.grad_out.const_data_ptr<T>(),
       a.input.const_data_ptr<T>(),
-      a.mean.const_data_ptr<acc_t>(),
+      a.mean.defined() ? a.mean.const_data_ptr<acc_t>() : nullptr,
       a.rstd.const_data_ptr<acc_t>(),
       a.weight.defined() ? a.weight.const_data_ptr<P>() : nullptr,
       a.grad_input.mutable_data_ptr<T>(),
       N,
       stream_output(a.grad_input)};
-  const auto backward = row_kernels<T, P>().backward;
+  const auto backward = row_kernels<kNorm, T, P>().backward;
+  constexpr int64_t kGrads = kParamGrads<kNorm>;
 
   const int64_t chunk_rows =
       std::max(rows_per_task(N), at::ceil_div<int64_t>(M, at::get_num_threads()));
   const int64_t chunks = at::ceil_div<int64_t>(M, chunk_rows);
-  at::Tensor partials = at::zeros({chunks, 2, N}, a.input.options().dtype(a.mean.scalar_type()));
+  at::Tensor partials =
+      at::zeros({chunks, kGrads, N}, a.input.options().dtype(a.rstd.scalar_type()));
   acc_t* partial = partials.mutable_data_ptr<acc_t>();
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* dgamma = partial + chunk * 2 * N;
+      acc_t* dgamma = partial + chunk * kGrads * N;
       backward(rows, chunk * chunk_rows, std::min(M, (chunk + 1) * chunk_rows), dgamma,
-               dgamma + N);
+               kGrads == 2 ? dgamma + N : nullptr);
     }
   });
 
-  P* grad_weight = a.grad_weight.mutable_data_ptr<P>();
-  P* grad_bias = a.grad_bias.mutable_data_ptr<P>();
+  // grad_weight, then grad_bias for LayerNorm: the partial rows summed in chunk order.
+  P* grads[kGrads];
+  grads[0] = a.grad_weight.mutable_data_ptr<P>();
+  if constexpr (kGrads == 2) grads[1] = a.grad_bias.mutable_data_ptr<P>();
   at::parallel_for(0, N, kElementsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      acc_t dgamma = 0, dbeta = 0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        dgamma += partial[chunk * 2 * N + j];
-        dbeta += partial[chunk * 2 * N + N + j];
+      for (int64_t g = 0; g < kGrads; ++g) {
+        acc_t sum = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[(chunk * kGrads + g) * N + j];
+        grads[g][j] = static_cast<P>(sum);
       }
-      grad_weight[j] = static_cast<P>(dgamma);
-      grad_bias[j] = static_cast<P>(dbeta);
     }
   });
 }
 
-Tensor3 forward_cpu(const at::Tensor& input, at::IntArrayRef normalized_shape,
-                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                    double eps) {
-  return run_forward(input, normalized_shape, weight, bias, eps,
-                     [](auto input_tag, auto param_tag, const ForwardArgs& args) {
-                       forward_kernel<LAYERNORM_TAG_TYPE(input_tag),
-                                      LAYERNORM_TAG_TYPE(param_tag)>(args);
-                     });
-}
+struct ForwardKernel {
+  template <typename NormTag, typename InputTag, typename ParamTag>
+  void operator()(NormTag, InputTag, ParamTag, const ForwardArgs& args) const {
+    forward_kernel<NormTag::value, typename InputTag::type, typename ParamTag::type>(args);
+  }
+};
 
-Tensor3 backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                     at::IntArrayRef normalized_shape, const at::Tensor& mean,
-                     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias) {
-  return run_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias,
-                      [](auto input_tag, auto param_tag, const BackwardArgs& args) {
-                        backward_kernel<LAYERNORM_TAG_TYPE(input_tag),
-                                        LAYERNORM_TAG_TYPE(param_tag)>(args);
-                      });
-}
+struct BackwardKernel {
+  template <typename NormTag, typename InputTag, typename ParamTag>
+  void operator()(NormTag, InputTag, ParamTag, const BackwardArgs& args) const {
+    backward_kernel<NormTag::value, typename InputTag::type, typename ParamTag::type>(args);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layernorm_ext, CPU, m) {
-  m.impl("forward", &forward_cpu);
-  m.impl("backward", &backward_cpu);
+  m.impl("forward", &layer_norm_forward<ForwardKernel>);
+  m.impl("backward", &layer_norm_backward<BackwardKernel>);
+  m.impl("rms_forward", &rms_norm_forward<ForwardKernel>);
+  m.impl("rms_backward", &rms_norm_backward<BackwardKernel>);
 }
 
 }  // namespace layernorm_ext

@@ -251,7 +251,46 @@ math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   return total;
 }
 
-template <typename T, typename P>
+// Sum of squares of `steps` whole chunks from x, per lane. A function of its own so the
+// running sums stay in registers.
+template <typename T>
+typename Chunk<T>::Parts block_sum_squares(const T* x, int64_t steps) {
+  using C = Chunk<T>;
+  using Vec = typename C::Vec;
+  typename C::Parts sum{Vec(0), Vec(0)};
+  for (int64_t step = 0; step < steps; ++step, x += C::kSize) {
+    const auto v = C::load(x);
+    for (int k = 0; k < C::kParts; ++k) sum[k] = at::vec::fmadd(v[k], v[k], sum[k]);
+  }
+  return sum;
+}
+
+// mean(x^2) of one row, RMSNorm's statistic. Per-lane sums over blocks of kBlockSteps
+// chunks, added block by block into a running total (so no lane adds more than
+// kBlockSteps terms to a large partial sum), then the lanes added pairwise; the
+// partial chunk's lanes past its end load as zero.
+template <typename T>
+at::opmath_type<T> row_mean_square(const T* x, int64_t n) {
+  using C = Chunk<T>;
+  using Vec = typename C::Vec;
+  const int64_t chunks = n / C::kSize;
+  typename C::Parts total{Vec(0), Vec(0)};
+  for (int64_t done = 0; done < chunks; done += kBlockSteps) {
+    const auto block = block_sum_squares(x + done * C::kSize, std::min(kBlockSteps, chunks - done));
+    for (int k = 0; k < C::kParts; ++k) total[k] = total[k] + block[k];
+  }
+  const int64_t rest = n - chunks * C::kSize;
+  if (rest > 0) {
+    const auto v = C::load(x + chunks * C::kSize, rest);
+    for (int k = 0; k < C::kParts; ++k) total[k] = at::vec::fmadd(v[k], v[k], total[k]);
+  }
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  return at::vec::vec_reduce_all(add, total[0] + total[1]) / static_cast<at::opmath_type<T>>(n);
+}
+
+// Forward of rows [begin, end). LayerNorm: Welford moments, then y = xhat * w + b.
+// RMSNorm: mean(x^2), then y = x * rstd * w (no mean, no bias).
+template <Norm kNorm, typename T, typename P>
 void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   using C = Chunk<T>;
   using PC = Chunk<P>;
@@ -262,10 +301,15 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const T* x = a.x + row * N;
     T* y = a.y + row * N;
-    const auto moments = row_moments(x, N);
-    const acc_t mean = moments.mean;
-    const acc_t rstd = math::rstd_from_moments(moments, a.eps);
-    a.mean[row] = mean;
+    acc_t mean = 0, rstd;
+    if constexpr (kNorm == Norm::kRms) {
+      rstd = math::rstd_from_mean_square(row_mean_square(x, N), a.eps);
+    } else {
+      const auto moments = row_moments(x, N);
+      mean = moments.mean;
+      rstd = math::rstd_from_moments(moments, a.eps);
+      a.mean[row] = mean;
+    }
     a.rstd[row] = rstd;
     const Vec mean_v(mean), rstd_v(rstd);
     const bool stream = a.stream_output && can_stream(y);
@@ -276,7 +320,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       const auto bv = PC::load_or(a.bias ? a.bias + j : nullptr, n, acc_t(0));
       typename C::Parts yv;
       for (int k = 0; k < C::kParts; ++k) {
-        yv[k] = math::affine(math::normalize(xv[k], mean_v, rstd_v), wv[k], bv[k]);
+        yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
       }
       C::store_row(y + j, yv, n, stream);
     }
@@ -284,7 +328,8 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   if (a.stream_output) stream_fence();
 }
 
-template <typename T, typename P>
+// Backward of rows [begin, end); RMSNorm (dbeta null) skips mean(g) and dbeta.
+template <Norm kNorm, typename T, typename P>
 void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
                    at::opmath_type<T>* dgamma, at::opmath_type<T>* dbeta) {
   using C = Chunk<T>;
@@ -298,7 +343,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
     const T* dy = a.dy + row * N;
     const T* x = a.x + row * N;
     T* dx = a.dx + row * N;
-    const Vec mean_v(a.mean[row]), rstd_v(a.rstd[row]);
+    const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : a.mean[row]), rstd_v(a.rstd[row]);
     const bool stream = a.stream_output && can_stream(dx);
 
     // Pass 1: row sums of g = dy * w and g * xhat. Zero-filled tail lanes have g = 0.
@@ -310,8 +355,8 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
       for (int k = 0; k < C::kParts; ++k) {
         const Vec g = dyv[k] * wv[k];
-        sum_g = sum_g + g;
-        sum_g_xhat = sum_g_xhat + g * math::normalize(xv[k], mean_v, rstd_v);
+        if constexpr (kNorm == Norm::kLayer) sum_g = sum_g + g;
+        sum_g_xhat = sum_g_xhat + g * math::normalize<kNorm>(xv[k], mean_v, rstd_v);
       }
     }
     const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
@@ -324,17 +369,19 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       const auto xv = C::load(x + j, n);
       const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
       auto dgv = AC::load(dgamma + j, n);
-      auto dbv = AC::load(dbeta + j, n);
       typename C::Parts dxv;
       for (int k = 0; k < C::kParts; ++k) {
-        const Vec xhat = math::normalize(xv[k], mean_v, rstd_v);
-        dxv[k] = math::input_grad(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
+        const Vec xhat = math::normalize<kNorm>(xv[k], mean_v, rstd_v);
+        dxv[k] = math::input_grad<kNorm>(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
         dgv[k] = dgv[k] + dyv[k] * xhat;
-        dbv[k] = dbv[k] + dyv[k];
       }
       C::store_row(dx + j, dxv, n, stream);
       AC::store(dgamma + j, dgv, n);
-      AC::store(dbeta + j, dbv, n);
+      if constexpr (kNorm == Norm::kLayer) {
+        auto dbv = AC::load(dbeta + j, n);
+        for (int k = 0; k < C::kParts; ++k) dbv[k] = dbv[k] + dyv[k];
+        AC::store(dbeta + j, dbv, n);
+      }
     }
   }
   if (a.stream_output) stream_fence();
@@ -342,7 +389,8 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
 
 template <typename T, typename P>
 RowKernels<T, P> row_kernels() {
-  return {&forward_rows<T, P>, &backward_rows<T, P>};
+  return {{&forward_rows<Norm::kLayer, T, P>, &backward_rows<Norm::kLayer, T, P>},
+          {&forward_rows<Norm::kRms, T, P>, &backward_rows<Norm::kRms, T, P>}};
 }
 
 }  // namespace

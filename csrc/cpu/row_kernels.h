@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../layernorm_math.h"
+
 namespace layernorm_ext::cpu {
 
 template <typename T, typename P>
@@ -24,7 +26,7 @@ struct ForwardRows {
   T* y;
   const P* weight;  // may be null
   const P* bias;    // may be null
-  acc_t* mean;
+  acc_t* mean;  // null for RMSNorm
   acc_t* rstd;
   int64_t cols;
   acc_t eps;
@@ -36,7 +38,7 @@ struct BackwardRows {
   using acc_t = at::opmath_type<T>;
   const T* dy;
   const T* x;
-  const acc_t* mean;
+  const acc_t* mean;  // null for RMSNorm
   const acc_t* rstd;
   const P* weight;  // may be null
   T* dx;
@@ -45,14 +47,25 @@ struct BackwardRows {
 };
 
 template <typename T, typename P>
-struct RowKernels {
+struct NormRowKernels {
   using acc_t = at::opmath_type<T>;
-  // Normalizes rows [begin, end) and writes their mean/rstd.
+  // Normalizes rows [begin, end) and writes their mean (LayerNorm) and rstd.
   void (*forward)(const ForwardRows<T, P>&, int64_t begin, int64_t end);
-  // Writes dx of rows [begin, end) and adds their dgamma/dbeta terms to the
-  // caller's partial rows (cols elements each).
+  // Writes dx of rows [begin, end) and adds their dgamma (and, for LayerNorm, dbeta;
+  // RMSNorm passes null) terms to the caller's partial rows (cols elements each).
   void (*backward)(const BackwardRows<T, P>&, int64_t begin, int64_t end, acc_t* dgamma,
                    acc_t* dbeta);
+};
+
+// The same row kernels compiled for each norm (layernorm_math.h's Norm flag).
+template <typename T, typename P>
+struct RowKernels {
+  NormRowKernels<T, P> layer;  // Norm::kLayer
+  NormRowKernels<T, P> rms;    // Norm::kRms
+
+  const NormRowKernels<T, P>& operator[](Norm norm) const {
+    return norm == Norm::kRms ? rms : layer;
+  }
 };
 
 // One entry per supported (input, parameter) element-type pair.

@@ -16,6 +16,10 @@
 // writes one fp32 partial row; a small kernel adds the partial rows in a fixed order. No
 // atomics anywhere: results are bitwise reproducible, on every GPU model.
 //
+// RMSNorm runs the same kernels with the template flag Norm::kRms (../layernorm_math.h):
+// the statistic is the sum of x^2 instead of Welford moments, there is no mean, no bias
+// and no dbeta, and the backward skips the row sum of g.
+//
 // Launch configurations: layernorm_cuda_config.h (one table). Element-to-thread mapping
 // and the reduction order: layernorm_cuda_indexing.h, replayed on the CPU by the tests.
 // The math (Welford/Chan, normalize, affine, input gradient): ../layernorm_math.h,
@@ -39,6 +43,11 @@ namespace {
 using cuda_config::Kind;
 using cuda_config::LaunchConfig;
 using cuda_indexing::RowSplit;
+
+// The parameter gradients a norm has: dgamma and dbeta (LayerNorm), dgamma (RMSNorm).
+// Also the number of partial rows per backward slot.
+template <Norm kNorm>
+constexpr int kParamGrads = kNorm == Norm::kLayer ? 2 : 1;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxGridBlocks = 1 << 19;
@@ -137,6 +146,16 @@ struct SumPair {
   acc_t a, b;
 };
 
+// RMSNorm's row statistic: the sum of x^2.
+template <typename acc_t>
+struct RowSum {
+  acc_t sum;
+};
+
+// What a forward reduces over a row: Welford moments (LayerNorm) or the sum of x^2.
+template <Norm kNorm, typename acc_t>
+using RowStats = std::conditional_t<kNorm == Norm::kLayer, Welford<acc_t>, RowSum<acc_t>>;
+
 struct WelfordCombine {
   template <typename acc_t>
   __device__ __forceinline__ Welford<acc_t> operator()(const Welford<acc_t>& x,
@@ -151,6 +170,11 @@ struct SumCombine {
                                                        const SumPair<acc_t>& y) const {
     return {x.a + y.a, x.b + y.b};
   }
+  template <typename acc_t>
+  __device__ __forceinline__ RowSum<acc_t> operator()(const RowSum<acc_t>& x,
+                                                      const RowSum<acc_t>& y) const {
+    return {x.sum + y.sum};
+  }
 };
 
 template <typename acc_t, typename Op>
@@ -161,6 +185,11 @@ __device__ __forceinline__ Welford<acc_t> map_members(const Welford<acc_t>& s, O
 template <typename acc_t, typename Op>
 __device__ __forceinline__ SumPair<acc_t> map_members(const SumPair<acc_t>& s, Op op) {
   return {op(s.a), op(s.b)};
+}
+
+template <typename acc_t, typename Op>
+__device__ __forceinline__ RowSum<acc_t> map_members(const RowSum<acc_t>& s, Op op) {
+  return {op(s.sum)};
 }
 
 // The CUDA side of the `lanes` interface of cuda_indexing::group_allreduce.
@@ -209,7 +238,7 @@ struct ForwardParams {
   const T* x;
   ParamRef<P> weight, bias;
   T* y;
-  acc_t* mean;
+  acc_t* mean;  // null for RMSNorm
   acc_t* rstd;
   int64_t rows, cols;
   acc_t eps;
@@ -222,11 +251,11 @@ struct BackwardParams {
   using acc_t = at::opmath_type<T>;
   const T* dy;
   const T* x;
-  const acc_t* mean;
+  const acc_t* mean;  // null for RMSNorm
   const acc_t* rstd;
   ParamRef<P> weight;
   T* dx;
-  acc_t* partial;  // [slots][2][cols]: dgamma then dbeta partial rows
+  acc_t* partial;  // [slots][kParamGrads][cols]: dgamma then (LayerNorm) dbeta partial rows
   int64_t rows, cols;
   int x_misalign;   // dy, x and dx: first element's offset from a 16-byte boundary
   bool vectorized;  // dy, x and dx agree on that offset (else: scalar streaming)
@@ -242,13 +271,13 @@ __device__ __forceinline__ RowSplit row_split(const Params& a, int64_t row, int 
 // ---------------------------------------------------------------------------------------
 // Forward, rows in registers. blockDim = (threads per row G, rows per block).
 
-template <typename T, typename P, int kElems>
+template <Norm kNorm, typename T, typename P, int kElems>
 __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     forward_registers_kernel(const ForwardParams<T, P> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int kVec = kVecOf<T>;
   constexpr int kSlots = kElems / kVec;
-  __shared__ Welford<acc_t> scratch[cuda_indexing::kReduceScratch];
+  __shared__ RowStats<kNorm, acc_t> scratch[cuda_indexing::kReduceScratch];
   const int t = threadIdx.x;
   const int group = blockDim.x;
   const int64_t rows_per_block = blockDim.y;
@@ -265,39 +294,47 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 
     acc_t v[kSlots][kVec];
     acc_t edge[2];
-    acc_t sum = 0;
+    acc_t sum = 0;  // of x (LayerNorm) or of x^2 (RMSNorm)
     int count = 0;
     if (valid) {
       cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
         load_vector(xr + e, v[i]);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) sum += v[i][k];
+        for (int k = 0; k < kVec; ++k) sum += kNorm == Norm::kRms ? v[i][k] * v[i][k] : v[i][k];
         count += kVec;
       });
       cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
         edge[i] = static_cast<acc_t>(xr[e]);
-        sum += edge[i];
+        sum += kNorm == Norm::kRms ? edge[i] * edge[i] : edge[i];
         count += 1;
       });
     }
-    // This thread's moments, two-pass from registers, then Chan's combine over the row.
-    const acc_t local_mean = count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0);
-    acc_t m2 = 0;
-    if (valid) {
-      cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
+    acc_t mean = 0, rstd;
+    if constexpr (kNorm == Norm::kRms) {
+      const RowSum<acc_t> total =
+          group_allreduce(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{}, scratch);
+      rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
+    } else {
+      // This thread's moments, two-pass from registers, then Chan's combine over the row.
+      const acc_t local_mean = count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0);
+      acc_t m2 = 0;
+      if (valid) {
+        cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) m2 += (v[i][k] - local_mean) * (v[i][k] - local_mean);
-      });
-      cuda_indexing::for_each_register_edge(
-          s, t, [&](int i, int) { m2 += (edge[i] - local_mean) * (edge[i] - local_mean); });
+          for (int k = 0; k < kVec; ++k) m2 += (v[i][k] - local_mean) * (v[i][k] - local_mean);
+        });
+        cuda_indexing::for_each_register_edge(
+            s, t, [&](int i, int) { m2 += (edge[i] - local_mean) * (edge[i] - local_mean); });
+      }
+      const Welford<acc_t> moments =
+          group_allreduce(Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0},
+                          WelfordCombine{}, scratch);
+      mean = moments.mean;
+      rstd = math::rstd_from_moments(moments, a.eps);
     }
-    const Welford<acc_t> moments = group_allreduce(
-        Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
-    const acc_t mean = moments.mean;
-    const acc_t rstd = math::rstd_from_moments(moments, a.eps);
     if (!valid) continue;
     if (t == 0) {
-      a.mean[row] = mean;
+      if constexpr (kNorm == Norm::kLayer) a.mean[row] = mean;
       a.rstd[row] = rstd;
     }
     const bool weight_vectors = a.weight.vectors_at(s.head);
@@ -307,12 +344,12 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
       load_param(a.weight, e, weight_vectors, acc_t(1), w);
       load_param(a.bias, e, bias_vectors, acc_t(0), b);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) out[k] = math::affine(math::normalize(v[i][k], mean, rstd), w[k], b[k]);
+      for (int k = 0; k < kVec; ++k) out[k] = math::affine<kNorm>(math::normalize<kNorm>(v[i][k], mean, rstd), w[k], b[k]);
       store_vector(yr + e, out);
     });
     cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
-      const acc_t xhat = math::normalize(edge[i], mean, rstd);
-      yr[e] = static_cast<T>(math::affine(xhat, load_param(a.weight, e, acc_t(1)),
+      const acc_t xhat = math::normalize<kNorm>(edge[i], mean, rstd);
+      yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
                                           load_param(a.bias, e, acc_t(0))));
     });
   }
@@ -322,12 +359,12 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 // Forward, streaming: a block per row, any row length. Pass 1 Welford (per vector two-pass,
 // Chan's combine into the thread's moments), pass 2 the normalized row.
 
-template <typename T, typename P>
+template <Norm kNorm, typename T, typename P>
 __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     forward_streaming_kernel(const ForwardParams<T, P> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int kVec = kVecOf<T>;
-  __shared__ Welford<acc_t> scratch[cuda_indexing::kReduceScratch];
+  __shared__ RowStats<kNorm, acc_t> scratch[cuda_indexing::kReduceScratch];
   const int t = threadIdx.x;
   const int group = blockDim.x;
 
@@ -336,21 +373,40 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     const T* xr = a.x + row * a.cols;
     T* yr = a.y + row * a.cols;
 
-    Welford<acc_t> local{0, 0, 0};
-    cuda_indexing::for_each_streamed(
-        s, t, group,
-        [&](int64_t e) {
-          acc_t v[kVec];
-          load_vector(xr + e, v);
-          local = math::welford_combine(local, vector_moments(v));
-        },
-        [&](int64_t e) { local = math::welford_update(local, static_cast<acc_t>(xr[e])); });
-    const Welford<acc_t> moments =
-        group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
-    const acc_t mean = moments.mean;
-    const acc_t rstd = math::rstd_from_moments(moments, a.eps);
+    acc_t mean = 0, rstd;
+    if constexpr (kNorm == Norm::kRms) {
+      RowSum<acc_t> local{0};
+      cuda_indexing::for_each_streamed(
+          s, t, group,
+          [&](int64_t e) {
+            acc_t v[kVec];
+            load_vector(xr + e, v);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) local.sum += v[k] * v[k];
+          },
+          [&](int64_t e) {
+            const acc_t v = static_cast<acc_t>(xr[e]);
+            local.sum += v * v;
+          });
+      const RowSum<acc_t> total = group_allreduce(local, RowSum<acc_t>{0}, SumCombine{}, scratch);
+      rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
+    } else {
+      Welford<acc_t> local{0, 0, 0};
+      cuda_indexing::for_each_streamed(
+          s, t, group,
+          [&](int64_t e) {
+            acc_t v[kVec];
+            load_vector(xr + e, v);
+            local = math::welford_combine(local, vector_moments(v));
+          },
+          [&](int64_t e) { local = math::welford_update(local, static_cast<acc_t>(xr[e])); });
+      const Welford<acc_t> moments =
+          group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
+      mean = moments.mean;
+      rstd = math::rstd_from_moments(moments, a.eps);
+    }
     if (t == 0) {
-      a.mean[row] = mean;
+      if constexpr (kNorm == Norm::kLayer) a.mean[row] = mean;
       a.rstd[row] = rstd;
     }
     const bool weight_vectors = a.weight.vectors_at(s.head);
@@ -363,12 +419,12 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
           load_param(a.weight, e, weight_vectors, acc_t(1), w);
           load_param(a.bias, e, bias_vectors, acc_t(0), b);
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) v[k] = math::affine(math::normalize(v[k], mean, rstd), w[k], b[k]);
+          for (int k = 0; k < kVec; ++k) v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], mean, rstd), w[k], b[k]);
           store_vector(yr + e, v);
         },
         [&](int64_t e) {
-          const acc_t xhat = math::normalize(static_cast<acc_t>(xr[e]), mean, rstd);
-          yr[e] = static_cast<T>(math::affine(xhat, load_param(a.weight, e, acc_t(1)),
+          const acc_t xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
+          yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
                                               load_param(a.bias, e, acc_t(0))));
         });
   }
@@ -379,7 +435,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 // blockDim.y + threadIdx.y handles rows slot, slot + slots, ... with slots = gridDim.x *
 // blockDim.y, a multiple of the rows' alignment period (cuda_config::backward_slots).
 
-template <typename T, typename P, int kElems>
+template <Norm kNorm, typename T, typename P, int kElems>
 __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     backward_registers_kernel(const BackwardParams<T, P> a) {
   using acc_t = at::opmath_type<T>;
@@ -416,7 +472,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     SumPair<acc_t> sums{0, 0};
     acc_t rstd = 0;
     if (valid) {
-      const acc_t mean = a.mean[row];
+      const acc_t mean = kNorm == Norm::kLayer ? a.mean[row] : acc_t(0);
       rstd = a.rstd[row];
       cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
         acc_t dy[kVec], w[kVec];
@@ -425,21 +481,25 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
         load_param(a.weight, e, weight_vectors, acc_t(1), w);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          xhat[i][k] = math::normalize(xhat[i][k], mean, rstd);
+          xhat[i][k] = math::normalize<kNorm>(xhat[i][k], mean, rstd);
           g[i][k] = dy[k] * w[k];
           dgamma[i][k] += dy[k] * xhat[i][k];
-          dbeta[i][k] += dy[k];
-          sums.a += g[i][k];
+          if constexpr (kNorm == Norm::kLayer) {
+            dbeta[i][k] += dy[k];
+            sums.a += g[i][k];
+          }
           sums.b += g[i][k] * xhat[i][k];
         }
       });
       cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
         const acc_t dy = static_cast<acc_t>(dyr[e]);
-        xhat_edge[i] = math::normalize(static_cast<acc_t>(xr[e]), mean, rstd);
+        xhat_edge[i] = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
         g_edge[i] = dy * load_param(a.weight, e, acc_t(1));
         dgamma_edge[i] += dy * xhat_edge[i];
-        dbeta_edge[i] += dy;
-        sums.a += g_edge[i];
+        if constexpr (kNorm == Norm::kLayer) {
+          dbeta_edge[i] += dy;
+          sums.a += g_edge[i];
+        }
         sums.b += g_edge[i] * xhat_edge[i];
       });
     }
@@ -450,27 +510,27 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
       acc_t dx[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) dx[k] = math::input_grad(g[i][k], xhat[i][k], rstd, mean_g, mean_g_xhat);
+      for (int k = 0; k < kVec; ++k) dx[k] = math::input_grad<kNorm>(g[i][k], xhat[i][k], rstd, mean_g, mean_g_xhat);
       store_vector(dxr + e, dx);
     });
     cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
-      dxr[e] = static_cast<T>(math::input_grad(g_edge[i], xhat_edge[i], rstd, mean_g, mean_g_xhat));
+      dxr[e] = static_cast<T>(math::input_grad<kNorm>(g_edge[i], xhat_edge[i], rstd, mean_g, mean_g_xhat));
     });
   }
 
-  // This slot's partial row, every column (zeros for a slot without rows).
-  acc_t* partial_dgamma = a.partial + slot * 2 * a.cols;
-  acc_t* partial_dbeta = partial_dgamma + a.cols;
+  // This slot's partial rows, every column (zeros for a slot without rows).
+  acc_t* partial_dgamma = a.partial + slot * kParamGrads<kNorm> * a.cols;
+  acc_t* partial_dbeta = partial_dgamma + a.cols;  // LayerNorm only
   cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       partial_dgamma[e + k] = dgamma[i][k];
-      partial_dbeta[e + k] = dbeta[i][k];
+      if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] = dbeta[i][k];
     }
   });
   cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
     partial_dgamma[e] = dgamma_edge[i];
-    partial_dbeta[e] = dbeta_edge[i];
+    if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] = dbeta_edge[i];
   });
 }
 
@@ -478,7 +538,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 // Backward, streaming: a block per slot (gridDim.x slots), any row length. dgamma/dbeta
 // accumulate in the slot's partial row; each column of it belongs to one thread.
 
-template <typename T, typename P>
+template <Norm kNorm, typename T, typename P>
 __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     backward_streaming_kernel(const BackwardParams<T, P> a) {
   using acc_t = at::opmath_type<T>;
@@ -490,25 +550,31 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
   const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
   const RowSplit s = row_split(a, slot, kVec);
   const bool weight_vectors = a.weight.vectors_at(s.head);
-  acc_t* partial_dgamma = a.partial + slot * 2 * a.cols;
-  acc_t* partial_dbeta = partial_dgamma + a.cols;
+  acc_t* partial_dgamma = a.partial + slot * kParamGrads<kNorm> * a.cols;
+  acc_t* partial_dbeta = partial_dgamma + a.cols;  // LayerNorm only
 
   cuda_indexing::for_each_streamed(
       s, t, group,
       [&](int64_t e) {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) partial_dgamma[e + k] = partial_dbeta[e + k] = 0;
+        for (int k = 0; k < kVec; ++k) {
+          partial_dgamma[e + k] = 0;
+          if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] = 0;
+        }
       },
-      [&](int64_t e) { partial_dgamma[e] = partial_dbeta[e] = 0; });
+      [&](int64_t e) {
+        partial_dgamma[e] = 0;
+        if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] = 0;
+      });
 
   for (int64_t row = slot; row < a.rows; row += gridDim.x) {
     const T* dyr = a.dy + row * a.cols;
     const T* xr = a.x + row * a.cols;
     T* dxr = a.dx + row * a.cols;
-    const acc_t mean = a.mean[row];
+    const acc_t mean = kNorm == Norm::kLayer ? a.mean[row] : acc_t(0);
     const acc_t rstd = a.rstd[row];
 
-    SumPair<acc_t> sums{0, 0};
+    SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     cuda_indexing::for_each_streamed(
         s, t, group,
         [&](int64_t e) {
@@ -519,14 +585,14 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
             const acc_t g = dy[k] * w[k];
-            sums.a += g;
-            sums.b += g * math::normalize(x[k], mean, rstd);
+            if constexpr (kNorm == Norm::kLayer) sums.a += g;
+            sums.b += g * math::normalize<kNorm>(x[k], mean, rstd);
           }
         },
         [&](int64_t e) {
           const acc_t g = static_cast<acc_t>(dyr[e]) * load_param(a.weight, e, acc_t(1));
-          sums.a += g;
-          sums.b += g * math::normalize(static_cast<acc_t>(xr[e]), mean, rstd);
+          if constexpr (kNorm == Norm::kLayer) sums.a += g;
+          sums.b += g * math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
         });
     sums = group_allreduce(sums, SumPair<acc_t>{0, 0}, SumCombine{}, scratch);
     const acc_t mean_g = sums.a * inv_cols;
@@ -540,32 +606,33 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
           load_param(a.weight, e, weight_vectors, acc_t(1), w);
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
-            const acc_t xhat = math::normalize(x[k], mean, rstd);
+            const acc_t xhat = math::normalize<kNorm>(x[k], mean, rstd);
             partial_dgamma[e + k] += dy[k] * xhat;
-            partial_dbeta[e + k] += dy[k];
-            x[k] = math::input_grad(dy[k] * w[k], xhat, rstd, mean_g, mean_g_xhat);
+            if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] += dy[k];
+            x[k] = math::input_grad<kNorm>(dy[k] * w[k], xhat, rstd, mean_g, mean_g_xhat);
           }
           store_vector(dxr + e, x);
         },
         [&](int64_t e) {
           const acc_t dy = static_cast<acc_t>(dyr[e]);
-          const acc_t xhat = math::normalize(static_cast<acc_t>(xr[e]), mean, rstd);
+          const acc_t xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
           partial_dgamma[e] += dy * xhat;
-          partial_dbeta[e] += dy;
-          dxr[e] = static_cast<T>(math::input_grad(dy * load_param(a.weight, e, acc_t(1)), xhat,
-                                                   rstd, mean_g, mean_g_xhat));
+          if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] += dy;
+          dxr[e] = static_cast<T>(math::input_grad<kNorm>(
+              dy * load_param(a.weight, e, acc_t(1)), xhat, rstd, mean_g, mean_g_xhat));
         });
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// dgamma/dbeta = the sum of the slots' partial rows, in a fixed order.
-// blockDim = (kFinalizeColumns, kFinalizeLanes).
+// dgamma/dbeta = the sum of the slots' partial rows, in a fixed order (RMSNorm: dgamma
+// only). blockDim = (kFinalizeColumns, kFinalizeLanes).
 
-template <typename acc_t, typename P>
+template <Norm kNorm, typename acc_t, typename P>
 __global__ void __launch_bounds__(cuda_config::kFinalizeColumns * cuda_config::kFinalizeLanes)
     finalize_param_grads_kernel(const acc_t* __restrict__ partial, int64_t slots, int64_t cols,
                                 P* __restrict__ grad_weight, P* __restrict__ grad_bias) {
+  constexpr int kGrads = kParamGrads<kNorm>;
   constexpr int kColumns = cuda_config::kFinalizeColumns;
   constexpr int kLanes = cuda_config::kFinalizeLanes;
   __shared__ SumPair<acc_t> sums[kLanes][kColumns];
@@ -573,8 +640,8 @@ __global__ void __launch_bounds__(cuda_config::kFinalizeColumns * cuda_config::k
   SumPair<acc_t> sum{0, 0};
   if (col < cols) {
     cuda_indexing::for_each_partial_slot(threadIdx.y, kLanes, slots, [&](int64_t s) {
-      sum.a += partial[s * 2 * cols + col];
-      sum.b += partial[s * 2 * cols + cols + col];
+      sum.a += partial[s * kGrads * cols + col];
+      if constexpr (kNorm == Norm::kLayer) sum.b += partial[s * kGrads * cols + cols + col];
     });
   }
   sums[threadIdx.y][threadIdx.x] = sum;
@@ -583,7 +650,7 @@ __global__ void __launch_bounds__(cuda_config::kFinalizeColumns * cuda_config::k
                                     SumCombine{}, lanes);
   if (threadIdx.y == 0 && col < cols) {
     grad_weight[col] = static_cast<P>(sums[0][threadIdx.x].a);
-    grad_bias[col] = static_cast<P>(sums[0][threadIdx.x].b);
+    if constexpr (kNorm == Norm::kLayer) grad_bias[col] = static_cast<P>(sums[0][threadIdx.x].b);
   }
 }
 
@@ -620,7 +687,7 @@ ParamRef<P> param_ref(const at::Tensor& t) {
 
 dim3 block_of(const LaunchConfig& c) { return dim3(c.threads_per_row, c.rows_per_block); }
 
-template <typename T, typename P>
+template <Norm kNorm, typename T, typename P>
 void launch_forward(const ForwardArgs& args) {
   using acc_t = at::opmath_type<T>;
   ForwardParams<T, P> a;
@@ -628,7 +695,7 @@ void launch_forward(const ForwardArgs& args) {
   a.weight = param_ref<P>(args.weight);
   a.bias = param_ref<P>(args.bias);
   a.y = args.output.mutable_data_ptr<T>();
-  a.mean = args.mean.mutable_data_ptr<acc_t>();
+  a.mean = args.mean.defined() ? args.mean.mutable_data_ptr<acc_t>() : nullptr;
   a.rstd = args.rstd.mutable_data_ptr<acc_t>();
   a.rows = args.shape.rows;
   a.cols = args.shape.cols;
@@ -642,13 +709,13 @@ void launch_forward(const ForwardArgs& args) {
                                            kMaxGridBlocks);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (c.kind == Kind::kStreaming) {
-    forward_streaming_kernel<T, P><<<blocks, block_of(c), 0, stream>>>(a);
+    forward_streaming_kernel<kNorm, T, P><<<blocks, block_of(c), 0, stream>>>(a);
   } else if constexpr (kHasRegisterKernels<T>) {
     if (c.elems_per_thread == cuda_config::kElemsSmall) {
-      forward_registers_kernel<T, P, cuda_config::kElemsSmall><<<blocks, block_of(c), 0, stream>>>(a);
+      forward_registers_kernel<kNorm, T, P, cuda_config::kElemsSmall><<<blocks, block_of(c), 0, stream>>>(a);
     } else {
       TORCH_INTERNAL_ASSERT(c.elems_per_thread == cuda_config::kElemsLarge);
-      forward_registers_kernel<T, P, cuda_config::kElemsLarge><<<blocks, block_of(c), 0, stream>>>(a);
+      forward_registers_kernel<kNorm, T, P, cuda_config::kElemsLarge><<<blocks, block_of(c), 0, stream>>>(a);
     }
   } else {
     TORCH_INTERNAL_ASSERT(false, "layernorm_ext: no register kernel for this dtype");
@@ -656,19 +723,19 @@ void launch_forward(const ForwardArgs& args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename P>
+template <Norm kNorm, typename T, typename P>
 void launch_backward(const BackwardArgs& args) {
   using acc_t = at::opmath_type<T>;
   const int64_t rows = args.shape.rows, cols = args.shape.cols;
   if (rows == 0) {
     args.grad_weight.zero_();
-    args.grad_bias.zero_();
+    if (args.grad_bias.defined()) args.grad_bias.zero_();
     return;
   }
   BackwardParams<T, P> a;
   a.dy = args.grad_out.const_data_ptr<T>();
   a.x = args.input.const_data_ptr<T>();
-  a.mean = args.mean.const_data_ptr<acc_t>();
+  a.mean = args.mean.defined() ? args.mean.const_data_ptr<acc_t>() : nullptr;
   a.rstd = args.rstd.const_data_ptr<acc_t>();
   a.weight = param_ref<P>(args.weight);
   a.dx = args.grad_input.mutable_data_ptr<T>();
@@ -681,56 +748,52 @@ void launch_backward(const BackwardArgs& args) {
   const LaunchConfig c = cuda_config::backward_config(cols, sizeof(T), a.vectorized);
   const int period = a.vectorized ? cuda_config::row_alignment_period(cols, kVecOf<T>) : 1;
   const int64_t slots = cuda_config::backward_slots(rows, cols, c, period);
-  at::Tensor partial = at::empty({slots, 2, cols}, args.mean.options());
+  at::Tensor partial = at::empty({slots, kParamGrads<kNorm>, cols}, args.rstd.options());
   a.partial = partial.mutable_data_ptr<acc_t>();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = slots / c.rows_per_block;
   if (c.kind == Kind::kStreaming) {
-    backward_streaming_kernel<T, P><<<blocks, block_of(c), 0, stream>>>(a);
+    backward_streaming_kernel<kNorm, T, P><<<blocks, block_of(c), 0, stream>>>(a);
   } else if constexpr (kHasRegisterKernels<T>) {
     TORCH_INTERNAL_ASSERT(c.elems_per_thread == cuda_config::kElemsBackward);
-    backward_registers_kernel<T, P, cuda_config::kElemsBackward><<<blocks, block_of(c), 0, stream>>>(a);
+    backward_registers_kernel<kNorm, T, P, cuda_config::kElemsBackward><<<blocks, block_of(c), 0, stream>>>(a);
   } else {
     TORCH_INTERNAL_ASSERT(false, "layernorm_ext: no register kernel for this dtype");
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const dim3 finalize_block(cuda_config::kFinalizeColumns, cuda_config::kFinalizeLanes);
-  finalize_param_grads_kernel<acc_t, P>
+  finalize_param_grads_kernel<kNorm, acc_t, P>
       <<<at::ceil_div<int64_t>(cols, cuda_config::kFinalizeColumns), finalize_block, 0, stream>>>(
           partial.const_data_ptr<acc_t>(), slots, cols, args.grad_weight.mutable_data_ptr<P>(),
-          args.grad_bias.mutable_data_ptr<P>());
+          args.grad_bias.defined() ? args.grad_bias.mutable_data_ptr<P>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-Tensor3 forward_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
-                     const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, double eps) {
-  const c10::cuda::OptionalCUDAGuard guard(input.device());
-  return run_forward(input, normalized_shape, weight, bias, eps,
-                     [](auto input_tag, auto param_tag, const ForwardArgs& args) {
-                       launch_forward<LAYERNORM_TAG_TYPE(input_tag),
-                                      LAYERNORM_TAG_TYPE(param_tag)>(args);
-                     });
-}
+// The kernel launchers for run_forward/run_backward (layernorm.h), under a device guard.
+struct ForwardKernel {
+  template <typename NormTag, typename InputTag, typename ParamTag>
+  void operator()(NormTag, InputTag, ParamTag, const ForwardArgs& args) const {
+    const c10::cuda::OptionalCUDAGuard guard(args.input.device());
+    launch_forward<NormTag::value, typename InputTag::type, typename ParamTag::type>(args);
+  }
+};
 
-Tensor3 backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
-                      at::IntArrayRef normalized_shape, const at::Tensor& mean,
-                      const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-                      const std::optional<at::Tensor>& bias) {
-  const c10::cuda::OptionalCUDAGuard guard(input.device());
-  return run_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias,
-                      [](auto input_tag, auto param_tag, const BackwardArgs& args) {
-                        launch_backward<LAYERNORM_TAG_TYPE(input_tag),
-                                        LAYERNORM_TAG_TYPE(param_tag)>(args);
-                      });
-}
+struct BackwardKernel {
+  template <typename NormTag, typename InputTag, typename ParamTag>
+  void operator()(NormTag, InputTag, ParamTag, const BackwardArgs& args) const {
+    const c10::cuda::OptionalCUDAGuard guard(args.input.device());
+    launch_backward<NormTag::value, typename InputTag::type, typename ParamTag::type>(args);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layernorm_ext, CUDA, m) {
-  m.impl("forward", &forward_cuda);
-  m.impl("backward", &backward_cuda);
+  m.impl("forward", &layer_norm_forward<ForwardKernel>);
+  m.impl("backward", &layer_norm_backward<BackwardKernel>);
+  m.impl("rms_forward", &rms_norm_forward<ForwardKernel>);
+  m.impl("rms_backward", &rms_norm_backward<BackwardKernel>);
 }
 
 }  // namespace layernorm_ext

@@ -1,0 +1,116 @@
+// Autograd for layernorm_ext::rms_forward, in C++ for the same reason as LayerNorm's
+// (layernorm_autograd.cpp): a Python autograd.Function costs more per call than the
+// kernel of a small layer.
+//
+// First-order gradients come from the fused rms_backward kernel. Under create_graph=True
+// the backward is computed from differentiable ATen ops instead, so autograd can
+// differentiate it again (double backward).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <numeric>
+
+#include "layernorm.h"
+
+namespace layernorm_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor2 call_rms_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                         const std::optional<at::Tensor>& weight, std::optional<double> eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layernorm_ext::rms_forward", "")
+                             .typed<decltype(call_rms_forward)>();
+  return op.call(input, normalized_shape, weight, eps);
+}
+
+Tensor2 call_rms_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                          at::IntArrayRef normalized_shape, const at::Tensor& rstd,
+                          const std::optional<at::Tensor>& weight) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layernorm_ext::rms_backward", "")
+                             .typed<decltype(call_rms_backward)>();
+  return op.call(grad_out, input, normalized_shape, rstd, weight);
+}
+
+// The RMSNorm backward as differentiable ATen ops, rstd recomputed from the input so its
+// dependence on the input is part of the graph. Returns (dx, dw):
+//   dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * w,  xhat = x * rstd
+//   dw = sum over rows of dy * xhat
+Tensor2 differentiable_rms_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                    at::IntArrayRef normalized_shape, const at::Tensor& weight,
+                                    double eps) {
+  const int64_t axis = input.dim() - static_cast<int64_t>(normalized_shape.size());
+  std::vector<int64_t> row_dims(axis), col_dims(normalized_shape.size());
+  std::iota(row_dims.begin(), row_dims.end(), 0);
+  std::iota(col_dims.begin(), col_dims.end(), axis);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const at::Tensor x = input.to(acc);
+  const at::Tensor dy = grad_out.to(acc);
+  const at::Tensor rstd = (x.square().mean(col_dims, /*keepdim=*/true) + eps).rsqrt();
+  const at::Tensor xhat = x * rstd;
+  const at::Tensor g = weight.defined() ? dy * weight.to(acc) : dy;
+  const at::Tensor dx = rstd * (g - xhat * (g * xhat).mean(col_dims, /*keepdim=*/true));
+  const auto param_dtype = weight.defined() ? weight.scalar_type() : input.scalar_type();
+  // An empty dim list would reduce every dim: without leading dims there is one row.
+  const at::Tensor dw = axis > 0 ? (dy * xhat).sum(row_dims) : dy * xhat;
+  return {dx.to(input.scalar_type()), dw.to(param_dtype)};
+}
+
+class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               at::IntArrayRef normalized_shape,
+                               const std::optional<at::Tensor>& weight,
+                               std::optional<double> eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, rstd] = call_rms_forward(input, normalized_shape, weight, eps);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), rstd});
+    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
+    ctx->saved_data["eps"] = rms_norm_eps(input.scalar_type(), eps);
+    ctx->mark_non_differentiable({rstd});
+    return {output, rstd};
+  }
+
+  // Gradients for (input, normalized_shape, weight, eps).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto& input = saved[0];
+    const auto& weight = saved[1];
+    const auto normalized_shape = ctx->saved_data["normalized_shape"].toIntVector();
+    const bool create_graph = torch::autograd::GradMode::is_enabled();
+    auto [grad_input, grad_weight] =
+        create_graph
+            ? differentiable_rms_backward(grad_out, input, normalized_shape, weight,
+                                          ctx->saved_data["eps"].toDouble())
+            : call_rms_backward(grad_out, input, normalized_shape, saved[2],
+                                weight.defined() ? std::optional<at::Tensor>(weight)
+                                                 : std::nullopt);
+    return {ctx->needs_input_grad(0) ? grad_input : at::Tensor(), at::Tensor(),
+            weight.defined() ? grad_weight : at::Tensor(), at::Tensor()};
+  }
+};
+
+Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                             const std::optional<at::Tensor>& weight,
+                             std::optional<double> eps) {
+  const auto outputs = RMSNormFunction::apply(input, normalized_shape, weight, eps);
+  return {outputs[0], outputs[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
+  m.impl("rms_forward", &rms_forward_autograd);
+  // Called directly with inputs that require grad, the backward op has no derivative:
+  // raise at backward time instead of silently returning zeros.
+  m.impl("rms_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace layernorm_ext
