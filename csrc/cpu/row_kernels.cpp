@@ -368,20 +368,21 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       const auto dyv = C::load(dy + j, n);
       const auto xv = C::load(x + j, n);
       const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
+      // dgamma and dbeta are loaded together and stored together: putting the dbeta
+      // load after the dgamma store costs 10-20% at D = 20 (partial-chunk copies).
       auto dgv = AC::load(dgamma + j, n);
+      typename AC::Parts dbv;
+      if constexpr (kNorm == Norm::kLayer) dbv = AC::load(dbeta + j, n);
       typename C::Parts dxv;
       for (int k = 0; k < C::kParts; ++k) {
         const Vec xhat = math::normalize<kNorm>(xv[k], mean_v, rstd_v);
         dxv[k] = math::input_grad<kNorm>(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
         dgv[k] = dgv[k] + dyv[k] * xhat;
+        if constexpr (kNorm == Norm::kLayer) dbv[k] = dbv[k] + dyv[k];
       }
       C::store_row(dx + j, dxv, n, stream);
       AC::store(dgamma + j, dgv, n);
-      if constexpr (kNorm == Norm::kLayer) {
-        auto dbv = AC::load(dbeta + j, n);
-        for (int k = 0; k < C::kParts; ++k) dbv[k] = dbv[k] + dyv[k];
-        AC::store(dbeta + j, dbv, n);
-      }
+      if constexpr (kNorm == Norm::kLayer) AC::store(dbeta + j, dbv, n);
     }
   }
   if (a.stream_output) stream_fence();
