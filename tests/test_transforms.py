@@ -228,7 +228,8 @@ def test_hessians(device, norm, affine, outer, inner):
 
 @NORM
 def test_hessian_matches_torch_grad_of_grad(device, norm):
-    """The reference itself, against torch's norm where torch is right (grad of grad)."""
+    """Ours against torch's norm where torch is right (grad of grad); with test_hessians,
+    this ties the elementary reference to torch."""
     affine = ALL_PARAMS[norm]
     args = make_args(device, affine, shape=(2, 3), normalized_shape=[3])
     for i in range(len(args)):
