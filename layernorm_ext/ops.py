@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers the operators)
-from .transforms import transformed_layer_norm, transforms_active
+from .transforms import transformed_layer_norm, transformed_rms_norm, transforms_active
 
 __all__ = ["layer_norm", "rms_norm", "has_cuda_kernels"]
 
@@ -357,7 +357,8 @@ def rms_norm(
     (``torch.ops.layernorm_ext.rms_forward``). The output has the input's dtype; ``weight``
     may have any floating dtype, as with torch (float16/bfloat16 input with float32 weight
     runs natively, other mixes cast the weight). ``normalized_shape`` may also be an int,
-    and jagged nested tensors are normalized row by row.
+    and jagged nested tensors are normalized row by row. It works under ``torch.func``
+    transforms and ``torch.autograd.forward_ad`` as :func:`layer_norm` does.
     """
     shape = _as_shape(normalized_shape, "rms_norm")
     if not isinstance(input, torch.Tensor):
@@ -371,4 +372,11 @@ def rms_norm(
     if input.is_nested:
         return _on_jagged_values(input, shape, "rms_norm",
                                  lambda values: rms_norm(values, shape, weight, eps))
-    return _rms_forward(input, shape, _kernel_weight(input, weight), eps)[0]
+    weight = _kernel_weight(input, weight)
+    if transforms_active():
+        # As in layer_norm: the op's checks run here, for the autograd.Function.
+        _check_same_device(input, weight)
+        _check_rms_fake_shape(input, shape)
+        _check_fake_inputs(input, shape, weight, None)
+        return transformed_rms_norm(input, shape, weight, eps)
+    return _rms_forward(input, shape, weight, eps)[0]

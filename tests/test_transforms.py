@@ -1,7 +1,7 @@
-"""layer_norm under torch.func transforms and forward-mode AD, against F.layer_norm.
+"""layer_norm and rms_norm under torch.func transforms and forward-mode AD, against torch's.
 
-Every transform is applied to our layer_norm and to torch's in the same way (float64, each
-weight/bias combination); the results must agree.
+Every transform is applied to our norm and to torch's (F.layer_norm, F.rms_norm) in the same
+way (float64, each weight/bias combination); the results must agree.
 """
 
 from __future__ import annotations
@@ -13,12 +13,39 @@ import torch.nn.functional as F
 from torch import func
 
 import layernorm_ext
-from layernorm_ext import layer_norm
+from layernorm_ext import layer_norm, rms_norm
 
-AFFINE = pytest.mark.parametrize(
-    "affine", [(True, True), (True, False), (False, True), (False, False)],
-    ids=["affine", "weight_only", "bias_only", "none"])
 NORMALIZED = [4, 5]
+
+
+def with_layer_norm_signature(rms):
+    """rms(x, normalized_shape, weight) called as f(x, normalized_shape, weight, bias): one
+    signature for both norms in these tests. RMSNorm has no bias."""
+    def norm(x, normalized_shape, weight=None, bias=None):
+        assert bias is None
+        return rms(x, normalized_shape, weight)
+    return norm
+
+
+# name: (ours, torch's), both called as f(x, normalized_shape, weight, bias).
+NORMS = {
+    "layer_norm": (layer_norm, F.layer_norm),
+    "rms_norm": (with_layer_norm_signature(rms_norm), with_layer_norm_signature(F.rms_norm)),
+}
+# The (weight, bias) combinations each norm has.
+AFFINES = {
+    "layer_norm": [(True, True), (True, False), (False, True), (False, False)],
+    "rms_norm": [(True, False), (False, False)],
+}
+AFFINE_IDS = {(True, True): "affine", (True, False): "weight_only", (False, True): "bias_only",
+              (False, False): "none"}
+NORM_AFFINE = pytest.mark.parametrize(
+    "norm,affine", [(norm, affine) for norm, affines in AFFINES.items() for affine in affines],
+    ids=[f"{norm}-{AFFINE_IDS[affine]}" for norm, affines in AFFINES.items()
+         for affine in affines])
+# Every parameter the norm has.
+ALL_PARAMS = {"layer_norm": (True, True), "rms_norm": (True, False)}
+NORM = pytest.mark.parametrize("norm", list(NORMS))
 
 
 def make_args(device, affine, shape=(3, 4, 5), normalized_shape=NORMALIZED, seed=0):
@@ -67,6 +94,22 @@ def reference_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y + bias if bias is not None else y
 
 
+def reference_rms_norm(x, normalized_shape, weight=None, bias=None):
+    """RMSNorm from elementary ops (eps=None: torch's, float64's machine epsilon here).
+
+    On the CPU F.rms_norm is itself such a composite and its Hessians agree; on CUDA torch
+    routes it to a fused kernel (_fused_rms_norm), whose higher derivatives we do not rely on.
+    """
+    assert bias is None
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    y = x * (x.square().mean(dims, keepdim=True) + torch.finfo(x.dtype).eps).rsqrt()
+    return y * weight if weight is not None else y
+
+
+# The references for second and higher derivatives, called as NORMS' functions are.
+REFERENCES = {"layer_norm": reference_layer_norm, "rms_norm": reference_rms_norm}
+
+
 def tangents_like(args, seed=1):
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(a.shape, generator=g, dtype=a.dtype).to(a.device) for a in args)
@@ -80,117 +123,130 @@ def assert_trees_close(ours, theirs):
         torch.testing.assert_close(o, t)
 
 
-@AFFINE
-def test_func_grad(device, affine):
+@NORM_AFFINE
+def test_func_grad(device, norm, affine):
+    ours, theirs = NORMS[norm]
     args = make_args(device, affine)
     argnums = tuple(range(len(args)))
-    ours = func.grad(scalar_loss(layer_norm, affine), argnums)(*args)
-    theirs = func.grad(scalar_loss(F.layer_norm, affine), argnums)(*args)
-    assert_trees_close(ours, theirs)
+    assert_trees_close(func.grad(scalar_loss(ours, affine), argnums)(*args),
+                       func.grad(scalar_loss(theirs, affine), argnums)(*args))
 
 
-@AFFINE
-def test_func_vjp(device, affine):
+@NORM_AFFINE
+def test_func_vjp(device, norm, affine):
+    ours, theirs = NORMS[norm]
     args = make_args(device, affine)
-    out, vjp_fn = func.vjp(as_function(layer_norm, affine), *args)
-    ref_out, ref_vjp_fn = func.vjp(as_function(F.layer_norm, affine), *args)
+    out, vjp_fn = func.vjp(as_function(ours, affine), *args)
+    ref_out, ref_vjp_fn = func.vjp(as_function(theirs, affine), *args)
     cotangent = tangents_like((out,))[0]
     torch.testing.assert_close(out, ref_out)
     assert_trees_close(vjp_fn(cotangent), ref_vjp_fn(cotangent))
 
 
-@AFFINE
-def test_func_jvp(device, affine):
+@NORM_AFFINE
+def test_func_jvp(device, norm, affine):
+    ours, theirs = NORMS[norm]
     args = make_args(device, affine)
     tangents = tangents_like(args)
-    ours = func.jvp(as_function(layer_norm, affine), args, tangents)
-    theirs = func.jvp(as_function(F.layer_norm, affine), args, tangents)
-    assert_trees_close(ours, theirs)
+    assert_trees_close(func.jvp(as_function(ours, affine), args, tangents),
+                       func.jvp(as_function(theirs, affine), args, tangents))
 
 
-@pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
-def test_func_jvp_with_respect_to_one_argument(device, wrt):
-    x, w, b = make_args(device, (True, True))
+@pytest.mark.parametrize("norm,wrt", [("layer_norm", "input"), ("layer_norm", "weight"),
+                                      ("layer_norm", "bias"), ("rms_norm", "input"),
+                                      ("rms_norm", "weight")])
+def test_func_jvp_with_respect_to_one_argument(device, norm, wrt):
+    affine = ALL_PARAMS[norm]
+    params = make_args(device, affine)
     position = {"input": 0, "weight": 1, "bias": 2}[wrt]
 
-    def along(norm):
-        def fn(t):
-            args = [x, w, b]
+    def along(norm_fn):
+        fn = as_function(norm_fn, affine)
+
+        def along_one(t):
+            args = list(params)
             args[position] = t
-            return norm(args[0], NORMALIZED, args[1], args[2])
-        primal = (x, w, b)[position]
-        return func.jvp(fn, (primal,), tangents_like((primal,)))
+            return fn(*args)
+        primal = params[position]
+        return func.jvp(along_one, (primal,), tangents_like((primal,)))
 
-    assert_trees_close(along(layer_norm), along(F.layer_norm))
+    assert_trees_close(*(along(norm_fn) for norm_fn in NORMS[norm]))
 
 
-@AFFINE
-def test_forward_ad_dual_numbers(device, affine):
+@NORM_AFFINE
+def test_forward_ad_dual_numbers(device, norm, affine):
     args = make_args(device, affine)
     tangents = tangents_like(args)
 
-    def primal_and_tangent(norm):
+    def primal_and_tangent(norm_fn):
         with fwAD.dual_level():
             duals = [fwAD.make_dual(a, t) for a, t in zip(args, tangents)]
-            out = fwAD.unpack_dual(as_function(norm, affine)(*duals))
+            out = fwAD.unpack_dual(as_function(norm_fn, affine)(*duals))
             return out.primal, out.tangent
 
-    ours, theirs = primal_and_tangent(layer_norm), primal_and_tangent(F.layer_norm)
+    ours, theirs = (primal_and_tangent(norm_fn) for norm_fn in NORMS[norm])
     assert ours[1] is not None
     assert_trees_close(ours, theirs)
 
 
-def test_forward_ad_level_without_duals_and_backward_inside_it(device):
-    x, w, b = (t.requires_grad_() for t in make_args(device, (True, True)))
+@NORM
+def test_forward_ad_level_without_duals_and_backward_inside_it(device, norm):
+    ours_fn, theirs_fn = (as_function(norm_fn, ALL_PARAMS[norm]) for norm_fn in NORMS[norm])
+    args = tuple(t.requires_grad_() for t in make_args(device, ALL_PARAMS[norm]))
     with fwAD.dual_level():
-        y = layer_norm(x, NORMALIZED, w, b)
+        y = ours_fn(*args)
         assert fwAD.unpack_dual(y).tangent is None
-        ours = torch.autograd.grad(y.square().sum(), (x, w, b))
-    theirs = torch.autograd.grad(F.layer_norm(x, NORMALIZED, w, b).square().sum(), (x, w, b))
-    torch.testing.assert_close(y, F.layer_norm(x, NORMALIZED, w, b))
+        ours = torch.autograd.grad(y.square().sum(), args)
+    theirs = torch.autograd.grad(theirs_fn(*args).square().sum(), args)
+    torch.testing.assert_close(y, theirs_fn(*args))
     assert_trees_close(ours, theirs)
 
 
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
-@AFFINE
-def test_jacobians(device, affine, transform):
+@NORM_AFFINE
+def test_jacobians(device, norm, affine, transform):
     args = make_args(device, affine, shape=(2, 4, 5))
     jac = getattr(func, transform)
     argnums = tuple(range(len(args)))
-    assert_trees_close(jac(as_function(layer_norm, affine), argnums)(*args),
-                       jac(as_function(F.layer_norm, affine), argnums)(*args))
+    assert_trees_close(*(jac(as_function(norm_fn, affine), argnums)(*args)
+                         for norm_fn in NORMS[norm]))
 
 
 @pytest.mark.parametrize("outer,inner", [("jacfwd", "jacrev"), ("jacrev", "jacrev"),
                                          ("jacfwd", "jacfwd"), ("jacrev", "jacfwd")])
-@AFFINE
-def test_hessians(device, affine, outer, inner):
+@NORM_AFFINE
+def test_hessians(device, norm, affine, outer, inner):
     args = make_args(device, affine, shape=(2, 3), normalized_shape=[3])
     argnums = tuple(range(len(args)))
 
-    def hessian(norm):
-        loss = scalar_loss(norm, affine, [3])
+    def hessian(norm_fn):
+        loss = scalar_loss(norm_fn, affine, [3])
         return getattr(func, outer)(getattr(func, inner)(loss, argnums), argnums)(*args)
 
-    assert_trees_close(hessian(layer_norm), hessian(reference_layer_norm))
+    assert_trees_close(hessian(NORMS[norm][0]), hessian(REFERENCES[norm]))
 
 
-def test_hessian_matches_torch_grad_of_grad(device):
-    """The reference itself, against F.layer_norm where torch is right (grad of grad)."""
-    args = make_args(device, (True, True), shape=(2, 3), normalized_shape=[3])
-    for i in range(3):
-        for j in range(3):
-            def mixed(norm):
-                grad_i = func.grad(scalar_loss(norm, (True, True), [3]), argnums=i)
+@NORM
+def test_hessian_matches_torch_grad_of_grad(device, norm):
+    """Ours against torch's norm where torch is right (grad of grad); with test_hessians,
+    this ties the elementary reference to torch."""
+    affine = ALL_PARAMS[norm]
+    args = make_args(device, affine, shape=(2, 3), normalized_shape=[3])
+    for i in range(len(args)):
+        for j in range(len(args)):
+            def mixed(norm_fn):
+                grad_i = func.grad(scalar_loss(norm_fn, affine, [3]), argnums=i)
                 return func.jacrev(grad_i, argnums=j)(*args)
 
-            torch.testing.assert_close(mixed(layer_norm), mixed(F.layer_norm))
+            torch.testing.assert_close(*(mixed(norm_fn) for norm_fn in NORMS[norm]))
 
 
 @pytest.mark.parametrize("modes", ["fff", "rrr", "frf", "rff"])
-def test_third_directional_derivative(device, modes):
+@NORM
+def test_third_directional_derivative(device, norm, modes):
     """d^3/dt^3 <f(x + t v), c> at t = 0, by any mix of forward (f) and reverse (r) mode."""
-    x, w, b = make_args(device, (True, True))
+    x, w, *rest = make_args(device, ALL_PARAMS[norm])
+    b = rest[0] if rest else None
     v, c = tangents_like((x, x))
 
     def derivative(fn, mode):
@@ -198,55 +254,64 @@ def test_third_directional_derivative(device, modes):
             return lambda t: func.jvp(fn, (t,), (torch.ones_like(t),))[1]
         return func.grad(fn)
 
-    def third(norm):
-        fn = lambda t: (norm(x + t * v, NORMALIZED, w, b).sin() * c).sum()  # noqa: E731
+    def third(norm_fn):
+        fn = lambda t: (norm_fn(x + t * v, NORMALIZED, w, b).sin() * c).sum()  # noqa: E731
         for mode in modes:
             fn = derivative(fn, mode)
         return fn(torch.zeros((), dtype=x.dtype, device=device))
 
-    torch.testing.assert_close(third(layer_norm), third(reference_layer_norm))
+    torch.testing.assert_close(third(NORMS[norm][0]), third(REFERENCES[norm]))
 
 
-@AFFINE
-def test_hessian_vector_product_forward_over_reverse(device, affine):
+@NORM_AFFINE
+def test_hessian_vector_product_forward_over_reverse(device, norm, affine):
     args = make_args(device, affine)
     tangents = tangents_like(args)
     argnums = tuple(range(len(args)))
 
-    def hvp(norm):
-        grad_fn = func.grad(scalar_loss(norm, affine), argnums)
+    def hvp(norm_fn):
+        grad_fn = func.grad(scalar_loss(norm_fn, affine), argnums)
         return func.jvp(grad_fn, args, tangents)
 
-    assert_trees_close(hvp(layer_norm), hvp(F.layer_norm))
+    assert_trees_close(*(hvp(norm_fn) for norm_fn in NORMS[norm]))
 
 
-@AFFINE
-def test_vmap_of_grad_per_sample_gradients(device, affine):
+@NORM_AFFINE
+def test_vmap_of_grad_per_sample_gradients(device, norm, affine):
     args = make_args(device, affine, shape=(6, 4, 5))
     in_dims = (0,) + (None,) * (len(args) - 1)
     argnums = tuple(range(len(args)))
 
-    def per_sample(norm):
-        return func.vmap(func.grad(scalar_loss(norm, affine), argnums), in_dims)(*args)
+    def per_sample(norm_fn):
+        return func.vmap(func.grad(scalar_loss(norm_fn, affine), argnums), in_dims)(*args)
 
-    assert_trees_close(per_sample(layer_norm), per_sample(F.layer_norm))
-
-
-def test_vmap_of_jvp_with_batched_parameters(device):
-    x, w, b = make_args(device, (True, True), shape=(3, 4, 5))
-    ws, bs = torch.stack([w, w * 2, -w]), torch.stack([b, b + 1, b * 3])
-    tx, tw, tb = tangents_like((x, ws, bs))
-
-    def batched_jvp(norm):
-        fn = as_function(norm, (True, True))
-        return func.vmap(lambda *a: func.jvp(fn, a[:3], a[3:]))(x, ws, bs, tx, tw, tb)
-
-    assert_trees_close(batched_jvp(layer_norm), batched_jvp(F.layer_norm))
+    assert_trees_close(*(per_sample(norm_fn) for norm_fn in NORMS[norm]))
 
 
-def test_grad_of_module_via_functional_call(device):
-    model = layernorm_ext.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
-    reference = torch.nn.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
+@NORM
+def test_vmap_of_jvp_with_batched_parameters(device, norm):
+    affine = ALL_PARAMS[norm]
+    x, *params = make_args(device, affine, shape=(3, 4, 5))
+    primals = (x, *(torch.stack([p, 2 * p + 1, -p]) for p in params))  # per-sample params
+    tangents = tangents_like(primals)
+
+    def batched_jvp(norm_fn):
+        fn = as_function(norm_fn, affine)
+        n = len(primals)
+        return func.vmap(lambda *a: func.jvp(fn, a[:n], a[n:]))(*primals, *tangents)
+
+    assert_trees_close(*(batched_jvp(norm_fn) for norm_fn in NORMS[norm]))
+
+
+# name: (ours, torch's) module classes.
+MODULES = {"layer_norm": (layernorm_ext.LayerNorm, torch.nn.LayerNorm),
+           "rms_norm": (layernorm_ext.RMSNorm, torch.nn.RMSNorm)}
+
+
+@NORM
+def test_grad_of_module_via_functional_call(device, norm):
+    model, reference = (module(NORMALIZED, device=device, dtype=torch.float64)
+                        for module in MODULES[norm])
     x = make_args(device, (False, False))[0]
     params = {k: v.detach() + 0.1 * i for i, (k, v) in enumerate(model.named_parameters())}
 
@@ -257,11 +322,11 @@ def test_grad_of_module_via_functional_call(device):
     assert_trees_close(grads(model), grads(reference))
 
 
-@AFFINE
-def test_gradcheck_forward_mode_and_batched(device, affine):
+@NORM_AFFINE
+def test_gradcheck_forward_mode_and_batched(device, norm, affine):
     args = [t.requires_grad_()
             for t in make_args(device, affine, shape=(3, 6), normalized_shape=[6])]
-    fn = as_function(layer_norm, affine, [6])
+    fn = as_function(NORMS[norm][0], affine, [6])
     assert torch.autograd.gradcheck(fn, args, check_forward_ad=True, check_batched_grad=True,
                                     check_batched_forward_grad=True)
     assert torch.autograd.gradgradcheck(fn, args, check_fwd_over_rev=True,
@@ -269,16 +334,18 @@ def test_gradcheck_forward_mode_and_batched(device, affine):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_jvp_reduced_precision_keeps_the_output_dtype(device, dtype):
-    x, w, b = make_args(device, (True, True), shape=(8, 32), normalized_shape=[32])
-    tx, tw, tb = tangents_like((x, w, b))
-    low = [t.to(dtype) for t in (x, tx)]
-    params = [t.float() for t in (w, b, tw, tb)]  # fp32 parameters, as under mixed precision
-    out, tangent = func.jvp(lambda x, w, b: layer_norm(x, [32], w, b),
-                            (low[0], params[0], params[1]), (low[1], params[2], params[3]))
-    ref_out, ref_tangent = func.jvp(lambda x, w, b: F.layer_norm(x, [32], w, b),
-                                    tuple(t.double() for t in (low[0], params[0], params[1])),
-                                    tuple(t.double() for t in (low[1], params[2], params[3])))
+@NORM
+def test_jvp_reduced_precision_keeps_the_output_dtype(device, norm, dtype):
+    affine = ALL_PARAMS[norm]
+    x, *params = make_args(device, affine, shape=(8, 32), normalized_shape=[32])
+    tx, *tparams = tangents_like((x, *params))
+    # fp32 parameters, as under mixed precision
+    primals = (x.to(dtype), *(p.float() for p in params))
+    tangents = (tx.to(dtype), *(t.float() for t in tparams))
+    ours, theirs = (as_function(norm_fn, affine, [32]) for norm_fn in NORMS[norm])
+    out, tangent = func.jvp(ours, primals, tangents)
+    ref_out, ref_tangent = func.jvp(theirs, tuple(t.double() for t in primals),
+                                    tuple(t.double() for t in tangents))
     assert out.dtype == tangent.dtype == dtype
     tol = {torch.float32: 1e-4, torch.bfloat16: 8e-2, torch.float16: 1e-2}[dtype]
     torch.testing.assert_close(tangent.double(), ref_tangent, atol=tol, rtol=tol)
@@ -296,28 +363,32 @@ def test_double_backward_without_leading_dims(device):
     assert_trees_close(grads(layer_norm), grads(F.layer_norm))
 
 
-def test_plain_eager_keeps_the_cpp_autograd_node(device):
+@pytest.mark.parametrize("norm,cpp_function", [("layer_norm", "LayerNormFunction"),
+                                               ("rms_norm", "RMSNormFunction")])
+def test_plain_eager_keeps_the_cpp_autograd_node(device, norm, cpp_function):
+    ours = NORMS[norm][0]
     x = torch.randn(4, 8, device=device, requires_grad=True)
-    assert "LayerNormFunction" in layer_norm(x, [8]).grad_fn.name()
-    assert "CppNode" in layer_norm(x, [8]).grad_fn.name()
+    assert cpp_function in ours(x, [8]).grad_fn.name()
+    assert "CppNode" in ours(x, [8]).grad_fn.name()
     with fwAD.dual_level():
-        assert "CppNode" not in layer_norm(x, [8]).grad_fn.name()
+        assert "CppNode" not in ours(x, [8]).grad_fn.name()
 
 
 @pytest.mark.parametrize("transform", ["grad", "vjp", "jvp", "forward_ad", "vmap", "jacrev"])
-def test_transforms_run_the_fused_forward_op(device, monkeypatch, transform):
+@pytest.mark.parametrize("norm,op", [("layer_norm", "_forward"), ("rms_norm", "_rms_forward")])
+def test_transforms_run_the_fused_forward_op(device, monkeypatch, transform, norm, op):
     import layernorm_ext.transforms as transforms
 
     calls = []
-    real_forward = transforms._forward
+    real_forward = getattr(transforms, op)
 
     def counting_forward(*args):
         calls.append(args[0].shape)
         return real_forward(*args)
 
-    monkeypatch.setattr(transforms, "_forward", counting_forward)
-    x, w, b = make_args(device, (True, True))
-    fn = lambda x: layer_norm(x, NORMALIZED, w, b)  # noqa: E731
+    monkeypatch.setattr(transforms, op, counting_forward)
+    x, *params = make_args(device, ALL_PARAMS[norm])
+    fn = lambda x: as_function(NORMS[norm][0], ALL_PARAMS[norm])(x, *params)  # noqa: E731
     if transform == "grad":
         func.grad(lambda x: fn(x).sum())(x)
     elif transform == "vjp":
@@ -337,30 +408,35 @@ def test_transforms_run_the_fused_forward_op(device, monkeypatch, transform):
 
 
 @pytest.mark.slow
-def test_torch_compile_of_grad_and_jvp(device):
+@NORM
+def test_torch_compile_of_grad_and_jvp(device, norm):
     torch._dynamo.reset()
-    x, w, b = make_args(device, (True, True))
+    x, *params = make_args(device, ALL_PARAMS[norm])
     t = tangents_like((x,))[0]
 
-    def grad_and_jvp(norm):
+    def grad_and_jvp(norm_fn):
         def fn(x, t):
-            f = lambda x: norm(x, NORMALIZED, w, b)  # noqa: E731
+            f = lambda x: as_function(norm_fn, ALL_PARAMS[norm])(x, *params)  # noqa: E731
             return func.grad(lambda x: f(x).sin().sum())(x), func.jvp(f, (x,), (t,))
         return fn
 
-    compiled = torch.compile(grad_and_jvp(layer_norm), fullgraph=True)
-    assert_trees_close(compiled(x, t), grad_and_jvp(F.layer_norm)(x, t))
+    ours, theirs = NORMS[norm]
+    compiled = torch.compile(grad_and_jvp(ours), fullgraph=True)
+    assert_trees_close(compiled(x, t), grad_and_jvp(theirs)(x, t))
 
 
-@pytest.mark.parametrize("affine", [(True, True), (False, True)], ids=["affine", "bias_only"])
+@pytest.mark.parametrize("norm,affine", [("layer_norm", (True, True)),
+                                         ("layer_norm", (False, True)),
+                                         ("rms_norm", (True, False))],
+                         ids=["layer_norm-affine", "layer_norm-bias_only", "rms_norm-weight_only"])
 @pytest.mark.parametrize("path", ["create_graph", "func_grad"])
-def test_differentiable_backward_keeps_fp32_parameter_grads(device, affine, path):
+def test_differentiable_backward_keeps_fp32_parameter_grads(device, norm, affine, path):
     """bf16 input with fp32 weight/bias: the differentiable backward (double backward, and
     every torch.func gradient) accumulates the parameter grads in fp32, as the fused one."""
     x, w, b = make_args(device, (True, True), shape=(64, 32), normalized_shape=[32])
     x = x.bfloat16()
     params = [p.float() for p, keep in zip((w, b), affine) if keep]
-    fn = as_function(layer_norm, affine, [32])
+    fn = as_function(NORMS[norm][0], affine, [32])
     loss = lambda x, *params: fn(x, *params).float().sin().sum()  # noqa: E731
     leaves = [t.detach().requires_grad_() for t in params]
     fused = torch.autograd.grad(loss(x, *leaves), leaves)  # the fused backward kernel
@@ -374,8 +450,11 @@ def test_differentiable_backward_keeps_fp32_parameter_grads(device, affine, path
 
 
 @pytest.mark.parametrize("transform", ["grad", "jvp", "forward_ad"])
-def test_bad_arguments_raise_torchs_errors_under_transforms(device, transform):
-    x, w, b = make_args(device, (True, True))
+@NORM
+def test_bad_arguments_raise_torchs_errors_under_transforms(device, norm, transform):
+    ours = NORMS[norm][0]
+    x, w, *rest = make_args(device, ALL_PARAMS[norm])
+    b = rest[0] if rest else None
 
     def run(fn):
         if transform == "grad":
@@ -386,31 +465,34 @@ def test_bad_arguments_raise_torchs_errors_under_transforms(device, transform):
             return fn(fwAD.make_dual(x, x))
 
     with pytest.raises(RuntimeError, match=r"Given normalized_shape=\[3\]"):
-        run(lambda x: layer_norm(x, [3]))
+        run(lambda x: ours(x, [3]))
     with pytest.raises(RuntimeError, match="Expected weight to be of same shape"):
-        run(lambda x: layer_norm(x, NORMALIZED, w[0], b))
+        run(lambda x: ours(x, NORMALIZED, w[0], b))
     with pytest.raises(NotImplementedError, match="must be float32"):
-        run(lambda x: layer_norm(x, NORMALIZED, w.int(), b))
+        run(lambda x: ours(x, NORMALIZED, w.int(), b))
 
 
-def test_vmap_of_grad_over_stacked_module_parameters(device):
-    """Model ensembling: one LayerNorm's parameters stacked, vmap(grad) over them."""
+@NORM
+def test_vmap_of_grad_over_stacked_module_parameters(device, norm):
+    """Model ensembling: one norm module's parameters stacked, vmap(grad) over them."""
     x = make_args(device, (False, False))[0]
     stacked = {"weight": torch.stack([torch.full(NORMALIZED, s, dtype=torch.float64)
-                                      for s in (0.5, 1.0, 2.0)]).to(device),
-               "bias": torch.randn(3, *NORMALIZED, dtype=torch.float64).to(device)}
+                                      for s in (0.5, 1.0, 2.0)]).to(device)}
+    if norm == "layer_norm":
+        stacked["bias"] = torch.randn(3, *NORMALIZED, dtype=torch.float64).to(device)
 
     def ensemble_grads(module):
         loss = lambda p: func.functional_call(module, p, (x,)).sin().sum()  # noqa: E731
         return func.vmap(func.grad(loss))(stacked)
 
-    ours = layernorm_ext.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
-    theirs = torch.nn.LayerNorm(NORMALIZED, device=device, dtype=torch.float64)
+    ours, theirs = (module(NORMALIZED, device=device, dtype=torch.float64)
+                    for module in MODULES[norm])
     assert_trees_close(ensemble_grads(ours), ensemble_grads(theirs))
 
 
 @pytest.mark.parametrize("batched_weight", [False, True], ids=["shared_weight", "per_sample"])
-def test_vmap_alone_keeps_the_cpp_node_and_backpropagates(device, batched_weight):
+@NORM
+def test_vmap_alone_keeps_the_cpp_node_and_backpropagates(device, norm, batched_weight):
     """vmap without a gradient transform calls the op as plain eager does: its batching
     rule, then the C++ autograd node for a backward taken outside vmap."""
     x, w = make_args(device, (True, False))
@@ -419,11 +501,11 @@ def test_vmap_alone_keeps_the_cpp_node_and_backpropagates(device, batched_weight
     weights = weights.requires_grad_()
     in_dims = (0, 0 if batched_weight else None)
 
-    def forward_backward(norm):
-        y = func.vmap(lambda x, w: norm(x, NORMALIZED, w, None), in_dims)(x, weights)
+    def forward_backward(norm_fn):
+        y = func.vmap(lambda x, w: norm_fn(x, NORMALIZED, w, None), in_dims)(x, weights)
         return y, torch.autograd.grad(y.sin().sum(), (x, weights))
 
-    ours, theirs = forward_backward(layer_norm), forward_backward(F.layer_norm)
+    ours, theirs = (forward_backward(norm_fn) for norm_fn in NORMS[norm])
     assert_trees_close(ours, theirs)
     if not batched_weight:
         assert "CppNode" in ours[0].grad_fn.name()
