@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from layernorm_ext import LayerNorm
+from layernorm_ext import LayerNorm, RMSNorm
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -36,12 +36,19 @@ def test_dtype_argument(device):
     assert ours.weight.dtype == torch.float64 and ours.bias.dtype == torch.float64
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"elementwise_affine": False}],
-                         ids=["default", "no_bias", "no_affine"])
-def test_state_dict_interchange_both_directions(device, kwargs):
+# (torch's module, ours) per norm: the state_dict contract is the same for both.
+MODULE_PAIRS = {"layer": (nn.LayerNorm, LayerNorm), "rms": (nn.RMSNorm, RMSNorm)}
+
+
+@pytest.mark.parametrize("norm,kwargs", [
+    ("layer", {}), ("layer", {"bias": False}), ("layer", {"elementwise_affine": False}),
+    ("rms", {}), ("rms", {"elementwise_affine": False})],
+    ids=["layer", "layer_no_bias", "layer_no_affine", "rms", "rms_no_affine"])
+def test_state_dict_interchange_both_directions(device, norm, kwargs):
+    torch_module, our_module = MODULE_PAIRS[norm]
     torch.manual_seed(0)
-    theirs = nn.LayerNorm(12, device=device, **kwargs)
-    ours = LayerNorm(12, device=device, **kwargs)
+    theirs = torch_module(12, device=device, **kwargs)
+    ours = our_module(12, device=device, **kwargs)
     with torch.no_grad():
         for p in theirs.parameters():
             p.normal_()
@@ -49,7 +56,7 @@ def test_state_dict_interchange_both_directions(device, kwargs):
     x = torch.randn(3, 12, device=device)
     torch.testing.assert_close(ours(x), theirs(x))
 
-    fresh = nn.LayerNorm(12, device=device, **kwargs)
+    fresh = torch_module(12, device=device, **kwargs)
     fresh.load_state_dict(ours.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x), ours(x))
 
