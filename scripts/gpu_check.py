@@ -335,7 +335,9 @@ def bench(check: Check, python: str, prefix: Path, quick: bool, extra: list) -> 
         step.summary = f"{BENCH.relative_to(ROOT)} not found: no benchmark in this checkout"
         print(f"\n=== benchmark: {step.summary}", flush=True)
         return step
-    cmd = [python, str(BENCH), "--device", "cuda", "--out", str(prefix), "--no-progress"]
+    # Both norms: the sweep also checks every contender's output against torch eager.
+    cmd = [python, str(BENCH), "--device", "cuda", "--out", str(prefix), "--no-progress",
+           "--norms", "layer,rms"]
     cmd += (["--quick"] if quick else []) + extra
     rc = check.run(step, cmd, 420)
     written = re.findall(r"^wrote (\S+)", step.output, re.MULTILINE)
