@@ -328,6 +328,51 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   if (a.stream_output) stream_fence();
 }
 
+// Backward of rows that fit in one chunk (D <= Chunk<T>::kSize, e.g. 32 floats with
+// AVX-512): each row is loaded once for both passes, and the dgamma/dbeta terms stay in
+// registers across all rows, stored once at the end. Same operations in the same order
+// as backward_rows, so the same bits; only the per-row partial-chunk copies are gone.
+template <Norm kNorm, typename T, typename P>
+void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
+                         at::opmath_type<T>* dgamma, at::opmath_type<T>* dbeta) {
+  using C = Chunk<T>;
+  using PC = Chunk<P>;
+  using AC = Chunk<at::opmath_type<T>>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  const int64_t N = a.cols;
+  const auto add = [](Vec u, Vec v) { return u + v; };
+  const auto wv = PC::load_or(a.weight, N, acc_t(1));
+  auto dgv = AC::load(dgamma, N);
+  typename AC::Parts dbv;
+  if constexpr (kNorm == Norm::kLayer) dbv = AC::load(dbeta, N);
+  for (int64_t row = begin; row < end; ++row) {
+    T* dx = a.dx + row * N;
+    const auto dyv = C::load(a.dy + row * N, N);  // lanes past N are zero, so g = 0 there
+    const auto xv = C::load(a.x + row * N, N);
+    const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : a.mean[row]), rstd_v(a.rstd[row]);
+    Vec sum_g(0), sum_g_xhat(0);
+    for (int k = 0; k < C::kParts; ++k) {
+      const Vec g = dyv[k] * wv[k];
+      if constexpr (kNorm == Norm::kLayer) sum_g = sum_g + g;
+      sum_g_xhat = sum_g_xhat + g * math::normalize<kNorm>(xv[k], mean_v, rstd_v);
+    }
+    const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
+    const Vec mean_g_xhat(at::vec::vec_reduce_all(add, sum_g_xhat) / static_cast<acc_t>(N));
+    typename C::Parts dxv;
+    for (int k = 0; k < C::kParts; ++k) {
+      const Vec xhat = math::normalize<kNorm>(xv[k], mean_v, rstd_v);
+      dxv[k] = math::input_grad<kNorm>(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
+      dgv[k] = dgv[k] + dyv[k] * xhat;
+      if constexpr (kNorm == Norm::kLayer) dbv[k] = dbv[k] + dyv[k];
+    }
+    C::store_row(dx, dxv, N, a.stream_output && can_stream(dx));
+  }
+  AC::store(dgamma, dgv, N);
+  if constexpr (kNorm == Norm::kLayer) AC::store(dbeta, dbv, N);
+  if (a.stream_output) stream_fence();
+}
+
 // Backward of rows [begin, end); RMSNorm (dbeta null) skips mean(g) and dbeta.
 template <Norm kNorm, typename T, typename P>
 void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
@@ -338,6 +383,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
   const int64_t N = a.cols;
+  if (N <= C::kSize) return backward_short_rows<kNorm>(a, begin, end, dgamma, dbeta);
   const auto add = [](Vec u, Vec v) { return u + v; };
   for (int64_t row = begin; row < end; ++row) {
     const T* dy = a.dy + row * N;
