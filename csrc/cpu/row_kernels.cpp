@@ -328,6 +328,31 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   if (a.stream_output) stream_fence();
 }
 
+// One chunk of the backward, shared by both row paths below. Pass 1 adds the chunk's
+// g = dy * w and g * xhat to the row sums (zero-filled tail lanes have g = 0).
+template <Norm kNorm, typename Parts, typename Vec>
+void add_row_sums(const Parts& dyv, const Parts& xv, const Parts& wv, const Vec& mean_v,
+                  const Vec& rstd_v, Vec& sum_g, Vec& sum_g_xhat) {
+  for (size_t k = 0; k < dyv.size(); ++k) {
+    const Vec g = dyv[k] * wv[k];
+    if constexpr (kNorm == Norm::kLayer) sum_g = sum_g + g;
+    sum_g_xhat = sum_g_xhat + g * math::normalize<kNorm>(xv[k], mean_v, rstd_v);
+  }
+}
+
+// Pass 2: the chunk's dx, and its dgamma/dbeta terms added to dgv/dbv.
+template <Norm kNorm, typename Parts, typename Vec>
+void chunk_grads(const Parts& dyv, const Parts& xv, const Parts& wv, const Vec& mean_v,
+                 const Vec& rstd_v, const Vec& mean_g, const Vec& mean_g_xhat, Parts& dxv,
+                 Parts& dgv, Parts& dbv) {
+  for (size_t k = 0; k < dyv.size(); ++k) {
+    const Vec xhat = math::normalize<kNorm>(xv[k], mean_v, rstd_v);
+    dxv[k] = math::input_grad<kNorm>(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
+    dgv[k] = dgv[k] + dyv[k] * xhat;
+    if constexpr (kNorm == Norm::kLayer) dbv[k] = dbv[k] + dyv[k];
+  }
+}
+
 // Backward of rows that fit in one chunk (D <= Chunk<T>::kSize, e.g. 32 floats with
 // AVX-512): each row is loaded once for both passes, and the dgamma/dbeta terms stay in
 // registers across all rows, stored once at the end. Same operations in the same order
@@ -352,20 +377,11 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
     const auto xv = C::load(a.x + row * N, N);
     const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : a.mean[row]), rstd_v(a.rstd[row]);
     Vec sum_g(0), sum_g_xhat(0);
-    for (int k = 0; k < C::kParts; ++k) {
-      const Vec g = dyv[k] * wv[k];
-      if constexpr (kNorm == Norm::kLayer) sum_g = sum_g + g;
-      sum_g_xhat = sum_g_xhat + g * math::normalize<kNorm>(xv[k], mean_v, rstd_v);
-    }
+    add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
     const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
     const Vec mean_g_xhat(at::vec::vec_reduce_all(add, sum_g_xhat) / static_cast<acc_t>(N));
     typename C::Parts dxv;
-    for (int k = 0; k < C::kParts; ++k) {
-      const Vec xhat = math::normalize<kNorm>(xv[k], mean_v, rstd_v);
-      dxv[k] = math::input_grad<kNorm>(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
-      dgv[k] = dgv[k] + dyv[k] * xhat;
-      if constexpr (kNorm == Norm::kLayer) dbv[k] = dbv[k] + dyv[k];
-    }
+    chunk_grads<kNorm>(dyv, xv, wv, mean_v, rstd_v, mean_g, mean_g_xhat, dxv, dgv, dbv);
     C::store_row(dx, dxv, N, a.stream_output && can_stream(dx));
   }
   AC::store(dgamma, dgv, N);
@@ -392,18 +408,14 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
     const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : a.mean[row]), rstd_v(a.rstd[row]);
     const bool stream = a.stream_output && can_stream(dx);
 
-    // Pass 1: row sums of g = dy * w and g * xhat. Zero-filled tail lanes have g = 0.
+    // Pass 1: row sums of g = dy * w and g * xhat.
     Vec sum_g(0), sum_g_xhat(0);
     for (int64_t j = 0; j < N; j += C::kSize) {
       const int64_t n = std::min(C::kSize, N - j);
       const auto dyv = C::load(dy + j, n);
       const auto xv = C::load(x + j, n);
       const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
-      for (int k = 0; k < C::kParts; ++k) {
-        const Vec g = dyv[k] * wv[k];
-        if constexpr (kNorm == Norm::kLayer) sum_g = sum_g + g;
-        sum_g_xhat = sum_g_xhat + g * math::normalize<kNorm>(xv[k], mean_v, rstd_v);
-      }
+      add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
     }
     const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
     const Vec mean_g_xhat(at::vec::vec_reduce_all(add, sum_g_xhat) / static_cast<acc_t>(N));
@@ -420,12 +432,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       typename AC::Parts dbv;
       if constexpr (kNorm == Norm::kLayer) dbv = AC::load(dbeta + j, n);
       typename C::Parts dxv;
-      for (int k = 0; k < C::kParts; ++k) {
-        const Vec xhat = math::normalize<kNorm>(xv[k], mean_v, rstd_v);
-        dxv[k] = math::input_grad<kNorm>(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
-        dgv[k] = dgv[k] + dyv[k] * xhat;
-        if constexpr (kNorm == Norm::kLayer) dbv[k] = dbv[k] + dyv[k];
-      }
+      chunk_grads<kNorm>(dyv, xv, wv, mean_v, rstd_v, mean_g, mean_g_xhat, dxv, dgv, dbv);
       C::store_row(dx + j, dxv, n, stream);
       AC::store(dgamma + j, dgv, n);
       if constexpr (kNorm == Norm::kLayer) AC::store(dbeta + j, dbv, n);
