@@ -180,6 +180,36 @@ LaneMoments<T> block_moments(const T* x, int64_t steps) {
   return {mean, m2, steps};
 }
 
+// Exact moments of the first `rest` lanes of a partial chunk v (the lanes past it are
+// zero): two masked passes, shifted by its first element `shift` (exact for constant
+// data, no overflow near the dtype's max).
+template <typename T>
+math::WelfordState<at::opmath_type<T>> partial_chunk_moments(const typename Chunk<T>::Parts& v,
+                                                            int64_t rest,
+                                                            at::opmath_type<T> shift) {
+  using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  const auto masked_sum = [&](const auto& term) {  // sum over the `rest` valid lanes
+    Vec sum(0);
+    for (int k = 0; k < C::kParts; ++k) {
+      const int64_t valid = std::clamp<int64_t>(rest - k * C::kLanes, 0, C::kLanes);
+      sum = sum + Vec::set(Vec(0), term(v[k]), valid);
+    }
+    return at::vec::vec_reduce_all(add, sum);
+  };
+  const Vec shift_v(shift);
+  const acc_t mean =
+      shift + masked_sum([&](const Vec& e) { return e - shift_v; }) / static_cast<acc_t>(rest);
+  const Vec mean_v(mean);
+  const acc_t m2 = masked_sum([&](const Vec& e) {
+    const Vec dev = e - mean_v;
+    return dev * dev;
+  });
+  return {mean, m2, rest};
+}
+
 template <typename T>
 math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   using C = Chunk<T>;
@@ -227,26 +257,8 @@ math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
 
   const int64_t rest = n - j;
   if (rest > 0) {
-    const auto add = [](Vec a, Vec b) { return a + b; };
-    const auto v = C::load(x + j, rest);
-    const auto masked_sum = [&](const auto& term) {  // sum over the `rest` valid lanes
-      Vec sum(0);
-      for (int k = 0; k < C::kParts; ++k) {
-        const int64_t valid = std::clamp<int64_t>(rest - k * C::kLanes, 0, C::kLanes);
-        sum = sum + Vec::set(Vec(0), term(v[k]), valid);
-      }
-      return at::vec::vec_reduce_all(add, sum);
-    };
-    const acc_t shift = static_cast<acc_t>(x[j]);
-    const Vec shift_v(shift);
-    const acc_t tail_mean =
-        shift + masked_sum([&](const Vec& e) { return e - shift_v; }) / static_cast<acc_t>(rest);
-    const Vec mean_v(tail_mean);
-    const acc_t tail_m2 = masked_sum([&](const Vec& e) {
-      const Vec dev = e - mean_v;
-      return dev * dev;
-    });
-    total = math::welford_combine(total, {tail_mean, tail_m2, rest});
+    const auto v = Chunk<T>::load(x + j, rest);
+    total = math::welford_combine(total, partial_chunk_moments<T>(v, rest, static_cast<acc_t>(x[j])));
   }
   return total;
 }
@@ -288,6 +300,37 @@ at::opmath_type<T> row_mean_square(const T* x, int64_t n) {
   return at::vec::vec_reduce_all(add, total[0] + total[1]) / static_cast<at::opmath_type<T>>(n);
 }
 
+// LayerNorm forward of rows shorter than one chunk (D < Chunk<T>::kSize): each row is
+// loaded once for its moments and its output, and the parameters once for all rows.
+// The same operations as forward_rows (row_moments' partial-chunk path), so the same bits.
+template <typename T, typename P>
+void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
+  using C = Chunk<T>;
+  using PC = Chunk<P>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  const int64_t N = a.cols;
+  const auto wv = PC::load_or(a.weight, N, acc_t(1));
+  const auto bv = PC::load_or(a.bias, N, acc_t(0));
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = a.x + row * N;
+    T* y = a.y + row * N;
+    const auto xv = C::load(x, N);
+    const auto moments = math::welford_combine(
+        math::WelfordState<acc_t>{acc_t(0), acc_t(0), 0},
+        partial_chunk_moments<T>(xv, N, static_cast<acc_t>(x[0])));
+    const acc_t rstd = math::rstd_from_moments(moments, a.eps);
+    a.mean[row] = moments.mean;
+    a.rstd[row] = rstd;
+    const Vec mean_v(moments.mean), rstd_v(rstd);
+    typename C::Parts yv;
+    for (int k = 0; k < C::kParts; ++k) {
+      yv[k] = math::affine(math::normalize(xv[k], mean_v, rstd_v), wv[k], bv[k]);
+    }
+    C::store_row(y, yv, N, false);  // N < kSize: never a whole chunk to stream
+  }
+}
+
 // Forward of rows [begin, end). LayerNorm: Welford moments, then y = xhat * w + b.
 // RMSNorm: mean(x^2), then y = x * rstd * w (no mean, no bias).
 template <Norm kNorm, typename T, typename P>
@@ -298,6 +341,9 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   using Vec = typename C::Vec;
   static_assert(C::kSize == PC::kSize);
   const int64_t N = a.cols;
+  if constexpr (kNorm == Norm::kLayer) {
+    if (N > 0 && N < C::kSize) return forward_short_rows(a, begin, end);
+  }
   for (int64_t row = begin; row < end; ++row) {
     const T* x = a.x + row * N;
     T* y = a.y + row * N;
