@@ -13,6 +13,7 @@
 
 #include <numeric>
 
+#include "autograd_common.h"
 #include "layernorm.h"
 
 namespace layernorm_ext {
@@ -114,6 +115,10 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
                          const std::optional<at::Tensor>& weight,
                          const std::optional<at::Tensor>& bias, double eps) {
+  if (!needs_autograd(input, {&weight, &bias})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(input, normalized_shape, weight, bias, eps);
+  }
   const auto outputs = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
   return {outputs[0], outputs[1], outputs[2]};
 }

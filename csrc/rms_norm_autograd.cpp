@@ -12,6 +12,7 @@
 
 #include <numeric>
 
+#include "autograd_common.h"
 #include "layernorm.h"
 
 namespace layernorm_ext {
@@ -100,6 +101,10 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
 Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
                              const std::optional<at::Tensor>& weight,
                              std::optional<double> eps) {
+  if (!needs_autograd(input, {&weight})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_rms_forward(input, normalized_shape, weight, eps);
+  }
   const auto outputs = RMSNormFunction::apply(input, normalized_shape, weight, eps);
   return {outputs[0], outputs[1]};
 }

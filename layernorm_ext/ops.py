@@ -154,6 +154,7 @@ if not _BUILT_WITH_CUDA:
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_PLAIN_SHAPE_TYPES = (tuple, list, torch.Size)
 
 
 def _type_error(argument: str, position: int, expected: str, value: object,
@@ -163,8 +164,16 @@ def _type_error(argument: str, position: int, expected: str, value: object,
                      f"{expected}, not {type(value).__name__}")
 
 
-def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> list[int]:
-    """normalized_shape as a list of ints; an int is taken as (int,), as nn.LayerNorm does."""
+def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Sequence[int]:
+    """normalized_shape as a sequence of ints; an int is taken as (int,), as nn.LayerNorm does."""
+    # The usual case, a tuple/list/Size of plain ints, returned as it is: this function
+    # runs on every call, and at the seed's 100x20 a call takes only ~5 us.
+    if type(normalized_shape) in _PLAIN_SHAPE_TYPES:
+        for size in normalized_shape:
+            if type(size) is not int or not _INT64_MIN <= size <= _INT64_MAX:
+                break
+        else:
+            return normalized_shape
     if isinstance(normalized_shape, (int, torch.SymInt)) and not isinstance(normalized_shape, bool):
         return [normalized_shape]
     if not isinstance(normalized_shape, (list, tuple, torch.Size)):
