@@ -71,8 +71,9 @@ from torch.utils.cpp_extension import (  # noqa: E402
 ROW_KERNELS = "csrc/cpu/row_kernels.cpp"
 X86_ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
+    # -mavx512bf16: for intrinsics used only after a run-time check (row_kernels.cpp).
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-mbmi2"],
+               "-mbmi2", "-mavx512bf16"],
 }
 BUILD_X86_ISAS = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -121,6 +122,8 @@ class BuildExtensionWithCpuIsas(BuildExtension):
                 return str(obj)
             cmd = [cxx, "-O3", "-fPIC", "-std=c++20", "-DNDEBUG", *includes,
                    f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *X86_ISA_FLAGS[isa],
+                   # fused multiply-adds only where the source asks (layernorm_math.h)
+                   "-ffp-contract=off",
                    "-DTORCH_API_INCLUDE_EXTENSION_H", "-c", str(ROOT / ROW_KERNELS),
                    "-o", str(obj)]
             print(" ".join(cmd), flush=True)

@@ -34,13 +34,37 @@ struct WelfordState {
   int64_t count;
 };
 
+// a * b + c with a single rounding where the hardware fuses it. The fusions are
+// written out rather than left to the compiler: the CPU row kernels are compiled with
+// -ffp-contract=off (setup.py), so that a product is never fused in one place and
+// rounded in another. For a one-element row, g - mean(g) must then be exactly zero.
+// V = at::vec::Vectorized finds at::vec::fmadd by argument-dependent lookup.
+LN_HOST_DEVICE float fmadd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return a * b + c;  // scalar host code: the rare tails and lane merges
+#endif
+}
+LN_HOST_DEVICE double fmadd(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+template <typename V>
+LN_HOST_DEVICE V mul_add(const V& a, const V& b, const V& c) {
+  return fmadd(a, b, c);
+}
+
 // Welford's update for one more sample; `inv_count` is 1 / (samples seen, x included).
 // Taking the reciprocal as an argument lets vector lanes that share a count share it.
 template <typename V, typename S>
 LN_HOST_DEVICE void welford_step(V& mean, V& m2, const V& x, S inv_count) {
   const V delta = x - mean;
-  mean = mean + delta * V(inv_count);
-  m2 = m2 + delta * (x - mean);
+  mean = mul_add(delta, V(inv_count), mean);
+  m2 = mul_add(delta, x - mean, m2);
 }
 
 template <typename acc_t>
@@ -119,7 +143,7 @@ LN_HOST_DEVICE V affine(const V& xhat, const V& w, const V& b) {
     (void)b;
     return xhat * w;
   } else {
-    return xhat * w + b;
+    return mul_add(xhat, w, b);
   }
 }
 

@@ -15,6 +15,7 @@
 #include <array>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -73,6 +74,33 @@ bool can_stream(const T* row) {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// setup.py compiles this object with -mavx512bf16 too; its instructions run only on
+// CPUs that have them (checked once here). GCC emits them only for the intrinsics below.
+const bool kHasAvx512Bf16 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") != 0;
+}();
+#endif
+
+// Packs two float vectors into one vector of half/bf16. bf16 on CPUs with AVX512-BF16:
+// one vcvtne2ps2bf16 (round to nearest even, as torch's conversion) instead of ~16
+// integer instructions, the largest cost of a bf16 forward. That instruction flushes
+// denormal floats to zero, so a chunk holding one takes torch's conversion.
+template <typename T>
+Vectorized<T> pack_reduced(const Vectorized<float>& lo, const Vectorized<float>& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    constexpr int kDenormal = 0x20;  // vfpclassps category
+    if (kHasAvx512Bf16 &&
+        (_mm512_fpclass_ps_mask(lo, kDenormal) | _mm512_fpclass_ps_mask(hi, kDenormal)) == 0) {
+      return Vectorized<T>((__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // lo -> lanes 0..15
+    }
+  }
+#endif
+  return at::vec::convert_from_float<T>(lo, hi);
+}
+
 // Elements of T moved kParts accumulation-type vectors at a time. For half/bf16 that
 // is exactly one Vectorized<T>; for float/double, two vectors give two independent
 // dependency chains in the reductions.
@@ -100,6 +128,24 @@ struct Chunk {
               n > kLanes ? Vec::loadu(p + kLanes, n - kLanes) : Vec(0)};
     }
   }
+  // Loads a whole chunk for a reduction, where the order of the elements over the lanes
+  // does not matter. bf16 widens each 32-bit lane's two halves in place (one shift, one
+  // mask) instead of in order (five instructions): the even elements go to part 0, the
+  // odd ones to part 1.
+  static Parts load_unordered(const T* p) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512i raw = Vectorized<T>::loadu(p);
+      return {_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)),
+              _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(0xffff0000)))};
+#elif defined(CPU_CAPABILITY_AVX2)
+      const __m256i raw = Vectorized<T>::loadu(p);
+      return {_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)),
+              _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(0xffff0000)))};
+#endif
+    }
+    return load(p);
+  }
   // Loads a parameter chunk, or `fill` everywhere when the parameter is absent.
   static Parts load_or(const T* p, int64_t n, acc_t fill) {
     return p ? load(p, n) : Parts{Vec(fill), Vec(fill)};
@@ -107,7 +153,7 @@ struct Chunk {
   // Stores kSize elements with non-temporal stores; p as can_stream() requires.
   static void store_stream(T* p, const Parts& v) {
     if constexpr (kReduced) {
-      stream_store(p, at::vec::convert_from_float<T>(v[0], v[1]));
+      stream_store(p, pack_reduced<T>(v[0], v[1]));
     } else {
       stream_store(p, v[0]);
       stream_store(p + kLanes, v[1]);
@@ -120,7 +166,7 @@ struct Chunk {
   // Stores the first n <= kSize elements.
   static void store(T* p, const Parts& v, int64_t n = kSize) {
     if constexpr (kReduced) {
-      const auto packed = at::vec::convert_from_float<T>(v[0], v[1]);
+      const auto packed = pack_reduced<T>(v[0], v[1]);
       n == kSize ? packed.store(p) : packed.store(p, n);
     } else if (n == kSize) {
       v[0].store(p);
@@ -131,6 +177,45 @@ struct Chunk {
     }
   }
 };
+
+// A weight or bias row as acc_t values. half/bf16 parameters are converted once per
+// call of a row kernel (one task, >= kElementsPerTask elements), not once per row: in
+// the row loops their conversion costs as many vector instructions as the input's.
+template <typename P>
+class AccParam {
+ public:
+  using acc_t = at::opmath_type<P>;  // also the input's: see KernelTable's pairs
+  AccParam(const P* param, int64_t n) {
+    if constexpr (std::is_same_v<P, acc_t>) {
+      data_ = param;
+    } else if (param != nullptr) {
+      buffer_.resize(n);
+      using PC = Chunk<P>;
+      for (int64_t j = 0; j < n; j += PC::kSize) {
+        const int64_t len = std::min(PC::kSize, n - j);
+        Chunk<acc_t>::store(buffer_.data() + j, PC::load(param + j, len), len);
+      }
+      data_ = buffer_.data();
+    }
+  }
+  // The parameter from element j on, or null when it is absent.
+  const acc_t* from(int64_t j) const { return data_ ? data_ + j : nullptr; }
+
+ private:
+  std::vector<acc_t> buffer_;
+  const acc_t* data_ = nullptr;
+};
+
+// Calls body(j, n) for each chunk [j, j + n) of a row of `cols` elements: the whole
+// chunks with n a compile-time kSize (no length checks in the loads and stores of the
+// hot loop), then the partial chunk, if any, with its run-time length.
+template <typename T, typename Body>
+inline void for_each_chunk(int64_t cols, const Body& body) {
+  constexpr int64_t kSize = Chunk<T>::kSize;
+  int64_t j = 0;
+  for (; j + kSize <= cols; j += kSize) body(j, std::integral_constant<int64_t, kSize>{});
+  if (j < cols) body(j, cols - j);
+}
 
 // Per-lane Welford moments of whole chunks: every lane of every part has seen `steps`
 // elements, so merges between two such states share one scalar count and share.
@@ -165,19 +250,38 @@ constexpr int64_t kBlockSteps = 128;
 //   first element (exact for constant data, no overflow near the dtype's max), merged
 //   with Chan's combine.
 // Welford per lane over `steps` whole chunks from x: one reciprocal serves all lanes.
-// A function of its own so the running moments stay in registers.
+// Two runs, over the even and the odd chunks, merged at the end: each run's mean is a
+// chain of dependent sub + fma per chunk, and a single run kept the core waiting on it
+// (the bf16 forward's statistics pass ran at half speed). A function of its own so the
+// running moments stay in registers.
 template <typename T>
 LaneMoments<T> block_moments(const T* x, int64_t steps) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
-  typename C::Parts mean{Vec(0), Vec(0)}, m2{Vec(0), Vec(0)};
-  for (int64_t step = 1; step <= steps; ++step, x += C::kSize) {
-    const auto v = C::load(x);
+  typename C::Parts mean_even{Vec(0), Vec(0)}, m2_even{Vec(0), Vec(0)};
+  typename C::Parts mean_odd{Vec(0), Vec(0)}, m2_odd{Vec(0), Vec(0)};
+  const int64_t pairs = steps / 2;
+  for (int64_t step = 1; step <= pairs; ++step, x += 2 * C::kSize) {
+    const auto even = C::load_unordered(x);
+    const auto odd = C::load_unordered(x + C::kSize);
     const acc_t inv_step = acc_t(1) / static_cast<acc_t>(step);
-    for (int k = 0; k < C::kParts; ++k) math::welford_step(mean[k], m2[k], v[k], inv_step);
+    for (int k = 0; k < C::kParts; ++k) {
+      math::welford_step(mean_even[k], m2_even[k], even[k], inv_step);
+      math::welford_step(mean_odd[k], m2_odd[k], odd[k], inv_step);
+    }
   }
-  return {mean, m2, steps};
+  LaneMoments<T> moments{mean_even, m2_even, pairs};
+  if (steps % 2 == 1) {  // the last chunk joins the even run
+    const auto last = C::load_unordered(x);
+    const acc_t inv_step = acc_t(1) / static_cast<acc_t>(pairs + 1);
+    for (int k = 0; k < C::kParts; ++k) {
+      math::welford_step(moments.mean[k], moments.m2[k], last[k], inv_step);
+    }
+    moments.steps = pairs + 1;
+  }
+  if (pairs > 0) moments.merge(LaneMoments<T>{mean_odd, m2_odd, pairs});
+  return moments;
 }
 
 // Exact moments of the first `rest` lanes of a partial chunk v (the lanes past it are
@@ -214,7 +318,6 @@ template <typename T>
 math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
-  using Vec = typename C::Vec;
   using Moments = LaneMoments<T>;
 
   const int64_t chunks = n / C::kSize;
@@ -263,18 +366,28 @@ math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   return total;
 }
 
-// Sum of squares of `steps` whole chunks from x, per lane. A function of its own so the
-// running sums stay in registers.
+// Sum of squares of `steps` whole chunks from x, per lane: two sums, over the even and
+// the odd chunks (two dependency chains, as in block_moments), added at the end. A
+// function of its own so the running sums stay in registers.
 template <typename T>
 typename Chunk<T>::Parts block_sum_squares(const T* x, int64_t steps) {
   using C = Chunk<T>;
   using Vec = typename C::Vec;
-  typename C::Parts sum{Vec(0), Vec(0)};
-  for (int64_t step = 0; step < steps; ++step, x += C::kSize) {
-    const auto v = C::load(x);
-    for (int k = 0; k < C::kParts; ++k) sum[k] = at::vec::fmadd(v[k], v[k], sum[k]);
+  typename C::Parts even_sum{Vec(0), Vec(0)}, odd_sum{Vec(0), Vec(0)};
+  for (int64_t step = 0; step + 1 < steps; step += 2, x += 2 * C::kSize) {
+    const auto even = C::load_unordered(x);
+    const auto odd = C::load_unordered(x + C::kSize);
+    for (int k = 0; k < C::kParts; ++k) {
+      even_sum[k] = at::vec::fmadd(even[k], even[k], even_sum[k]);
+      odd_sum[k] = at::vec::fmadd(odd[k], odd[k], odd_sum[k]);
+    }
   }
-  return sum;
+  if (steps % 2 == 1) {
+    const auto last = C::load_unordered(x);
+    for (int k = 0; k < C::kParts; ++k) even_sum[k] = at::vec::fmadd(last[k], last[k], even_sum[k]);
+  }
+  for (int k = 0; k < C::kParts; ++k) even_sum[k] = even_sum[k] + odd_sum[k];
+  return even_sum;
 }
 
 // mean(x^2) of one row, RMSNorm's statistic. Per-lane sums over blocks of kBlockSteps
@@ -336,14 +449,15 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
 template <Norm kNorm, typename T, typename P>
 void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   using C = Chunk<T>;
-  using PC = Chunk<P>;
+  using AC = Chunk<at::opmath_type<T>>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
-  static_assert(C::kSize == PC::kSize);
+  static_assert(C::kSize == AC::kSize);
   const int64_t N = a.cols;
   if constexpr (kNorm == Norm::kLayer) {
     if (N > 0 && N < C::kSize) return forward_short_rows(a, begin, end);
   }
+  const AccParam<P> weight(a.weight, N), bias(a.bias, N);
   for (int64_t row = begin; row < end; ++row) {
     const T* x = a.x + row * N;
     T* y = a.y + row * N;
@@ -359,17 +473,16 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     a.rstd[row] = rstd;
     const Vec mean_v(mean), rstd_v(rstd);
     const bool stream = a.stream_output && can_stream(y);
-    for (int64_t j = 0; j < N; j += C::kSize) {
-      const int64_t n = std::min(C::kSize, N - j);
+    for_each_chunk<T>(N, [&](int64_t j, auto n) {
       const auto xv = C::load(x + j, n);
-      const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
-      const auto bv = PC::load_or(a.bias ? a.bias + j : nullptr, n, acc_t(0));
+      const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
+      const auto bv = AC::load_or(bias.from(j), n, acc_t(0));
       typename C::Parts yv;
       for (int k = 0; k < C::kParts; ++k) {
         yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
       }
       C::store_row(y + j, yv, n, stream);
-    }
+    });
   }
   if (a.stream_output) stream_fence();
 }
@@ -382,7 +495,7 @@ void add_row_sums(const Parts& dyv, const Parts& xv, const Parts& wv, const Vec&
   for (size_t k = 0; k < dyv.size(); ++k) {
     const Vec g = dyv[k] * wv[k];
     if constexpr (kNorm == Norm::kLayer) sum_g = sum_g + g;
-    sum_g_xhat = sum_g_xhat + g * math::normalize<kNorm>(xv[k], mean_v, rstd_v);
+    sum_g_xhat = math::mul_add(g, math::normalize<kNorm>(xv[k], mean_v, rstd_v), sum_g_xhat);
   }
 }
 
@@ -394,7 +507,7 @@ void chunk_grads(const Parts& dyv, const Parts& xv, const Parts& wv, const Vec& 
   for (size_t k = 0; k < dyv.size(); ++k) {
     const Vec xhat = math::normalize<kNorm>(xv[k], mean_v, rstd_v);
     dxv[k] = math::input_grad<kNorm>(dyv[k] * wv[k], xhat, rstd_v, mean_g, mean_g_xhat);
-    dgv[k] = dgv[k] + dyv[k] * xhat;
+    dgv[k] = math::mul_add(dyv[k], xhat, dgv[k]);
     if constexpr (kNorm == Norm::kLayer) dbv[k] = dbv[k] + dyv[k];
   }
 }
@@ -440,12 +553,12 @@ template <Norm kNorm, typename T, typename P>
 void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
                    at::opmath_type<T>* dgamma, at::opmath_type<T>* dbeta) {
   using C = Chunk<T>;
-  using PC = Chunk<P>;
   using AC = Chunk<at::opmath_type<T>>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
   const int64_t N = a.cols;
   if (N <= C::kSize) return backward_short_rows<kNorm>(a, begin, end, dgamma, dbeta);
+  const AccParam<P> weight(a.weight, N);
   const auto add = [](Vec u, Vec v) { return u + v; };
   for (int64_t row = begin; row < end; ++row) {
     const T* dy = a.dy + row * N;
@@ -456,22 +569,20 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
 
     // Pass 1: row sums of g = dy * w and g * xhat.
     Vec sum_g(0), sum_g_xhat(0);
-    for (int64_t j = 0; j < N; j += C::kSize) {
-      const int64_t n = std::min(C::kSize, N - j);
+    for_each_chunk<T>(N, [&](int64_t j, auto n) {
       const auto dyv = C::load(dy + j, n);
       const auto xv = C::load(x + j, n);
-      const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
+      const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
       add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
-    }
+    });
     const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
     const Vec mean_g_xhat(at::vec::vec_reduce_all(add, sum_g_xhat) / static_cast<acc_t>(N));
 
     // Pass 2, row in cache: dx, and the dgamma/dbeta terms.
-    for (int64_t j = 0; j < N; j += C::kSize) {
-      const int64_t n = std::min(C::kSize, N - j);
+    for_each_chunk<T>(N, [&](int64_t j, auto n) {
       const auto dyv = C::load(dy + j, n);
       const auto xv = C::load(x + j, n);
-      const auto wv = PC::load_or(a.weight ? a.weight + j : nullptr, n, acc_t(1));
+      const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
       // dgamma and dbeta are loaded together and stored together: putting the dbeta
       // load after the dgamma store costs 10-20% at D = 20 (partial-chunk copies).
       auto dgv = AC::load(dgamma + j, n);
@@ -482,7 +593,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       C::store_row(dx + j, dxv, n, stream);
       AC::store(dgamma + j, dgv, n);
       if constexpr (kNorm == Norm::kLayer) AC::store(dbeta + j, dbv, n);
-    }
+    });
   }
   if (a.stream_output) stream_fence();
 }
