@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import layernorm_ext
 from layernorm_cases import ATOL, OUTPUT_NAMES, max_abs_error, reference_errors, run_all
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -89,6 +90,20 @@ def test_constant_rows_match_reference(device, dtype, D):
     ours, theirs, reference = run_all(x, [D], weight, bias, grad_out)
     problems = reference_errors(ours, theirs, reference, dtype)
     assert not problems, problems
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [8, 64, 100])  # even: rows of mean 0
+def test_subnormal_outputs_are_kept(device, dtype, D):
+    # Rows of +-1 with eps = 0 have xhat = +-1 exactly, so y = +-weight exactly: here
+    # subnormal values (bf16's are float32's), which a conversion that flushes them
+    # (e.g. vcvtne2ps2bf16) would turn into zeros.
+    x = torch.tensor([1.0, -1.0]).repeat(4, D)[:, :D].to(device, dtype)
+    tiny = torch.finfo(dtype).smallest_normal / 4
+    weight = torch.full((D,), tiny, dtype=dtype, device=device)
+    y = layernorm_ext.layer_norm(x, [D], weight, None, 0.0)
+    assert torch.equal(y, x * weight), (y, x * weight)
+    assert (y != 0).all()
 
 
 def ulp(value: float, dtype: torch.dtype) -> float:
