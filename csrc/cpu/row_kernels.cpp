@@ -314,6 +314,72 @@ math::WelfordState<at::opmath_type<T>> partial_chunk_moments(const typename Chun
   return {mean, m2, rest};
 }
 
+// Lane l + width moved to lane l (and back), for merging all lanes of a vector at once.
+// float vectors on AVX2/AVX-512 only: kWidth is half the lanes, then a quarter, ... 1.
+template <int kWidth>
+Vectorized<float> partner_lanes(const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(kWidth == 8 || kWidth == 4 || kWidth == 2 || kWidth == 1);
+  if constexpr (kWidth == 8) return _mm512_shuffle_f32x4(v, v, 0x4E);  // lane l ^ 8
+  if constexpr (kWidth == 4) return _mm512_shuffle_f32x4(v, v, 0xB1);  // lane l ^ 4
+  if constexpr (kWidth == 2) return _mm512_shuffle_ps(v, v, 0x4E);     // lane l ^ 2
+  if constexpr (kWidth == 1) return _mm512_shuffle_ps(v, v, 0xB1);     // lane l ^ 1
+#elif defined(CPU_CAPABILITY_AVX2)
+  static_assert(kWidth == 4 || kWidth == 2 || kWidth == 1);
+  if constexpr (kWidth == 4) return _mm256_permute2f128_ps(v, v, 0x01);
+  if constexpr (kWidth == 2) return _mm256_shuffle_ps(v, v, 0x4E);
+  if constexpr (kWidth == 1) return _mm256_shuffle_ps(v, v, 0xB1);
+#else
+  static_assert(kWidth < 0, "no lane shuffles for this instruction set");
+#endif
+}
+
+// Merges the per-lane moments of whole chunks (equal counts everywhere, so share 1/2)
+// into the row's: lane l with lane l + width for width = kSize/2, ..., 1, the first
+// level being part 1 into part 0. For float on AVX2/AVX-512 each level is one vector
+// merge (a few shuffles) instead of `width` scalar ones: the scalar tree cost more
+// than the rest of a D = 128 row. Both compute the same operations, so the same bits.
+template <typename T>
+math::WelfordState<at::opmath_type<T>> merge_lanes(const LaneMoments<T>& lanes) {
+  using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
+  acc_t count = static_cast<acc_t>(lanes.steps);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static_assert(C::kParts == 2);
+    auto mean = lanes.mean[0], m2 = lanes.m2[0];
+    const auto level = [&](const auto& partner_mean, const auto& partner_m2) {
+      math::welford_merge(mean, m2, partner_mean, partner_m2, count, acc_t(0.5));
+      count *= 2;
+    };
+    level(lanes.mean[1], lanes.m2[1]);
+    constexpr int kLanes = C::kLanes;
+    if constexpr (kLanes == 16) level(partner_lanes<8>(mean), partner_lanes<8>(m2));
+    level(partner_lanes<4>(mean), partner_lanes<4>(m2));
+    level(partner_lanes<2>(mean), partner_lanes<2>(m2));
+    level(partner_lanes<1>(mean), partner_lanes<1>(m2));
+#if defined(CPU_CAPABILITY_AVX512)
+    return {_mm512_cvtss_f32(mean), _mm512_cvtss_f32(m2), lanes.steps * C::kSize};
+#else
+    return {_mm256_cvtss_f32(mean), _mm256_cvtss_f32(m2), lanes.steps * C::kSize};
+#endif
+  }
+#endif
+  std::array<acc_t, C::kSize> lane_mean, lane_m2;
+  for (int k = 0; k < C::kParts; ++k) {
+    lanes.mean[k].store(lane_mean.data() + k * C::kLanes);
+    lanes.m2[k].store(lane_m2.data() + k * C::kLanes);
+  }
+  for (int64_t width = C::kSize / 2; width >= 1; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) {
+      math::welford_merge(lane_mean[l], lane_m2[l], lane_mean[l + width], lane_m2[l + width],
+                          count, acc_t(0.5));
+    }
+    count *= 2;
+  }
+  return {lane_mean[0], lane_m2[0], lanes.steps * C::kSize};
+}
+
 template <typename T>
 math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   using C = Chunk<T>;
@@ -341,22 +407,7 @@ math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   }
 
   math::WelfordState<acc_t> total{acc_t(0), acc_t(0), 0};
-  if (chunks > 0) {
-    std::array<acc_t, C::kSize> lane_mean, lane_m2;
-    for (int k = 0; k < C::kParts; ++k) {
-      lanes.mean[k].store(lane_mean.data() + k * C::kLanes);
-      lanes.m2[k].store(lane_m2.data() + k * C::kLanes);
-    }
-    acc_t lane_count = static_cast<acc_t>(lanes.steps);
-    for (int64_t width = C::kSize / 2; width >= 1; width /= 2) {
-      for (int64_t l = 0; l < width; ++l) {
-        math::welford_merge(lane_mean[l], lane_m2[l], lane_mean[l + width], lane_m2[l + width],
-                            lane_count, acc_t(0.5));
-      }
-      lane_count *= 2;
-    }
-    total = {lane_mean[0], lane_m2[0], lanes.steps * C::kSize};
-  }
+  if (chunks > 0) total = merge_lanes<T>(lanes);
 
   const int64_t rest = n - j;
   if (rest > 0) {
