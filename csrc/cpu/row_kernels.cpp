@@ -495,6 +495,14 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
   }
 }
 
+// The forward goes through rows in groups of up to kGroupRows (and kGroupBytes of
+// input): first the statistics of every row of the group, then their outputs, the rows
+// still in L1. A row's statistics are one long dependency chain (lane merges, square
+// root, division); rows of a group do not depend on each other, so the core overlaps
+// their chains. 1966080x128 bf16, 2 threads: 51% -> 63% of the copy roof.
+constexpr int64_t kGroupRows = 16;
+constexpr int64_t kGroupBytes = 16 << 10;
+
 // Forward of rows [begin, end). LayerNorm: Welford moments, then y = xhat * w + b.
 // RMSNorm: mean(x^2), then y = x * rstd * w (no mean, no bias).
 template <Norm kNorm, typename T, typename P>
@@ -509,31 +517,39 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     if (N > 0 && N < C::kSize) return forward_short_rows(a, begin, end);
   }
   const AccParam<P> weight(a.weight, N), bias(a.bias, N);
-  for (int64_t row = begin; row < end; ++row) {
-    const T* x = a.x + row * N;
-    T* y = a.y + row * N;
-    acc_t mean = 0, rstd;
-    if constexpr (kNorm == Norm::kRms) {
-      rstd = math::rstd_from_mean_square(row_mean_square(x, N), a.eps);
-    } else {
-      const auto moments = row_moments(x, N);
-      mean = moments.mean;
-      rstd = math::rstd_from_moments(moments, a.eps);
-      a.mean[row] = mean;
-    }
-    a.rstd[row] = rstd;
-    const Vec mean_v(mean), rstd_v(rstd);
-    const bool stream = a.stream_output && can_stream(y);
-    for_each_chunk<T>(N, [&](int64_t j, auto n) {
-      const auto xv = C::load(x + j, n);
-      const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
-      const auto bv = AC::load_or(bias.from(j), n, acc_t(0));
-      typename C::Parts yv;
-      for (int k = 0; k < C::kParts; ++k) {
-        yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
+  const int64_t group_rows =
+      std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(1, N * int64_t(sizeof(T))), 1, kGroupRows);
+  std::array<acc_t, kGroupRows> means{}, rstds;
+  for (int64_t first = begin; first < end; first += group_rows) {
+    const int64_t rows = std::min(group_rows, end - first);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* x = a.x + (first + r) * N;
+      if constexpr (kNorm == Norm::kRms) {
+        rstds[r] = math::rstd_from_mean_square(row_mean_square(x, N), a.eps);
+      } else {
+        const auto moments = row_moments(x, N);
+        means[r] = moments.mean;
+        rstds[r] = math::rstd_from_moments(moments, a.eps);
+        a.mean[first + r] = means[r];
       }
-      C::store_row(y + j, yv, n, stream);
-    });
+      a.rstd[first + r] = rstds[r];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* x = a.x + (first + r) * N;
+      T* y = a.y + (first + r) * N;
+      const Vec mean_v(means[r]), rstd_v(rstds[r]);
+      const bool stream = a.stream_output && can_stream(y);
+      for_each_chunk<T>(N, [&](int64_t j, auto n) {
+        const auto xv = C::load(x + j, n);
+        const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
+        const auto bv = AC::load_or(bias.from(j), n, acc_t(0));
+        typename C::Parts yv;
+        for (int k = 0; k < C::kParts; ++k) {
+          yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
+        }
+        C::store_row(y + j, yv, n, stream);
+      });
+    }
   }
   if (a.stream_output) stream_fence();
 }
