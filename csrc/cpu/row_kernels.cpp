@@ -627,37 +627,48 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
   if (N <= C::kSize) return backward_short_rows<kNorm>(a, begin, end, dgamma, dbeta);
   const AccParam<P> weight(a.weight, N);
   const auto add = [](Vec u, Vec v) { return u + v; };
-  for (int64_t row = begin; row < end; ++row) {
-    const T* dy = a.dy + row * N;
-    const T* x = a.x + row * N;
-    T* dx = a.dx + row * N;
-    const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : a.mean[row]), rstd_v(a.rstd[row]);
-    const bool stream = a.stream_output && can_stream(dx);
+  // Rows in groups, as in forward_rows: first pass 1 of every row of the group (their
+  // dependency chains overlap), then pass 2 chunk by chunk over the group's rows, so
+  // that each dgamma/dbeta chunk is loaded and stored once per group, not once per
+  // row. Each element still adds its rows' terms in row order: the same bits.
+  const int64_t group_rows = std::clamp<int64_t>(
+      kGroupBytes / std::max<int64_t>(1, N * int64_t(sizeof(T))), 1, kGroupRows);
+  std::array<acc_t, kGroupRows> means{}, rstds, mean_gs, mean_g_xhats;
+  for (int64_t first = begin; first < end; first += group_rows) {
+    const int64_t rows = std::min(group_rows, end - first);
 
     // Pass 1: row sums of g = dy * w and g * xhat.
-    Vec sum_g(0), sum_g_xhat(0);
-    for_each_chunk<T>(N, [&](int64_t j, auto n) {
-      const auto dyv = C::load(dy + j, n);
-      const auto xv = C::load(x + j, n);
-      const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
-      add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
-    });
-    const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
-    const Vec mean_g_xhat(at::vec::vec_reduce_all(add, sum_g_xhat) / static_cast<acc_t>(N));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* dy = a.dy + (first + r) * N;
+      const T* x = a.x + (first + r) * N;
+      if constexpr (kNorm == Norm::kLayer) means[r] = a.mean[first + r];
+      rstds[r] = a.rstd[first + r];
+      const Vec mean_v(means[r]), rstd_v(rstds[r]);
+      Vec sum_g(0), sum_g_xhat(0);
+      for_each_chunk<T>(N, [&](int64_t j, auto n) {
+        const auto dyv = C::load(dy + j, n);
+        const auto xv = C::load(x + j, n);
+        const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
+        add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
+      });
+      mean_gs[r] = at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N);
+      mean_g_xhats[r] = at::vec::vec_reduce_all(add, sum_g_xhat) / static_cast<acc_t>(N);
+    }
 
-    // Pass 2, row in cache: dx, and the dgamma/dbeta terms.
+    // Pass 2, rows in cache: dx, and the dgamma/dbeta terms.
     for_each_chunk<T>(N, [&](int64_t j, auto n) {
-      const auto dyv = C::load(dy + j, n);
-      const auto xv = C::load(x + j, n);
       const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
-      // dgamma and dbeta are loaded together and stored together: putting the dbeta
-      // load after the dgamma store costs 10-20% at D = 20 (partial-chunk copies).
       auto dgv = AC::load(dgamma + j, n);
       typename AC::Parts dbv;
       if constexpr (kNorm == Norm::kLayer) dbv = AC::load(dbeta + j, n);
-      typename C::Parts dxv;
-      chunk_grads<kNorm>(dyv, xv, wv, mean_v, rstd_v, mean_g, mean_g_xhat, dxv, dgv, dbv);
-      C::store_row(dx + j, dxv, n, stream);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t offset = (first + r) * N + j;
+        typename C::Parts dxv;
+        chunk_grads<kNorm>(C::load(a.dy + offset, n), C::load(a.x + offset, n), wv,
+                           Vec(means[r]), Vec(rstds[r]), Vec(mean_gs[r]), Vec(mean_g_xhats[r]),
+                           dxv, dgv, dbv);
+        C::store_row(a.dx + offset, dxv, n, a.stream_output && can_stream(a.dx + offset));
+      }
       AC::store(dgamma + j, dgv, n);
       if constexpr (kNorm == Norm::kLayer) AC::store(dbeta + j, dbv, n);
     });
