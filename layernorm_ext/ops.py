@@ -237,6 +237,16 @@ def layer_norm(
     ``jacfwd``, ``hessian``, ``vmap``) and ``torch.autograd.forward_ad``.
     """
     shape = _as_shape(normalized_shape)
+    if type(input) is torch.Tensor and type(eps) is float and not input.is_nested:
+        # The common call: the op parses weight and bias itself; only if it refuses
+        # them do the checks below run, to raise torch's own error. At the seed's
+        # 100x20 a call takes ~5 us, and the checks cost 0.3 us of it.
+        if not transforms_active():
+            try:
+                return _forward(input, shape, weight, bias, eps)[0]
+            except (TypeError, RuntimeError):
+                _check_argument_types(input, weight, bias, eps)
+                raise
     _check_argument_types(input, weight, bias, eps)
     if input.is_nested:
         return _jagged_layer_norm(input, shape, weight, bias, eps)
