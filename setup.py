@@ -142,7 +142,9 @@ sources = ["csrc/layernorm.cpp", "csrc/layernorm_autograd.cpp", "csrc/layernorm_
            ROW_KERNELS]
 # at::parallel_for is header code: without -fopenmp it silently runs on one thread.
 # Linking -fopenmp records libgomp.so.1, which resolves to the copy torch has loaded.
-extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+# -ffp-contract=off: fused multiply-adds only where the source asks (layernorm_math.h),
+# also in the DEFAULT row kernels (on x86 they have no FMA; elsewhere they are the only ones).
+extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
 extra_link_args = ["-fopenmp"]
 define_macros = [("LAYERNORM_EXT_X86_ISAS", None)] if BUILD_X86_ISAS else []
 if with_cuda:

@@ -104,6 +104,14 @@ def test_subnormal_outputs_are_kept(device, dtype, D):
     y = layernorm_ext.layer_norm(x, [D], weight, None, 0.0)
     assert torch.equal(y, x * weight), (y, x * weight)
     assert (y != 0).all()
+    # Backward: with grad_out = tiny * [1, 1, -1, -1, ...], mean(g) = mean(g * xhat) = 0
+    # (D % 4 == 0), so dx = grad_out exactly.
+    if D % 4 == 0:
+        grad_out = tiny * torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(4, D // 4).to(device, dtype)
+        x.requires_grad_()
+        (dx,) = torch.autograd.grad(layernorm_ext.layer_norm(x, [D], None, None, 0.0), x, grad_out)
+        assert torch.equal(dx, grad_out), (dx, grad_out)
+        assert (dx != 0).all()
 
 
 def ulp(value: float, dtype: torch.dtype) -> float:

@@ -61,38 +61,25 @@ inline void stream_fence() {
 #endif
 }
 
-// Whether a row's whole chunks may be streamed: the ISA has stream stores and the row
-// starts on a vector boundary (chunks are whole vectors, so they all do then).
-template <typename T>
-bool can_stream(const T* row) {
-#ifdef LN_HAVE_STREAM_STORES
-  constexpr uintptr_t kAlign = sizeof(Vectorized<at::opmath_type<T>>);
-  return reinterpret_cast<uintptr_t>(row) % kAlign == 0;
-#else
-  (void)row;
-  return false;
-#endif
-}
-
 #if defined(CPU_CAPABILITY_AVX512)
 // setup.py compiles this object with -mavx512bf16 too; its instructions run only on
-// CPUs that have them (checked once here). GCC emits them only for the intrinsics below.
-const bool kHasAvx512Bf16 = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") != 0;
-}();
+// CPUs that have them: kernel_table_AVX512() (reached only on AVX-512 CPUs) sets this
+// flag before any kernel runs. GCC emits them only for the intrinsic below.
+bool has_avx512_bf16 = false;
 #endif
 
 // Packs two float vectors into one vector of half/bf16. bf16 on CPUs with AVX512-BF16:
 // one vcvtne2ps2bf16 (round to nearest even, as torch's conversion) instead of ~16
 // integer instructions, the largest cost of a bf16 forward. That instruction flushes
-// denormal floats to zero, so a chunk holding one takes torch's conversion.
+// denormal floats to zero, so a chunk holding one takes torch's conversion. (NaN
+// keeps its sign there and becomes 0x7FC0-like, where torch's vector conversion
+// writes 0xFFFF: still NaN, other bits.)
 template <typename T>
 Vectorized<T> pack_reduced(const Vectorized<float>& lo, const Vectorized<float>& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     constexpr int kDenormal = 0x20;  // vfpclassps category
-    if (kHasAvx512Bf16 &&
+    if (has_avx512_bf16 &&
         (_mm512_fpclass_ps_mask(lo, kDenormal) | _mm512_fpclass_ps_mask(hi, kDenormal)) == 0) {
       return Vectorized<T>((__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // lo -> lanes 0..15
     }
@@ -177,6 +164,22 @@ struct Chunk {
     }
   }
 };
+
+// Whether a row's whole chunks may be streamed: the ISA has stream stores, a chunk is
+// a whole number of 64-byte cache lines, and the row starts on a line. Every streamed
+// chunk then fills whole lines; a partly written line waits in a write-combining
+// buffer, and the backward has a whole group of rows' lines open at once.
+template <typename T>
+bool can_stream(const T* row) {
+#ifdef LN_HAVE_STREAM_STORES
+  constexpr uintptr_t kLine = 64;
+  if constexpr (Chunk<T>::kSize * sizeof(T) % kLine != 0) return false;  // e.g. AVX2 bf16
+  return reinterpret_cast<uintptr_t>(row) % kLine == 0;
+#else
+  (void)row;
+  return false;
+#endif
+}
 
 // A weight or bias row as acc_t values. half/bf16 parameters are converted once per
 // call of a row kernel (one task, >= kElementsPerTask elements), not once per row: in
@@ -686,6 +689,14 @@ RowKernels<T, P> row_kernels() {
 }  // namespace CPU_CAPABILITY
 
 const KernelTable& LN_CONCAT(kernel_table_, CPU_CAPABILITY)() {
+#if defined(CPU_CAPABILITY_AVX512)
+  static const bool bf16_checked = [] {
+    __builtin_cpu_init();
+    has_avx512_bf16 = __builtin_cpu_supports("avx512bf16") != 0;
+    return true;
+  }();
+  (void)bf16_checked;
+#endif
   static const KernelTable table{
       row_kernels<float, float>(),         row_kernels<double, double>(),
       row_kernels<c10::Half, c10::Half>(), row_kernels<c10::Half, float>(),

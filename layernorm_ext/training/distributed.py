@@ -52,6 +52,11 @@ def process_group(device_type: str) -> Iterator[World]:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
         yield World(dist.get_rank(), dist.get_world_size(), local_rank, distributed=True)
+        # Every rank got here: tear the group down together. A rank that destroys its
+        # gloo group while the other still talks to it can abort at exit ("terminate
+        # called without an active exception", seen in the DDP test). Skipped when the
+        # block raised: the other ranks might never arrive.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
