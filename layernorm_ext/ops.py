@@ -173,7 +173,9 @@ def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Seq
             if type(size) is not int or not _INT64_MIN <= size <= _INT64_MAX:
                 break
         else:
-            return normalized_shape
+            # The op parses a torch.Size ~0.7 us slower than a tuple of the same ints.
+            return tuple(normalized_shape) if type(normalized_shape) is torch.Size \
+                else normalized_shape
     if isinstance(normalized_shape, (int, torch.SymInt)) and not isinstance(normalized_shape, bool):
         return [normalized_shape]
     if not isinstance(normalized_shape, (list, tuple, torch.Size)):

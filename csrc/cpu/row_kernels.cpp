@@ -484,10 +484,38 @@ at::opmath_type<T> row_mean_square(const T* x, int64_t n) {
   return at::vec::vec_reduce_all(add, total[0] + total[1]) / static_cast<at::opmath_type<T>>(n);
 }
 
-// LayerNorm forward of rows shorter than one chunk (D < Chunk<T>::kSize): each row is
-// loaded once for its moments and its output, and the parameters once for all rows.
-// The same operations as forward_rows (row_moments' partial-chunk path), so the same bits.
-template <typename T, typename P>
+// The forward goes through rows in groups of up to kGroupRows (and kGroupBytes of
+// input): first the statistics of every row of the group, then their outputs, the rows
+// still in L1. A row's statistics are one long dependency chain (lane merges, square
+// root, division); rows of a group do not depend on each other, so the core overlaps
+// their chains. 1966080x128 bf16, 2 threads: 51% -> 63% of the copy roof.
+constexpr int64_t kGroupRows = 16;
+constexpr int64_t kGroupBytes = 16 << 10;
+
+// rstd of `rows` rows from their statistic (LayerNorm: m2 of n elements, as
+// math::rstd_from_moments; RMSNorm: mean(x^2), as math::rstd_from_mean_square), a vector
+// of rows at a time: a short row's square root and division are its longest latencies,
+// and one vector instruction does 8-16 rows' (the same bits: IEEE square root and
+// division round the same way in both forms).
+template <Norm kNorm, typename acc_t>
+void rstd_of_rows(const acc_t* stat, int64_t rows, int64_t n, acc_t eps, acc_t* rstd) {
+  using Vec = Vectorized<acc_t>;
+  for (int64_t r = 0; r < rows; r += Vec::size()) {
+    const int64_t len = std::min<int64_t>(Vec::size(), rows - r);
+    Vec var = Vec::loadu(stat + r, len);
+    if constexpr (kNorm == Norm::kLayer) {
+      var = var / Vec(static_cast<acc_t>(n));
+      var = Vec::blendv(var, Vec(0), var < Vec(0));  // NaN stays NaN
+    }
+    (Vec(1) / (var + Vec(eps)).sqrt()).store(rstd + r, len);
+  }
+}
+
+// Forward of rows shorter than one chunk (D < Chunk<T>::kSize): the parameters are
+// loaded once for all rows; a group's statistics, then its rstd (as vectors), then its
+// outputs. The same operations as forward_rows (row_moments' partial-chunk path,
+// row_mean_square), so the same bits.
+template <Norm kNorm, typename T, typename P>
 void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   using C = Chunk<T>;
   using PC = Chunk<P>;
@@ -497,33 +525,35 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
   const auto wv = PC::load_or(a.weight, N, acc_t(1));
   const auto bv = PC::load_or(a.bias, N, acc_t(0));
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
-  for (int64_t row = begin; row < end; ++row) {
-    const T* x = a.x + row * N;
-    T* y = a.y + row * N;
-    if (row + ahead < end) prefetch_short_row(x + ahead * N, N);
-    const auto xv = C::load(x, N);
-    const auto moments = math::welford_combine(
-        math::WelfordState<acc_t>{acc_t(0), acc_t(0), 0},
-        partial_chunk_moments<T>(xv, N, static_cast<acc_t>(x[0])));
-    const acc_t rstd = math::rstd_from_moments(moments, a.eps);
-    a.mean[row] = moments.mean;
-    a.rstd[row] = rstd;
-    const Vec mean_v(moments.mean), rstd_v(rstd);
-    typename C::Parts yv;
-    for (int k = 0; k < C::kParts; ++k) {
-      yv[k] = math::affine(math::normalize(xv[k], mean_v, rstd_v), wv[k], bv[k]);
+  std::array<acc_t, kGroupRows> stats;  // m2 (LayerNorm), mean(x^2) (RMSNorm)
+  for (int64_t first = begin; first < end; first += kGroupRows) {
+    const int64_t rows = std::min(kGroupRows, end - first);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* x = a.x + (first + r) * N;
+      if (first + r + ahead < end) prefetch_short_row(x + ahead * N, N);
+      if constexpr (kNorm == Norm::kRms) {
+        stats[r] = row_mean_square(x, N);
+      } else {
+        const auto moments = math::welford_combine(
+            math::WelfordState<acc_t>{acc_t(0), acc_t(0), 0},
+            partial_chunk_moments<T>(C::load(x, N), N, static_cast<acc_t>(x[0])));
+        a.mean[first + r] = moments.mean;
+        stats[r] = moments.m2;
+      }
     }
-    C::store_row(y, yv, N, false);  // N < kSize: never a whole chunk to stream
+    rstd_of_rows<kNorm>(stats.data(), rows, N, a.eps, a.rstd + first);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = first + r;
+      const auto xv = C::load(a.x + row * N, N);
+      const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : a.mean[row]), rstd_v(a.rstd[row]);
+      typename C::Parts yv;
+      for (int k = 0; k < C::kParts; ++k) {
+        yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
+      }
+      C::store_row(a.y + row * N, yv, N, false);  // N < kSize: never a whole chunk to stream
+    }
   }
 }
-
-// The forward goes through rows in groups of up to kGroupRows (and kGroupBytes of
-// input): first the statistics of every row of the group, then their outputs, the rows
-// still in L1. A row's statistics are one long dependency chain (lane merges, square
-// root, division); rows of a group do not depend on each other, so the core overlaps
-// their chains. 1966080x128 bf16, 2 threads: 51% -> 63% of the copy roof.
-constexpr int64_t kGroupRows = 16;
-constexpr int64_t kGroupBytes = 16 << 10;
 
 // Forward of rows [begin, end). LayerNorm: Welford moments, then y = xhat * w + b.
 // RMSNorm: mean(x^2), then y = x * rstd * w (no mean, no bias).
@@ -535,27 +565,25 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   using Vec = typename C::Vec;
   static_assert(C::kSize == AC::kSize);
   const int64_t N = a.cols;
-  if constexpr (kNorm == Norm::kLayer) {
-    if (N > 0 && N < C::kSize) return forward_short_rows(a, begin, end);
-  }
+  if (N > 0 && N < C::kSize) return forward_short_rows<kNorm>(a, begin, end);
   const AccParam<P> weight(a.weight, N), bias(a.bias, N);
   const int64_t group_rows =
       std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(1, N * int64_t(sizeof(T))), 1, kGroupRows);
-  std::array<acc_t, kGroupRows> means{}, rstds;
+  std::array<acc_t, kGroupRows> means{}, stats;  // stats: m2 (LayerNorm), mean(x^2) (RMSNorm)
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = a.x + (first + r) * N;
       if constexpr (kNorm == Norm::kRms) {
-        rstds[r] = math::rstd_from_mean_square(row_mean_square(x, N), a.eps);
+        stats[r] = row_mean_square(x, N);
       } else {
         const auto moments = row_moments(x, N);
         means[r] = moments.mean;
-        rstds[r] = math::rstd_from_moments(moments, a.eps);
+        stats[r] = moments.m2;
         a.mean[first + r] = means[r];
       }
-      a.rstd[first + r] = rstds[r];
     }
+    rstd_of_rows<kNorm>(stats.data(), rows, N, a.eps, a.rstd + first);
     // While the group's outputs are written, the next group's input is prefetched into
     // L2 (the same offset, one group ahead): the hardware prefetcher restarts at every
     // group's first pass, which cost ~15% at D = 16384 in bf16.
@@ -563,7 +591,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = a.x + (first + r) * N;
       T* y = a.y + (first + r) * N;
-      const Vec mean_v(means[r]), rstd_v(rstds[r]);
+      const Vec mean_v(means[r]), rstd_v(a.rstd[first + r]);
       const bool stream = a.stream_output && can_stream(y);
       for_each_chunk<T>(N, [&](int64_t j, auto n) {
         if (prefetch) prefetch_chunk(x + rows * N + j);
