@@ -276,3 +276,39 @@ def test_torch_compile_dynamic_shapes(device):
     for batch in (3, 7, 11):
         x = torch.randn(batch, 2, 8, device=device)
         torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("grads", ["none", "input", "weight", "bias", "no_grad", "inference"])
+def test_autograd_recorded_exactly_when_torch_records_it(device, grads):
+    # The forward skips its autograd Function when nothing needs a gradient
+    # (csrc/autograd_common.h); every other combination must still build the graph.
+    x = torch.randn(6, 8, device=device)
+    weight, bias = torch.randn(8, device=device), torch.randn(8, device=device)
+    leaf = {"input": x, "weight": weight, "bias": bias}.get(grads)
+    if leaf is not None:
+        leaf.requires_grad_()
+    if grads == "no_grad":
+        x.requires_grad_()
+    mode = {"no_grad": torch.no_grad(), "inference": torch.inference_mode()}
+    with mode.get(grads, torch.enable_grad()):
+        ours = layer_norm(x, [8], weight, bias)
+        theirs = F.layer_norm(x, [8], weight, bias)
+    assert (ours.grad_fn is None) == (theirs.grad_fn is None), grads
+    torch.testing.assert_close(ours, theirs)
+    if leaf is not None:
+        grad_out = torch.randn_like(ours)
+        (ours_grad,) = torch.autograd.grad(ours, leaf, grad_out)
+        (theirs_grad,) = torch.autograd.grad(theirs, leaf, grad_out)
+        torch.testing.assert_close(ours_grad, theirs_grad)
+
+
+def test_op_called_directly_with_a_tangent_raises(device):
+    # Not silently dropped by the no-grad fast path: the op's C++ Function has no jvp
+    # (layer_norm() routes forward AD to a Python Function instead).
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(4, 8, device=device)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            torch.ops.layernorm_ext.forward(dual, [8], None, None, 1e-5)
