@@ -8,6 +8,7 @@ then the same for RMSNorm (``rms_forward``/``rms_backward``, ``rms_norm``).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -157,11 +158,33 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _PLAIN_SHAPE_TYPES = (tuple, list, torch.Size)
 
 
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
+
+
+def _type_name(value: object) -> str:
+    """The type's name as torch's messages print it (tp_name: "numpy.int64", "Tensor")."""
+    cls = type(value)
+    if cls.__flags__ & _HEAP_TYPE or cls.__module__ == "builtins":
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def _type_error(argument: str, position: int, expected: str, value: object,
                 function: str = "layer_norm") -> TypeError:
     # torch's argument parser words it so; `except TypeError` works as with F.layer_norm.
     return TypeError(f"{function}(): argument '{argument}' (position {position}) must be "
-                     f"{expected}, not {type(value).__name__}")
+                     f"{expected}, not {_type_name(value)}")
+
+
+def _as_index(size: object) -> object:
+    """size as an int when torch's parser would take it as one (numpy integers, 0-dim
+    integer tensors: anything with __index__ but bool), else size unchanged."""
+    if isinstance(size, (bool, int, torch.SymInt, float)) or not hasattr(type(size), "__index__"):
+        return size
+    try:
+        return operator.index(size)
+    except TypeError:  # e.g. a float tensor
+        return size
 
 
 def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Sequence[int]:
@@ -180,15 +203,18 @@ def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Seq
         return [normalized_shape]
     if not isinstance(normalized_shape, (list, tuple, torch.Size)):
         raise _type_error("normalized_shape", 2, "tuple of ints", normalized_shape, function)
+    sizes = []
     for pos, size in enumerate(normalized_shape):
+        size = _as_index(size)
         if isinstance(size, bool) or not isinstance(size, (int, torch.SymInt)):
             raise TypeError(f"{function}(): argument 'normalized_shape' (position 2) must be "
-                            f"tuple of ints, but found element of type {type(size).__name__} "
+                            f"tuple of ints, but found element of type {_type_name(size)} "
                             f"at pos {pos}")
         if isinstance(size, int) and not _INT64_MIN <= size <= _INT64_MAX:
             raise TypeError(f"{function}(): argument 'normalized_shape' (position 2): "
                             f"{size} at pos {pos} does not fit in int64")
-    return list(normalized_shape)
+        sizes.append(size)
+    return sizes
 
 
 def _check_argument_types(input: object, weight: object, bias: object, eps: object) -> None:

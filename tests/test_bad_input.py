@@ -23,6 +23,7 @@ import time
 import warnings
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,12 @@ CASES: dict[str, BadCall] = {
     "normalized_shape_str": BadCall(lambda f, d: f(x_on(d), "8")),
     "normalized_shape_tensor": BadCall(lambda f, d: f(x_on(d), torch.tensor([8]))),
     "normalized_shape_overflow": BadCall(lambda f, d: f(x_on(d), [2**63])),
+    "normalized_shape_numpy_int": BadCall(lambda f, d: f(x_on(d), np.int64(8)),
+                                          same_message=True),
+    "normalized_shape_numpy_float_list": BadCall(lambda f, d: f(x_on(d), [np.float64(8)]),
+                                                 same_message=True),
+    "normalized_shape_float_tensor_list": BadCall(lambda f, d: f(x_on(d), [torch.tensor(8.0)]),
+                                                  same_message=True),
     "weight_list": BadCall(lambda f, d: f(x_on(d), [8], [1.0] * 8)),
     "weight_float": BadCall(lambda f, d: f(x_on(d), [8], 1.0)),
     "bias_int": BadCall(lambda f, d: f(x_on(d), [8], None, 2)),

@@ -312,3 +312,15 @@ def test_op_called_directly_with_a_tangent_raises(device):
         dual = fwAD.make_dual(x, torch.randn_like(x))
         with pytest.raises(RuntimeError, match="jvp is not implemented"):
             torch.ops.layernorm_ext.forward(dual, [8], None, None, 1e-5)
+
+
+@pytest.mark.parametrize("size", ["numpy_int64", "numpy_int32", "int_tensor"])
+def test_normalized_shape_elements_with_index_as_torch(device, size):
+    # torch's parser takes anything with __index__ (but bool) as an int.
+    import numpy as np
+
+    element = {"numpy_int64": np.int64(8), "numpy_int32": np.int32(8),
+               "int_tensor": torch.tensor(8)}[size]
+    x = torch.randn(3, 8, device=device)
+    torch.testing.assert_close(layer_norm(x, (element,)), F.layer_norm(x, (element,)))
+    torch.testing.assert_close(layernorm_ext.rms_norm(x, [element]), F.rms_norm(x, [element]))
