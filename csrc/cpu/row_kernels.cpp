@@ -492,6 +492,13 @@ at::opmath_type<T> row_mean_square(const T* x, int64_t n) {
 constexpr int64_t kGroupRows = 16;
 constexpr int64_t kGroupBytes = 16 << 10;
 
+// Rows per group for rows of `cols` elements of T (the backward groups rows the same way).
+template <typename T>
+int64_t group_rows_for(int64_t cols) {
+  return std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(1, cols * int64_t(sizeof(T))), 1,
+                             kGroupRows);
+}
+
 // rstd of `rows` rows from their statistic (LayerNorm: m2 of n elements, as
 // math::rstd_from_moments; RMSNorm: mean(x^2), as math::rstd_from_mean_square), a vector
 // of rows at a time: a short row's square root and division are its longest latencies,
@@ -513,8 +520,8 @@ void rstd_of_rows(const acc_t* stat, int64_t rows, int64_t n, acc_t eps, acc_t* 
 
 // Forward of rows shorter than one chunk (D < Chunk<T>::kSize): the parameters are
 // loaded once for all rows; a group's statistics, then its rstd (as vectors), then its
-// outputs. The same operations as forward_rows (row_moments' partial-chunk path,
-// row_mean_square), so the same bits.
+// outputs. The same operations as forward_rows (row_moments' partial-chunk path, less
+// its combine with an empty state, an identity; row_mean_square), so the same bits.
 template <Norm kNorm, typename T, typename P>
 void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   using C = Chunk<T>;
@@ -534,9 +541,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
       if constexpr (kNorm == Norm::kRms) {
         stats[r] = row_mean_square(x, N);
       } else {
-        const auto moments = math::welford_combine(
-            math::WelfordState<acc_t>{acc_t(0), acc_t(0), 0},
-            partial_chunk_moments<T>(C::load(x, N), N, static_cast<acc_t>(x[0])));
+        const auto moments = partial_chunk_moments<T>(C::load(x, N), N, static_cast<acc_t>(x[0]));
         a.mean[first + r] = moments.mean;
         stats[r] = moments.m2;
       }
@@ -567,8 +572,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   const int64_t N = a.cols;
   if (N > 0 && N < C::kSize) return forward_short_rows<kNorm>(a, begin, end);
   const AccParam<P> weight(a.weight, N), bias(a.bias, N);
-  const int64_t group_rows =
-      std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(1, N * int64_t(sizeof(T))), 1, kGroupRows);
+  const int64_t group_rows = group_rows_for<T>(N);
   std::array<acc_t, kGroupRows> means{}, stats;  // stats: m2 (LayerNorm), mean(x^2) (RMSNorm)
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
@@ -691,8 +695,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
   // dependency chains overlap), then pass 2 chunk by chunk over the group's rows, so
   // that each dgamma/dbeta chunk is loaded and stored once per group, not once per
   // row. Each element still adds its rows' terms in row order: the same bits.
-  const int64_t group_rows = std::clamp<int64_t>(
-      kGroupBytes / std::max<int64_t>(1, N * int64_t(sizeof(T))), 1, kGroupRows);
+  const int64_t group_rows = group_rows_for<T>(N);
   std::array<acc_t, kGroupRows> means{}, rstds, mean_gs, mean_g_xhats;
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
