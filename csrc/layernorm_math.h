@@ -124,7 +124,18 @@ LN_HOST_DEVICE acc_t rstd_from_mean_square(acc_t mean_square, acc_t eps) {
   return reciprocal_sqrt(mean_square + eps);
 }
 
-// xhat = (x - mean) * rstd; RMSNorm (kRms) has no mean: xhat = x * rstd.
+// The value normalize() subtracts from a row: its mean, or 0 in a row whose rstd is 0.
+// rstd is 0 only when the variance overflowed to inf (finite values spread over more
+// than half the dtype's range; or eps = inf). There x - mean itself may overflow, and
+// inf * 0 would give NaN; torch's x * rstd - mean * rstd gives 0, and so does
+// (x - 0) * 0. The mean returned to the caller stays the row's mean.
+template <typename acc_t>
+LN_HOST_DEVICE acc_t normalize_center(acc_t mean, acc_t rstd) {
+  return rstd == acc_t(0) ? acc_t(0) : mean;
+}
+
+// xhat = (x - mean) * rstd; RMSNorm (kRms) has no mean: xhat = x * rstd. Callers pass
+// normalize_center(mean, rstd) as the mean.
 template <Norm kNorm = Norm::kLayer, typename V>
 LN_HOST_DEVICE V normalize(const V& x, const V& mean, const V& rstd) {
   if constexpr (kNorm == Norm::kRms) {

@@ -437,6 +437,26 @@ math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
   return total;
 }
 
+// The moments of a row, given its fast moments `fast`. When their mean came out
+// non-finite though every element is finite, the values span more than half the
+// dtype's range and some x - mean overflowed: Welford over x / 4 (a power of two, so
+// exact) keeps every difference finite. The mean is then finite, as a mean of finite
+// values is, and M2 = 16 * M2(x / 4) overflows to inf where the variance does (rstd 0,
+// see math::normalize_center). Scalar: such rows are rare. Rows holding NaN or inf
+// keep their fast moments, whose NaN/inf propagate as torch's.
+template <typename T>
+math::WelfordState<at::opmath_type<T>> without_overflow(
+    const math::WelfordState<at::opmath_type<T>>& fast, const T* x, int64_t n) {
+  using acc_t = at::opmath_type<T>;
+  if (std::isfinite(fast.mean)) return fast;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(static_cast<acc_t>(x[i]))) return fast;
+  }
+  math::WelfordState<acc_t> quarter{acc_t(0), acc_t(0), 0};
+  for (int64_t i = 0; i < n; ++i) quarter = math::welford_update(quarter, static_cast<acc_t>(x[i]) / 4);
+  return {quarter.mean * 4, quarter.m2 * 16, quarter.count};
+}
+
 // Sum of squares of `steps` whole chunks from x, per lane: two sums, over the even and
 // the odd chunks (two dependency chains, as in block_moments), added at the end. A
 // function of its own so the running sums stay in registers.
@@ -541,7 +561,8 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
       if constexpr (kNorm == Norm::kRms) {
         stats[r] = row_mean_square(x, N);
       } else {
-        const auto moments = partial_chunk_moments<T>(C::load(x, N), N, static_cast<acc_t>(x[0]));
+        const auto moments = without_overflow(
+            partial_chunk_moments<T>(C::load(x, N), N, static_cast<acc_t>(x[0])), x, N);
         a.mean[first + r] = moments.mean;
         stats[r] = moments.m2;
       }
@@ -550,7 +571,9 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = first + r;
       const auto xv = C::load(a.x + row * N, N);
-      const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : a.mean[row]), rstd_v(a.rstd[row]);
+      const acc_t rstd = a.rstd[row];
+      const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : math::normalize_center(a.mean[row], rstd));
+      const Vec rstd_v(rstd);
       typename C::Parts yv;
       for (int k = 0; k < C::kParts; ++k) {
         yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
@@ -581,7 +604,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       if constexpr (kNorm == Norm::kRms) {
         stats[r] = row_mean_square(x, N);
       } else {
-        const auto moments = row_moments(x, N);
+        const auto moments = without_overflow(row_moments(x, N), x, N);
         means[r] = moments.mean;
         stats[r] = moments.m2;
         a.mean[first + r] = means[r];
@@ -595,7 +618,8 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = a.x + (first + r) * N;
       T* y = a.y + (first + r) * N;
-      const Vec mean_v(means[r]), rstd_v(a.rstd[first + r]);
+      const acc_t rstd = a.rstd[first + r];
+      const Vec mean_v(math::normalize_center(means[r], rstd)), rstd_v(rstd);
       const bool stream = a.stream_output && can_stream(y);
       for_each_chunk<T>(N, [&](int64_t j, auto n) {
         if (prefetch) prefetch_chunk(x + rows * N + j);
@@ -665,7 +689,9 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
     }
     const auto dyv = C::load(a.dy + row * N, N);  // lanes past N are zero, so g = 0 there
     const auto xv = C::load(a.x + row * N, N);
-    const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : a.mean[row]), rstd_v(a.rstd[row]);
+    const acc_t rstd = a.rstd[row];
+    const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : math::normalize_center(a.mean[row], rstd));
+    const Vec rstd_v(rstd);
     Vec sum_g(0), sum_g_xhat(0);
     add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
     const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
@@ -696,7 +722,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
   // that each dgamma/dbeta chunk is loaded and stored once per group, not once per
   // row. Each element still adds its rows' terms in row order: the same bits.
   const int64_t group_rows = group_rows_for<T>(N);
-  std::array<acc_t, kGroupRows> means{}, rstds, mean_gs, mean_g_xhats;
+  std::array<acc_t, kGroupRows> centers{}, rstds, mean_gs, mean_g_xhats;
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
 
@@ -704,9 +730,9 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
     for (int64_t r = 0; r < rows; ++r) {
       const T* dy = a.dy + (first + r) * N;
       const T* x = a.x + (first + r) * N;
-      if constexpr (kNorm == Norm::kLayer) means[r] = a.mean[first + r];
       rstds[r] = a.rstd[first + r];
-      const Vec mean_v(means[r]), rstd_v(rstds[r]);
+      if constexpr (kNorm == Norm::kLayer) centers[r] = math::normalize_center(a.mean[first + r], rstds[r]);
+      const Vec mean_v(centers[r]), rstd_v(rstds[r]);
       Vec sum_g(0), sum_g_xhat(0);
       for_each_chunk<T>(N, [&](int64_t j, auto n) {
         const auto dyv = C::load(dy + j, n);
@@ -733,7 +759,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
         }
         typename C::Parts dxv;
         chunk_grads<kNorm>(C::load(a.dy + offset, n), C::load(a.x + offset, n), wv,
-                           Vec(means[r]), Vec(rstds[r]), Vec(mean_gs[r]), Vec(mean_g_xhats[r]),
+                           Vec(centers[r]), Vec(rstds[r]), Vec(mean_gs[r]), Vec(mean_g_xhats[r]),
                            dxv, dgv, dbv);
         C::store_row(a.dx + offset, dxv, n, a.stream_output && can_stream(a.dx + offset));
       }

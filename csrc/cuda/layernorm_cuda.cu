@@ -337,6 +337,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
       if constexpr (kNorm == Norm::kLayer) a.mean[row] = mean;
       a.rstd[row] = rstd;
     }
+    mean = math::normalize_center(mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
     cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
@@ -409,6 +410,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
       if constexpr (kNorm == Norm::kLayer) a.mean[row] = mean;
       a.rstd[row] = rstd;
     }
+    mean = math::normalize_center(mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
     cuda_indexing::for_each_streamed(
@@ -472,8 +474,8 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     SumPair<acc_t> sums{0, 0};
     acc_t rstd = 0;
     if (valid) {
-      const acc_t mean = kNorm == Norm::kLayer ? a.mean[row] : acc_t(0);
       rstd = a.rstd[row];
+      const acc_t mean = kNorm == Norm::kLayer ? math::normalize_center(a.mean[row], rstd) : acc_t(0);
       cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
         acc_t dy[kVec], w[kVec];
         load_vector(dyr + e, dy);
@@ -571,8 +573,8 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     const T* dyr = a.dy + row * a.cols;
     const T* xr = a.x + row * a.cols;
     T* dxr = a.dx + row * a.cols;
-    const acc_t mean = kNorm == Norm::kLayer ? a.mean[row] : acc_t(0);
     const acc_t rstd = a.rstd[row];
+    const acc_t mean = kNorm == Norm::kLayer ? math::normalize_center(a.mean[row], rstd) : acc_t(0);
 
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     cuda_indexing::for_each_streamed(
