@@ -29,9 +29,12 @@ Tensor2 call_rms_forward(const at::Tensor& input, at::IntArrayRef normalized_sha
   return op.call(input, normalized_shape, weight, eps);
 }
 
+// The fused backward, with grad mode off: below autograd, as call_backward in
+// layernorm_autograd.cpp.
 Tensor2 call_rms_backward(const at::Tensor& grad_out, const at::Tensor& input,
                           at::IntArrayRef normalized_shape, const at::Tensor& rstd,
                           const std::optional<at::Tensor>& weight) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("layernorm_ext::rms_backward", "")
                              .typed<decltype(call_rms_backward)>();
@@ -72,6 +75,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     auto [output, rstd] = call_rms_forward(input, normalized_shape, weight, eps);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), rstd});
     ctx->saved_data["normalized_shape"] = normalized_shape.vec();
+    ctx->set_materialize_grads(false);  // no zero tensor for the grad of rstd
     ctx->saved_data["eps"] = rms_norm_eps(input.scalar_type(), eps);
     ctx->mark_non_differentiable({rstd});
     return {output, rstd};
