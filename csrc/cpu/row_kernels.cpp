@@ -262,13 +262,15 @@ struct LaneMoments {
 // (a cascade, as torch's RowwiseMoments does): the error grows with log(n), not n.
 constexpr int64_t kBlockSteps = 128;
 
-// Moments of one row.
-// - Whole chunks: Welford per lane in blocks of kBlockSteps chunks (one reciprocal
-//   serves all lanes), blocks merged in a cascade, then the lanes merged pairwise; equal
+// The moments of a row, in three steps (forward_rows):
+// - Whole chunks (whole_chunk_moments): Welford per lane in blocks of kBlockSteps chunks
+//   (one reciprocal serves all lanes), blocks merged in a cascade.
+// - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows for a group); equal
 //   counts there, so every merge has share 1/2 and no division.
-// - The last partial chunk: exact moments from two masked vector passes, shifted by its
-//   first element (exact for constant data, no overflow near the dtype's max), merged
-//   with Chan's combine.
+// - The last partial chunk (with_partial_chunk): exact moments from two masked vector
+//   passes, shifted by its first element (exact for constant data, no overflow near the
+//   dtype's max), merged with Chan's combine.
+
 // Welford per lane over `steps` whole chunks from x: one reciprocal serves all lanes.
 // Two runs, over the even and the odd chunks, merged at the end: each run's mean is a
 // chain of dependent sub + fma per chunk, and a single run kept the core waiting on it
@@ -400,14 +402,12 @@ math::WelfordState<at::opmath_type<T>> merge_lanes(const LaneMoments<T>& lanes) 
   return {lane_mean[0], lane_m2[0], lanes.steps * C::kSize};
 }
 
+// Per-lane moments of the first `chunks` > 0 whole chunks of a row: blocks of
+// kBlockSteps chunks merged in a cascade.
 template <typename T>
-math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
+LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks) {
   using C = Chunk<T>;
-  using acc_t = typename C::acc_t;
   using Moments = LaneMoments<T>;
-
-  const int64_t chunks = n / C::kSize;
-  const int64_t j = chunks * C::kSize;  // start of the partial chunk
   Moments lanes = block_moments(x, std::min(chunks, kBlockSteps));
   if (chunks > kBlockSteps) {
     // cascade[d] holds a pending block; counts strictly decrease with d.
@@ -425,16 +425,20 @@ math::WelfordState<at::opmath_type<T>> row_moments(const T* x, int64_t n) {
     for (int d = depth - 1; d >= 1; --d) cascade[d - 1].merge(cascade[d]);
     lanes = cascade[0];
   }
+  return lanes;
+}
 
-  math::WelfordState<acc_t> total{acc_t(0), acc_t(0), 0};
-  if (chunks > 0) total = merge_lanes<T>(lanes);
-
-  const int64_t rest = n - j;
-  if (rest > 0) {
-    const auto v = Chunk<T>::load(x + j, rest);
-    total = math::welford_combine(total, partial_chunk_moments<T>(v, rest, static_cast<acc_t>(x[j])));
-  }
-  return total;
+// A row's moments from those of its whole chunks (`whole`), with its partial chunk's
+// combined in.
+template <typename T>
+math::WelfordState<at::opmath_type<T>> with_partial_chunk(
+    math::WelfordState<at::opmath_type<T>> whole, const T* x, int64_t n) {
+  using C = Chunk<T>;
+  const int64_t j = n / C::kSize * C::kSize;  // start of the partial chunk
+  if (j == n) return whole;
+  const auto v = C::load(x + j, n - j);
+  return math::welford_combine(
+      whole, partial_chunk_moments<T>(v, n - j, static_cast<at::opmath_type<T>>(x[j])));
 }
 
 // The moments of a row, given its fast moments `fast`. When their mean came out
@@ -538,42 +542,109 @@ void rstd_of_rows(const acc_t* stat, int64_t rows, int64_t n, acc_t eps, acc_t* 
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Reduces the lanes of 16 rows' states at once. A state is kN float vectors (a sum: 1;
+// Welford moments: mean and m2). Each level pairs two vectors of rows: shuffles gather
+// the lower lanes of every row's live lanes in `lower` and the upper ones in `upper`,
+// and combine(level, lower, upper) merges them: lanes l and l + 8 of a row at level 0,
+// then l + 4, l + 2, l + 1, as merge_lanes and vec_reduce_all pair them. Where 16 lane
+// reductions take 4 shuffles and 4 dependent steps each, the tree takes 30 shuffles and
+// 15 steps for all 16 rows, independent within a level. It leaves row p in lane
+// 4 * (p % 4) + p / 4, so the rows enter in that (self-inverse) order, and every lane
+// of the result holds its own row's state.
+template <size_t kN, typename Combine>
+std::array<__m512, kN> transposing_tree(const std::array<std::array<__m512, kN>, 16>& rows,
+                                        const Combine& combine) {
+  using State = std::array<__m512, kN>;
+  constexpr int kOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  const auto pair = [&](int level, const State& a, const State& b, auto lower_of, auto upper_of) {
+    State lower, upper;
+    for (size_t k = 0; k < kN; ++k) lower[k] = lower_of(a[k], b[k]), upper[k] = upper_of(a[k], b[k]);
+    return combine(level, lower, upper);
+  };
+  // 128-bit blocks (0, 1 | 0, 1) and (2, 3 | 2, 3), then (0, 2 | 0, 2) and (1, 3 | 1, 3).
+  const auto blocks_01 = [](__m512 a, __m512 b) { return _mm512_shuffle_f32x4(a, b, 0x44); };
+  const auto blocks_23 = [](__m512 a, __m512 b) { return _mm512_shuffle_f32x4(a, b, 0xEE); };
+  const auto blocks_02 = [](__m512 a, __m512 b) { return _mm512_shuffle_f32x4(a, b, 0x88); };
+  const auto blocks_13 = [](__m512 a, __m512 b) { return _mm512_shuffle_f32x4(a, b, 0xDD); };
+  // The same within each block, on lanes.
+  const auto lanes_01 = [](__m512 a, __m512 b) { return _mm512_shuffle_ps(a, b, 0x44); };
+  const auto lanes_23 = [](__m512 a, __m512 b) { return _mm512_shuffle_ps(a, b, 0xEE); };
+  const auto lanes_02 = [](__m512 a, __m512 b) { return _mm512_shuffle_ps(a, b, 0x88); };
+  const auto lanes_13 = [](__m512 a, __m512 b) { return _mm512_shuffle_ps(a, b, 0xDD); };
+  State level8[8], level4[4], level2[2];
+  for (int i = 0; i < 8; ++i) {
+    level8[i] = pair(0, rows[kOrder[2 * i]], rows[kOrder[2 * i + 1]], blocks_01, blocks_23);
+  }
+  for (int i = 0; i < 4; ++i) level4[i] = pair(1, level8[2 * i], level8[2 * i + 1], blocks_02, blocks_13);
+  for (int i = 0; i < 2; ++i) level2[i] = pair(2, level4[2 * i], level4[2 * i + 1], lanes_01, lanes_23);
+  return pair(3, level2[0], level2[1], lanes_02, lanes_13);
+}
+#endif
+
 // Lane sums of a group's vectors: sums[r] = the sum of the lanes of terms[r] for
-// r < rows (the terms past `rows` are ignored). For float vectors on AVX-512 a
-// transposing tree reduces 16 rows at once: 15 additions and 30 shuffles, where 16
-// separate lane reductions take 64 and 64 in serial chains of 8 (the statistics of
-// rows shorter than one chunk were half the forward's time at D = 20). Elsewhere each
-// vector is reduced alone.
+// r < rows (the terms past `rows` are ignored): on AVX-512 as one transposing tree
+// (the statistics of rows shorter than one chunk were half the forward's time at
+// D = 20), elsewhere each vector alone.
 template <typename Vec>
 void lane_sums(std::array<Vec, kGroupRows>& terms, int64_t rows, typename Vec::value_type* sums) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<typename Vec::value_type, float>) {
     static_assert(kGroupRows == 16 && Vec::size() == 16);
-    for (int64_t r = rows; r < kGroupRows; ++r) terms[r] = Vec(0);
-    // Each level halves the lanes per row, pairing vectors; the tree leaves row p's sum
-    // in lane 4 * (p % 4) + p / 4, so the rows enter in that (self-inverse) order.
-    constexpr int kOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-    __m512 level8[8], level4[4], level2[2];
-    for (int i = 0; i < 8; ++i) {  // 128-bit blocks: (0, 1 | 0, 1) + (2, 3 | 2, 3)
-      const __m512 a = terms[kOrder[2 * i]], b = terms[kOrder[2 * i + 1]];
-      level8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    }
-    for (int i = 0; i < 4; ++i) {  // blocks (0, 2 | 0, 2) + (1, 3 | 1, 3)
-      const __m512 a = level8[2 * i], b = level8[2 * i + 1];
-      level4[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
-    }
-    for (int i = 0; i < 2; ++i) {  // lanes within blocks: (0, 1 | 0, 1) + (2, 3 | 2, 3)
-      const __m512 a = level4[2 * i], b = level4[2 * i + 1];
-      level2[i] = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
-    }
-    const __m512 a = level2[0], b = level2[1];  // (0, 2 | 0, 2) + (1, 3 | 1, 3)
-    const Vec total = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
-    total.store(sums, rows);
+    std::array<std::array<__m512, 1>, 16> states;
+    for (int64_t r = 0; r < kGroupRows; ++r) states[r][0] = r < rows ? terms[r] : Vec(0);
+    const auto add = [](int, const auto& lower, const auto& upper) {
+      return std::array<__m512, 1>{_mm512_add_ps(lower[0], upper[0])};
+    };
+    Vec(transposing_tree(states, add)[0]).store(sums, rows);
     return;
   }
 #endif
   const auto add = [](Vec u, Vec v) { return u + v; };
   for (int64_t r = 0; r < rows; ++r) sums[r] = at::vec::vec_reduce_all(add, terms[r]);
+}
+
+// The moments of a group's rows from their per-lane moments (all with the same steps):
+// on AVX-512 the lane merges of merge_lanes as one transposing tree for the whole
+// group, the same merges of the same operands in the same order, so the same bits
+// (at D = 128 the lane merges were the larger part of a row's statistics); elsewhere
+// merge_lanes row by row.
+template <typename T>
+void merge_lanes_of_rows(const std::array<LaneMoments<T>, kGroupRows>& lanes, int64_t rows,
+                         at::opmath_type<T>* means, at::opmath_type<T>* m2s) {
+  using acc_t = at::opmath_type<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using Vec = Vectorized<float>;
+    static_assert(Chunk<T>::kParts == 2 && Chunk<T>::kLanes == 16);
+    const acc_t steps = static_cast<acc_t>(lanes[0].steps);
+    std::array<std::array<__m512, 2>, 16> states;
+    for (int64_t r = 0; r < kGroupRows; ++r) {
+      if (r >= rows) {
+        states[r] = {Vec(0), Vec(0)};
+        continue;
+      }
+      Vec mean = lanes[r].mean[0], m2 = lanes[r].m2[0];  // part 1 into part 0, as merge_lanes
+      math::welford_merge(mean, m2, lanes[r].mean[1], lanes[r].m2[1], steps, acc_t(0.5));
+      states[r] = {mean, m2};
+    }
+    const auto merge = [&](int level, const auto& lower, const auto& upper) {
+      Vec mean = lower[0], m2 = lower[1];
+      const acc_t count = steps * static_cast<acc_t>(2 << level);  // each lane's count
+      math::welford_merge(mean, m2, Vec(upper[0]), Vec(upper[1]), count, acc_t(0.5));
+      return std::array<__m512, 2>{mean, m2};
+    };
+    const auto total = transposing_tree(states, merge);
+    Vec(total[0]).store(means, rows);
+    Vec(total[1]).store(m2s, rows);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto moments = merge_lanes<T>(lanes[r]);
+    means[r] = moments.mean;
+    m2s[r] = moments.m2;
+  }
 }
 
 // Forward of rows shorter than one chunk (D < Chunk<T>::kSize): the parameters are
@@ -677,14 +748,25 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   const AccParam<P> weight(a.weight, N), bias(a.bias, N);
   const int64_t group_rows = group_rows_for<T>(N);
   std::array<acc_t, kGroupRows> means{}, stats;  // stats: m2 (LayerNorm), mean(x^2) (RMSNorm)
+  std::array<LaneMoments<T>, kGroupRows> lanes;
+  const int64_t chunks = N / C::kSize;
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* x = a.x + (first + r) * N;
-      if constexpr (kNorm == Norm::kRms) {
-        stats[r] = row_mean_square(x, N);
+    if constexpr (kNorm == Norm::kRms) {
+      for (int64_t r = 0; r < rows; ++r) stats[r] = row_mean_square(a.x + (first + r) * N, N);
+    } else {
+      // Per-lane moments of every row's whole chunks (N >= kSize here, or 0), their
+      // lanes merged for the whole group, then each row's partial chunk.
+      if (chunks > 0) {
+        for (int64_t r = 0; r < rows; ++r) lanes[r] = whole_chunk_moments(a.x + (first + r) * N, chunks);
+        merge_lanes_of_rows(lanes, rows, means.data(), stats.data());
       } else {
-        const auto moments = without_overflow(row_moments(x, N), x, N);
+        means.fill(acc_t(0)), stats.fill(acc_t(0));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* x = a.x + (first + r) * N;
+        const math::WelfordState<acc_t> whole{means[r], stats[r], chunks * C::kSize};
+        const auto moments = without_overflow(with_partial_chunk(whole, x, N), x, N);
         means[r] = moments.mean;
         stats[r] = moments.m2;
         a.mean[first + r] = means[r];
