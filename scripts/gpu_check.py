@@ -244,8 +244,9 @@ def has_module(python: str, module: str) -> bool:
     return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
-def tests(check: Check, python: str, limit: float, marker: str) -> Step:
-    step = Step("tests" + (f" (-m '{marker}')" if marker else ""))
+def tests(check: Check, python: str, limit: float, marker: str, keyword: str) -> Step:
+    step = Step("tests" + (f" (-m '{marker}')" if marker else "")
+                + (f" (-k '{keyword}')" if keyword else ""))
     env = dict(check.env, LAYERNORM_EXT_EXPECT_CUDA="1")
     # -v names every test as it ends, so a step stopped at its limit still says which
     # tests failed; xdist and a per-test timeout when the Python has them.
@@ -256,6 +257,8 @@ def tests(check: Check, python: str, limit: float, marker: str) -> Step:
         cmd += ["--timeout", "240"]
     if marker:
         cmd += ["-m", marker]
+    if keyword:
+        cmd += ["-k", keyword]
     rc = check.run(step, cmd + ["tests"], limit, env)
     summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", step.output,
                          re.MULTILINE)
@@ -373,6 +376,9 @@ def main(argv: Optional[list] = None) -> int:
                         help="seconds for the test step (default: %(default)s)")
     parser.add_argument("--tests-marker", default="",
                         help="pytest -m expression for the test step, e.g. 'not slow'")
+    parser.add_argument("--tests-k", default="cuda",
+                        help="pytest -k expression for the test step (default 'cuda': the "
+                             "CUDA cases and CUDA test files; CI runs the CPU ones); '' for all")
     for name in ("build", "tests", "sanitizer", "bench"):
         parser.add_argument(f"--skip-{name}", action="store_true", help=f"skip the {name} step")
     args = parser.parse_args(argv)
@@ -410,7 +416,7 @@ def main(argv: Optional[list] = None) -> int:
         print("\nbuild failed: the remaining steps need it", flush=True)
     else:
         if not args.skip_tests:
-            steps.append(tests(check, python, args.tests_limit, args.tests_marker))
+            steps.append(tests(check, python, args.tests_limit, args.tests_marker, args.tests_k))
         if not args.skip_sanitizer:
             for tool in SANITIZER_TOOLS:
                 steps.append(sanitizer(check, python, tool, sanitizer_path, kernel_filter))
