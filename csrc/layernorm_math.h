@@ -127,8 +127,10 @@ LN_HOST_DEVICE acc_t rstd_from_mean_square(acc_t mean_square, acc_t eps) {
 // The value normalize() subtracts from a row: its mean, or 0 in a row whose rstd is 0.
 // rstd is 0 only when the variance overflowed to inf (finite values spread over more
 // than half the dtype's range; or eps = inf). There x - mean itself may overflow, and
-// inf * 0 would give NaN; torch's x * rstd - mean * rstd gives 0, and so does
-// (x - 0) * 0. The mean returned to the caller stays the row's mean.
+// inf * 0 would give NaN. With center 0, xhat = x * 0 = 0 and y = bias: the value of
+// the formula at rstd = 0, and what torch's CPU form x * rstd - mean * rstd gives when
+// its own statistics stay finite (they often overflow to NaN there; the exact answer
+// would be a finite xhat of order 1). The mean returned to the caller stays the mean.
 template <typename acc_t>
 LN_HOST_DEVICE acc_t normalize_center(acc_t mean, acc_t rstd) {
   return rstd == acc_t(0) ? acc_t(0) : mean;

@@ -213,8 +213,9 @@ ACC_RANGE_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 @pytest.mark.parametrize("dtype", ACC_RANGE_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [2, 5, 33, 100, 1000, 5000])
 def test_rows_spanning_the_whole_range_give_the_bias(device, dtype, D):
-    """Finite rows spread over +-max: the variance overflows, so rstd = 0 and, as torch's
-    x * rstd - mean * rstd, xhat = 0: y = bias, dx = dweight = 0, while the mean stays
+    """Finite rows spread over +-max: the variance overflows, so rstd = 0 and xhat = 0
+    (the formula at rstd = 0; torch's x * rstd - mean * rstd where its statistics stay
+    finite, torch is often NaN here): y = bias, dx = dweight = 0, while the mean stays
     finite and right (x - mean overflows there, and inf * 0 gave NaN before)."""
     if device == "cuda":
         pytest.skip("the CUDA statistics have no overflow rescue yet: the mean may be inf")

@@ -443,8 +443,8 @@ math::WelfordState<at::opmath_type<T>> with_partial_chunk(
 
 // The moments of a row, given its fast moments `fast`. When their mean came out
 // non-finite though every element is finite, the values span more than half the
-// dtype's range and some x - mean overflowed: Welford over x / 4 (a power of two, so
-// exact) keeps every difference finite. The mean is then finite, as a mean of finite
+// dtype's range and some x - mean overflowed: Welford over x / 4 (a power of two: exact
+// but for subnormal x, negligible next to such values) keeps every difference finite. The mean is then finite, as a mean of finite
 // values is, and M2 = 16 * M2(x / 4) overflows to inf where the variance does (rstd 0,
 // see math::normalize_center). Scalar: such rows are rare. Rows holding NaN or inf
 // keep their fast moments, whose NaN/inf propagate as torch's.
