@@ -306,6 +306,29 @@ LaneMoments<T> block_moments(const T* x, int64_t steps) {
   return moments;
 }
 
+// All-ones lanes for the first n <= kSize elements of a chunk, zero past them, per part.
+template <typename T>
+typename Chunk<T>::Parts valid_lanes(int64_t n) {
+  using C = Chunk<T>;
+  using Vec = typename C::Vec;
+  typename C::Parts valid;
+  for (int k = 0; k < C::kParts; ++k) {
+    const int64_t lanes = std::clamp<int64_t>(n - k * C::kLanes, 0, C::kLanes);
+    valid[k] = Vec::set(Vec(0), Vec(1), lanes) == Vec(1);
+  }
+  return valid;
+}
+
+// term(part) of a chunk's parts, the lanes past `valid` zeroed, summed into one vector
+// whose lane sum is the chunk's sum of term.
+template <typename Parts, typename Term>
+auto masked_terms(const Parts& v, const Parts& valid, const Term& term) {
+  using Vec = typename Parts::value_type;
+  Vec sum(0);
+  for (size_t k = 0; k < v.size(); ++k) sum = sum + Vec::blendv(Vec(0), term(v[k]), valid[k]);
+  return sum;
+}
+
 // Exact moments of the first `rest` lanes of a partial chunk v (the lanes past it are
 // zero): two masked passes, shifted by its first element `shift` (exact for constant
 // data, no overflow near the dtype's max).
@@ -317,22 +340,16 @@ math::WelfordState<at::opmath_type<T>> partial_chunk_moments(const typename Chun
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
   const auto add = [](Vec a, Vec b) { return a + b; };
-  const auto masked_sum = [&](const auto& term) {  // sum over the `rest` valid lanes
-    Vec sum(0);
-    for (int k = 0; k < C::kParts; ++k) {
-      const int64_t valid = std::clamp<int64_t>(rest - k * C::kLanes, 0, C::kLanes);
-      sum = sum + Vec::set(Vec(0), term(v[k]), valid);
-    }
-    return at::vec::vec_reduce_all(add, sum);
-  };
+  const auto valid = valid_lanes<T>(rest);
   const Vec shift_v(shift);
-  const acc_t mean =
-      shift + masked_sum([&](const Vec& e) { return e - shift_v; }) / static_cast<acc_t>(rest);
+  const acc_t mean = shift + at::vec::vec_reduce_all(add, masked_terms(v, valid, [&](const Vec& e) {
+                                return e - shift_v;
+                              })) / static_cast<acc_t>(rest);
   const Vec mean_v(mean);
-  const acc_t m2 = masked_sum([&](const Vec& e) {
+  const acc_t m2 = at::vec::vec_reduce_all(add, masked_terms(v, valid, [&](const Vec& e) {
     const Vec dev = e - mean_v;
     return dev * dev;
-  });
+  }));
   return {mean, m2, rest};
 }
 
@@ -444,10 +461,11 @@ math::WelfordState<at::opmath_type<T>> with_partial_chunk(
 // The moments of a row, given its fast moments `fast`. When their mean came out
 // non-finite though every element is finite, the values span more than half the
 // dtype's range and some x - mean overflowed: Welford over x / 4 (a power of two: exact
-// but for subnormal x, negligible next to such values) keeps every difference finite. The mean is then finite, as a mean of finite
-// values is, and M2 = 16 * M2(x / 4) overflows to inf where the variance does (rstd 0,
-// see math::normalize_center). Scalar: such rows are rare. Rows holding NaN or inf
-// keep their fast moments, whose NaN/inf propagate as torch's.
+// but for subnormal x, negligible next to such values) keeps every difference finite.
+// The mean is then finite, as a mean of finite values is, and M2 = 16 * M2(x / 4)
+// overflows to inf where the variance does (rstd 0, see math::normalize_center).
+// Scalar: such rows are rare. Rows holding NaN or inf keep their fast moments, whose
+// NaN/inf propagate as torch's.
 template <typename T>
 math::WelfordState<at::opmath_type<T>> without_overflow(
     const math::WelfordState<at::opmath_type<T>>& fast, const T* x, int64_t n) {
@@ -662,18 +680,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
   const auto wv = PC::load_or(a.weight, N, acc_t(1));
   const auto bv = PC::load_or(a.bias, N, acc_t(0));
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
-  // All-ones lanes for the row's elements, zero past them, per part.
-  typename C::Parts valid;
-  for (int k = 0; k < C::kParts; ++k) {
-    const int64_t lanes = std::clamp<int64_t>(N - k * C::kLanes, 0, C::kLanes);
-    valid[k] = Vec::set(Vec(0), Vec(1), lanes) == Vec(1);
-  }
-  // The row's terms summed over its valid lanes and parts, into one vector.
-  const auto row_terms = [&](const typename C::Parts& v, const auto& term) {
-    Vec sum(0);
-    for (int k = 0; k < C::kParts; ++k) sum = sum + Vec::blendv(Vec(0), term(v[k]), valid[k]);
-    return sum;
-  };
+  const auto valid = valid_lanes<T>(N);
   std::array<Vec, kGroupRows> terms;
   std::array<acc_t, kGroupRows> shifts, sums, stats;  // stats: m2 / mean(x^2)
   const Vec n_v(static_cast<acc_t>(N));
@@ -684,11 +691,12 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
       if (first + r + ahead < end) prefetch_short_row(row_x(r) + ahead * N, N);
       const auto v = C::load(row_x(r), N);
       if constexpr (kNorm == Norm::kRms) {
-        terms[r] = row_terms(v, [](const Vec& e) { return e * e; });
+        terms[r] = Vec(0);  // no mask: the lanes past N load as zero
+        for (int k = 0; k < C::kParts; ++k) terms[r] = terms[r] + v[k] * v[k];
       } else {
         shifts[r] = static_cast<acc_t>(row_x(r)[0]);
         const Vec shift(shifts[r]);
-        terms[r] = row_terms(v, [&](const Vec& e) { return e - shift; });
+        terms[r] = masked_terms(v, valid, [&](const Vec& e) { return e - shift; });
       }
     }
     lane_sums(terms, rows, sums.data());
@@ -704,16 +712,15 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
     if constexpr (kNorm == Norm::kLayer) {
       for (int64_t r = 0; r < rows; ++r) {
         const Vec mean(a.mean[first + r]);
-        terms[r] = row_terms(C::load(row_x(r), N), [&](const Vec& e) {
+        terms[r] = masked_terms(C::load(row_x(r), N), valid, [&](const Vec& e) {
           const Vec dev = e - mean;
           return dev * dev;
         });
       }
       lane_sums(terms, rows, stats.data());
-      for (int64_t r = 0; r < rows; ++r) {  // rows whose moments overflowed (rare)
-        if (std::isfinite(a.mean[first + r])) continue;
-        const math::WelfordState<acc_t> fast{a.mean[first + r], stats[r], N};
-        const auto moments = without_overflow(fast, row_x(r), N);
+      for (int64_t r = 0; r < rows; ++r) {  // the rare rows whose moments overflowed
+        const auto moments =
+            without_overflow(math::WelfordState<acc_t>{a.mean[first + r], stats[r], N}, row_x(r), N);
         a.mean[first + r] = moments.mean;
         stats[r] = moments.m2;
       }
