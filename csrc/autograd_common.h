@@ -1,19 +1,27 @@
 // Shared by the two autograd registrations (layernorm_autograd.cpp, rms_norm_autograd.cpp).
+//
+// Each op's backward is a hand-written torch::autograd::Node, as torch's generated code
+// (NativeLayerNormBackward0) has, rather than a C++ torch::autograd::Function: a
+// Function's CppNode keeps an AutogradContext with a string-keyed saved_data map, the
+// metadata of every input and output and IValue copies of the non-tensor arguments, and
+// building and freeing that costs more than the whole 100x20 forward kernel.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <initializer_list>
 #include <optional>
 
 namespace layernorm_ext {
 
-// Whether a forward call must go through its autograd Function: grad mode is on and an
-// argument requires grad, or an argument carries a forward-mode tangent (which the
-// Function then rejects, as before). Otherwise the Function would only add its
-// bookkeeping (a node, saved tensors, saved_data), about 2 us per call on the CPU,
-// which is a third of a 100x20 forward.
+// Whether a forward call must build a backward node: grad mode is on and an argument
+// requires grad, or an argument carries a forward-mode tangent (which make_grad_fn then
+// rejects). Otherwise the node would only add its bookkeeping to the call.
 inline bool needs_autograd(const at::Tensor& input,
                            std::initializer_list<const std::optional<at::Tensor>*> params) {
   const bool grad_mode = c10::GradMode::is_enabled();
@@ -25,6 +33,38 @@ inline bool needs_autograd(const at::Tensor& input,
     if (param->has_value() && (*param)->defined() && needs(**param)) return true;
   }
   return false;
+}
+
+// A new backward node of type NodeT whose next edges lead to (input, params...), the
+// tensors it returns gradients for, in that order. Raises where a C++ Function would:
+// under a functorch gradient transform (layer_norm() routes those to Python first) and
+// for forward-mode tangents, which the fused kernels have no jvp for.
+template <class NodeT, class... Params>
+c10::intrusive_ptr<NodeT> make_grad_fn(const char* op, const at::Tensor& input,
+                                       const Params&... params) {
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    functorch->checkSupportsCppAutogradFunction();
+  }
+  TORCH_CHECK(!(torch::autograd::isFwGradDefined(input) ||
+                (torch::autograd::isFwGradDefined(params) || ...)),
+              "jvp is not implemented for ", op,
+              " (forward-mode AD goes through layernorm_ext.layer_norm/rms_norm)");
+  auto grad_fn = c10::make_intrusive<NodeT>();
+  grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, params...));
+  return grad_fn;
+}
+
+// Makes grad_fn the gradient function of output, its only differentiable output (the
+// statistics stay plain tensors: not differentiable). Call it once the node's saved
+// variables are stored: node-creation hooks see the finished node.
+inline void attach_grad_fn(const at::Tensor& output,
+                           const c10::intrusive_ptr<torch::autograd::Node>& grad_fn) {
+  torch::autograd::set_history(output, grad_fn);
+  torch::autograd::fire_node_creation_hooks(grad_fn);
+}
+
+inline std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 }  // namespace layernorm_ext

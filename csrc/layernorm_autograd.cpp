@@ -7,7 +7,6 @@
 // products), it is computed instead from differentiable ATen ops, so autograd can
 // differentiate it again.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -19,9 +18,6 @@
 namespace layernorm_ext {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 Tensor3 call_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
                      const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, double eps) {
@@ -31,7 +27,7 @@ Tensor3 call_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
   return op.call(input, normalized_shape, weight, bias, eps);
 }
 
-// The fused backward, called from LayerNormFunction::backward with grad mode off. It
+// The fused backward, called from LayerNormBackward::apply with grad mode off. It
 // dispatches below autograd: the op's Autograd kernel (the not-implemented fallback)
 // would only check and wrap its outputs, a few microseconds per call.
 Tensor3 call_backward(const at::Tensor& grad_out, const at::Tensor& input,
@@ -43,10 +39,6 @@ Tensor3 call_backward(const at::Tensor& grad_out, const at::Tensor& input,
                              .findSchemaOrThrow("layernorm_ext::backward", "")
                              .typed<decltype(call_backward)>();
   return op.call(grad_out, input, normalized_shape, mean, rstd, weight, bias);
-}
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 // The LayerNorm backward as differentiable ATen ops (statistics recomputed from the
@@ -79,42 +71,45 @@ Tensor3 differentiable_backward(const at::Tensor& grad_out, const at::Tensor& in
           sum_rows(dy).to(param_dtype)};
 }
 
-class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               at::IntArrayRef normalized_shape,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, double eps) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, mean, rstd] = call_forward(input, normalized_shape, weight, bias, eps);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
-                            mean, rstd});
-    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    ctx->set_materialize_grads(false);  // no zero tensors for the grads of mean/rstd
-    ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({mean, rstd});
-    return {output, mean, rstd};
+// The backward node of a forward call (see autograd_common.h for why a Node, not a
+// Function). Its inputs: the gradient of the output; its outputs: the gradients of
+// (input, weight, bias).
+struct LayerNormBackward : public torch::autograd::Node {
+  std::string name() const override { return "layernorm_ext::LayerNormBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    torch::autograd::variable_list result(3);
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return result;
+    const at::Tensor input = input_.unpack();
+    const at::Tensor weight = weight_.unpack();
+    const at::Tensor bias = bias_.unpack();
+    // The engine enables grad mode here only for create_graph=True.
+    auto [grad_input, grad_weight, grad_bias] =
+        c10::GradMode::is_enabled()
+            ? differentiable_backward(grad_out, input, normalized_shape_, weight, bias, eps_)
+            : call_backward(grad_out, input, normalized_shape_, mean_.unpack(getptr()),
+                            rstd_.unpack(getptr()), defined_or_none(weight),
+                            defined_or_none(bias));
+    if (task_should_compute_output(0)) result[0] = std::move(grad_input);
+    if (task_should_compute_output(1)) result[1] = std::move(grad_weight);
+    if (task_should_compute_output(2)) result[2] = std::move(grad_bias);
+    return result;
   }
 
-  // Gradients for (input, normalized_shape, weight, bias, eps).
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    const auto& input = saved[0];
-    const auto& weight = saved[1];
-    const auto& bias = saved[2];
-    const auto normalized_shape = ctx->saved_data["normalized_shape"].toIntVector();
-    const bool create_graph = torch::autograd::GradMode::is_enabled();
-    auto [grad_input, grad_weight, grad_bias] =
-        create_graph ? differentiable_backward(grad_out, input, normalized_shape, weight, bias,
-                                               ctx->saved_data["eps"].toDouble())
-                     : call_backward(grad_out, input, normalized_shape, saved[3], saved[4],
-                                     defined_or_none(weight), defined_or_none(bias));
-    return {ctx->needs_input_grad(0) ? grad_input : at::Tensor(), at::Tensor(),
-            weight.defined() ? grad_weight : at::Tensor(),
-            bias.defined() ? grad_bias : at::Tensor(), at::Tensor()};
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    weight_.reset_data();
+    bias_.reset_data();
+    mean_.reset_data();
+    rstd_.reset_data();
   }
+
+  torch::autograd::SavedVariable input_, weight_, bias_, mean_, rstd_;
+  std::vector<int64_t> normalized_shape_;
+  double eps_ = 0.0;
 };
 
 Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
@@ -124,8 +119,23 @@ Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_sha
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_forward(input, normalized_shape, weight, bias, eps);
   }
-  const auto outputs = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
-  return {outputs[0], outputs[1], outputs[2]};
+  auto grad_fn = make_grad_fn<LayerNormBackward>("layernorm_ext::forward", input, weight, bias);
+  Tensor3 outputs;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    outputs = call_forward(input, normalized_shape, weight, bias, eps);
+  }
+  const auto& [output, mean, rstd] = outputs;
+  using torch::autograd::SavedVariable;
+  grad_fn->input_ = SavedVariable(input, /*is_output=*/false);
+  grad_fn->weight_ = SavedVariable(weight, /*is_output=*/false);
+  grad_fn->bias_ = SavedVariable(bias, /*is_output=*/false);
+  grad_fn->mean_ = SavedVariable(mean, /*is_output=*/true);
+  grad_fn->rstd_ = SavedVariable(rstd, /*is_output=*/true);
+  grad_fn->normalized_shape_ = normalized_shape.vec();
+  grad_fn->eps_ = eps;
+  attach_grad_fn(output, grad_fn);
+  return outputs;
 }
 
 }  // namespace

@@ -6,7 +6,6 @@
 // the backward is computed from differentiable ATen ops instead, so autograd can
 // differentiate it again (double backward).
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -17,9 +16,6 @@
 
 namespace layernorm_ext {
 namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 Tensor2 call_rms_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
                          const std::optional<at::Tensor>& weight, std::optional<double> eps) {
@@ -65,41 +61,39 @@ Tensor2 differentiable_rms_backward(const at::Tensor& grad_out, const at::Tensor
   return {dx.to(input.scalar_type()), dw.to(param_dtype)};
 }
 
-class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               at::IntArrayRef normalized_shape,
-                               const std::optional<at::Tensor>& weight,
-                               std::optional<double> eps) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, rstd] = call_rms_forward(input, normalized_shape, weight, eps);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), rstd});
-    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    ctx->set_materialize_grads(false);  // no zero tensor for the grad of rstd
-    ctx->saved_data["eps"] = rms_norm_eps(input.scalar_type(), eps);
-    ctx->mark_non_differentiable({rstd});
-    return {output, rstd};
+// The backward node of an rms_forward call, as LayerNormBackward: the gradient of the
+// output in, the gradients of (input, weight) out.
+struct RMSNormBackward : public torch::autograd::Node {
+  std::string name() const override { return "layernorm_ext::RMSNormBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    torch::autograd::variable_list result(2);
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return result;
+    const at::Tensor input = input_.unpack();
+    const at::Tensor weight = weight_.unpack();
+    // The engine enables grad mode here only for create_graph=True.
+    auto [grad_input, grad_weight] =
+        c10::GradMode::is_enabled()
+            ? differentiable_rms_backward(grad_out, input, normalized_shape_, weight, eps_)
+            : call_rms_backward(grad_out, input, normalized_shape_, rstd_.unpack(getptr()),
+                                defined_or_none(weight));
+    if (task_should_compute_output(0)) result[0] = std::move(grad_input);
+    if (task_should_compute_output(1)) result[1] = std::move(grad_weight);
+    return result;
   }
 
-  // Gradients for (input, normalized_shape, weight, eps).
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    const auto& input = saved[0];
-    const auto& weight = saved[1];
-    const auto normalized_shape = ctx->saved_data["normalized_shape"].toIntVector();
-    const bool create_graph = torch::autograd::GradMode::is_enabled();
-    auto [grad_input, grad_weight] =
-        create_graph
-            ? differentiable_rms_backward(grad_out, input, normalized_shape, weight,
-                                          ctx->saved_data["eps"].toDouble())
-            : call_rms_backward(grad_out, input, normalized_shape, saved[2],
-                                weight.defined() ? std::optional<at::Tensor>(weight)
-                                                 : std::nullopt);
-    return {ctx->needs_input_grad(0) ? grad_input : at::Tensor(), at::Tensor(),
-            weight.defined() ? grad_weight : at::Tensor(), at::Tensor()};
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    weight_.reset_data();
+    rstd_.reset_data();
   }
+
+  torch::autograd::SavedVariable input_, weight_, rstd_;
+  std::vector<int64_t> normalized_shape_;
+  double eps_ = 0.0;  // the resolved one (rms_norm_eps)
 };
 
 Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
@@ -109,8 +103,21 @@ Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_rms_forward(input, normalized_shape, weight, eps);
   }
-  const auto outputs = RMSNormFunction::apply(input, normalized_shape, weight, eps);
-  return {outputs[0], outputs[1]};
+  auto grad_fn = make_grad_fn<RMSNormBackward>("layernorm_ext::rms_forward", input, weight);
+  Tensor2 outputs;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    outputs = call_rms_forward(input, normalized_shape, weight, eps);
+  }
+  const auto& [output, rstd] = outputs;
+  using torch::autograd::SavedVariable;
+  grad_fn->input_ = SavedVariable(input, /*is_output=*/false);
+  grad_fn->weight_ = SavedVariable(weight, /*is_output=*/false);
+  grad_fn->rstd_ = SavedVariable(rstd, /*is_output=*/true);
+  grad_fn->normalized_shape_ = normalized_shape.vec();
+  grad_fn->eps_ = rms_norm_eps(input.scalar_type(), eps);
+  attach_grad_fn(output, grad_fn);
+  return outputs;
 }
 
 }  // namespace
