@@ -1,6 +1,8 @@
-// Autograd for layernorm_ext::forward, in C++ as torchvision does for its ops: the
-// per-call cost of a Python autograd.Function is larger than the whole kernel for the
-// small layers of the training example. Fake kernels stay in Python (ops.py).
+// Autograd for layernorm_ext::forward, in C++ (torchvision registers its ops' autograd in
+// C++ too): the per-call cost of a Python autograd.Function is larger than the whole
+// kernel for the small layers of the training example. The backward is a hand-written
+// Node, as torch's generated code has (autograd_common.h says why). Fake kernels stay in
+// Python (ops.py).
 //
 // First-order gradients come from the fused backward kernel. When the backward itself
 // must be differentiable (create_graph=True: gradient penalties, Hessian-vector
@@ -85,7 +87,8 @@ struct LayerNormBackward : public torch::autograd::Node {
     const at::Tensor input = input_.unpack();
     const at::Tensor weight = weight_.unpack();
     const at::Tensor bias = bias_.unpack();
-    // The engine enables grad mode here only for create_graph=True.
+    // Grad mode is on here when the backward must itself be differentiable: the engine
+    // enables it only for create_graph=True (a direct call of the node keeps the caller's).
     auto [grad_input, grad_weight, grad_bias] =
         c10::GradMode::is_enabled()
             ? differentiable_backward(grad_out, input, normalized_shape_, weight, bias, eps_)

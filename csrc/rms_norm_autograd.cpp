@@ -73,7 +73,8 @@ struct RMSNormBackward : public torch::autograd::Node {
     if (!grad_out.defined()) return result;
     const at::Tensor input = input_.unpack();
     const at::Tensor weight = weight_.unpack();
-    // The engine enables grad mode here only for create_graph=True.
+    // Grad mode is on here when the backward must itself be differentiable: the engine
+    // enables it only for create_graph=True (a direct call of the node keeps the caller's).
     auto [grad_input, grad_weight] =
         c10::GradMode::is_enabled()
             ? differentiable_rms_backward(grad_out, input, normalized_shape_, weight, eps_)

@@ -1,9 +1,10 @@
 """``layer_norm`` and ``rms_norm`` under ``torch.func`` transforms and forward-mode AD.
 
-The ops' own autograd is a C++ ``torch::autograd::Function`` (csrc/layernorm_autograd.cpp,
-csrc/rms_norm_autograd.cpp): the cheapest per call, but functorch transforms (``grad``,
-``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``) refuse C++ autograd Functions and
-forward-mode AD is not implemented for them. When one of those is active, ``layer_norm``
+The ops' own autograd is a hand-written C++ ``torch::autograd::Node`` per op
+(csrc/layernorm_autograd.cpp, csrc/rms_norm_autograd.cpp): the cheapest per call, but
+functorch transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``) refuse
+C++ autograd code (the nodes raise as a C++ Function would) and the nodes have no
+forward-mode derivative. When one of those is active, ``layer_norm``
 and ``rms_norm`` call :class:`NormFunction` instead: a Python ``autograd.Function`` with
 ``setup_context`` (what functorch requires), a ``jvp`` and a generated vmap rule. Its
 forward is the same fused op, so vmap still maps onto the op's own batching rule. Under

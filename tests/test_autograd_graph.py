@@ -1,9 +1,10 @@
-"""The ops' C++ backward nodes behave in the autograd graph as torch's own LayerNorm node.
+"""The ops' C++ backward nodes in the autograd graph, as torch's own norms' nodes.
 
 The nodes are hand-written torch::autograd::Node subclasses (csrc/autograd_common.h), so
-what a C++ Function gave for free is checked here against F.layer_norm / F.rms_norm: the
-errors for a second backward and for an input changed in place, saved-tensor hooks,
-activation checkpointing, and gradients only for the tensors that require them.
+what a C++ Function gave for free is checked here: the errors for a second backward and
+for an input changed in place (against F.layer_norm / F.rms_norm), saved-tensor hooks,
+activation checkpointing, gradients of any subset of the arguments (against torch's), and
+anomaly mode.
 """
 
 from __future__ import annotations
@@ -83,70 +84,92 @@ def test_input_changed_in_place_after_forward_raises_as_torch(device, norm):
             y.sum().backward()
 
 
+# What each node saves, in order: input, weight, bias, mean, rstd (RMSNorm: no bias, mean).
+SAVED_SHAPES = {"layer_norm": [(6, 16), (16,), (16,), (6,), (6,)],
+                "rms_norm": [(6, 16), (16,), (6,)]}
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_saved_tensor_hooks_pack_and_unpack_what_the_node_saves(device, norm):
     # The hooks of torch.autograd.graph.saved_tensors_hooks (CPU offloading, compression)
-    # see every tensor the node saves; a copy made by pack gives the same gradients.
-    results = []
-    for fn in NORMS[norm]:
-        packed, unpacked = [], []
+    # see every tensor the node saves, and the backward uses what unpack returns: pack
+    # hands over a copy in a box, so a saved tensor that bypassed unpack could not be used.
+    ours = NORMS[norm][0]
+    packed, unpacked = [], []
 
-        def pack(t, packed=packed):
-            packed.append(t.shape)
-            return t.clone()
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return ("box", t.clone())
 
-        def unpack(t, unpacked=unpacked):
-            unpacked.append(t.shape)
-            return t
+    def unpack(box):
+        unpacked.append(tuple(box[1].shape))
+        return box[1]
 
-        leaves = _leaves(device, norm)
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            y = _call(fn, leaves)
-        assert packed, "no saved tensor went through the pack hook"
-        assert torch.Size(SHAPE) in packed  # the input
-        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
-        assert len(unpacked) > 0
-        results.append(grads)
-    torch.testing.assert_close(results[0], results[1])
+    leaves = _leaves(device, norm)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = _call(ours, leaves)
+    assert packed == SAVED_SHAPES[norm]
+    grads = torch.autograd.grad(y, leaves, _grad_out(device))
+    assert sorted(unpacked) == sorted(packed)
+    theirs = torch.autograd.grad(_call(NORMS[norm][1], leaves), leaves, _grad_out(device))
+    torch.testing.assert_close(grads, theirs)
 
 
 @pytest.mark.parametrize("norm", NORMS)
-def test_non_reentrant_checkpoint_gives_the_plain_gradients(device, norm):
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recomputes_and_gives_the_plain_gradients(device, norm, use_reentrant):
+    # Checkpointing runs the block again in the backward. The non-reentrant form does so
+    # through saved-tensor hooks, so a node that saved its tensors around them would
+    # never trigger the recomputation.
     ours = NORMS[norm][0]
     leaves = _leaves(device, norm)
+    calls = []
 
     def block(x, *params):
+        calls.append(None)
         return ours(x.sin(), NORMALIZED, *params).cos()
 
-    grad_out = _grad_out(device)
-    plain = torch.autograd.grad(block(*leaves), leaves, grad_out)
-    checkpointed = torch.autograd.grad(checkpoint(block, *leaves, use_reentrant=False),
-                                       leaves, grad_out)
+    def grads(run):  # .backward(): the reentrant form refuses autograd.grad
+        for t in leaves:
+            t.grad = None
+        run().backward(_grad_out(device))
+        return [t.grad for t in leaves]
+
+    plain = grads(lambda: block(*leaves))
+    calls.clear()
+    checkpointed = grads(lambda: checkpoint(block, *leaves, use_reentrant=use_reentrant))
+    assert len(calls) == 2  # the forward, then the recomputation in the backward
     torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("wanted", [0, 1])
-def test_gradients_only_for_the_tensors_that_require_them(device, norm, wanted):
-    # Only the input, or only the weight, requires grad; the other gets no .grad.
-    results = []
-    for fn in NORMS[norm]:
-        leaves = [t.detach() for t in _leaves(device, norm)]
-        leaves[wanted].requires_grad_()
-        y = _call(fn, leaves)
-        y.backward(torch.ones_like(y) + torch.arange(SHAPE[1], device=device))
-        assert all(t.grad is None for i, t in enumerate(leaves) if i != wanted)
-        results.append(leaves[wanted].grad)
-    torch.testing.assert_close(results[0], results[1])
+@pytest.mark.parametrize("requiring", [(0,), (1,), (2,), (0, 1), (1, 2), (0, 2)])
+def test_gradients_of_any_subset_of_the_arguments(device, norm, requiring):
+    # Only some arguments require grad, or all do and autograd.grad asks for a subset
+    # (the node then leaves the others out): the same gradients as torch's.
+    if norm == "rms_norm" and 2 in requiring:
+        pytest.skip("rms_norm has no bias")
+    for ask_subset in (False, True):
+        results = []
+        for fn in NORMS[norm]:
+            leaves = [t.detach() for t in _leaves(device, norm)]
+            for i, t in enumerate(leaves):
+                t.requires_grad_(ask_subset or i in requiring)
+            wanted = [leaves[i] for i in requiring]
+            results.append(torch.autograd.grad(_call(fn, leaves), wanted, _grad_out(device)))
+        torch.testing.assert_close(results[0], results[1])
 
 
 @pytest.mark.parametrize("norm", NORMS)
-def test_anomaly_mode_names_the_node_of_a_nan_gradient(device, norm):
-    # detect_anomaly checks each node's outputs: a NaN gradient raises naming our node.
+def test_anomaly_mode_names_the_node_and_its_forward(device, norm):
+    # detect_anomaly checks each node's outputs: a NaN gradient raises naming our node,
+    # with a warning that shows the forward call that created it (stored by the node).
     ours = NORMS[norm][0]
     leaves = _leaves(device, norm)
     with torch.autograd.detect_anomaly(check_nan=True):
         y = _call(ours, leaves)
         grad_out = torch.full_like(y, float("nan"))
-        with pytest.raises(RuntimeError, match=r"layernorm_ext::\w+Backward.*returned nan"):
-            y.backward(grad_out)
+        with pytest.warns(UserWarning, match=r"(?s)Error detected in layernorm_ext::\w+Backward"
+                                             r".*Traceback of forward call.*_call\(ours"):
+            with pytest.raises(RuntimeError, match=r"layernorm_ext::\w+Backward.*returned nan"):
+                y.backward(grad_out)

@@ -303,7 +303,7 @@ def test_autograd_recorded_exactly_when_torch_records_it(device, grads):
 
 
 def test_op_called_directly_with_a_tangent_raises(device):
-    # Not silently dropped by the no-grad fast path: the op's C++ Function has no jvp
+    # Not silently dropped by the no-grad fast path: the op's C++ autograd node has no jvp
     # (layer_norm() routes forward AD to a Python Function instead).
     import torch.autograd.forward_ad as fwAD
 
