@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/version.h>
 
 #include <initializer_list>
 #include <optional>
@@ -60,7 +61,9 @@ c10::intrusive_ptr<NodeT> make_grad_fn(const char* op, const at::Tensor& input,
 inline void attach_grad_fn(const at::Tensor& output,
                            const c10::intrusive_ptr<torch::autograd::Node>& grad_fn) {
   torch::autograd::set_history(output, grad_fn);
-  torch::autograd::fire_node_creation_hooks(grad_fn);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+  torch::autograd::fire_node_creation_hooks(grad_fn);  // new in torch 2.14
+#endif
 }
 
 inline std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
