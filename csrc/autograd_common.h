@@ -66,6 +66,17 @@ inline void attach_grad_fn(const at::Tensor& output,
 #endif
 }
 
+// A node's result: grads[i] for each next edge i the engine wants a gradient for, an
+// undefined tensor for the others (trimmed by autograd.grad's inputs, or not requiring
+// grad).
+inline torch::autograd::variable_list wanted_gradients(torch::autograd::Node& node,
+                                                       torch::autograd::variable_list grads) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!node.task_should_compute_output(i)) grads[i] = at::Tensor();
+  }
+  return grads;
+}
+
 inline std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }

@@ -81,9 +81,8 @@ struct LayerNormBackward : public torch::autograd::Node {
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    torch::autograd::variable_list result(3);
     const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return result;
+    if (!grad_out.defined()) return torch::autograd::variable_list(3);
     const at::Tensor input = input_.unpack();
     const at::Tensor weight = weight_.unpack();
     const at::Tensor bias = bias_.unpack();
@@ -95,10 +94,8 @@ struct LayerNormBackward : public torch::autograd::Node {
             : call_backward(grad_out, input, normalized_shape_, mean_.unpack(getptr()),
                             rstd_.unpack(getptr()), defined_or_none(weight),
                             defined_or_none(bias));
-    if (task_should_compute_output(0)) result[0] = std::move(grad_input);
-    if (task_should_compute_output(1)) result[1] = std::move(grad_weight);
-    if (task_should_compute_output(2)) result[2] = std::move(grad_bias);
-    return result;
+    return wanted_gradients(*this, {std::move(grad_input), std::move(grad_weight),
+                                    std::move(grad_bias)});
   }
 
   void release_variables() override {

@@ -136,6 +136,18 @@ LN_HOST_DEVICE acc_t normalize_center(acc_t mean, acc_t rstd) {
   return rstd == acc_t(0) ? acc_t(0) : mean;
 }
 
+// normalize_center of row `row` of a saved mean array (the backward's, the short-row
+// forward's); RMSNorm has no mean (its array is null): 0.
+template <Norm kNorm, typename acc_t>
+LN_HOST_DEVICE acc_t row_center(const acc_t* mean, int64_t row, acc_t rstd) {
+  if constexpr (kNorm == Norm::kRms) {
+    (void)mean, (void)row, (void)rstd;
+    return acc_t(0);
+  } else {
+    return normalize_center(mean[row], rstd);
+  }
+}
+
 // xhat = (x - mean) * rstd; RMSNorm (kRms) has no mean: xhat = x * rstd. Callers pass
 // normalize_center(mean, rstd) as the mean.
 template <Norm kNorm = Norm::kLayer, typename V>

@@ -68,9 +68,8 @@ struct RMSNormBackward : public torch::autograd::Node {
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    torch::autograd::variable_list result(2);
     const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return result;
+    if (!grad_out.defined()) return torch::autograd::variable_list(2);
     const at::Tensor input = input_.unpack();
     const at::Tensor weight = weight_.unpack();
     // Grad mode is on here when the backward must itself be differentiable: the engine
@@ -80,9 +79,7 @@ struct RMSNormBackward : public torch::autograd::Node {
             ? differentiable_rms_backward(grad_out, input, normalized_shape_, weight, eps_)
             : call_rms_backward(grad_out, input, normalized_shape_, rstd_.unpack(getptr()),
                                 defined_or_none(weight));
-    if (task_should_compute_output(0)) result[0] = std::move(grad_input);
-    if (task_should_compute_output(1)) result[1] = std::move(grad_weight);
-    return result;
+    return wanted_gradients(*this, {std::move(grad_input), std::move(grad_weight)});
   }
 
   void release_variables() override {

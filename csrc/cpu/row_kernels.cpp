@@ -730,7 +730,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
       const int64_t row = first + r;
       const auto xv = C::load(row_x(r), N);
       const acc_t rstd = a.rstd[row];
-      const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : math::normalize_center(a.mean[row], rstd));
+      const Vec mean_v(math::row_center<kNorm>(a.mean, row, rstd));
       const Vec rstd_v(rstd);
       typename C::Parts yv;
       for (int k = 0; k < C::kParts; ++k) {
@@ -859,7 +859,7 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
     const auto dyv = C::load(a.dy + row * N, N);  // lanes past N are zero, so g = 0 there
     const auto xv = C::load(a.x + row * N, N);
     const acc_t rstd = a.rstd[row];
-    const Vec mean_v(kNorm == Norm::kRms ? acc_t(0) : math::normalize_center(a.mean[row], rstd));
+    const Vec mean_v(math::row_center<kNorm>(a.mean, row, rstd));
     const Vec rstd_v(rstd);
     Vec sum_g(0), sum_g_xhat(0);
     add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
@@ -891,7 +891,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
   // that each dgamma/dbeta chunk is loaded and stored once per group, not once per
   // row. Each element still adds its rows' terms in row order: the same bits.
   const int64_t group_rows = group_rows_for<T>(N);
-  std::array<acc_t, kGroupRows> centers{}, rstds, mean_gs, mean_g_xhats;
+  std::array<acc_t, kGroupRows> centers, rstds, mean_gs, mean_g_xhats;
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
 
@@ -900,7 +900,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       const T* dy = a.dy + (first + r) * N;
       const T* x = a.x + (first + r) * N;
       rstds[r] = a.rstd[first + r];
-      if constexpr (kNorm == Norm::kLayer) centers[r] = math::normalize_center(a.mean[first + r], rstds[r]);
+      centers[r] = math::row_center<kNorm>(a.mean, first + r, rstds[r]);
       const Vec mean_v(centers[r]), rstd_v(rstds[r]);
       Vec sum_g(0), sum_g_xhat(0);
       for_each_chunk<T>(N, [&](int64_t j, auto n) {

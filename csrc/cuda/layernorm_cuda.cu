@@ -475,7 +475,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     acc_t rstd = 0;
     if (valid) {
       rstd = a.rstd[row];
-      const acc_t mean = kNorm == Norm::kLayer ? math::normalize_center(a.mean[row], rstd) : acc_t(0);
+      const acc_t mean = math::row_center<kNorm>(a.mean, row, rstd);
       cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
         acc_t dy[kVec], w[kVec];
         load_vector(dyr + e, dy);
@@ -574,7 +574,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     const T* xr = a.x + row * a.cols;
     T* dxr = a.dx + row * a.cols;
     const acc_t rstd = a.rstd[row];
-    const acc_t mean = kNorm == Norm::kLayer ? math::normalize_center(a.mean[row], rstd) : acc_t(0);
+    const acc_t mean = math::row_center<kNorm>(a.mean, row, rstd);
 
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     cuda_indexing::for_each_streamed(
