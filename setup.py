@@ -136,8 +136,9 @@ class BuildExtensionWithCpuIsas(BuildExtension):
 
 
 with_cuda = want_cuda(cuda_home)
-sources = ["csrc/layernorm.cpp", "csrc/layernorm_autograd.cpp", "csrc/layernorm_autocast.cpp",
-           "csrc/rms_norm_autograd.cpp",
+sources = ["csrc/layernorm.cpp", "csrc/layernorm_checks.cpp",
+           "csrc/layernorm_autograd.cpp", "csrc/rms_norm_autograd.cpp",
+           "csrc/layernorm_autocast.cpp",
            "csrc/cpu/layernorm_cpu.cpp",
            ROW_KERNELS]
 # at::parallel_for is header code: without -fopenmp it silently runs on one thread.
