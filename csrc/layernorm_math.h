@@ -124,6 +124,41 @@ LN_HOST_DEVICE acc_t rstd_from_mean_square(acc_t mean_square, acc_t eps) {
   return reciprocal_sqrt(mean_square + eps);
 }
 
+template <typename acc_t>
+LN_HOST_DEVICE bool is_finite(acc_t v) {
+#if defined(__CUDA_ARCH__)
+  return ::isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+
+// Overflow rescue, for rows of finite values that span more than half the dtype's
+// range: there a partial sum or some x - mean overflows and the fast moments come out
+// with a non-finite mean. Welford (welford_update) over x / 4 keeps every difference
+// finite: 4 is a power of two, so x / 4 is exact but for subnormal x, negligible next to
+// such values. The mean is then finite, as a mean of finite values is, and M2 = 16 *
+// M2(x / 4) overflows to inf where the variance does (rstd 0, see normalize_center).
+// Rows holding NaN or inf give a non-finite rescued mean too: callers then keep the fast
+// moments, whose NaN/inf propagate as torch's. Both backends rescue the same way.
+template <typename acc_t>
+LN_HOST_DEVICE acc_t rescue_scaled(acc_t x) {
+  return x / acc_t(4);
+}
+
+template <typename acc_t>
+LN_HOST_DEVICE WelfordState<acc_t> rescue_unscaled(const WelfordState<acc_t>& quarter) {
+  return {quarter.mean * acc_t(4), quarter.m2 * acc_t(16), quarter.count};
+}
+
+// The moments to keep: the rescued ones where the fast mean overflowed and the rescue
+// did not (every element finite).
+template <typename acc_t>
+LN_HOST_DEVICE WelfordState<acc_t> rescued_if_needed(const WelfordState<acc_t>& fast,
+                                                     const WelfordState<acc_t>& quarter) {
+  return !is_finite(fast.mean) && is_finite(quarter.mean) ? rescue_unscaled(quarter) : fast;
+}
+
 // The value normalize() subtracts from a row: its mean, or 0 in a row whose rstd is 0.
 // rstd is 0 only when the variance overflowed to inf (finite values spread over more
 // than half the dtype's range; or eps = inf). There x - mean itself may overflow, and

@@ -45,7 +45,7 @@ CASES = [
          param_dtype=torch.float32),
     Case("fwd registers x32, 2 warps, D=2047 fp32", torch.float32, 2047, 5),
     Case("fwd registers x32, block, D=4099 bf16", torch.bfloat16, 4099, 5),
-    Case("fwd registers x32 G=512 / bwd streaming, D=12001 fp32", torch.float32, 12001, 3),
+    Case("fwd registers x32 G=512 / bwd registers x32, D=12001 fp32", torch.float32, 12001, 3),
     Case("streaming both, D=20001 bf16 + fp32 params", torch.bfloat16, 20001, 3,
          param_dtype=torch.float32),
     Case("streaming float64, D=33", torch.float64, 33, 5),

@@ -54,6 +54,9 @@ ROW_SIZES = (1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 1
 EPS_VALUES = (1e-5, 1e-6, 1e-3, 0.25)
 VALUE_RANGES = ((1.0, 0.0), (1e-2, 0.0), (1e2, 0.0), (1.0, 5.0), (3.0, -30.0))  # (scale, offset)
 OUTPUT_NAMES = ("output", "grad_input", "grad_weight", "grad_bias")
+# Close to each dtype's largest finite value.
+LARGEST = {torch.float32: 3e38, torch.float64: 1.7e308, torch.float16: 6e4,
+           torch.bfloat16: 3e38}
 # "layer": layer_norm vs F.layer_norm; "rms": rms_norm vs F.rms_norm (the same kernels with
 # the Norm::kRms flag; a case's bias is then ignored).
 NORMS = ("layer", "rms")
@@ -394,3 +397,37 @@ def check_case(case: Case, device: str) -> None:
     atol = ATOL[case.dtype] * max(1.0, conditioning / WELL_CONDITIONED)
     problems = reference_errors(ours, theirs, reference, case.dtype, atol=atol)
     assert not problems, f"{case}:\n  " + "\n  ".join(problems)
+
+
+def check_whole_range_rows(forward: Callable, backward: Callable, dtype: torch.dtype, D: int,
+                           device: str = "cpu") -> None:
+    """Finite rows spread over +-max, given the forward and backward operators (the
+    signatures of torch.ops.layernorm_ext.forward/backward).
+
+    The variance overflows, so rstd = 0 and xhat = 0 (the formula at rstd = 0; torch's
+    x * rstd - mean * rstd where its statistics stay finite, torch is often NaN here):
+    y = bias and dx = dweight = 0. The mean stays finite and right although partial sums
+    and x - mean overflow (the kernels' overflow rescue, math::rescue_scaled); inf * 0
+    gave NaN before."""
+    largest = LARGEST[dtype]
+    gen = torch.Generator().manual_seed(D)
+
+    def uniform(*shape, scale):
+        return (2 * torch.rand(*shape, generator=gen, dtype=torch.float64) - 1) * scale
+
+    x64 = uniform(3, D, scale=largest)
+    x64[:, 0], x64[:, -1] = largest, -largest  # both ends in every row
+    x = x64.to(device, dtype)
+    weight = (uniform(D, scale=1.0) + 1).to(device, dtype)
+    bias = uniform(D, scale=1.0).to(device, dtype)
+    grad_out = uniform(3, D, scale=1.0).to(device, dtype)
+    y, mean, rstd = forward(x, [D], weight, bias, 1e-5)
+    assert torch.equal(rstd.cpu(), torch.zeros_like(rstd.cpu()))
+    assert torch.isfinite(mean).all(), mean
+    expected_mean = (x.cpu().double() / D).sum(1)  # divided first: the sum would overflow
+    torch.testing.assert_close(mean.cpu().double().flatten(), expected_mean, rtol=1e-5, atol=0)
+    assert torch.equal(y, bias.expand_as(y))
+    dx, dweight, dbias = backward(grad_out, x, [D], mean, rstd, weight, bias)
+    assert torch.equal(dx, torch.zeros_like(dx))
+    assert torch.equal(dweight, torch.zeros_like(dweight))
+    torch.testing.assert_close(dbias, grad_out.double().sum(0).to(dtype))

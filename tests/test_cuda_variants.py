@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(
 REDUCED = [torch.float16, torch.bfloat16]
 # Row lengths at the edges of the launch table: forward registers (8 elements/thread)
 # up to 256, registers (32/thread) up to 16384, streaming beyond; backward registers
-# (16/thread) up to 8192, streaming beyond. Odd lengths vary the row split per row.
+# (16/thread) up to 8192, registers (32/thread, the row read twice) up to 16384, streaming
+# beyond. Odd lengths vary the row split per row.
 EDGE_LENGTHS = [255, 256, 257, 1001, 4099, 8191, 8192, 8193, 16383, 16384, 16385]
 
 
@@ -144,7 +145,7 @@ def test_forward_grid_stride_beyond_max_grid():
 EXPECTED_KERNELS = [
     (torch.float32, 64, "forward_registers_kernel", "backward_registers_kernel"),
     (torch.bfloat16, 1000, "forward_registers_kernel", "backward_registers_kernel"),
-    (torch.bfloat16, 12000, "forward_registers_kernel", "backward_streaming_kernel"),
+    (torch.bfloat16, 12000, "forward_registers_kernel", "backward_registers_kernel"),
     (torch.float16, 20000, "forward_streaming_kernel", "backward_streaming_kernel"),
     (torch.float64, 64, "forward_streaming_kernel", "backward_streaming_kernel"),
 ]

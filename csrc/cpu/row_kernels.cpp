@@ -458,25 +458,18 @@ math::WelfordState<at::opmath_type<T>> with_partial_chunk(
       whole, partial_chunk_moments<T>(v, n - j, static_cast<at::opmath_type<T>>(x[j])));
 }
 
-// The moments of a row, given its fast moments `fast`. When their mean came out
-// non-finite though every element is finite, the values span more than half the
-// dtype's range and some x - mean overflowed: Welford over x / 4 (a power of two: exact
-// but for subnormal x, negligible next to such values) keeps every difference finite.
-// The mean is then finite, as a mean of finite values is, and M2 = 16 * M2(x / 4)
-// overflows to inf where the variance does (rstd 0, see math::normalize_center).
-// Scalar: such rows are rare. Rows holding NaN or inf keep their fast moments, whose
-// NaN/inf propagate as torch's.
+// The moments of a row, given its fast moments `fast`, rescued from overflow where they
+// need it (math::rescued_if_needed). Scalar: such rows are rare.
 template <typename T>
 math::WelfordState<at::opmath_type<T>> without_overflow(
     const math::WelfordState<at::opmath_type<T>>& fast, const T* x, int64_t n) {
   using acc_t = at::opmath_type<T>;
-  if (std::isfinite(fast.mean)) return fast;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(static_cast<acc_t>(x[i]))) return fast;
-  }
+  if (math::is_finite(fast.mean)) return fast;
   math::WelfordState<acc_t> quarter{acc_t(0), acc_t(0), 0};
-  for (int64_t i = 0; i < n; ++i) quarter = math::welford_update(quarter, static_cast<acc_t>(x[i]) / 4);
-  return {quarter.mean * 4, quarter.m2 * 16, quarter.count};
+  for (int64_t i = 0; i < n; ++i) {
+    quarter = math::welford_update(quarter, math::rescue_scaled(static_cast<acc_t>(x[i])));
+  }
+  return math::rescued_if_needed(fast, quarter);
 }
 
 // Sum of squares of `steps` whole chunks from x, per lane: two sums, over the even and

@@ -2,13 +2,15 @@
 // the one table of launch configurations. Plain C++ (host/device), so the host replay
 // test (tests/cuda_replay/) checks the configurations the launcher really uses.
 //
-// Kernels (csrc/cuda/layernorm_cuda.cu):
+// Kernels (csrc/cuda/layernorm_cuda_kernels.cuh):
 //   forward, rows in registers    kElemsSmall (8) or kElemsLarge (32) elements per thread,
 //                                 `threads_per_row` threads per row (8 .. 512, a sub-warp
 //                                 group, a warp or a block), several rows per block when
 //                                 a row needs fewer than kRowBlockThreads threads.
 //   backward, rows in registers   kElemsBackward (16) elements per thread, dgamma/dbeta
-//                                 accumulated in registers over every row of a slot.
+//                                 accumulated in registers over every row of a slot;
+//                                 kElemsBackwardLong (32) for rows up to 16384, which
+//                                 read dy and x a second time (from L2) for dx.
 //   streaming (both directions)   a block per row, any row length, two passes over the
 //                                 row (the second one hits L2); float64 rows and rows
 //                                 whose tensors disagree on 16-byte alignment use it too.
@@ -33,13 +35,21 @@ constexpr int kMinThreadsPerRow = 8;
 constexpr int kElemsSmall = 8;      // forward, rows up to 8 * 32 = 256 elements
 constexpr int kElemsLarge = 32;     // forward, rows up to 32 * 512 = 16384 elements
 constexpr int kElemsBackward = 16;  // backward, rows up to 16 * 512 = 8192 elements
+// Backward, rows up to 32 * 512 = 16384: 32 columns of dgamma and dbeta per thread in
+// registers leave no room to keep the row too. (Streaming instead, which adds every row
+// into a partial row in global memory, ran at 8% of the copy roof on an H100.)
+constexpr int kElemsBackwardLong = 32;
 
 // Backward: a "slot" is one row group that accumulates dgamma/dbeta over the rows
 // slot, slot + slots, slot + 2 * slots, ... and writes one fp32 partial row. Fewer slots
 // mean less partial traffic, more slots more parallelism; the count depends on M and N
 // only (never on the GPU), so the result is bitwise the same on every GPU model.
 constexpr int64_t kMinRowsPerSlot = 16;
-constexpr int64_t kBackwardBlocks = 256;
+// At most kBackwardBlocks blocks of register backward. 512 (was 256, 2026-12-02; not yet
+// measured): on an H100 the register backward ran at 47-68% of the copy roof with about
+// 8 resident warps per SM; 512 blocks of 128 threads at ~128 registers fill the ~16 warps
+// per SM the register file allows, in one wave on 132 SMs.
+constexpr int64_t kBackwardBlocks = 512;
 
 // Parameter-gradient reduction: 32 columns x 16 slot lanes per block.
 constexpr int kFinalizeColumns = 32;
@@ -97,12 +107,13 @@ LN_HOST_DEVICE constexpr LaunchConfig forward_config(int64_t n, int elem_bytes, 
 }
 
 LN_HOST_DEVICE constexpr LaunchConfig backward_config(int64_t n, int elem_bytes, bool vectorized) {
-  if (vectorized && elem_bytes <= 4 && n <= int64_t(kElemsBackward) * kMaxBlockThreads) {
-    return with_rows_per_block(
-        Kind::kRegisters, kElemsBackward,
-        pow2_clamped(ceil_div(n, kElemsBackward), kMinThreadsPerRow, kMaxBlockThreads));
+  if (!vectorized || elem_bytes > 4 || n > int64_t(kElemsBackwardLong) * kMaxBlockThreads) {
+    return streaming_config(n, elem_bytes);
   }
-  return streaming_config(n, elem_bytes);
+  const int elems = n <= int64_t(kElemsBackward) * kMaxBlockThreads ? kElemsBackward
+                                                                     : kElemsBackwardLong;
+  return with_rows_per_block(Kind::kRegisters, elems,
+                             pow2_clamped(ceil_div(n, elems), kMinThreadsPerRow, kMaxBlockThreads));
 }
 
 // Rows r and r + period start at the same offset from a 16-byte boundary: the period

@@ -1,0 +1,113 @@
+// Lets the CUDA kernel sources (csrc/cuda/layernorm_cuda_kernels.cuh) compile as host C++
+// and run on the CPU emulator of emulator.cpp: CUDA's keywords become plain C++, and the
+// built-ins a kernel uses (threadIdx and friends, __syncthreads, warp shuffles) call the
+// emulator, which runs every thread of a block as a coroutine and resumes them together
+// at each barrier, as a GPU would. Include it before the kernels.
+//
+// What this checks: the kernels' arithmetic, indexing, reductions and launch logic on the
+// CPU, for every kernel variant. What it cannot: timing, the memory model (threads switch
+// only at barriers, so a missing barrier between a shared-memory write and a read by
+// another thread may go unseen), and the device's own rounding (rsqrt, contracted
+// multiply-adds). compute-sanitizer on a GPU covers the first two (scripts/gpu_check.py).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+#define LN_CUDA_EMULATION 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// One block runs at a time, so a function's static array is its block's shared memory.
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+struct uint4 {
+  unsigned x, y, z, w;
+};
+
+namespace emu {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// The running thread's coordinates.
+const dim3& thread_idx();
+const dim3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+// The running thread's lane in its warp (threads numbered x fastest, then y, then z).
+int lane();
+
+// __syncthreads: waits until every thread of the block has arrived.
+void sync_block();
+// __syncthreads_or: the same, and returns whether any thread passed a nonzero predicate.
+bool sync_block_or(int predicate);
+// A warp shuffle: posts `bits`, waits until all 32 lanes of the warp have posted, and
+// returns the bits lane `src_lane` posted.
+uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask);
+
+// Runs body() as every thread of every block of the grid, one block at a time. Throws
+// std::runtime_error on a deadlock (threads of a block waiting at different barriers,
+// or for threads that have exited) and on an exception thrown by a thread.
+void launch(dim3 grid, dim3 block, const std::function<void()>& body);
+
+template <typename V>
+V shuffle_from(unsigned mask, V value, int src_lane) {
+  static_assert(std::is_trivially_copyable_v<V> && sizeof(V) <= sizeof(uint64_t));
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(V));
+  bits = warp_exchange(bits, src_lane, mask);
+  std::memcpy(&value, &bits, sizeof(V));
+  return value;
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::thread_idx())
+#define blockIdx (::emu::block_idx())
+#define blockDim (::emu::block_dim())
+#define gridDim (::emu::grid_dim())
+
+inline void __syncthreads() { emu::sync_block(); }
+inline int __syncthreads_or(int predicate) { return emu::sync_block_or(predicate); }
+
+// CUDA's semantics: within segments of `width` lanes, lane i reads lane i + delta of its
+// segment (its own value past the segment's end) / lane src of its segment.
+template <typename V>
+V __shfl_down_sync(unsigned mask, V value, unsigned delta, int width = emu::kWarpSize) {
+  const int lane = emu::lane();
+  const int src = lane % width + static_cast<int>(delta) < width ? lane + static_cast<int>(delta)
+                                                                  : lane;
+  return emu::shuffle_from(mask, value, src);
+}
+
+template <typename V>
+V __shfl_sync(unsigned mask, V value, int src_lane, int width = emu::kWarpSize) {
+  const int lane = emu::lane();
+  return emu::shuffle_from(mask, value, lane / width * width + src_lane % width);
+}
+
+template <typename V>
+V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = emu::kWarpSize) {
+  const int lane = emu::lane();
+  const int src = lane ^ lane_mask;
+  return emu::shuffle_from(mask, value, src / width == lane / width ? src : lane);
+}
+
+// A butterfly of shuffles: every lane ends with the OR of all 32 predicates.
+inline int __any_sync(unsigned mask, int predicate) {
+  int any = predicate != 0;
+  for (int lane_mask = 1; lane_mask < emu::kWarpSize; lane_mask *= 2) {
+    any |= __shfl_xor_sync(mask, any, lane_mask);
+  }
+  return any;
+}

@@ -1,0 +1,81 @@
+// The CUDA backend's kernels and launch logic (csrc/cuda/layernorm_cuda_kernels.cuh),
+// compiled for the CPU and run on the emulator, behind the same host code as the real
+// operators (layernorm.h: checks, allocation, dtype dispatch). A Python module for
+// tests/test_cuda_emulated.py: layer_norm_forward(...) etc. take CPU tensors and
+// return what the CUDA operators would return.
+#include "cuda_emulation.h"  // first: makes the CUDA sources host C++
+
+#include <torch/extension.h>
+
+#include <utility>
+
+#include "cuda/layernorm_cuda_kernels.cuh"
+
+namespace layernorm_ext {
+namespace {
+
+struct EmulatedLaunch {
+  template <typename... KernelArgs, typename... Args>
+  void operator()(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&... args) const {
+    emu::launch(grid, block, [&] { kernel(args...); });
+  }
+};
+
+struct ForwardKernel {
+  template <typename NormTag, typename InputTag, typename ParamTag>
+  void operator()(NormTag, InputTag, ParamTag, const ForwardArgs& args) const {
+    cuda_kernels::launch_forward<NormTag::value, typename InputTag::type, typename ParamTag::type>(
+        args, EmulatedLaunch{});
+  }
+};
+
+struct BackwardKernel {
+  template <typename NormTag, typename InputTag, typename ParamTag>
+  void operator()(NormTag, InputTag, ParamTag, const BackwardArgs& args) const {
+    cuda_kernels::launch_backward<NormTag::value, typename InputTag::type, typename ParamTag::type>(
+        args, EmulatedLaunch{});
+  }
+};
+
+// The launch configuration the CUDA launcher picks: (kind, elems per thread, threads per
+// row, rows per block), for tests that want to know which kernel variant a case reached.
+std::tuple<std::string, int, int, int> config_of(bool backward, int64_t cols, int elem_bytes,
+                                                 bool vectorized) {
+  const auto c = backward ? cuda_config::backward_config(cols, elem_bytes, vectorized)
+                          : cuda_config::forward_config(cols, elem_bytes, vectorized);
+  return {c.kind == cuda_config::Kind::kStreaming ? "streaming" : "registers", c.elems_per_thread,
+          c.threads_per_row, c.rows_per_block};
+}
+
+// The emulator's own checks, so that they are known to fire. Lane i's value after one
+// __shfl_down_sync(delta, width) of the lane numbers.
+std::vector<int64_t> shuffled_lanes(int delta, int width) {
+  std::vector<int64_t> out(emu::kWarpSize);
+  emu::launch(dim3(1), dim3(emu::kWarpSize), [&] {
+    const int lane = static_cast<int>(threadIdx.x);
+    out[lane] = __shfl_down_sync(emu::kFullMask, lane, delta, width);
+  });
+  return out;
+}
+
+// A kernel whose odd threads skip a __syncthreads: undefined on a GPU, an error here.
+void divergent_barrier() {
+  emu::launch(dim3(1), dim3(64), [] {
+    if (threadIdx.x % 2 == 0) __syncthreads();
+  });
+}
+
+}  // namespace
+}  // namespace layernorm_ext
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace layernorm_ext;
+  m.doc() = "layernorm_ext's CUDA kernels run on a CPU emulator (tests only)";
+  m.def("layer_norm_forward", &layer_norm_forward<ForwardKernel>);
+  m.def("layer_norm_backward", &layer_norm_backward<BackwardKernel>);
+  m.def("rms_norm_forward", &rms_norm_forward<ForwardKernel>);
+  m.def("rms_norm_backward", &rms_norm_backward<BackwardKernel>);
+  m.def("config_of", &config_of);
+  m.def("shuffled_lanes", &shuffled_lanes);
+  m.def("divergent_barrier", &divergent_barrier);
+}

@@ -1,0 +1,206 @@
+// The CPU emulator behind cuda_emulation.h: a block's threads are coroutines (ucontext)
+// on one OS thread. Each runs until it waits (at __syncthreads or a warp shuffle) or
+// exits; when no thread can run, the waits that every participant has reached are
+// released (a shuffle's values exchanged), and anything else is a deadlock: a bug that
+// would hang or be undefined on a GPU, reported as an exception.
+#include <ucontext.h>
+
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda_emulation.h"
+
+namespace emu {
+namespace {
+
+enum class State { kReady, kAtBlockBarrier, kAtBlockVote, kAtShuffle, kExited };
+
+struct Thread {
+  ucontext_t context;
+  dim3 index;
+  State state = State::kReady;
+  uint64_t posted = 0;   // shuffle: the value this lane offers; vote: its predicate
+  int src_lane = 0;      // shuffle: the lane whose value it wants
+  unsigned mask = 0;
+  uint64_t received = 0;
+};
+
+constexpr size_t kStackBytes = size_t(256) << 10;
+
+struct Launch {
+  dim3 grid, block, block_index;
+  const std::function<void()>* body = nullptr;
+  std::vector<Thread> threads;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  size_t current = 0;
+  ucontext_t scheduler;
+  std::exception_ptr error;
+};
+
+Launch* active = nullptr;  // the launch being run (one at a time: launch_mutex)
+std::mutex launch_mutex;
+
+Thread& running() { return active->threads[active->current]; }
+
+void thread_main() {
+  try {
+    (*active->body)();
+  } catch (...) {
+    if (!active->error) active->error = std::current_exception();
+  }
+  running().state = State::kExited;
+  // Returning resumes uc_link: the scheduler.
+}
+
+void wait_as(State state) {
+  Thread& self = running();
+  self.state = state;
+  swapcontext(&self.context, &active->scheduler);
+}
+
+const char* name_of(State s) {
+  switch (s) {
+    case State::kReady: return "ready";
+    case State::kAtBlockBarrier: return "__syncthreads";
+    case State::kAtBlockVote: return "__syncthreads_or";
+    case State::kAtShuffle: return "shuffle";
+    case State::kExited: return "exited";
+  }
+  return "?";
+}
+
+[[noreturn]] void deadlock(const Launch& l, const char* why) {
+  std::ostringstream msg;
+  msg << "cuda emulator: deadlock in block " << l.block_index.x << " (" << why << "); threads:";
+  for (size_t i = 0; i < l.threads.size(); ++i) {
+    if (i == 64) {
+      msg << " ...";
+      break;
+    }
+    msg << " " << i << ":" << name_of(l.threads[i].state);
+  }
+  throw std::runtime_error(msg.str());
+}
+
+// Releases every warp whose 32 lanes all wait at a shuffle; true if one was.
+bool release_shuffles(Launch& l) {
+  bool released = false;
+  for (size_t first = 0; first < l.threads.size(); first += kWarpSize) {
+    Thread* lanes = &l.threads[first];
+    int waiting = 0;
+    for (int i = 0; i < kWarpSize; ++i) waiting += lanes[i].state == State::kAtShuffle;
+    if (waiting == 0) continue;
+    if (waiting < kWarpSize) continue;  // the others may still arrive; checked by the caller
+    for (int i = 0; i < kWarpSize; ++i) {
+      if (lanes[i].mask != kFullMask) deadlock(l, "a shuffle without the full warp mask");
+      const int src = lanes[i].src_lane;
+      if (src < 0 || src >= kWarpSize) deadlock(l, "a shuffle from a lane outside the warp");
+      lanes[i].received = lanes[src].posted;
+    }
+    for (int i = 0; i < kWarpSize; ++i) lanes[i].state = State::kReady;
+    released = true;
+  }
+  return released;
+}
+
+void run_block(Launch& l) {
+  const size_t n = l.threads.size();
+  for (size_t i = 0; i < n; ++i) {
+    Thread& t = l.threads[i];
+    t = Thread{};
+    t.index = dim3(static_cast<unsigned>(i % l.block.x),
+                   static_cast<unsigned>(i / l.block.x % l.block.y),
+                   static_cast<unsigned>(i / (size_t(l.block.x) * l.block.y)));
+    getcontext(&t.context);
+    t.context.uc_stack.ss_sp = l.stacks[i].get();
+    t.context.uc_stack.ss_size = kStackBytes;
+    t.context.uc_link = &l.scheduler;
+    makecontext(&t.context, thread_main, 0);
+  }
+  for (;;) {
+    for (size_t i = 0; i < n; ++i) {
+      if (l.threads[i].state != State::kReady) continue;
+      l.current = i;
+      swapcontext(&l.scheduler, &l.threads[i].context);
+      if (l.error) std::rethrow_exception(l.error);
+    }
+    size_t exited = 0, at_barrier = 0, at_vote = 0;
+    uint64_t any = 0;
+    for (const Thread& t : l.threads) {
+      exited += t.state == State::kExited;
+      at_barrier += t.state == State::kAtBlockBarrier;
+      at_vote += t.state == State::kAtBlockVote;
+      if (t.state == State::kAtBlockVote) any |= t.posted;
+    }
+    if (exited == n) return;
+    if (release_shuffles(l)) continue;
+    if (at_barrier == n || at_vote == n) {
+      for (Thread& t : l.threads) {
+        t.state = State::kReady;
+        t.received = any != 0;
+      }
+      continue;
+    }
+    deadlock(l, exited > 0 ? "threads wait for threads that have exited"
+                           : "threads wait at different barriers");
+  }
+}
+
+}  // namespace
+
+const dim3& thread_idx() { return running().index; }
+const dim3& block_idx() { return active->block_index; }
+const dim3& block_dim() { return active->block; }
+const dim3& grid_dim() { return active->grid; }
+int lane() { return static_cast<int>(active->current % kWarpSize); }
+
+void sync_block() { wait_as(State::kAtBlockBarrier); }
+
+bool sync_block_or(int predicate) {
+  running().posted = predicate != 0;
+  wait_as(State::kAtBlockVote);
+  return running().received != 0;
+}
+
+uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask) {
+  Thread& self = running();
+  self.posted = bits;
+  self.src_lane = src_lane;
+  self.mask = mask;
+  wait_as(State::kAtShuffle);
+  return running().received;
+}
+
+void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  const size_t threads = size_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || threads % kWarpSize != 0) {
+    throw std::runtime_error("cuda emulator: a block of " + std::to_string(threads) +
+                             " threads (the kernels launch whole warps, at most 1024)");
+  }
+  if (grid.y != 1 || grid.z != 1) throw std::runtime_error("cuda emulator: 1-D grids only");
+  std::lock_guard<std::mutex> lock(launch_mutex);
+  Launch l;
+  l.grid = grid;
+  l.block = block;
+  l.body = &body;
+  l.threads.resize(threads);
+  for (size_t i = 0; i < threads; ++i) l.stacks.emplace_back(new char[kStackBytes]);
+  active = &l;
+  try {
+    for (unsigned b = 0; b < grid.x; ++b) {
+      l.block_index = dim3(b);
+      run_block(l);
+    }
+  } catch (...) {
+    active = nullptr;
+    throw;
+  }
+  active = nullptr;
+}
+
+}  // namespace emu

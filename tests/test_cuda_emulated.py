@@ -1,0 +1,179 @@
+"""The CUDA kernels, run on the CPU by an emulator, against torch and a float64 reference.
+
+Almost every machine that builds this project has no GPU, so the CUDA kernels would
+otherwise be checked only by their compiled form (tests/test_cuda_static.py) and the
+host replay of their indexing. Here the kernel sources themselves
+(csrc/cuda/layernorm_cuda_kernels.cuh), with the launch logic that picks a variant,
+slots and grid, are compiled as host C++ (tests/cuda_emulator/cuda_emulation.h) and run
+with every thread of a block as a coroutine that meets the others at each
+__syncthreads and warp shuffle (tests/cuda_emulator/emulator.cpp). The cases reach every
+kernel variant: forward in registers (8 and 32 elements per thread, sub-warp to
+512-thread groups), backward in registers (the row kept, or read twice), both streaming
+kernels, float64, misaligned
+and mixed-alignment tensors, and the parameter-gradient reduction.
+
+What it does not check: timing, races between barriers, and the device's own rounding
+(rsqrt, contracted multiply-adds); compute-sanitizer on a GPU does the first two
+(`make gpu-check`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from layernorm_cases import (ATOL, DTYPE_PAIRS, check_whole_range_rows, distance_from_zero,
+                             laid_out, reference_errors, run_all, WELL_CONDITIONED)
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATOR = ROOT / "tests" / "cuda_emulator"
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The emulated CUDA backend, compiled once (about a minute on 2 cores)."""
+    from torch.utils.cpp_extension import load
+
+    build = ROOT / "build" / "cuda_emulator"
+    build.mkdir(parents=True, exist_ok=True)
+    return load(
+        name="layernorm_ext_cuda_emulated",
+        sources=[str(EMULATOR / "emulator.cpp"), str(EMULATOR / "emulated_ops.cpp"),
+                 str(ROOT / "csrc" / "layernorm_checks.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(EMULATOR)],
+        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"],
+        build_directory=str(build), verbose=os.environ.get("LAYERNORM_EXT_VERBOSE_BUILD") == "1")
+
+
+def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps, norm):
+    """[output, grad_input, grad_weight, grad_bias] from the emulated CUDA operators,
+    None where torch's autograd gives none (an absent parameter)."""
+    shape = list(normalized_shape)
+    if norm == "rms":
+        output, rstd = emu.rms_norm_forward(x, shape, weight, eps)
+        grad_input, grad_weight = emu.rms_norm_backward(grad_out, x, shape, rstd, weight)
+        grad_bias = None
+    else:
+        output, mean, rstd = emu.layer_norm_forward(x, shape, weight, bias, eps)
+        grad_input, grad_weight, grad_bias = emu.layer_norm_backward(
+            grad_out, x, shape, mean, rstd, weight, bias)
+    return [output, grad_input, grad_weight if weight is not None else None,
+            grad_bias if bias is not None else None]
+
+
+# Row lengths and the variants they reach (fp32 / 2-byte types; csrc/cuda/layernorm_cuda_config.h):
+#   1, 7, 20, 256   forward: 8 per thread, sub-warp groups; backward: registers, 16 per thread
+#   257, 1000       forward: 32 per thread; backward: 16 per thread, several rows per block
+#   8200            forward: 32 per thread, 512 threads; backward: 32 per thread, row read twice
+#   16390           both streaming (fp32, 2-byte types), a tail after the last vector
+ROW_SIZES = (1, 7, 20, 256, 257, 1000, 8200, 16390)
+LAYOUTS = {
+    # (x, grad_out): the same 16-byte offset everywhere -> vector path with a head;
+    # different offsets -> the scalar streaming path.
+    "aligned": ("contiguous", "contiguous"),
+    "offset": ("offset", "offset"),
+    "mixed": ("offset", "contiguous"),
+}
+
+
+def rows_for(n: int) -> int:
+    """Enough rows for several per backward slot, few enough for the emulator."""
+    return 37 if n <= 1000 else 3
+
+
+def check_emulated(emu, n, dtype, param_dtype, layout, norm, has_bias=True, seed=0,
+                   rows=None, scale=1.0, offset=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = rows_for(n) if rows is None else rows
+
+    def randn(size, how, dt, scale=1.0, offset=0.0):
+        values = torch.randn(size, generator=gen, dtype=torch.float64) * scale + offset
+        return laid_out(values.to(dt), how)
+
+    x_layout, grad_layout = LAYOUTS[layout]
+    x = randn((rows, n), x_layout, dtype, scale, offset)
+    weight = randn((n,), "contiguous", param_dtype, 1.0, 1.0)
+    bias = randn((n,), "contiguous", param_dtype) if has_bias and norm == "layer" else None
+    grad_out = randn((rows, n), grad_layout, dtype)
+    eps = 1e-5
+    _, theirs, reference = run_all(x, (n,), weight, bias, grad_out, eps, norm=norm)
+    ours = emulated_results(emu, x, (n,), weight, bias, grad_out, eps, norm)
+    conditioning = 0.0 if norm == "rms" else distance_from_zero(x, 1, eps)
+    atol = ATOL[dtype] * max(1.0, conditioning / WELL_CONDITIONED)
+    problems = reference_errors(ours, theirs, reference, dtype, atol=atol)
+    assert not problems, (f"n={n} {dtype}/{param_dtype} {layout} {norm}:\n  "
+                          + "\n  ".join(problems))
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("n", ROW_SIZES)
+@pytest.mark.parametrize("dtype,param_dtype", [p for p in DTYPE_PAIRS if p[0] != torch.float64],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_kernels_match_torch(emulated, n, dtype, param_dtype, norm):
+    check_emulated(emulated, n, dtype, param_dtype, "aligned", norm)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("layout", ["offset", "mixed"])
+@pytest.mark.parametrize("n", (7, 20, 257, 1000, 8200))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_misaligned_tensors(emulated, n, dtype, layout, norm):
+    check_emulated(emulated, n, dtype, dtype, layout, norm)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("n", (1, 20, 1000))
+def test_float64_streams(emulated, n, norm):
+    check_emulated(emulated, n, torch.float64, torch.float64, "aligned", norm)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 16, 700])
+def test_row_counts(emulated, rows):
+    """No rows (zero parameter gradients), one, one slot's worth, and more rows than the
+    backward has slots at this width (the grid-stride loop)."""
+    check_emulated(emulated, 64, torch.float32, torch.float32, "aligned", "layer", rows=rows)
+
+
+def test_without_bias_and_offset_rows(emulated):
+    check_emulated(emulated, 1000, torch.float32, torch.float32, "aligned", "layer",
+                   has_bias=False, scale=1.0, offset=1e4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [2, 5, 33, 100, 1000, 2000, 5000, 16390])
+def test_overflow_rescue(emulated, dtype, D):
+    """Rows spanning +-max (tests/test_extreme_values.py on CPU/CUDA): the rescue in each
+    forward variant, with its vote over sub-warp groups (__any_sync, D <= 256 in fp32),
+    over several multi-warp groups of a block (__syncthreads_or, D = 2000 in fp32) and
+    none needed (one group per block, the streaming kernels)."""
+    check_whole_range_rows(emulated.layer_norm_forward, emulated.layer_norm_backward, dtype, D)
+
+
+def test_cases_reach_every_variant(emulated):
+    """The row sizes above reach each launch configuration they are meant to."""
+    def kinds(direction, elem_bytes):
+        return {emulated.config_of(direction == "backward", n, elem_bytes, True)[:2]
+                for n in ROW_SIZES}
+
+    assert kinds("forward", 4) == {("registers", 8), ("registers", 32), ("streaming", 0)}
+    assert kinds("forward", 2) == {("registers", 8), ("registers", 32), ("streaming", 0)}
+    assert kinds("backward", 4) == {("registers", 16), ("registers", 32), ("streaming", 0)}
+    assert kinds("backward", 2) == {("registers", 16), ("registers", 32), ("streaming", 0)}
+    assert emulated.config_of(False, 20, 4, False)[0] == "streaming"  # mixed alignment
+
+
+def test_emulator_shuffle_semantics(emulated):
+    """__shfl_down_sync as CUDA defines it: within segments of `width` lanes, a lane past
+    the segment's end keeps its own value."""
+    assert emulated.shuffled_lanes(1, 32) == list(range(1, 32)) + [31]
+    assert emulated.shuffled_lanes(4, 8) == [
+        lane + 4 if lane % 8 < 4 else lane for lane in range(32)]
+
+
+def test_emulator_reports_divergent_barrier(emulated):
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emulated.divergent_barrier()
