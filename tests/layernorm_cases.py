@@ -203,10 +203,24 @@ def _torch_rms_norm(x, normalized_shape, weight, bias, eps):
     return F.rms_norm(x, normalized_shape, weight, eps)
 
 
+# What run_all/check_case judge: ours_fn(x, normalized_shape, weight, bias, grad_out, eps,
+# input_requires_grad, norm) -> Results. layernorm_ext's functions by default;
+# tests/test_cuda_emulated.py passes the CUDA kernels run on the CPU emulator.
+OursFn = Callable[..., Results]
+
+
+def layernorm_ext_results(x, normalized_shape, weight, bias, grad_out, eps,
+                          input_requires_grad=True, norm="layer") -> Results:
+    """layernorm_ext.layer_norm's (or rms_norm's) results, through autograd."""
+    fn = _rms_norm if norm == "rms" else layernorm_ext.layer_norm
+    return forward_backward(fn, x, normalized_shape, weight, bias, grad_out, eps,
+                            input_requires_grad)
+
+
 def run_all(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
             bias: Optional[torch.Tensor], grad_out: torch.Tensor, eps: float = 1e-5,
-            input_requires_grad: bool = True, norm: str = "layer"
-            ) -> tuple[Results, Results, Results]:
+            input_requires_grad: bool = True, norm: str = "layer",
+            ours_fn: OursFn = layernorm_ext_results) -> tuple[Results, Results, Results]:
     """(ours, torch's, reference) forward + backward results for one set of inputs.
 
     The reference is float64 on the CPU: torch's layer_norm on float64 copies for
@@ -214,8 +228,8 @@ def run_all(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[t
     With norm="rms" (bias must be None): rms_norm, against torch's rms_norm in float64.
     """
     args = (normalized_shape, eps, input_requires_grad)
+    ours = ours_fn(x, normalized_shape, weight, bias, grad_out, eps, input_requires_grad, norm)
     if norm == "rms":
-        ours = forward_backward(_rms_norm, x, normalized_shape, weight, None, grad_out, *args[1:])
         with warnings.catch_warnings():  # torch: mixed dtypes skip its fused kernel
             warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
             theirs = forward_backward(_torch_rms_norm, x, normalized_shape, weight, None,
@@ -224,8 +238,6 @@ def run_all(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[t
         reference = forward_backward(_torch_rms_norm, cpu64[0], normalized_shape, cpu64[1], None,
                                      cpu64[2], *args[1:])
         return ours, theirs, reference
-    ours = forward_backward(layernorm_ext.layer_norm, x, normalized_shape, weight, bias,
-                            grad_out, eps, input_requires_grad)
     theirs = torch_results(x, weight, bias, grad_out, *args)
     cpu64 = [None if t is None else t.detach().cpu().double() for t in (x, weight, bias, grad_out)]
     if x.dtype == torch.float64:
@@ -378,7 +390,7 @@ def distance_from_zero(x: torch.Tensor, normalized_ndim: int, eps: float) -> flo
 WELL_CONDITIONED = 16.0
 
 
-def check_case(case: Case, device: str) -> None:
+def check_case(case: Case, device: str, ours_fn: OursFn = layernorm_ext_results) -> None:
     """Runs the case and raises AssertionError, naming the case, if a bound is broken.
 
     The slack ATOL[dtype] is scaled by max(1, distance_from_zero / WELL_CONDITIONED):
@@ -390,7 +402,7 @@ def check_case(case: Case, device: str) -> None:
     if case.norm == "rms":
         bias = None
     ours, theirs, reference = run_all(x, case.normalized, weight, bias, grad_out, case.eps,
-                                      case.input_requires_grad, case.norm)
+                                      case.input_requires_grad, case.norm, ours_fn)
     # RMSNorm subtracts no mean: its statistic has no such cancellation.
     conditioning = 0.0 if case.norm == "rms" else distance_from_zero(x, len(case.normalized),
                                                                       case.eps)

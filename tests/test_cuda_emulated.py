@@ -10,7 +10,8 @@ __syncthreads and warp shuffle (tests/cuda_emulator/emulator.cpp). The cases rea
 kernel variant: forward in registers (8 and 32 elements per thread, sub-warp to
 512-thread groups), backward in registers (the row kept, or read twice), both streaming
 kernels, float64, misaligned
-and mixed-alignment tensors, and the parameter-gradient reduction.
+and mixed-alignment tensors, and the parameter-gradient reduction; then the fuzz cases
+of tests/fuzz_cuda_cases.py (every layout, multi-dimensional shapes, missing parameters).
 
 What it does not check: timing, races between barriers, and the device's own rounding
 (rsqrt, contracted multiply-adds); compute-sanitizer on a GPU does the first two
@@ -19,14 +20,18 @@ What it does not check: timing, races between barriers, and the device's own rou
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from layernorm_cases import (ATOL, DTYPE_PAIRS, check_whole_range_rows, distance_from_zero,
-                             laid_out, reference_errors, run_all, WELL_CONDITIONED)
+from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
+                             check_whole_range_rows, distance_from_zero, laid_out, random_case,
+                             reference_errors, run_all, WELL_CONDITIONED)
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
@@ -48,9 +53,11 @@ def emulated():
         build_directory=str(build), verbose=os.environ.get("LAYERNORM_EXT_VERBOSE_BUILD") == "1")
 
 
-def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps, norm):
+def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps,
+                     input_requires_grad=True, norm="layer"):
     """[output, grad_input, grad_weight, grad_bias] from the emulated CUDA operators,
-    None where torch's autograd gives none (an absent parameter)."""
+    None where torch's autograd gives none (an absent parameter, an input that does not
+    require grad); a layernorm_cases.OursFn once `emu` is bound."""
     shape = list(normalized_shape)
     if norm == "rms":
         output, rstd = emu.rms_norm_forward(x, shape, weight, eps)
@@ -60,8 +67,8 @@ def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps, norm
         output, mean, rstd = emu.layer_norm_forward(x, shape, weight, bias, eps)
         grad_input, grad_weight, grad_bias = emu.layer_norm_backward(
             grad_out, x, shape, mean, rstd, weight, bias)
-    return [output, grad_input, grad_weight if weight is not None else None,
-            grad_bias if bias is not None else None]
+    return [output, grad_input if input_requires_grad else None,
+            grad_weight if weight is not None else None, grad_bias if bias is not None else None]
 
 
 # Row lengths and the variants they reach (fp32 / 2-byte types; csrc/cuda/layernorm_cuda_config.h):
@@ -99,8 +106,8 @@ def check_emulated(emu, n, dtype, param_dtype, layout, norm, has_bias=True, seed
     bias = randn((n,), "contiguous", param_dtype) if has_bias and norm == "layer" else None
     grad_out = randn((rows, n), grad_layout, dtype)
     eps = 1e-5
-    _, theirs, reference = run_all(x, (n,), weight, bias, grad_out, eps, norm=norm)
-    ours = emulated_results(emu, x, (n,), weight, bias, grad_out, eps, norm)
+    ours, theirs, reference = run_all(x, (n,), weight, bias, grad_out, eps, norm=norm,
+                                      ours_fn=functools.partial(emulated_results, emu))
     conditioning = 0.0 if norm == "rms" else distance_from_zero(x, 1, eps)
     atol = ATOL[dtype] * max(1.0, conditioning / WELL_CONDITIONED)
     problems = reference_errors(ours, theirs, reference, dtype, atol=atol)
@@ -141,6 +148,20 @@ def test_row_counts(emulated, rows):
 def test_without_bias_and_offset_rows(emulated):
     check_emulated(emulated, 1000, torch.float32, torch.float32, "aligned", "layer",
                    has_bias=False, scale=1.0, offset=1e4)
+
+
+# tests/fuzz_cuda_cases.py's cases (the kernels' boundary shapes, then seeded random ones:
+# multi-dimensional normalized shapes, every layout of x, grad_out and the parameters,
+# value ranges, eps, missing parameters), judged as tests/test_fuzz.py judges the CPU.
+FUZZ_RNG = random.Random(0)
+FUZZ_CASES = list(BOUNDARY_CASES) + [random_case(FUZZ_RNG) for _ in range(200)]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("index", range(len(FUZZ_CASES)))
+def test_fuzz_cases(emulated, index, norm):
+    case = dataclasses.replace(FUZZ_CASES[index], norm=norm)
+    check_case(case, "cpu", ours_fn=functools.partial(emulated_results, emulated))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
