@@ -9,13 +9,15 @@ with every thread of a block as a coroutine that meets the others at each
 __syncthreads and warp shuffle (tests/cuda_emulator/emulator.cpp). The cases reach every
 kernel variant: forward in registers (8 and 32 elements per thread, sub-warp to
 512-thread groups), backward in registers (the row kept, or read twice), both streaming
-kernels, float64, misaligned
-and mixed-alignment tensors, and the parameter-gradient reduction; then the fuzz cases
-of tests/fuzz_cuda_cases.py (every layout, multi-dimensional shapes, missing parameters).
+kernels, float64, misaligned and mixed-alignment tensors, and the parameter-gradient
+reduction; then the fuzz cases of tests/fuzz_cuda_cases.py (every layout,
+multi-dimensional shapes, missing parameters). The variants run again with the threads
+of each barrier interval in reverse and in random order: a missing barrier shows up as
+a result that depends on the order.
 
-What it does not check: timing, races between barriers, and the device's own rounding
-(rsqrt, contracted multiply-adds); compute-sanitizer on a GPU does the first two
-(`make gpu-check`).
+What it does not check: timing, races the orders do not expose, and the device's own
+rounding (rsqrt, contracted multiply-adds); compute-sanitizer on a GPU does the first
+two (`make gpu-check`).
 """
 
 from __future__ import annotations
@@ -193,6 +195,46 @@ def test_emulator_shuffle_semantics(emulated):
     assert emulated.shuffled_lanes(1, 32) == list(range(1, 32)) + [31]
     assert emulated.shuffled_lanes(4, 8) == [
         lane + 4 if lane % 8 < 4 else lane for lane in range(32)]
+
+
+@pytest.fixture(params=["reverse", "shuffled"])
+def schedule(emulated, request):
+    """Threads run between barriers in reverse, or in a random order, instead of by index."""
+    emulated.set_schedule(request.param, 1234)
+    yield request.param
+    emulated.set_schedule("in_order")
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("n", ROW_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_kernels_do_not_depend_on_thread_order(emulated, schedule, n, dtype, norm):
+    """A race (a thread reading what another wrote without a barrier between) would give
+    other values in another order; the results must be bitwise the same in every order."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(rows_for(n), n, generator=gen).to(dtype)
+    weight = torch.randn(n, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if norm == "layer" else None
+    grad_out = torch.randn(rows_for(n), n, generator=gen).to(dtype)
+    ordered = emulated_results(emulated, x, (n,), weight, bias, grad_out, 1e-5, norm=norm)
+    emulated.set_schedule("in_order")
+    by_index = emulated_results(emulated, x, (n,), weight, bias, grad_out, 1e-5, norm=norm)
+    for name, a, b in zip(("output", "grad_input", "grad_weight", "grad_bias"), ordered, by_index):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b), f"{name} differs under the {schedule} schedule"
+
+
+def test_emulator_schedules_expose_a_race(emulated):
+    """The emulator's own check: a read racing with a write sees either value."""
+    try:
+        seen = set()
+        for name in ("in_order", "reverse"):
+            emulated.set_schedule(name)
+            seen.add(emulated.racy_read())
+        assert seen == {0, 1}
+    finally:
+        emulated.set_schedule("in_order")
 
 
 def test_emulator_reports_divergent_barrier(emulated):

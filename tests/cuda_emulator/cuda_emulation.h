@@ -5,9 +5,9 @@
 // at each barrier, as a GPU would. Include it before the kernels.
 //
 // What this checks: the kernels' arithmetic, indexing, reductions and launch logic on the
-// CPU, for every kernel variant. What it cannot: timing, the memory model (threads switch
-// only at barriers, so a missing barrier between a shared-memory write and a read by
-// another thread may go unseen), and the device's own rounding (rsqrt, contracted
+// CPU, for every kernel variant; missing barriers, as far as running the threads between
+// barriers in other orders (set_schedule) changes a result. What it cannot: timing, the
+// GPU's memory model beyond that, and the device's own rounding (rsqrt, contracted
 // multiply-adds). compute-sanitizer on a GPU covers the first two (scripts/gpu_check.py).
 #pragma once
 
@@ -54,6 +54,13 @@ bool sync_block_or(int predicate);
 // A warp shuffle: posts `bits`, waits until all 32 lanes of the warp have posted, and
 // returns the bits lane `src_lane` posted.
 uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask);
+
+// The order in which the threads of a block run between two barriers: by index, the
+// reverse, or a fresh random permutation each time (seeded). A kernel that reads what
+// another thread wrote without a barrier in between (a race on a GPU) sees different
+// values under different orders, so running tests under several orders exposes it.
+enum class Schedule { kInOrder, kReverse, kShuffled };
+void set_schedule(Schedule schedule, uint64_t seed = 0);
 
 // Runs body() as every thread of every block of the grid, one block at a time. Throws
 // std::runtime_error on a deadlock (threads of a block waiting at different barriers,

@@ -7,6 +7,8 @@
 
 #include <torch/extension.h>
 
+#include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "cuda/layernorm_cuda_kernels.cuh"
@@ -58,6 +60,34 @@ std::vector<int64_t> shuffled_lanes(int delta, int width) {
   return out;
 }
 
+// A racy kernel: thread 1 reads what thread 0 writes to shared memory, without a
+// barrier in between. What it reads depends on the schedule.
+int64_t racy_read() {
+  int64_t read = -1;
+  emu::launch(dim3(1), dim3(emu::kWarpSize), [&] {
+    __shared__ int64_t cell;
+    if (threadIdx.x == 0) cell = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) cell = 1;
+    if (threadIdx.x == 1) read = cell;
+  });
+  return read;
+}
+
+void set_schedule(const std::string& name, int64_t seed) {
+  emu::Schedule s;
+  if (name == "in_order") {
+    s = emu::Schedule::kInOrder;
+  } else if (name == "reverse") {
+    s = emu::Schedule::kReverse;
+  } else if (name == "shuffled") {
+    s = emu::Schedule::kShuffled;
+  } else {
+    throw std::invalid_argument("schedule: in_order, reverse or shuffled, not " + name);
+  }
+  emu::set_schedule(s, static_cast<uint64_t>(seed));
+}
+
 // A kernel whose odd threads skip a __syncthreads: undefined on a GPU, an error here.
 void divergent_barrier() {
   emu::launch(dim3(1), dim3(64), [] {
@@ -78,4 +108,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("config_of", &config_of);
   m.def("shuffled_lanes", &shuffled_lanes);
   m.def("divergent_barrier", &divergent_barrier);
+  m.def("racy_read", &racy_read);
+  m.def("set_schedule", &set_schedule, pybind11::arg("name"), pybind11::arg("seed") = 0);
 }

@@ -5,9 +5,12 @@
 // would hang or be undefined on a GPU, reported as an exception.
 #include <ucontext.h>
 
+#include <algorithm>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -44,6 +47,8 @@ struct Launch {
 
 Launch* active = nullptr;  // the launch being run (one at a time: launch_mutex)
 std::mutex launch_mutex;
+Schedule schedule = Schedule::kInOrder;
+std::mt19937_64 shuffle_rng;
 
 Thread& running() { return active->threads[active->current]; }
 
@@ -122,8 +127,12 @@ void run_block(Launch& l) {
     t.context.uc_link = &l.scheduler;
     makecontext(&t.context, thread_main, 0);
   }
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), size_t(0));
+  if (schedule == Schedule::kReverse) std::reverse(order.begin(), order.end());
   for (;;) {
-    for (size_t i = 0; i < n; ++i) {
+    if (schedule == Schedule::kShuffled) std::shuffle(order.begin(), order.end(), shuffle_rng);
+    for (const size_t i : order) {
       if (l.threads[i].state != State::kReady) continue;
       l.current = i;
       swapcontext(&l.scheduler, &l.threads[i].context);
@@ -158,6 +167,12 @@ const dim3& block_idx() { return active->block_index; }
 const dim3& block_dim() { return active->block; }
 const dim3& grid_dim() { return active->grid; }
 int lane() { return static_cast<int>(active->current % kWarpSize); }
+
+void set_schedule(Schedule s, uint64_t seed) {
+  std::lock_guard<std::mutex> lock(launch_mutex);
+  schedule = s;
+  shuffle_rng.seed(seed);
+}
 
 void sync_block() { wait_as(State::kAtBlockBarrier); }
 
