@@ -287,6 +287,28 @@ __device__ __forceinline__ RowSplit row_split(const Params& a, int64_t row, int 
                       : cuda_indexing::scalar_row(a.cols, vec);
 }
 
+// The rescue of a row whose fast moments overflowed (math::rescue_scaled): the group's
+// moments of x / 4 from each thread's `quarter`, kept where they are needed.
+template <typename acc_t>
+__device__ __forceinline__ Welford<acc_t> rescued_row_moments(const Welford<acc_t>& fast,
+                                                              const Welford<acc_t>& quarter,
+                                                              Welford<acc_t>* scratch) {
+  return math::rescued_if_needed(
+      fast, group_allreduce(quarter, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch));
+}
+
+// Saves a row's statistics (thread 0 of its group) and returns the center normalize()
+// subtracts (math::normalize_center).
+template <Norm kNorm, typename T, typename P, typename acc_t>
+__device__ __forceinline__ acc_t save_row_stats(const ForwardParams<T, P>& a, int64_t row,
+                                                acc_t mean, acc_t rstd) {
+  if (threadIdx.x == 0) {
+    if constexpr (kNorm == Norm::kLayer) a.mean[row] = mean;
+    a.rstd[row] = rstd;
+  }
+  return math::normalize_center(mean, rstd);
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward, rows in registers. blockDim = (threads per row G, rows per block).
 
@@ -361,18 +383,13 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
             quarter = math::welford_update(quarter, math::rescue_scaled(edge[i]));
           });
         }
-        quarter = group_allreduce(quarter, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
-        moments = math::rescued_if_needed(moments, quarter);
+        moments = rescued_row_moments(moments, quarter, scratch);
       }
       mean = moments.mean;
       rstd = math::rstd_from_moments(moments, a.eps);
     }
     if (!valid) continue;
-    if (t == 0) {
-      if constexpr (kNorm == Norm::kLayer) a.mean[row] = mean;
-      a.rstd[row] = rstd;
-    }
-    mean = math::normalize_center(mean, rstd);
+    mean = save_row_stats<kNorm>(a, row, mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
     cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
@@ -456,17 +473,12 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
               for (int k = 0; k < kVec; ++k) add(v[k]);
             },
             [&](int64_t e) { add(static_cast<acc_t>(xr[e])); });
-        quarter = group_allreduce(quarter, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
-        moments = math::rescued_if_needed(moments, quarter);
+        moments = rescued_row_moments(moments, quarter, scratch);
       }
       mean = moments.mean;
       rstd = math::rstd_from_moments(moments, a.eps);
     }
-    if (t == 0) {
-      if constexpr (kNorm == Norm::kLayer) a.mean[row] = mean;
-      a.rstd[row] = rstd;
-    }
-    mean = math::normalize_center(mean, rstd);
+    mean = save_row_stats<kNorm>(a, row, mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
     cuda_indexing::for_each_streamed(
@@ -656,14 +668,19 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     const acc_t rstd = a.rstd[row];
     const acc_t mean = math::row_center<kNorm>(a.mean, row, rstd);
 
+    // dy, x and w of the vector at column e (both passes; the second one hits L2).
+    const auto load_vectors = [&](int64_t e, acc_t(&dy)[kVec], acc_t(&x)[kVec],
+                                  acc_t(&w)[kVec]) {
+      load_vector(dyr + e, dy);
+      load_vector(xr + e, x);
+      load_param(a.weight, e, weight_vectors, acc_t(1), w);
+    };
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     cuda_indexing::for_each_streamed(
         s, t, group,
         [&](int64_t e) {
           acc_t dy[kVec], x[kVec], w[kVec];
-          load_vector(dyr + e, dy);
-          load_vector(xr + e, x);
-          load_param(a.weight, e, weight_vectors, acc_t(1), w);
+          load_vectors(e, dy, x, w);
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
             const acc_t g = dy[k] * w[k];
@@ -683,9 +700,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
         s, t, group,
         [&](int64_t e) {
           acc_t dy[kVec], x[kVec], w[kVec];
-          load_vector(dyr + e, dy);
-          load_vector(xr + e, x);
-          load_param(a.weight, e, weight_vectors, acc_t(1), w);
+          load_vectors(e, dy, x, w);
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
             const acc_t xhat = math::normalize<kNorm>(x[k], mean, rstd);
