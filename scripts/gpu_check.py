@@ -376,9 +376,10 @@ def main(argv: Optional[list] = None) -> int:
                         help="seconds for the test step (default: %(default)s)")
     parser.add_argument("--tests-marker", default="",
                         help="pytest -m expression for the test step, e.g. 'not slow'")
-    parser.add_argument("--tests-k", default="cuda",
-                        help="pytest -k expression for the test step (default 'cuda': the "
-                             "CUDA cases and CUDA test files; CI runs the CPU ones); '' for all")
+    parser.add_argument("--tests-k", default="cuda and not emulated",
+                        help="pytest -k expression for the test step (default: the CUDA cases "
+                             "and CUDA test files but the CPU emulator's; CI runs the CPU ones "
+                             "and the emulator); '' for all")
     for name in ("build", "tests", "sanitizer", "bench"):
         parser.add_argument(f"--skip-{name}", action="store_true", help=f"skip the {name} step")
     args = parser.parse_args(argv)
