@@ -45,11 +45,15 @@ constexpr int kElemsBackwardLong = 32;
 // mean less partial traffic, more slots more parallelism; the count depends on M and N
 // only (never on the GPU), so the result is bitwise the same on every GPU model.
 constexpr int64_t kMinRowsPerSlot = 16;
-// At most kBackwardBlocks blocks of register backward. 512 (was 256, 2026-12-02; not yet
-// measured): on an H100 the register backward ran at 47-68% of the copy roof with about
-// 8 resident warps per SM; 512 blocks of 128 threads at ~128 registers fill the ~16 warps
-// per SM the register file allows, in one wave on 132 SMs.
-constexpr int64_t kBackwardBlocks = 512;
+// At most max(kBackwardBlocks, kBackwardThreads / threads per block) blocks. Each block
+// loops over its slots' rows, so more blocks than fit on the GPU at once cost a second
+// wave; fewer leave it idle. The thread budget (2026-12-02, not yet measured) lets
+// 128-thread blocks have 512: on an H100 the register backward ran at 47-68% of the copy
+// roof with 256 of them (about 8 resident warps per SM, a quarter of the 64-warp limit);
+// 512 blocks at ~128 registers a thread fill the 16 warps per SM the register file
+// allows, in one wave on its 132 SMs. Larger blocks keep 256 (partial rows cost traffic).
+constexpr int64_t kBackwardBlocks = 256;
+constexpr int64_t kBackwardThreads = 65536;
 
 // Parameter-gradient reduction: 32 columns x 16 slot lanes per block.
 constexpr int kFinalizeColumns = 32;
@@ -140,7 +144,8 @@ constexpr int64_t kMinStreamingSlots = 64;
 LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, int64_t n, const LaunchConfig& c,
                                                 int period) {
   int64_t slots = ceil_div(m, kMinRowsPerSlot);
-  int64_t cap = kBackwardBlocks * c.rows_per_block;
+  const int64_t by_threads = kBackwardThreads / (int64_t(c.threads_per_row) * c.rows_per_block);
+  int64_t cap = (by_threads > kBackwardBlocks ? by_threads : kBackwardBlocks) * c.rows_per_block;
   if (c.kind == Kind::kStreaming) {
     const int64_t partial_row_bytes = 2 * 4 * (n > 0 ? n : 1);  // dgamma + dbeta, fp32
     int64_t fit = kStreamingPartialBytes / partial_row_bytes;
