@@ -134,29 +134,35 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 }
 
 // Overflow rescue, for rows of finite values that span more than half the dtype's
-// range: there a partial sum or some x - mean overflows and the fast moments come out
-// with a non-finite mean. Welford (welford_update) over x / 4 keeps every difference
-// finite: 4 is a power of two, so x / 4 is exact but for subnormal x, negligible next to
-// such values. The mean is then finite, as a mean of finite values is, and M2 = 16 *
-// M2(x / 4) overflows to inf where the variance does (rstd 0, see normalize_center).
-// Rows holding NaN or inf give a non-finite rescued mean too: callers then keep the fast
-// moments, whose NaN/inf propagate as torch's. Both backends rescue the same way.
+// range: there a partial sum or some x - mean overflows and the moments come out with a
+// non-finite mean. The moments of x / kRescueFactor keep every sum and difference
+// finite: the factor is a power of two, so the division is exact but for subnormal
+// results (negligible next to such values, and far below eps in a row's variance), and
+// large enough that a sum of up to 64 such values stays finite. The CUDA forwards take
+// every row's moments that way (free there, see layernorm_cuda_kernels.cuh); the CPU
+// takes them again, by Welford's update, only for rows whose fast moments overflowed
+// (rescued_if_needed). The mean is then finite, as a mean of finite values is, and M2 =
+// kRescueFactor^2 * M2(x / kRescueFactor) overflows to inf where the variance does
+// (rstd 0, see normalize_center). Rows holding NaN or inf keep NaN/inf, as torch's.
+constexpr int kRescueFactor = 64;
+
 template <typename acc_t>
 LN_HOST_DEVICE acc_t rescue_scaled(acc_t x) {
-  return x / acc_t(4);
+  return x * (acc_t(1) / acc_t(kRescueFactor));
 }
 
 template <typename acc_t>
-LN_HOST_DEVICE WelfordState<acc_t> rescue_unscaled(const WelfordState<acc_t>& quarter) {
-  return {quarter.mean * acc_t(4), quarter.m2 * acc_t(16), quarter.count};
+LN_HOST_DEVICE WelfordState<acc_t> rescue_unscaled(const WelfordState<acc_t>& scaled) {
+  const acc_t factor(kRescueFactor);
+  return {scaled.mean * factor, scaled.m2 * (factor * factor), scaled.count};
 }
 
 // The moments to keep: the rescued ones where the fast mean overflowed and the rescue
 // did not (every element finite).
 template <typename acc_t>
 LN_HOST_DEVICE WelfordState<acc_t> rescued_if_needed(const WelfordState<acc_t>& fast,
-                                                     const WelfordState<acc_t>& quarter) {
-  return !is_finite(fast.mean) && is_finite(quarter.mean) ? rescue_unscaled(quarter) : fast;
+                                                     const WelfordState<acc_t>& scaled) {
+  return !is_finite(fast.mean) && is_finite(scaled.mean) ? rescue_unscaled(scaled) : fast;
 }
 
 // The value normalize() subtracts from a row: its mean, or 0 in a row whose rstd is 0.

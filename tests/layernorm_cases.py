@@ -419,7 +419,7 @@ def check_whole_range_rows(forward: Callable, backward: Callable, dtype: torch.d
     The variance overflows, so rstd = 0 and xhat = 0 (the formula at rstd = 0; torch's
     x * rstd - mean * rstd where its statistics stay finite, torch is often NaN here):
     y = bias and dx = dweight = 0. The mean stays finite and right although partial sums
-    and x - mean overflow (the kernels' overflow rescue, math::rescue_scaled); inf * 0
+    and x - mean overflow (the kernels' overflow rescue, math::kRescueFactor); inf * 0
     gave NaN before."""
     largest = LARGEST[dtype]
     gen = torch.Generator().manual_seed(D)

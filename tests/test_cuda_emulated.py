@@ -169,10 +169,9 @@ def test_fuzz_cases(emulated, index, norm):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [2, 5, 33, 100, 1000, 2000, 5000, 16390])
 def test_overflow_rescue(emulated, dtype, D):
-    """Rows spanning +-max (tests/test_extreme_values.py on CPU/CUDA): the rescue in each
-    forward variant, with its vote over sub-warp groups (__any_sync, D <= 256 in fp32),
-    over several multi-warp groups of a block (__syncthreads_or, D = 2000 in fp32) and
-    none needed (one group per block, the streaming kernels)."""
+    """Rows spanning +-max (tests/test_extreme_values.py on CPU/CUDA), in every forward
+    variant: sub-warp groups (D <= 256), one warp or several per row (D = 1000 .. 5000),
+    streaming (D = 16390, float64)."""
     check_whole_range_rows(emulated.layer_norm_forward, emulated.layer_norm_backward, dtype, D)
 
 

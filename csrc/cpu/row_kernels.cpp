@@ -465,11 +465,11 @@ math::WelfordState<at::opmath_type<T>> without_overflow(
     const math::WelfordState<at::opmath_type<T>>& fast, const T* x, int64_t n) {
   using acc_t = at::opmath_type<T>;
   if (math::is_finite(fast.mean)) return fast;
-  math::WelfordState<acc_t> quarter{acc_t(0), acc_t(0), 0};
+  math::WelfordState<acc_t> scaled{acc_t(0), acc_t(0), 0};
   for (int64_t i = 0; i < n; ++i) {
-    quarter = math::welford_update(quarter, math::rescue_scaled(static_cast<acc_t>(x[i])));
+    scaled = math::welford_update(scaled, math::rescue_scaled(static_cast<acc_t>(x[i])));
   }
-  return math::rescued_if_needed(fast, quarter);
+  return math::rescued_if_needed(fast, scaled);
 }
 
 // Sum of squares of `steps` whole chunks from x, per lane: two sums, over the even and

@@ -216,18 +216,6 @@ struct BlockLanes {
   }
 };
 
-// `flag` is the same in every thread of a row group (a group_allreduce result). Returns
-// whether it is set in any group that group_allreduce synchronizes with this one: the
-// warp's groups where groups fit in a warp (they reduce by shuffles of the full warp),
-// else the block's (its groups share the barriers). A branch on the result around a
-// further group_allreduce is then taken by every thread that reduction waits for.
-// Every thread of the block calls it.
-__device__ __forceinline__ bool any_group(bool flag) {
-  if (blockDim.x <= cuda_config::kWarpSize) return __any_sync(kFullMask, flag);
-  if (blockDim.y == 1) return flag;
-  return __syncthreads_or(flag);
-}
-
 template <typename S, typename Combine>
 __device__ __forceinline__ S group_allreduce(const S& value, const S& identity, Combine combine,
                                              S* scratch) {
@@ -235,16 +223,27 @@ __device__ __forceinline__ S group_allreduce(const S& value, const S& identity, 
   return cuda_indexing::group_allreduce(value, identity, combine, lanes, scratch);
 }
 
-// Moments of the kN values of one vector: two-pass, exact up to rounding.
+// The forwards take LayerNorm's moments of x / kRescueFactor (math::rescue_scaled: a
+// power of two, so exact but for subnormal results) and scale them back at the end
+// (math::rescue_unscaled). No partial sum, difference or merge can then overflow for
+// finite x, even in rows spread over +-max: a thread sums at most 34 values, each at
+// most max / 64. The scaling costs nothing: it folds into the fused multiply-adds.
+template <typename acc_t>
+__device__ __forceinline__ acc_t scaled(acc_t x) {
+  return x * math::rescue_scaled(acc_t(1));
+}
+
+// Moments of the kN values of one vector, scaled as above: two-pass, exact up to
+// rounding.
 template <int kN, typename acc_t>
-__device__ __forceinline__ Welford<acc_t> vector_moments(const acc_t (&v)[kN]) {
+__device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)[kN]) {
   acc_t sum = 0;
 #pragma unroll
-  for (int k = 0; k < kN; ++k) sum += v[k];
+  for (int k = 0; k < kN; ++k) sum += scaled(v[k]);
   const acc_t mean = sum / acc_t(kN);
   acc_t m2 = 0;
 #pragma unroll
-  for (int k = 0; k < kN; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+  for (int k = 0; k < kN; ++k) m2 += (scaled(v[k]) - mean) * (scaled(v[k]) - mean);
   return {mean, m2, kN};
 }
 
@@ -287,16 +286,6 @@ __device__ __forceinline__ RowSplit row_split(const Params& a, int64_t row, int 
                       : cuda_indexing::scalar_row(a.cols, vec);
 }
 
-// The rescue of a row whose fast moments overflowed (math::rescue_scaled): the group's
-// moments of x / 4 from each thread's `quarter`, kept where they are needed.
-template <typename acc_t>
-__device__ __forceinline__ Welford<acc_t> rescued_row_moments(const Welford<acc_t>& fast,
-                                                              const Welford<acc_t>& quarter,
-                                                              Welford<acc_t>* scratch) {
-  return math::rescued_if_needed(
-      fast, group_allreduce(quarter, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch));
-}
-
 // Saves a row's statistics (thread 0 of its group) and returns the center normalize()
 // subtracts (math::normalize_center).
 template <Norm kNorm, typename T, typename P, typename acc_t>
@@ -335,18 +324,19 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 
     acc_t v[kSlots][kVec];
     acc_t edge[2];
-    acc_t sum = 0;  // of x (LayerNorm) or of x^2 (RMSNorm)
+    acc_t sum = 0;  // of scaled(x) (LayerNorm) or of x^2 (RMSNorm)
     int count = 0;
+    const auto term = [](acc_t x) { return kNorm == Norm::kRms ? x * x : scaled(x); };
     if (valid) {
       cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
         load_vector(xr + e, v[i]);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) sum += kNorm == Norm::kRms ? v[i][k] * v[i][k] : v[i][k];
+        for (int k = 0; k < kVec; ++k) sum += term(v[i][k]);
         count += kVec;
       });
       cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
         edge[i] = static_cast<acc_t>(xr[e]);
-        sum += kNorm == Norm::kRms ? edge[i] * edge[i] : edge[i];
+        sum += term(edge[i]);
         count += 1;
       });
     }
@@ -356,35 +346,24 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
           group_allreduce(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{}, scratch);
       rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
     } else {
-      // This thread's moments, two-pass from registers, then Chan's combine over the row.
+      // This thread's moments, two-pass from registers, then Chan's combine over the row
+      // (all of scaled(x), see there).
       const acc_t local_mean = count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0);
       acc_t m2 = 0;
+      const auto add_deviation = [&](acc_t x) {
+        const acc_t d = scaled(x) - local_mean;
+        m2 += d * d;
+      };
       if (valid) {
         cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) m2 += (v[i][k] - local_mean) * (v[i][k] - local_mean);
+          for (int k = 0; k < kVec; ++k) add_deviation(v[i][k]);
         });
-        cuda_indexing::for_each_register_edge(
-            s, t, [&](int i, int) { m2 += (edge[i] - local_mean) * (edge[i] - local_mean); });
+        cuda_indexing::for_each_register_edge(s, t, [&](int i, int) { add_deviation(edge[i]); });
       }
-      Welford<acc_t> moments =
+      const Welford<acc_t> moments = math::rescue_unscaled(
           group_allreduce(Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0},
-                          WelfordCombine{}, scratch);
-      if (any_group(!math::is_finite(moments.mean))) {  // rare: see math::rescue_scaled
-        Welford<acc_t> quarter{0, 0, 0};
-        if (valid) {
-          cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) {
-              quarter = math::welford_update(quarter, math::rescue_scaled(v[i][k]));
-            }
-          });
-          cuda_indexing::for_each_register_edge(s, t, [&](int i, int) {
-            quarter = math::welford_update(quarter, math::rescue_scaled(edge[i]));
-          });
-        }
-        moments = rescued_row_moments(moments, quarter, scratch);
-      }
+                          WelfordCombine{}, scratch));
       mean = moments.mean;
       rstd = math::rstd_from_moments(moments, a.eps);
     }
@@ -452,29 +431,13 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
           [&](int64_t e) {
             acc_t v[kVec];
             load_vector(xr + e, v);
-            local = math::welford_combine(local, vector_moments(v));
+            local = math::welford_combine(local, scaled_vector_moments(v));
           },
-          [&](int64_t e) { local = math::welford_update(local, static_cast<acc_t>(xr[e])); });
-      Welford<acc_t> moments =
-          group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
-      // Rare (see math::rescue_scaled): a third pass over the row. One row per block, so
-      // the branch is the same in every thread.
-      if (!math::is_finite(moments.mean)) {
-        Welford<acc_t> quarter{0, 0, 0};
-        const auto add = [&](acc_t v) {
-          quarter = math::welford_update(quarter, math::rescue_scaled(v));
-        };
-        cuda_indexing::for_each_streamed(
-            s, t, group,
-            [&](int64_t e) {
-              acc_t v[kVec];
-              load_vector(xr + e, v);
-#pragma unroll
-              for (int k = 0; k < kVec; ++k) add(v[k]);
-            },
-            [&](int64_t e) { add(static_cast<acc_t>(xr[e])); });
-        moments = rescued_row_moments(moments, quarter, scratch);
-      }
+          [&](int64_t e) {
+            local = math::welford_update(local, scaled(static_cast<acc_t>(xr[e])));
+          });
+      const Welford<acc_t> moments = math::rescue_unscaled(
+          group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch));
       mean = moments.mean;
       rstd = math::rstd_from_moments(moments, a.eps);
     }

@@ -49,8 +49,6 @@ int lane();
 
 // __syncthreads: waits until every thread of the block has arrived.
 void sync_block();
-// __syncthreads_or: the same, and returns whether any thread passed a nonzero predicate.
-bool sync_block_or(int predicate);
 // A warp shuffle: posts `bits`, waits until all 32 lanes of the warp have posted, and
 // returns the bits lane `src_lane` posted.
 uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask);
@@ -85,7 +83,6 @@ V shuffle_from(unsigned mask, V value, int src_lane) {
 #define gridDim (::emu::grid_dim())
 
 inline void __syncthreads() { emu::sync_block(); }
-inline int __syncthreads_or(int predicate) { return emu::sync_block_or(predicate); }
 
 // CUDA's semantics: within segments of `width` lanes, lane i reads lane i + delta of its
 // segment (its own value past the segment's end) / lane src of its segment.
@@ -101,20 +98,4 @@ template <typename V>
 V __shfl_sync(unsigned mask, V value, int src_lane, int width = emu::kWarpSize) {
   const int lane = emu::lane();
   return emu::shuffle_from(mask, value, lane / width * width + src_lane % width);
-}
-
-template <typename V>
-V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = emu::kWarpSize) {
-  const int lane = emu::lane();
-  const int src = lane ^ lane_mask;
-  return emu::shuffle_from(mask, value, src / width == lane / width ? src : lane);
-}
-
-// A butterfly of shuffles: every lane ends with the OR of all 32 predicates.
-inline int __any_sync(unsigned mask, int predicate) {
-  int any = predicate != 0;
-  for (int lane_mask = 1; lane_mask < emu::kWarpSize; lane_mask *= 2) {
-    any |= __shfl_xor_sync(mask, any, lane_mask);
-  }
-  return any;
 }

@@ -21,13 +21,13 @@
 namespace emu {
 namespace {
 
-enum class State { kReady, kAtBlockBarrier, kAtBlockVote, kAtShuffle, kExited };
+enum class State { kReady, kAtBlockBarrier, kAtShuffle, kExited };
 
 struct Thread {
   ucontext_t context;
   dim3 index;
   State state = State::kReady;
-  uint64_t posted = 0;   // shuffle: the value this lane offers; vote: its predicate
+  uint64_t posted = 0;   // shuffle: the value this lane offers
   int src_lane = 0;      // shuffle: the lane whose value it wants
   unsigned mask = 0;
   uint64_t received = 0;
@@ -72,7 +72,6 @@ const char* name_of(State s) {
   switch (s) {
     case State::kReady: return "ready";
     case State::kAtBlockBarrier: return "__syncthreads";
-    case State::kAtBlockVote: return "__syncthreads_or";
     case State::kAtShuffle: return "shuffle";
     case State::kExited: return "exited";
   }
@@ -138,21 +137,15 @@ void run_block(Launch& l) {
       swapcontext(&l.scheduler, &l.threads[i].context);
       if (l.error) std::rethrow_exception(l.error);
     }
-    size_t exited = 0, at_barrier = 0, at_vote = 0;
-    uint64_t any = 0;
+    size_t exited = 0, at_barrier = 0;
     for (const Thread& t : l.threads) {
       exited += t.state == State::kExited;
       at_barrier += t.state == State::kAtBlockBarrier;
-      at_vote += t.state == State::kAtBlockVote;
-      if (t.state == State::kAtBlockVote) any |= t.posted;
     }
     if (exited == n) return;
     if (release_shuffles(l)) continue;
-    if (at_barrier == n || at_vote == n) {
-      for (Thread& t : l.threads) {
-        t.state = State::kReady;
-        t.received = any != 0;
-      }
+    if (at_barrier == n) {
+      for (Thread& t : l.threads) t.state = State::kReady;
       continue;
     }
     deadlock(l, exited > 0 ? "threads wait for threads that have exited"
@@ -176,11 +169,6 @@ void set_schedule(Schedule s, uint64_t seed) {
 
 void sync_block() { wait_as(State::kAtBlockBarrier); }
 
-bool sync_block_or(int predicate) {
-  running().posted = predicate != 0;
-  wait_as(State::kAtBlockVote);
-  return running().received != 0;
-}
 
 uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask) {
   Thread& self = running();
