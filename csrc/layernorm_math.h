@@ -137,7 +137,9 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 // range: there a partial sum or some x - mean overflows and the moments come out with a
 // non-finite mean. The moments of x / kRescueFactor keep every sum and difference
 // finite: the factor is a power of two, so the division is exact but for subnormal
-// results (negligible next to such values, and far below eps in a row's variance), and
+// results (negligible next to such values, and far below eps in a row's variance; the
+// CUDA forwards, which scale every row, lose accuracy only in rows whose spread is
+// within 64x of the smallest normal number, which matters with eps = 0 alone), and
 // large enough that a sum of up to 64 such values stays finite. The CUDA forwards take
 // every row's moments that way (free there, see layernorm_cuda_kernels.cuh); the CPU
 // takes them again, by Welford's update, only for rows whose fast moments overflowed

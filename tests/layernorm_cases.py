@@ -84,7 +84,7 @@ class Case:
 
 
 # Shapes at the kernels' internal boundaries, which random cases rarely reach: more rows
-# than the CUDA backward's 512 blocks (grid-stride loop), rows longer than one CUDA block
+# than the CUDA backward has slots (each slot loops over several rows), rows longer than one CUDA block
 # covers in one pass, D = 1 with many rows, and misaligned 16-byte-packable rows.
 BOUNDARY_CASES = [
     Case(leading=(1000,), normalized=(64,), dtype=torch.float32, param_dtype=torch.float32),

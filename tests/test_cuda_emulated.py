@@ -134,6 +134,22 @@ def test_misaligned_tensors(emulated, n, dtype, layout, norm):
     check_emulated(emulated, n, dtype, dtype, layout, norm)
 
 
+# The long-row backward (kElemsBackwardLong: 8192 < D <= 16384, dy and x read twice)
+# with several slots of several rows each (40 rows), rows that end mid-vector
+# and, offset, a head before the first vector.
+LONG_BACKWARD_ROWS = 40
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("layout", ["aligned", "offset"])
+@pytest.mark.parametrize("n", (8193, 12289))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_long_backward_slots(emulated, n, dtype, layout, norm):
+    assert emulated.config_of(True, n, dtype.itemsize, True)[:2] == ("registers", 32)
+    check_emulated(emulated, n, dtype, dtype, layout, norm, rows=LONG_BACKWARD_ROWS)
+
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("n", (1, 20, 1000))
 def test_float64_streams(emulated, n, norm):
@@ -189,11 +205,15 @@ def test_cases_reach_every_variant(emulated):
 
 
 def test_emulator_shuffle_semantics(emulated):
-    """__shfl_down_sync as CUDA defines it: within segments of `width` lanes, a lane past
-    the segment's end keeps its own value."""
+    """The shuffles as CUDA defines them, within segments of `width` lanes:
+    __shfl_down_sync leaves a lane past the segment's end its own value, __shfl_sync
+    reads lane `src_lane % width` of the lane's own segment."""
     assert emulated.shuffled_lanes(1, 32) == list(range(1, 32)) + [31]
     assert emulated.shuffled_lanes(4, 8) == [
         lane + 4 if lane % 8 < 4 else lane for lane in range(32)]
+    assert emulated.broadcast_lanes(0, 32) == [0] * 32
+    assert emulated.broadcast_lanes(3, 8) == [lane // 8 * 8 + 3 for lane in range(32)]
+    assert emulated.broadcast_lanes(9, 8) == [lane // 8 * 8 + 1 for lane in range(32)]
 
 
 @pytest.fixture(params=["reverse", "shuffled"])
@@ -211,11 +231,20 @@ def schedule(emulated, request):
 def test_kernels_do_not_depend_on_thread_order(emulated, schedule, n, dtype, norm):
     """A race (a thread reading what another wrote without a barrier between) would give
     other values in another order; the results must be bitwise the same in every order."""
+    check_thread_order(emulated, schedule, n, dtype, norm, rows_for(n))
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_long_backward_does_not_depend_on_thread_order(emulated, schedule, norm):
+    check_thread_order(emulated, schedule, 12289, torch.bfloat16, norm, LONG_BACKWARD_ROWS)
+
+
+def check_thread_order(emulated, schedule, n, dtype, norm, rows):
     gen = torch.Generator().manual_seed(n)
-    x = torch.randn(rows_for(n), n, generator=gen).to(dtype)
+    x = torch.randn(rows, n, generator=gen).to(dtype)
     weight = torch.randn(n, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if norm == "layer" else None
-    grad_out = torch.randn(rows_for(n), n, generator=gen).to(dtype)
+    grad_out = torch.randn(rows, n, generator=gen).to(dtype)
     ordered = emulated_results(emulated, x, (n,), weight, bias, grad_out, 1e-5, norm=norm)
     emulated.set_schedule("in_order")
     by_index = emulated_results(emulated, x, (n,), weight, bias, grad_out, 1e-5, norm=norm)
@@ -239,3 +268,8 @@ def test_emulator_schedules_expose_a_race(emulated):
 def test_emulator_reports_divergent_barrier(emulated):
     with pytest.raises(RuntimeError, match="deadlock"):
         emulated.divergent_barrier()
+
+
+def test_emulator_reports_divergent_shuffle(emulated):
+    with pytest.raises(RuntimeError, match="different kinds or widths"):
+        emulated.divergent_shuffle()

@@ -51,7 +51,9 @@ constexpr int64_t kMinRowsPerSlot = 16;
 // 128-thread blocks have 512: on an H100 the register backward ran at 47-68% of the copy
 // roof with 256 of them (about 8 resident warps per SM, a quarter of the 64-warp limit);
 // 512 blocks at ~128 registers a thread fill the 16 warps per SM the register file
-// allows, in one wave on its 132 SMs. Larger blocks keep 256 (partial rows cost traffic).
+// allows, in one wave on its 132 SMs. Larger blocks keep 256 (partial rows cost traffic);
+// the streaming kernel's 32- and 64-thread blocks (short float64 or misaligned rows) may
+// have 2048 / 1024, within its cap on partial-row bytes below.
 constexpr int64_t kBackwardBlocks = 256;
 constexpr int64_t kBackwardThreads = 65536;
 

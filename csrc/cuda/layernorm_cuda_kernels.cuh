@@ -745,11 +745,11 @@ ParamRef<P> param_ref(const at::Tensor& t) {
   return {t.const_data_ptr<P>(), misalign_of<P>(t)};
 }
 
-dim3 block_of(const LaunchConfig& c) {
+inline dim3 block_of(const LaunchConfig& c) {
   return dim3(static_cast<unsigned>(c.threads_per_row), static_cast<unsigned>(c.rows_per_block));
 }
 
-dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned>(blocks)); }
+inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned>(blocks)); }
 
 // The launchers below run a kernel through `launch(kernel, grid, block, args...)`: a
 // stream launch with its error check on the GPU (layernorm_cuda.cu), the CPU emulator

@@ -50,8 +50,11 @@ int lane();
 // __syncthreads: waits until every thread of the block has arrived.
 void sync_block();
 // A warp shuffle: posts `bits`, waits until all 32 lanes of the warp have posted, and
-// returns the bits lane `src_lane` posted.
-uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask);
+// returns the bits lane `src_lane` posted. `kind` and `width` name the shuffle (down or
+// indexed, segment width); lanes that meet at shuffles of another kind or width are a
+// bug (divergent shuffles, undefined on a GPU), reported as a deadlock.
+enum class ShuffleKind { kDown, kIndexed };
+uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask, ShuffleKind kind, int width);
 
 // The order in which the threads of a block run between two barriers: by index, the
 // reverse, or a fresh random permutation each time (seeded). A kernel that reads what
@@ -66,11 +69,11 @@ void set_schedule(Schedule schedule, uint64_t seed = 0);
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);
 
 template <typename V>
-V shuffle_from(unsigned mask, V value, int src_lane) {
+V shuffle_from(unsigned mask, V value, int src_lane, ShuffleKind kind, int width) {
   static_assert(std::is_trivially_copyable_v<V> && sizeof(V) <= sizeof(uint64_t));
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(V));
-  bits = warp_exchange(bits, src_lane, mask);
+  bits = warp_exchange(bits, src_lane, mask, kind, width);
   std::memcpy(&value, &bits, sizeof(V));
   return value;
 }
@@ -91,11 +94,12 @@ V __shfl_down_sync(unsigned mask, V value, unsigned delta, int width = emu::kWar
   const int lane = emu::lane();
   const int src = lane % width + static_cast<int>(delta) < width ? lane + static_cast<int>(delta)
                                                                   : lane;
-  return emu::shuffle_from(mask, value, src);
+  return emu::shuffle_from(mask, value, src, emu::ShuffleKind::kDown, width);
 }
 
 template <typename V>
 V __shfl_sync(unsigned mask, V value, int src_lane, int width = emu::kWarpSize) {
   const int lane = emu::lane();
-  return emu::shuffle_from(mask, value, lane / width * width + src_lane % width);
+  return emu::shuffle_from(mask, value, lane / width * width + src_lane % width,
+                           emu::ShuffleKind::kIndexed, width);
 }

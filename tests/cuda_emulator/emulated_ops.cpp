@@ -60,6 +60,24 @@ std::vector<int64_t> shuffled_lanes(int delta, int width) {
   return out;
 }
 
+// Lane i's value after one __shfl_sync(src_lane, width) of the lane numbers.
+std::vector<int64_t> broadcast_lanes(int src_lane, int width) {
+  std::vector<int64_t> out(emu::kWarpSize);
+  emu::launch(dim3(1), dim3(emu::kWarpSize), [&] {
+    const int lane = static_cast<int>(threadIdx.x);
+    out[lane] = __shfl_sync(emu::kFullMask, lane, src_lane, width);
+  });
+  return out;
+}
+
+// A kernel whose lanes shuffle with different widths: undefined on a GPU, an error here.
+void divergent_shuffle() {
+  emu::launch(dim3(1), dim3(emu::kWarpSize), [] {
+    const int lane = static_cast<int>(threadIdx.x);
+    __shfl_down_sync(emu::kFullMask, lane, 1, lane < 16 ? 16 : 32);
+  });
+}
+
 // A racy kernel: thread 1 reads what thread 0 writes to shared memory, without a
 // barrier in between. What it reads depends on the schedule.
 int64_t racy_read() {
@@ -107,7 +125,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward<BackwardKernel>);
   m.def("config_of", &config_of);
   m.def("shuffled_lanes", &shuffled_lanes);
+  m.def("broadcast_lanes", &broadcast_lanes);
   m.def("divergent_barrier", &divergent_barrier);
+  m.def("divergent_shuffle", &divergent_shuffle);
   m.def("racy_read", &racy_read);
   m.def("set_schedule", &set_schedule, pybind11::arg("name"), pybind11::arg("seed") = 0);
 }

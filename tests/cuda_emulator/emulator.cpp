@@ -30,6 +30,8 @@ struct Thread {
   uint64_t posted = 0;   // shuffle: the value this lane offers
   int src_lane = 0;      // shuffle: the lane whose value it wants
   unsigned mask = 0;
+  ShuffleKind kind = ShuffleKind::kDown;
+  int width = 0;
   uint64_t received = 0;
 };
 
@@ -102,6 +104,9 @@ bool release_shuffles(Launch& l) {
     if (waiting < kWarpSize) continue;  // the others may still arrive; checked by the caller
     for (int i = 0; i < kWarpSize; ++i) {
       if (lanes[i].mask != kFullMask) deadlock(l, "a shuffle without the full warp mask");
+      if (lanes[i].kind != lanes[0].kind || lanes[i].width != lanes[0].width) {
+        deadlock(l, "lanes of a warp at shuffles of different kinds or widths");
+      }
       const int src = lanes[i].src_lane;
       if (src < 0 || src >= kWarpSize) deadlock(l, "a shuffle from a lane outside the warp");
       lanes[i].received = lanes[src].posted;
@@ -169,12 +174,13 @@ void set_schedule(Schedule s, uint64_t seed) {
 
 void sync_block() { wait_as(State::kAtBlockBarrier); }
 
-
-uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask) {
+uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask, ShuffleKind kind, int width) {
   Thread& self = running();
   self.posted = bits;
   self.src_lane = src_lane;
   self.mask = mask;
+  self.kind = kind;
+  self.width = width;
   wait_as(State::kAtShuffle);
   return running().received;
 }
