@@ -534,23 +534,80 @@ int64_t group_rows_for(int64_t cols) {
                              kGroupRows);
 }
 
-// rstd of `rows` rows from their statistic (LayerNorm: m2 of n elements, as
+// Lane 0 of v.
+template <typename acc_t>
+acc_t first_lane(const Vectorized<acc_t>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return _mm512_cvtss_f32(v);
+#endif
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  return lanes[0];
+}
+
+// One value per row of a group (a mean, a statistic, an rstd), as vectors of rows: row
+// r in lane r % kLanes of vector r / kLanes. Held in registers between a group's
+// phases: per-row arrays written by scalar or masked stores and read back as vectors,
+// or the reverse, defeat store-to-load forwarding, and the core then waits for the
+// stores to commit (at D = 20 that wait was a quarter of the forward's time).
+template <typename acc_t>
+struct RowColumn {
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kLanes = Vec::size();
+  static_assert(kGroupRows % kLanes == 0);
+  std::array<Vec, kGroupRows / kLanes> v;
+
+  // From kGroupRows values (those past a group's rows are ignored, but read).
+  static RowColumn load(const acc_t* p) {
+    RowColumn c;
+    for (size_t i = 0; i < c.v.size(); ++i) c.v[i] = Vec::loadu(p + i * kLanes);
+    return c;
+  }
+  void store(acc_t* p, int64_t rows) const {
+    for (int64_t r = 0; r < rows; r += kLanes) {
+      v[r / kLanes].store(p + r, std::min<int64_t>(kLanes, rows - r));
+    }
+  }
+  // Row r's value in every lane.
+  Vec broadcast(int64_t r) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(r % kLanes)), v[r / kLanes]);
+    }
+#endif
+    return Vec(value(r));
+  }
+  acc_t value(int64_t r) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) return first_lane(broadcast(r));
+#endif
+    alignas(64) acc_t lanes[kLanes];
+    v[r / kLanes].store(lanes);
+    return lanes[r % kLanes];
+  }
+  template <typename F>
+  RowColumn map(const F& f) const {
+    RowColumn c;
+    for (size_t i = 0; i < v.size(); ++i) c.v[i] = f(v[i]);
+    return c;
+  }
+};
+
+// rstd of a group's rows from their statistic (LayerNorm: m2 of n elements, as
 // math::rstd_from_moments; RMSNorm: mean(x^2), as math::rstd_from_mean_square), a vector
 // of rows at a time: a short row's square root and division are its longest latencies,
 // and one vector instruction does 8-16 rows' (the same bits: IEEE square root and
 // division round the same way in both forms).
 template <Norm kNorm, typename acc_t>
-void rstd_of_rows(const acc_t* stat, int64_t rows, int64_t n, acc_t eps, acc_t* rstd) {
+RowColumn<acc_t> rstd_of_rows(const RowColumn<acc_t>& stat, int64_t n, acc_t eps) {
   using Vec = Vectorized<acc_t>;
-  for (int64_t r = 0; r < rows; r += Vec::size()) {
-    const int64_t len = std::min<int64_t>(Vec::size(), rows - r);
-    Vec var = Vec::loadu(stat + r, len);
+  return stat.map([&](Vec var) {
     if constexpr (kNorm == Norm::kLayer) {
       var = var / Vec(static_cast<acc_t>(n));
       var = Vec::blendv(var, Vec(0), var < Vec(0));  // NaN stays NaN
     }
-    (Vec(1) / (var + Vec(eps)).sqrt()).store(rstd + r, len);
-  }
+    return Vec(1) / (var + Vec(eps)).sqrt();
+  });
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -593,26 +650,28 @@ std::array<__m512, kN> transposing_tree(const std::array<std::array<__m512, kN>,
 }
 #endif
 
-// Lane sums of a group's vectors: sums[r] = the sum of the lanes of terms[r] for
+// Lane sums of a group's vectors: row r's value is the sum of the lanes of terms[r] for
 // r < rows (the terms past `rows` are ignored): on AVX-512 as one transposing tree
 // (the statistics of rows shorter than one chunk were half the forward's time at
 // D = 20), elsewhere each vector alone.
 template <typename Vec>
-void lane_sums(std::array<Vec, kGroupRows>& terms, int64_t rows, typename Vec::value_type* sums) {
+RowColumn<typename Vec::value_type> lane_sums(std::array<Vec, kGroupRows>& terms, int64_t rows) {
+  using acc_t = typename Vec::value_type;
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<typename Vec::value_type, float>) {
+  if constexpr (std::is_same_v<acc_t, float>) {
     static_assert(kGroupRows == 16 && Vec::size() == 16);
     std::array<std::array<__m512, 1>, 16> states;
     for (int64_t r = 0; r < kGroupRows; ++r) states[r][0] = r < rows ? terms[r] : Vec(0);
     const auto add = [](int, const auto& lower, const auto& upper) {
       return std::array<__m512, 1>{_mm512_add_ps(lower[0], upper[0])};
     };
-    Vec(transposing_tree(states, add)[0]).store(sums, rows);
-    return;
+    return {Vec(transposing_tree(states, add)[0])};
   }
 #endif
   const auto add = [](Vec u, Vec v) { return u + v; };
+  alignas(64) std::array<acc_t, kGroupRows> sums{};
   for (int64_t r = 0; r < rows; ++r) sums[r] = at::vec::vec_reduce_all(add, terms[r]);
+  return RowColumn<acc_t>::load(sums.data());
 }
 
 // The moments of a group's rows from their per-lane moments (all with the same steps):
@@ -660,9 +719,9 @@ void merge_lanes_of_rows(const std::array<LaneMoments<T>, kGroupRows>& lanes, in
 
 // Forward of rows shorter than one chunk (D < Chunk<T>::kSize): the parameters are
 // loaded once for all rows; per group of rows, the statistics as vectors of rows
-// (lane_sums), then the outputs. LayerNorm's moments are partial_chunk_moments', in
-// group form: mean = x0 + sum(x - x0) / n, shifted by the row's first element (exact
-// for constant rows), then m2 = sum((x - mean)^2).
+// (lane_sums, RowColumn), then the outputs. LayerNorm's moments are
+// partial_chunk_moments', in group form: mean = x0 + sum(x - x0) / n, shifted by the
+// row's first element (exact for constant rows), then m2 = sum((x - mean)^2).
 template <Norm kNorm, typename T, typename P>
 void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   using C = Chunk<T>;
@@ -675,7 +734,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
   const auto valid = valid_lanes<T>(N);
   std::array<Vec, kGroupRows> terms;
-  std::array<acc_t, kGroupRows> shifts, sums, stats;  // stats: m2 / mean(x^2)
+  alignas(64) std::array<acc_t, kGroupRows> shifts{}, means{}, m2s{};
   const Vec n_v(static_cast<acc_t>(N));
   for (int64_t first = begin; first < end; first += kGroupRows) {
     const int64_t rows = std::min(kGroupRows, end - first);
@@ -692,39 +751,42 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
         terms[r] = masked_terms(v, valid, [&](const Vec& e) { return e - shift; });
       }
     }
-    lane_sums(terms, rows, sums.data());
-    for (int64_t r = 0; r < rows; r += Vec::size()) {  // a vector of rows at a time
-      const int64_t len = std::min<int64_t>(Vec::size(), rows - r);
-      const Vec sum_v = Vec::loadu(sums.data() + r, len);
-      if constexpr (kNorm == Norm::kRms) {
-        (sum_v / n_v).store(stats.data() + r, len);
-      } else {
-        (Vec::loadu(shifts.data() + r, len) + sum_v / n_v).store(a.mean + first + r, len);
-      }
-    }
+    // RMSNorm: mean(x^2); LayerNorm: sum(x - x0) / n, the mean less its shift.
+    const auto quotients = lane_sums(terms, rows).map([&](const Vec& sum) { return sum / n_v; });
+    RowColumn<acc_t> stats = quotients;
     if constexpr (kNorm == Norm::kLayer) {
+      bool overflow = false;
       for (int64_t r = 0; r < rows; ++r) {
-        const Vec mean(a.mean[first + r]);
+        const Vec mean = Vec(shifts[r]) + quotients.broadcast(r);
+        means[r] = first_lane(mean);
+        a.mean[first + r] = means[r];  // row by row: a memcpy's wider loads of the array
+                                       // would wait for these scalar stores to commit
+        overflow |= !math::is_finite(means[r]);
         terms[r] = masked_terms(C::load(row_x(r), N), valid, [&](const Vec& e) {
           const Vec dev = e - mean;
           return dev * dev;
         });
       }
-      lane_sums(terms, rows, stats.data());
-      for (int64_t r = 0; r < rows; ++r) {  // the rare rows whose moments overflowed
-        const auto moments =
-            without_overflow(math::WelfordState<acc_t>{a.mean[first + r], stats[r], N}, row_x(r), N);
-        a.mean[first + r] = moments.mean;
-        stats[r] = moments.m2;
+      stats = lane_sums(terms, rows);
+      if (overflow) {  // the rare groups with a row whose moments overflowed
+        stats.store(m2s.data(), rows);
+        for (int64_t r = 0; r < rows; ++r) {
+          const auto moments =
+              without_overflow(math::WelfordState<acc_t>{means[r], m2s[r], N}, row_x(r), N);
+          a.mean[first + r] = means[r] = moments.mean;
+          m2s[r] = moments.m2;
+        }
+        stats = RowColumn<acc_t>::load(m2s.data());
       }
     }
-    rstd_of_rows<kNorm>(stats.data(), rows, N, a.eps, a.rstd + first);
+    const auto rstds = rstd_of_rows<kNorm>(stats, N, a.eps);
+    rstds.store(a.rstd + first, rows);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = first + r;
       const auto xv = C::load(row_x(r), N);
-      const acc_t rstd = a.rstd[row];
-      const Vec mean_v(math::row_center<kNorm>(a.mean, row, rstd));
-      const Vec rstd_v(rstd);
+      const Vec rstd_v = rstds.broadcast(r);
+      const Vec mean_v(kNorm == Norm::kLayer ? math::normalize_center(means[r], first_lane(rstd_v))
+                                             : acc_t(0));
       typename C::Parts yv;
       for (int k = 0; k < C::kParts; ++k) {
         yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_v, rstd_v), wv[k], bv[k]);
@@ -747,7 +809,8 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   if (N > 0 && N < C::kSize) return forward_short_rows<kNorm>(a, begin, end);
   const AccParam<P> weight(a.weight, N), bias(a.bias, N);
   const int64_t group_rows = group_rows_for<T>(N);
-  std::array<acc_t, kGroupRows> means{}, stats;  // stats: m2 (LayerNorm), mean(x^2) (RMSNorm)
+  // stats: m2 (LayerNorm), mean(x^2) (RMSNorm)
+  alignas(64) std::array<acc_t, kGroupRows> means{}, stats{};
   std::array<LaneMoments<T>, kGroupRows> lanes;
   const int64_t chunks = N / C::kSize;
   for (int64_t first = begin; first < end; first += group_rows) {
@@ -772,7 +835,8 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
         a.mean[first + r] = means[r];
       }
     }
-    rstd_of_rows<kNorm>(stats.data(), rows, N, a.eps, a.rstd + first);
+    const auto rstds = rstd_of_rows<kNorm>(RowColumn<acc_t>::load(stats.data()), N, a.eps);
+    rstds.store(a.rstd + first, rows);
     // While the group's outputs are written, the next group's input is prefetched into
     // L2 (the same offset, one group ahead): the hardware prefetcher restarts at every
     // group's first pass, which cost ~15% at D = 16384 in bf16.
@@ -780,8 +844,8 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = a.x + (first + r) * N;
       T* y = a.y + (first + r) * N;
-      const acc_t rstd = a.rstd[first + r];
-      const Vec mean_v(math::normalize_center(means[r], rstd)), rstd_v(rstd);
+      const Vec rstd_v = rstds.broadcast(r);
+      const Vec mean_v(math::normalize_center(means[r], first_lane(rstd_v)));
       const bool stream = a.stream_output && can_stream(y);
       for_each_chunk<T>(N, [&](int64_t j, auto n) {
         if (prefetch) prefetch_chunk(x + rows * N + j);
