@@ -208,12 +208,17 @@ def test_emulator_shuffle_semantics(emulated):
     """The shuffles as CUDA defines them, within segments of `width` lanes:
     __shfl_down_sync leaves a lane past the segment's end its own value, __shfl_sync
     reads lane `src_lane % width` of the lane's own segment."""
-    assert emulated.shuffled_lanes(1, 32) == list(range(1, 32)) + [31]
-    assert emulated.shuffled_lanes(4, 8) == [
-        lane + 4 if lane % 8 < 4 else lane for lane in range(32)]
-    assert emulated.broadcast_lanes(0, 32) == [0] * 32
-    assert emulated.broadcast_lanes(3, 8) == [lane // 8 * 8 + 3 for lane in range(32)]
-    assert emulated.broadcast_lanes(9, 8) == [lane // 8 * 8 + 1 for lane in range(32)]
+    def down(delta, width):
+        return emulated.shuffled_lanes(indexed=False, arg=delta, width=width)
+
+    def indexed(src_lane, width):
+        return emulated.shuffled_lanes(indexed=True, arg=src_lane, width=width)
+
+    assert down(1, 32) == list(range(1, 32)) + [31]
+    assert down(4, 8) == [lane + 4 if lane % 8 < 4 else lane for lane in range(32)]
+    assert indexed(0, 32) == [0] * 32
+    assert indexed(3, 8) == [lane // 8 * 8 + 3 for lane in range(32)]
+    assert indexed(9, 8) == [lane // 8 * 8 + 1 for lane in range(32)]
 
 
 @pytest.fixture(params=["reverse", "shuffled"])

@@ -50,22 +50,14 @@ std::tuple<std::string, int, int, int> config_of(bool backward, int64_t cols, in
 }
 
 // The emulator's own checks, so that they are known to fire. Lane i's value after one
-// __shfl_down_sync(delta, width) of the lane numbers.
-std::vector<int64_t> shuffled_lanes(int delta, int width) {
+// shuffle of the lane numbers: __shfl_down_sync(delta = arg, width) or, `indexed`,
+// __shfl_sync(src_lane = arg, width).
+std::vector<int64_t> shuffled_lanes(bool indexed, int arg, int width) {
   std::vector<int64_t> out(emu::kWarpSize);
   emu::launch(dim3(1), dim3(emu::kWarpSize), [&] {
     const int lane = static_cast<int>(threadIdx.x);
-    out[lane] = __shfl_down_sync(emu::kFullMask, lane, delta, width);
-  });
-  return out;
-}
-
-// Lane i's value after one __shfl_sync(src_lane, width) of the lane numbers.
-std::vector<int64_t> broadcast_lanes(int src_lane, int width) {
-  std::vector<int64_t> out(emu::kWarpSize);
-  emu::launch(dim3(1), dim3(emu::kWarpSize), [&] {
-    const int lane = static_cast<int>(threadIdx.x);
-    out[lane] = __shfl_sync(emu::kFullMask, lane, src_lane, width);
+    out[lane] = indexed ? __shfl_sync(emu::kFullMask, lane, arg, width)
+                        : __shfl_down_sync(emu::kFullMask, lane, arg, width);
   });
   return out;
 }
@@ -124,8 +116,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_forward", &rms_norm_forward<ForwardKernel>);
   m.def("rms_norm_backward", &rms_norm_backward<BackwardKernel>);
   m.def("config_of", &config_of);
-  m.def("shuffled_lanes", &shuffled_lanes);
-  m.def("broadcast_lanes", &broadcast_lanes);
+  m.def("shuffled_lanes", &shuffled_lanes, pybind11::arg("indexed"), pybind11::arg("arg"),
+        pybind11::arg("width"));
   m.def("divergent_barrier", &divergent_barrier);
   m.def("divergent_shuffle", &divergent_shuffle);
   m.def("racy_read", &racy_read);
