@@ -62,3 +62,26 @@ def test_every_instruction_set_agrees_with_the_best(tmp_path, capability):
         for a, b in zip(best[key], other[key]):
             torch.testing.assert_close(a, b, atol=tol * max(1.0, a.abs().max().item()), rtol=tol,
                                        msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_short_rows_give_the_same_bits_in_a_group_as_alone(dtype, norm):
+    """Rows shorter than one vector chunk go 16 at a time; on AVX-512 a whole group's
+    outputs are written from contiguous vectors, a partial group's row by row. A row's
+    results must not depend on which: 37 rows (two whole groups and five more) against
+    each row alone."""
+    torch.manual_seed(0)
+    for D in (1, 7, 16, 20, 31):
+        x = (torch.randn(37, D, dtype=torch.float64) * 3 + 1).to(dtype)
+        weight = torch.randn(D, dtype=torch.float64).to(dtype)
+        bias = torch.randn(D, dtype=torch.float64).to(dtype)
+        if norm == "layer":
+            op = lambda rows: torch.ops.layernorm_ext.forward(rows, [D], weight, bias, 1e-5)
+        else:
+            op = lambda rows: torch.ops.layernorm_ext.rms_forward(rows, [D], weight, 1e-5)
+        together = op(x)
+        alone = [op(x[i:i + 1]) for i in range(x.shape[0])]
+        for k, out in enumerate(together):
+            assert torch.equal(out, torch.cat([a[k] for a in alone])), (D, k)
