@@ -156,6 +156,31 @@ def test_large_offset_small_spread_keeps_accuracy(device, dtype, offset, D):
     assert ((rstd.cpu().double() / exact_rstd) - 1).abs().max().item() <= bound
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [2, 7, 20, 31])
+def test_short_half_rows_keep_the_variance_accurate(device, dtype, D):
+    """Half/bf16 rows shorter than a CPU vector chunk take their moments from one pass of
+    sums shifted by the first element. Its worst case is a first element far from the
+    rest (the shifted squares are then up to n times m2, and cancel); a large common
+    offset is the textbook E[x^2] - E[x]^2's (checked below to fail the bound). rstd
+    must be within 2^-15 (relative) of float64's in both."""
+    g = torch.Generator().manual_seed(D)
+    outlier_first = torch.randn(32, D, generator=g, dtype=torch.float64) * 0.01
+    outlier_first[:, 0] = (torch.randn(32, generator=g, dtype=torch.float64)
+                           * 10.0 ** torch.arange(32).remainder(4))
+    offset = 100 + torch.randn(32, D, generator=g, dtype=torch.float64) * (1 + torch.arange(32)[:, None] % 4)
+    x = torch.cat([outlier_first, offset]).to(dtype)
+    _, mean, rstd = torch.ops.layernorm_ext.forward(x.to(device), [D], None, None, 1e-5)
+    exact = x.double()
+    exact_rstd = (exact.var(-1, unbiased=False) + 1e-5).rsqrt()
+    assert ((rstd.cpu().double() / exact_rstd) - 1).abs().max().item() <= 2.0 ** -15
+    assert ((mean.cpu().double() - exact.mean(-1)).abs() / exact.abs().amax(-1)).max() <= 2.0 ** -20
+    if D >= 7:  # (two values are too few to cancel much)
+        f = exact.float()
+        textbook = (((f * f).mean(-1) - f.mean(-1) ** 2).clamp_min(0) + 1e-5).rsqrt().double()
+        assert ((textbook / exact_rstd) - 1).abs().max().item() > 2.0 ** -15
+
+
 ROW_KINDS = ["uniform_to_max", "near_max", "one_at_max", "alternating_max", "sqrt_max", "tiny"]
 
 
