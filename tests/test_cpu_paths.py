@@ -68,20 +68,29 @@ def test_every_instruction_set_agrees_with_the_best(tmp_path, capability):
                          ids=str)
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_short_rows_give_the_same_bits_in_a_group_as_alone(dtype, norm):
-    """Rows shorter than one vector chunk go 16 at a time; on AVX-512 a whole group's
-    outputs are written from contiguous vectors, a partial group's row by row. A row's
+    """Rows of at most one vector chunk go 16 at a time; on AVX-512 a whole group's y and
+    dx are written from contiguous vectors, a partial group's row by row. A row's
     results must not depend on which: 37 rows (two whole groups and five more) against
-    each row alone."""
+    each row alone. The parameter gradients sum over rows, in another order: close."""
     torch.manual_seed(0)
-    for D in (1, 7, 16, 20, 31):
-        x = (torch.randn(37, D, dtype=torch.float64) * 3 + 1).to(dtype)
-        weight = torch.randn(D, dtype=torch.float64).to(dtype)
-        bias = torch.randn(D, dtype=torch.float64).to(dtype)
+    for D in (1, 7, 16, 20, 31, 32):
+        x, dy = ((torch.randn(37, D, dtype=torch.float64) * 3 + 1).to(dtype) for _ in range(2))
+        weight, bias = (torch.randn(D, dtype=torch.float64).to(dtype) for _ in range(2))
         if norm == "layer":
-            op = lambda rows: torch.ops.layernorm_ext.forward(rows, [D], weight, bias, 1e-5)
+            def run(rows, grads):
+                y, mean, rstd = torch.ops.layernorm_ext.forward(rows, [D], weight, bias, 1e-5)
+                return (y, mean, rstd), torch.ops.layernorm_ext.backward(
+                    grads, rows, [D], mean, rstd, weight, bias)
         else:
-            op = lambda rows: torch.ops.layernorm_ext.rms_forward(rows, [D], weight, 1e-5)
-        together = op(x)
-        alone = [op(x[i:i + 1]) for i in range(x.shape[0])]
-        for k, out in enumerate(together):
-            assert torch.equal(out, torch.cat([a[k] for a in alone])), (D, k)
+            def run(rows, grads):
+                y, rstd = torch.ops.layernorm_ext.rms_forward(rows, [D], weight, 1e-5)
+                return (y, rstd), torch.ops.layernorm_ext.rms_backward(grads, rows, [D], rstd, weight)
+        (outputs, grads) = run(x, dy)
+        alone = [run(x[i:i + 1], dy[i:i + 1]) for i in range(x.shape[0])]
+        for k, out in enumerate(outputs):
+            assert torch.equal(out, torch.cat([a[0][k] for a in alone])), (D, "output", k)
+        assert torch.equal(grads[0], torch.cat([a[1][0] for a in alone])), (D, "dx")
+        for k in range(1, len(grads)):
+            summed = torch.stack([a[1][k].double() for a in alone]).sum(0)
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+            torch.testing.assert_close(grads[k].double(), summed, rtol=tol, atol=tol * D)

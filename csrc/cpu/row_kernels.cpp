@@ -565,6 +565,15 @@ struct RowColumn {
     for (size_t i = 0; i < c.v.size(); ++i) c.v[i] = Vec::loadu(p + i * kLanes);
     return c;
   }
+  // From `rows` values; the rows past them are zero.
+  static RowColumn load(const acc_t* p, int64_t rows) {
+    RowColumn c;
+    for (size_t i = 0; i < c.v.size(); ++i) {
+      const int64_t lanes = std::clamp<int64_t>(rows - int64_t(i) * kLanes, 0, kLanes);
+      c.v[i] = lanes > 0 ? Vec::loadu(p + i * kLanes, lanes) : Vec(0);
+    }
+    return c;
+  }
   void store(acc_t* p, int64_t rows) const {
     for (int64_t r = 0; r < rows; r += kLanes) {
       v[r / kLanes].store(p + r, std::min<int64_t>(kLanes, rows - r));
@@ -772,13 +781,18 @@ class GroupLayout {
     }
   }
 
+  // Each lane's row value in vector `vector` of the group, from a vector of rows.
+  Vectorized<float> of_rows(int64_t vector, const Vectorized<float>& rows) const {
+    return _mm512_permutexvar_ps(row_[vector], rows);
+  }
+  const Vectorized<float>& weight(int64_t vector) const { return weight_[vector]; }
+
   // y of a whole group from x, given its rows' centers (normalize_center) and rstds:
   // the same operations as the row-by-row outputs, so the same bits.
   template <Norm kNorm, typename T>
   void write_outputs(const T* x, T* y, int64_t cols, const Vectorized<float>& centers,
                      const Vectorized<float>& rstds, bool stream) const {
     using C = Chunk<T>;
-    using Vec = Vectorized<float>;
     const int64_t elements = kGroupRows * cols;
     for (int64_t e = 0; e < elements; e += C::kSize) {
       const int64_t n = std::min(C::kSize, elements - e);
@@ -786,12 +800,23 @@ class GroupLayout {
       typename C::Parts yv;
       for (int k = 0; k < C::kParts; ++k) {
         const int64_t vector = e / 16 + k;
-        const Vec center = _mm512_permutexvar_ps(row_[vector], centers);
-        const Vec rstd = _mm512_permutexvar_ps(row_[vector], rstds);
-        yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], center, rstd), weight_[vector],
-                                    bias_[vector]);
+        yv[k] = math::affine<kNorm>(
+            math::normalize<kNorm>(xv[k], of_rows(vector, centers), of_rows(vector, rstds)),
+            weight_[vector], bias_[vector]);
       }
       C::store_row(y + e, yv, n, stream && can_stream(y + e));
+    }
+  }
+
+  // Adds per-lane sums over groups (one vector per vector of a group, as a group's
+  // elements lie) to a row of `cols` columns: column c gets every lane holding column c,
+  // in vector then lane order.
+  static void add_to_columns(const std::array<Vectorized<float>, kVectors>& lanes, int64_t cols,
+                             float* out) {
+    alignas(64) float values[16];
+    for (int64_t k = 0; k < cols; ++k) {
+      lanes[k].store(values);
+      for (int64_t l = 0; l < 16; ++l) out[(16 * k + l) % cols] += values[l];
     }
   }
 
@@ -1010,9 +1035,12 @@ void chunk_grads(const Parts& dyv, const Parts& xv, const Parts& wv, const Vec& 
 }
 
 // Backward of rows that fit in one chunk (D <= Chunk<T>::kSize, e.g. 32 floats with
-// AVX-512): each row is loaded once for both passes, and the dgamma/dbeta terms stay in
-// registers across all rows, stored once at the end. Same operations in the same order
-// as backward_rows, so the same bits; only the per-row partial-chunk copies are gone.
+// AVX-512), a group of rows at a time, as forward_short_rows: each row's two sums, the
+// group's lane sums as vectors of rows (lane_sums, RowColumn), then dx and the
+// dgamma/dbeta terms. On AVX-512 a whole group's dx is written from contiguous vectors
+// (GroupLayout), with the dgamma/dbeta terms summed per lane of those vectors across
+// groups and added to their columns at the end; other groups go row by row, with the
+// terms in registers. A row's dx is the same either way.
 template <Norm kNorm, typename T, typename P>
 void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
                          at::opmath_type<T>* dgamma, at::opmath_type<T>* dbeta) {
@@ -1022,33 +1050,96 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
   const int64_t N = a.cols;
-  const auto add = [](Vec u, Vec v) { return u + v; };
   const auto wv = PC::load_or(a.weight, N, acc_t(1));
   auto dgv = AC::load(dgamma, N);
   typename AC::Parts dbv;
   if constexpr (kNorm == Norm::kLayer) dbv = AC::load(dbeta, N);
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr bool kContiguous = std::is_same_v<acc_t, float>;
+  std::optional<GroupLayout> layout;
+  std::array<Vec, GroupLayout::kVectors> dgamma_lanes, dbeta_lanes;
+  bool contiguous_used = false;
+  if constexpr (kContiguous) {
+    layout.emplace(a.weight, static_cast<const P*>(nullptr), N);
+    dgamma_lanes.fill(Vec(0));
+    dbeta_lanes.fill(Vec(0));
+  }
+#endif
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
-  for (int64_t row = begin; row < end; ++row) {
-    T* dx = a.dx + row * N;
-    if (row + ahead < end) {
-      prefetch_short_row(a.dy + (row + ahead) * N, N);
-      prefetch_short_row(a.x + (row + ahead) * N, N);
+  const Vec n_v(static_cast<acc_t>(N));
+  std::array<Vec, kGroupRows> g_terms, g_xhat_terms;
+  for (int64_t first = begin; first < end; first += kGroupRows) {
+    const int64_t rows = std::min(kGroupRows, end - first);
+    const int64_t offset = first * N;
+    const auto rstds = RowColumn<acc_t>::load(a.rstd + first, rows);
+    const auto centers = kNorm == Norm::kRms ? RowColumn<acc_t>{} :
+        RowColumn<acc_t>::load(a.mean + first, rows).zip(rstds, [](const Vec& mean, const Vec& rstd) {
+          return Vec::blendv(mean, Vec(0), rstd == Vec(0));  // normalize_center
+        });
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = first + r;
+      if (row + ahead < end) {
+        prefetch_short_row(a.dy + (row + ahead) * N, N);
+        prefetch_short_row(a.x + (row + ahead) * N, N);
+      }
+      // lanes past N are zero, so g = 0 there
+      const auto dyv = C::load(a.dy + row * N, N);
+      const auto xv = C::load(a.x + row * N, N);
+      g_terms[r] = Vec(0), g_xhat_terms[r] = Vec(0);
+      add_row_sums<kNorm>(dyv, xv, wv, centers.broadcast(r), rstds.broadcast(r), g_terms[r],
+                          g_xhat_terms[r]);
     }
-    const auto dyv = C::load(a.dy + row * N, N);  // lanes past N are zero, so g = 0 there
-    const auto xv = C::load(a.x + row * N, N);
-    const acc_t rstd = a.rstd[row];
-    const Vec mean_v(math::row_center<kNorm>(a.mean, row, rstd));
-    const Vec rstd_v(rstd);
-    Vec sum_g(0), sum_g_xhat(0);
-    add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
-    const Vec mean_g(at::vec::vec_reduce_all(add, sum_g) / static_cast<acc_t>(N));
-    const Vec mean_g_xhat(at::vec::vec_reduce_all(add, sum_g_xhat) / static_cast<acc_t>(N));
-    typename C::Parts dxv;
-    chunk_grads<kNorm>(dyv, xv, wv, mean_v, rstd_v, mean_g, mean_g_xhat, dxv, dgv, dbv);
-    C::store_row(dx, dxv, N, a.stream_output && can_stream(dx));
+    const auto mean_gs = lane_sums(g_terms, rows).map([&](const Vec& sum) { return sum / n_v; });
+    const auto mean_g_xhats =
+        lane_sums(g_xhat_terms, rows).map([&](const Vec& sum) { return sum / n_v; });
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kContiguous) {
+      if (rows == kGroupRows) {
+        contiguous_used = true;
+        const int64_t elements = kGroupRows * N;
+        for (int64_t e = 0; e < elements; e += C::kSize) {
+          const int64_t n = std::min(C::kSize, elements - e);
+          const auto dyv = C::load(a.dy + offset + e, n);
+          const auto xv = C::load(a.x + offset + e, n);
+          typename C::Parts dxv;
+          for (int k = 0; k < C::kParts; ++k) {  // chunk_grads, one vector at a time
+            const int64_t vector = e / 16 + k;
+            using One = std::array<Vec, 1>;
+            One dx, dg{dgamma_lanes[vector]}, db{dbeta_lanes[vector]};
+            chunk_grads<kNorm>(One{dyv[k]}, One{xv[k]}, One{layout->weight(vector)},
+                               layout->of_rows(vector, centers.v[0]),
+                               layout->of_rows(vector, rstds.v[0]),
+                               layout->of_rows(vector, mean_gs.v[0]),
+                               layout->of_rows(vector, mean_g_xhats.v[0]), dx, dg, db);
+            dxv[k] = dx[0], dgamma_lanes[vector] = dg[0], dbeta_lanes[vector] = db[0];
+          }
+          T* dx = a.dx + offset + e;
+          C::store_row(dx, dxv, n, a.stream_output && can_stream(dx));
+        }
+        continue;
+      }
+    }
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = first + r;
+      typename C::Parts dxv;
+      chunk_grads<kNorm>(C::load(a.dy + row * N, N), C::load(a.x + row * N, N), wv,
+                         centers.broadcast(r), rstds.broadcast(r), mean_gs.broadcast(r),
+                         mean_g_xhats.broadcast(r), dxv, dgv, dbv);
+      T* dx = a.dx + row * N;
+      C::store_row(dx, dxv, N, a.stream_output && can_stream(dx));
+    }
   }
   AC::store(dgamma, dgv, N);
   if constexpr (kNorm == Norm::kLayer) AC::store(dbeta, dbv, N);
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kContiguous) {
+    if (contiguous_used) {
+      GroupLayout::add_to_columns(dgamma_lanes, N, dgamma);
+      if constexpr (kNorm == Norm::kLayer) GroupLayout::add_to_columns(dbeta_lanes, N, dbeta);
+    }
+  }
+#endif
   if (a.stream_output) stream_fence();
 }
 
