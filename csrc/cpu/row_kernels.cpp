@@ -760,20 +760,24 @@ void merge_lanes_of_rows(const std::array<LaneMoments<T>, kGroupRows>& lanes, in
 // as a whole vector with the lanes past N wasted (838861x20 bf16 forward: 1.45x).
 class GroupLayout {
  public:
-  static constexpr int64_t kVectors = 32;  // N < 32 vectors, plus one a chunk may overrun to
+  // A group of up to 32 columns is up to 32 vectors (odd N: one more, half past it).
+  static constexpr int64_t kVectors = 32;
 
+  // Built per call, so cheap for small tensors (no divisions): the vectors a group of
+  // `cols` <= 32 columns reaches, the last of them partly past the group.
   template <typename P>
   GroupLayout(const P* weight, const P* bias, int64_t cols) {
     static_assert(kGroupRows == 16 && Vectorized<float>::size() == 16);
-    for (int64_t k = 0; k < kVectors; ++k) {
+    int32_t row = 0;
+    int64_t col = 0;
+    for (int64_t k = 0; k < std::min(cols + 1, kVectors); ++k) {
       alignas(64) int32_t rows[16];
       alignas(64) float weights[16], biases[16];
       for (int64_t l = 0; l < 16; ++l) {
-        const int64_t element = 16 * k + l;
-        const int64_t col = element % cols;
-        rows[l] = static_cast<int32_t>(std::min<int64_t>(element / cols, kGroupRows - 1));
+        rows[l] = std::min<int32_t>(row, kGroupRows - 1);
         weights[l] = weight ? static_cast<float>(weight[col]) : 1.0f;
         biases[l] = bias ? static_cast<float>(bias[col]) : 0.0f;
+        if (++col == cols) col = 0, ++row;
       }
       row_[k] = Vectorized<int32_t>::loadu(rows);
       weight_[k] = Vectorized<float>::loadu(weights);
@@ -814,9 +818,13 @@ class GroupLayout {
   static void add_to_columns(const std::array<Vectorized<float>, kVectors>& lanes, int64_t cols,
                              float* out) {
     alignas(64) float values[16];
-    for (int64_t k = 0; k < cols; ++k) {
+    int64_t col = 0;
+    for (int64_t k = 0; k < cols; ++k) {  // a group's 16 * cols elements: cols vectors
       lanes[k].store(values);
-      for (int64_t l = 0; l < 16; ++l) out[(16 * k + l) % cols] += values[l];
+      for (int64_t l = 0; l < 16; ++l) {
+        out[col] += values[l];
+        if (++col == cols) col = 0;
+      }
     }
   }
 
@@ -849,8 +857,10 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
   const auto bv = PC::load_or(a.bias, N, acc_t(0));
 #if defined(CPU_CAPABILITY_AVX512)
   constexpr bool kContiguous = std::is_same_v<acc_t, float>;
-  std::optional<GroupLayout> layout;  // built once per call, as the parameters below
-  if constexpr (kContiguous) layout.emplace(a.weight, a.bias, N);
+  std::optional<GroupLayout> layout;  // for the whole groups
+  if constexpr (kContiguous) {
+    if (end - begin >= kGroupRows) layout.emplace(a.weight, a.bias, N);
+  }
 #endif
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
   const auto valid = valid_lanes<T>(N);
@@ -1060,7 +1070,7 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
   std::array<Vec, GroupLayout::kVectors> dgamma_lanes, dbeta_lanes;
   bool contiguous_used = false;
   if constexpr (kContiguous) {
-    layout.emplace(a.weight, static_cast<const P*>(nullptr), N);
+    if (end - begin >= kGroupRows) layout.emplace(a.weight, static_cast<const P*>(nullptr), N);
     dgamma_lanes.fill(Vec(0));
     dbeta_lanes.fill(Vec(0));
   }
