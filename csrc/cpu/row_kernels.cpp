@@ -565,6 +565,11 @@ struct RowColumn {
     for (size_t i = 0; i < c.v.size(); ++i) c.v[i] = Vec::loadu(p + i * kLanes);
     return c;
   }
+  static RowColumn zeros() {
+    RowColumn c;
+    c.v.fill(Vec(0));
+    return c;
+  }
   // From `rows` values; the rows past them are zero.
   static RowColumn load(const acc_t* p, int64_t rows) {
     RowColumn c;
@@ -792,7 +797,8 @@ class GroupLayout {
   const Vectorized<float>& weight(int64_t vector) const { return weight_[vector]; }
 
   // y of a whole group from x, given its rows' centers (normalize_center) and rstds:
-  // the same operations as the row-by-row outputs, so the same bits.
+  // the same operations as the row-by-row outputs, so the same values (and bits, but
+  // for how bf16 encodes a NaN: pack_reduced picks its conversion per chunk).
   template <Norm kNorm, typename T>
   void write_outputs(const T* x, T* y, int64_t cols, const Vectorized<float>& centers,
                      const Vectorized<float>& rstds, bool stream) const {
@@ -834,6 +840,12 @@ class GroupLayout {
 };
 #endif
 
+// All-ones lanes where both a and b are finite (x - x is 0 for finite x, NaN otherwise).
+template <typename Vec>
+Vec both_finite(const Vec& a, const Vec& b) {
+  return ((a - a) == Vec(0)) & ((b - b) == Vec(0));
+}
+
 // Forward of rows shorter than one chunk (D < Chunk<T>::kSize), a group of rows at a
 // time: their statistics as vectors of rows (lane_sums, RowColumn), then their outputs
 // (on AVX-512, whole groups from contiguous vectors: GroupLayout). LayerNorm's moments
@@ -844,7 +856,8 @@ class GroupLayout {
 //   pass (838861x20 bf16: 1.3x). With x0 in the row, sum((x - x0)^2) <= n * m2
 //   (Samuelson's inequality), so the subtraction cancels at most log2(n) < 5 bits: m2
 //   keeps some 16 of float's 24 bits, where the output has 8 (bf16) or 11 (half).
-//   Groups whose sums overflow take the two-pass moments and the overflow rescue.
+//   Rows whose sums are not finite (overflow, NaN, inf) take the two-pass moments and
+//   the overflow rescue; the others keep the one-pass ones, whatever their group holds.
 template <Norm kNorm, typename T, typename P>
 void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   using C = Chunk<T>;
@@ -895,10 +908,13 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
     if constexpr (kNorm == Norm::kLayer) {
       mean_of_rows = RowColumn<acc_t>::load(shifts.data()).zip(quotients, std::plus<>());
       bool done = false;
+      RowColumn<acc_t> one_pass, one_pass_finite;
       if constexpr (kOnePass) {
         const auto sum_squares = lane_sums(squares, rows);
-        stats = sum_squares.zip(sums.zip(quotients, std::multiplies<>()), std::minus<>());
+        one_pass = sum_squares.zip(sums.zip(quotients, std::multiplies<>()), std::minus<>());
+        stats = one_pass;
         done = mean_of_rows.all_finite(rows) && sum_squares.all_finite(rows);
+        if (!done) one_pass_finite = mean_of_rows.zip(sum_squares, both_finite<Vec>);
       }
       if (!done) {
         for (int64_t r = 0; r < rows; ++r) {
@@ -909,6 +925,11 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
           });
         }
         stats = lane_sums(terms, rows);
+        if constexpr (kOnePass) {  // only the rows that need them: a row's own sums decide
+          for (size_t i = 0; i < stats.v.size(); ++i) {
+            stats.v[i] = Vec::blendv(stats.v[i], one_pass.v[i], one_pass_finite.v[i]);
+          }
+        }
       }
       if (!mean_of_rows.all_finite(rows)) {  // the rare groups whose moments overflowed
         mean_of_rows.store(means.data(), rows);
@@ -926,7 +947,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
     }
     const auto rstds = rstd_of_rows<kNorm>(stats, N, a.eps);
     rstds.store(a.rstd + first, rows);
-    const auto centers = kNorm == Norm::kRms ? RowColumn<acc_t>{} : mean_of_rows.zip(
+    const auto centers = kNorm == Norm::kRms ? RowColumn<acc_t>::zeros() : mean_of_rows.zip(
         rstds, [](const Vec& mean, const Vec& rstd) {  // normalize_center, a vector at a time
           return Vec::blendv(mean, Vec(0), rstd == Vec(0));
         });
@@ -1082,7 +1103,7 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
     const int64_t rows = std::min(kGroupRows, end - first);
     const int64_t offset = first * N;
     const auto rstds = RowColumn<acc_t>::load(a.rstd + first, rows);
-    const auto centers = kNorm == Norm::kRms ? RowColumn<acc_t>{} :
+    const auto centers = kNorm == Norm::kRms ? RowColumn<acc_t>::zeros() :
         RowColumn<acc_t>::load(a.mean + first, rows).zip(rstds, [](const Vec& mean, const Vec& rstd) {
           return Vec::blendv(mean, Vec(0), rstd == Vec(0));  // normalize_center
         });
