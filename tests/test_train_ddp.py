@@ -9,6 +9,9 @@ import sys
 from layernorm_ext.training import TrainConfig, fit, load_checkpoint
 from layernorm_ext.train import format_comparison
 
+# What a rank prints when a C++ thread of torch's gloo backend is still joinable at exit.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
 ARGS = ["--samples", "48", "--batch-size", "16", "--epochs", "3", "--optimizer", "adam",
         "--compare"]
 
@@ -21,6 +24,11 @@ def test_two_processes_match_the_single_process_run(tmp_path):
                "--save", str(path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    if result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
+        # torch's gloo teardown can still abort a rank as it exits, after the training is
+        # done (seen once in ~4 full CI runs under load, never alone): run it again, once.
+        # Any other failure, or the same abort twice, fails the test.
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     # Rank 0 alone logs: 3 epoch lines, not 6.
