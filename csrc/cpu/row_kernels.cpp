@@ -631,6 +631,16 @@ struct RowColumn {
   }
 };
 
+// math::normalize_center of a group's rows, a vector at a time: each row's mean, or 0
+// where its rstd is 0.
+template <typename acc_t>
+RowColumn<acc_t> centers_of_rows(const RowColumn<acc_t>& means, const RowColumn<acc_t>& rstds) {
+  using Vec = Vectorized<acc_t>;
+  return means.zip(rstds, [](const Vec& mean, const Vec& rstd) {
+    return Vec::blendv(mean, Vec(0), rstd == Vec(0));
+  });
+}
+
 // rstd of a group's rows from their statistic (LayerNorm: m2 of n elements, as
 // math::rstd_from_moments; RMSNorm: mean(x^2), as math::rstd_from_mean_square), a vector
 // of rows at a time: a short row's square root and division are its longest latencies,
@@ -947,10 +957,8 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
     }
     const auto rstds = rstd_of_rows<kNorm>(stats, N, a.eps);
     rstds.store(a.rstd + first, rows);
-    const auto centers = kNorm == Norm::kRms ? RowColumn<acc_t>::zeros() : mean_of_rows.zip(
-        rstds, [](const Vec& mean, const Vec& rstd) {  // normalize_center, a vector at a time
-          return Vec::blendv(mean, Vec(0), rstd == Vec(0));
-        });
+    const auto centers =
+        kNorm == Norm::kRms ? RowColumn<acc_t>::zeros() : centers_of_rows(mean_of_rows, rstds);
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kContiguous) {
       if (rows == kGroupRows) {
@@ -1103,10 +1111,9 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
     const int64_t rows = std::min(kGroupRows, end - first);
     const int64_t offset = first * N;
     const auto rstds = RowColumn<acc_t>::load(a.rstd + first, rows);
-    const auto centers = kNorm == Norm::kRms ? RowColumn<acc_t>::zeros() :
-        RowColumn<acc_t>::load(a.mean + first, rows).zip(rstds, [](const Vec& mean, const Vec& rstd) {
-          return Vec::blendv(mean, Vec(0), rstd == Vec(0));  // normalize_center
-        });
+    const auto centers = kNorm == Norm::kRms
+                             ? RowColumn<acc_t>::zeros()
+                             : centers_of_rows(RowColumn<acc_t>::load(a.mean + first, rows), rstds);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = first + r;
       if (row + ahead < end) {
