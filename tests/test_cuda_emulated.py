@@ -73,12 +73,17 @@ def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps,
             grad_weight if weight is not None else None, grad_bias if bias is not None else None]
 
 
-# Row lengths and the variants they reach (fp32 / 2-byte types; csrc/cuda/layernorm_cuda_config.h):
-#   1, 7, 20, 256   forward: 8 per thread, sub-warp groups; backward: registers, 16 per thread
-#   257, 1000       forward: 32 per thread; backward: 16 per thread, several rows per block
-#   8200            forward: 32 per thread, 512 threads; backward: 32 per thread, row read twice
-#   16390           both streaming (fp32, 2-byte types), a tail after the last vector
-ROW_SIZES = (1, 7, 20, 256, 257, 1000, 8200, 16390)
+# Row lengths and the variants they reach (csrc/cuda/layernorm_cuda_config.h):
+#   1, 7, 20        forward: a thread alone on its row (up to 128 bytes), head and tail
+#                   of several elements each; backward: registers, 16 per thread
+#   256             forward: small slices (32 bytes a thread) in sub-warp groups
+#   257, 1000       forward: large slices (128 bytes) in sub-warp groups or a warp
+#                   (bf16 257: small slices); backward: 16 per thread, several rows per block
+#   8200            forward: large slices, 256 / 512 threads; backward: 32 per thread,
+#                   the row read twice
+#   16390           forward: fp32 streaming, 2-byte types 512 threads; backward streaming
+#   32775           both streaming (every dtype), a tail after the last vector
+ROW_SIZES = (1, 7, 20, 256, 257, 1000, 8200, 16390, 32775)
 LAYOUTS = {
     # (x, grad_out): the same 16-byte offset everywhere -> vector path with a head;
     # different offsets -> the scalar streaming path.
@@ -156,11 +161,13 @@ def test_float64_streams(emulated, n, norm):
     check_emulated(emulated, n, torch.float64, torch.float64, "aligned", norm)
 
 
+@pytest.mark.parametrize("n", [20, 64])
 @pytest.mark.parametrize("rows", [0, 1, 16, 700])
-def test_row_counts(emulated, rows):
+def test_row_counts(emulated, rows, n):
     """No rows (zero parameter gradients), one, one slot's worth, and more rows than the
-    backward has slots at this width (the grid-stride loop)."""
-    check_emulated(emulated, 64, torch.float32, torch.float32, "aligned", "layer", rows=rows)
+    backward has slots at this width, and than the emulated device's 3 resident blocks of
+    the forward hold (the grid-stride loops): a row per thread (20) and small slices (64)."""
+    check_emulated(emulated, n, torch.float32, torch.float32, "aligned", "layer", rows=rows)
 
 
 def test_without_bias_and_offset_rows(emulated):
@@ -186,21 +193,26 @@ def test_fuzz_cases(emulated, index, norm):
 @pytest.mark.parametrize("D", [2, 5, 33, 100, 1000, 2000, 5000, 16390])
 def test_overflow_rescue(emulated, dtype, D):
     """Rows spanning +-max (tests/test_extreme_values.py on CPU/CUDA), in every forward
-    variant: sub-warp groups (D <= 256), one warp or several per row (D = 1000 .. 5000),
-    streaming (D = 16390, float64)."""
+    variant: small slices (D <= 100), large slices in sub-warp groups to blocks (D = 1000
+    .. 5000; bf16 16390), streaming (fp32 D = 16390, float64)."""
     check_whole_range_rows(emulated.layer_norm_forward, emulated.layer_norm_backward, dtype, D)
 
 
 def test_cases_reach_every_variant(emulated):
     """The row sizes above reach each launch configuration they are meant to."""
     def kinds(direction, elem_bytes):
-        return {emulated.config_of(direction == "backward", n, elem_bytes, True)[:2]
-                for n in ROW_SIZES}
+        """(kernel, elements per thread, whether a thread is alone on its row)."""
+        configs = (emulated.config_of(direction == "backward", n, elem_bytes, True)
+                   for n in ROW_SIZES)
+        return {(kind, elems, threads == 1) for kind, elems, threads, _ in configs}
 
-    assert kinds("forward", 4) == {("registers", 8), ("registers", 32), ("streaming", 0)}
-    assert kinds("forward", 2) == {("registers", 8), ("registers", 32), ("streaming", 0)}
-    assert kinds("backward", 4) == {("registers", 16), ("registers", 32), ("streaming", 0)}
-    assert kinds("backward", 2) == {("registers", 16), ("registers", 32), ("streaming", 0)}
+    registers = [("registers", 16, False), ("registers", 32, False), ("streaming", 0, False)]
+    assert kinds("forward", 4) == {("registers", 8, False), ("registers", 32, True),
+                                   ("registers", 32, False), ("streaming", 0, False)}
+    assert kinds("forward", 2) == {("registers", 16, False), ("registers", 64, True),
+                                   ("registers", 64, False), ("streaming", 0, False)}
+    assert kinds("backward", 4) == set(registers)
+    assert kinds("backward", 2) == set(registers)
     assert emulated.config_of(False, 20, 4, False)[0] == "streaming"  # mixed alignment
 
 

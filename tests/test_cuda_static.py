@@ -114,11 +114,12 @@ def test_no_kernel_spills_or_uses_local_memory():
 def test_row_kernels_use_128_bit_global_accesses():
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     row_kernels = {name: body for name, body in functions.items() if family(name) in ROW_KERNELS}
-    # Per norm (LayerNorm, RMSNorm), each direction: 2 register kernels x 5 dtype pairs,
-    # 6 streaming.
-    assert len(row_kernels) == 2 * 2 * (2 * 5 + 6), sorted(row_kernels)
+    # Per norm (LayerNorm, RMSNorm) and dtype pair (5, and float64's 6th for streaming):
+    # forward 3 register kernels + streaming, backward 2 + streaming.
+    per_norm = (3 * 5 + 6) + (2 * 5 + 6)
+    assert len(row_kernels) == 2 * per_norm, sorted(row_kernels)
     for norm in (0, 1):  # the Norm template argument, as mangled: LNS_4NormE0E / ...E1E
-        assert sum(f"NormE{norm}E" in name for name in row_kernels) == 2 * (2 * 5 + 6)
+        assert sum(f"NormE{norm}E" in name for name in row_kernels) == per_norm
     for name, body in row_kernels.items():
         assert re.search(r"\bLDG\.E\.128\b", body), f"{name}: no 128-bit global load"
         assert re.search(r"\bSTG\.E\.128\b", body), f"{name}: no 128-bit global store"
@@ -145,5 +146,6 @@ def test_host_replay_of_indexing_and_reductions(tmp_path):
     sys.stdout.write(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     assert re.search(r"^\d+ checks, 0 failures$", run.stdout, re.MULTILINE), run.stdout
-    # Both register variants of each direction, and the streaming kernels, were replayed.
-    assert "coverage: 3 forward and 3 backward kernel variants replayed" in run.stdout
+    # The register variants of each direction (forward: small slices, large slices, a row
+    # per thread; backward: the row kept, the row read twice), and the streaming kernels.
+    assert "coverage: 4 forward and 3 backward kernel variants replayed" in run.stdout

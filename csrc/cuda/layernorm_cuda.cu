@@ -7,12 +7,34 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "layernorm_cuda_kernels.cuh"
 
 namespace layernorm_ext {
 namespace {
+
+// Blocks of `kernel` (with `threads` threads) that the current device runs at once,
+// from the occupancy calculator, asked once per kernel, block size and device.
+int64_t resident_blocks(const void* kernel, int threads) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int64_t> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto [entry, inserted] = known.try_emplace({kernel, threads, device}, 0);
+  if (inserted) {
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    entry->second = std::max<int64_t>(int64_t(per_sm) * sms, 1);
+  }
+  return entry->second;
+}
 
 // launch(kernel, grid, block, args...) for cuda_kernels::launch_forward/backward: on
 // `stream`, then torch's check of the launch.
@@ -23,6 +45,12 @@ struct StreamLaunch {
   void operator()(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&... args) const {
     kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename... KernelArgs>
+  int64_t resident_blocks(void (*kernel)(KernelArgs...), dim3 block) const {
+    return layernorm_ext::resident_blocks(reinterpret_cast<const void*>(kernel),
+                                          static_cast<int>(block.x * block.y * block.z));
   }
 };
 

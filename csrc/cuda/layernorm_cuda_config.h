@@ -3,10 +3,12 @@
 // test (tests/cuda_replay/) checks the configurations the launcher really uses.
 //
 // Kernels (csrc/cuda/layernorm_cuda_kernels.cuh):
-//   forward, rows in registers    kElemsSmall (8) or kElemsLarge (32) elements per thread,
-//                                 `threads_per_row` threads per row (8 .. 512, a sub-warp
-//                                 group, a warp or a block), several rows per block when
-//                                 a row needs fewer than kRowBlockThreads threads.
+//   forward, rows in registers    a slice of kSmallSliceBytes (32) or kLargeSliceBytes (128)
+//                                 of the row per thread, kept as loaded (8 or 32 registers,
+//                                 whatever the dtype), `threads_per_row` threads per row
+//                                 (1, or 8 .. 512: a sub-warp group, a warp or a block),
+//                                 several rows per block when a row needs fewer than
+//                                 kRowBlockThreads threads.
 //   backward, rows in registers   kElemsBackward (16) elements per thread, dgamma/dbeta
 //                                 accumulated in registers over every row of a slot;
 //                                 kElemsBackwardLong (32) for rows up to 16384, which
@@ -28,13 +30,29 @@ constexpr int kWarpSize = 32;
 constexpr int kMaxBlockThreads = 512;
 // Threads per block when several short rows share a block.
 constexpr int kRowBlockThreads = 128;
-// Register-resident kernels need whole vectors for their head/tail handling: a group
-// has at least as many threads as a 16-byte vector has elements (8 for 2-byte types).
+// A row's head and tail (under a 16-byte vector each) take one element per thread in
+// register kernels whose groups have at least as many threads as a vector has elements
+// (8 for 2-byte types); a thread alone on its row takes them all.
 constexpr int kMinThreadsPerRow = 8;
 
-constexpr int kElemsSmall = 8;      // forward, rows up to 8 * 32 = 256 elements
-constexpr int kElemsLarge = 32;     // forward, rows up to 32 * 512 = 16384 elements
-constexpr int kElemsBackward = 16;  // backward, rows up to 16 * 512 = 8192 elements
+// Forward: bytes of a row per thread, in 16-byte vectors. Sized in bytes, not elements:
+// a memory-bound kernel's speed follows the bytes each SM has in flight. On an H100
+// (2026-11-25) the forward with 32 elements per thread ran at 92-95% of the copy roof in
+// float32 (128 bytes) and at 57-66% in bfloat16 (64 bytes), at the same occupancy.
+constexpr int kSmallSliceBytes = 32;   // rows up to 32 * 32 bytes (256 fp32, 512 bf16)
+constexpr int kLargeSliceBytes = 128;  // rows up to 128 * 512 bytes (16384 fp32, 32768 bf16)
+constexpr int kSmallSliceVectors = kSmallSliceBytes / 16;
+// Small slices always come in blocks of kRowBlockThreads (several rows each). Their
+// kernel asks the compiler to fit this many blocks per SM (__launch_bounds__; at most
+// 65536 / (9 * 128) = 56 registers a thread): left alone, nvcc 13.0 gave the 2-byte
+// LayerNorm 72 registers, 28 resident warps an SM instead of 36. 10 blocks spill on sm_80.
+constexpr int kSmallSliceMinBlocksPerSM = 9;
+// The same for a row per thread (128 rows a block; 65536 / (5 * 128) = 102 registers):
+// 94-104 registers without it, 80-96 with it; 6 blocks spill.
+constexpr int kRowPerThreadMinBlocksPerSM = 5;
+constexpr int kLargeSliceVectors = kLargeSliceBytes / 16;
+// Backward: elements per thread (its registers hold float32 values, whatever the dtype).
+constexpr int kElemsBackward = 16;  // rows up to 16 * 512 = 8192 elements
 // Backward, rows up to 32 * 512 = 16384: 32 columns of dgamma and dbeta per thread in
 // registers leave no room to keep the row too. (Streaming instead, which adds every row
 // into a partial row in global memory, ran at 8% of the copy roof on an H100.)
@@ -65,7 +83,7 @@ enum class Kind : int { kRegisters = 0, kStreaming = 1 };
 
 struct LaunchConfig {
   Kind kind;
-  int elems_per_thread;  // register kernels: the row slice a thread holds
+  int elems_per_thread;  // register kernels: the row slice a thread holds, in elements
   int threads_per_row;   // blockDim.x, a power of two
   int rows_per_block;    // blockDim.y
 };
@@ -96,17 +114,23 @@ LN_HOST_DEVICE constexpr LaunchConfig streaming_config(int64_t n, int elem_bytes
 // `vectorized`: every row tensor starts at the same offset from a 16-byte boundary, so
 // rows split into the same head / 16-byte vectors / tail in all of them.
 // float64 always streams: it need only be correct, and this keeps the build small.
+// A row that fits one large slice (D <= 32 fp32, 64 bf16) has a thread to itself, 128
+// rows a block: in groups of 8 threads most lanes would idle (D = 20 fp32: 5 of 8 hold
+// a vector). Rows up to a warp's worth of small slices take them (more resident warps:
+// fewer registers); longer rows the large slice, with the fewest threads (8 .. 512)
+// that hold it.
 LN_HOST_DEVICE constexpr LaunchConfig forward_config(int64_t n, int elem_bytes, bool vectorized) {
   if (vectorized && elem_bytes <= 4) {
-    if (n <= int64_t(kElemsSmall) * kWarpSize) {
-      return with_rows_per_block(
-          Kind::kRegisters, kElemsSmall,
-          pow2_clamped(ceil_div(n, kElemsSmall), kMinThreadsPerRow, kWarpSize));
+    const int small = kSmallSliceBytes / elem_bytes, large = kLargeSliceBytes / elem_bytes;
+    if (n <= large) return with_rows_per_block(Kind::kRegisters, large, 1);
+    if (n <= int64_t(small) * kWarpSize) {
+      return with_rows_per_block(Kind::kRegisters, small,
+                                 pow2_clamped(ceil_div(n, small), kMinThreadsPerRow, kWarpSize));
     }
-    if (n <= int64_t(kElemsLarge) * kMaxBlockThreads) {
+    if (n <= int64_t(large) * kMaxBlockThreads) {
       return with_rows_per_block(
-          Kind::kRegisters, kElemsLarge,
-          pow2_clamped(ceil_div(n, kElemsLarge), kWarpSize, kMaxBlockThreads));
+          Kind::kRegisters, large,
+          pow2_clamped(ceil_div(n, large), kMinThreadsPerRow, kMaxBlockThreads));
     }
   }
   return streaming_config(n, elem_bytes);

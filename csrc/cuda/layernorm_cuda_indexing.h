@@ -51,8 +51,10 @@ LN_HOST_DEVICE RowSplit split_row(int64_t n, int vec, int64_t misalign) {
 LN_HOST_DEVICE RowSplit scalar_row(int64_t n, int vec) { return {n, 0, 0, vec}; }
 
 // Register-resident rows: thread t of a group of G threads holds the packs t, t + G, ...
-// in register slots 0 .. kSlots-1, and at most one head and one tail element (edge slot
-// 0 and 1; G >= vec, so the fewer than vec elements of each fit). f(slot, first element).
+// in register slots 0 .. kSlots-1 (f(slot, first element)), and the head and tail
+// elements t, t + G, ... in edge slots j and kEdgeSlots + j (f(edge slot, element)). A
+// head or tail has fewer than vec elements, so one edge slot of each suffices when
+// G >= vec; a thread alone on its row (G = 1) needs vec - 1.
 // The slot index is a compile-time constant after unrolling, so register arrays indexed
 // by it stay in registers. Register-resident rows are short (cuda_config), so element
 // indices are ints: fewer registers than 64-bit ones.
@@ -67,10 +69,19 @@ LN_HOST_DEVICE void for_each_register_pack(const RowSplit& s, int t, int group, 
   }
 }
 
-template <typename F>
-LN_HOST_DEVICE void for_each_register_edge(const RowSplit& s, int t, F&& f) {
-  if (t < s.head) f(0, t);
-  if (t < s.tail) f(1, static_cast<int>(s.tail_begin()) + t);
+template <int kEdgeSlots = 1, typename F>
+LN_HOST_DEVICE void for_each_register_edge(const RowSplit& s, int t, int group, F&& f) {
+  LN_UNROLL
+  for (int j = 0; j < kEdgeSlots; ++j) {
+    const int e = t + j * group;
+    if (e < s.head) f(j, e);
+    if (e < s.tail) f(kEdgeSlots + j, static_cast<int>(s.tail_begin()) + e);
+  }
+}
+
+// Edge slots a register kernel needs for groups of `group` threads (see above).
+LN_HOST_DEVICE constexpr int register_edge_slots(int group, int vec) {
+  return group >= vec ? 1 : (vec - 1 + group - 1) / group;
 }
 
 // Streaming rows: thread t of G visits the packs t, t + G, ... (pack(first element)),

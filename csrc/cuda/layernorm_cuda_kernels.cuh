@@ -1,9 +1,9 @@
 // CUDA kernels of layernorm_ext and their host-side launch, written against a launcher
 // (layernorm_cuda.cu launches them on a stream; tests/cuda_emulator/ runs them on the CPU).
 //
-// Forward. Rows up to 16384 elements live in registers: a group of threads per row (8
-// to 32 lanes of a warp for short rows, up to a 512-thread block for long ones) loads
-// the row once with 16-byte vectors, computes each thread's mean and M2 from its
+// Forward. Rows up to 64 KiB live in registers: a group of threads per row (8 lanes of
+// a warp up to a 512-thread block) loads the row once with 16-byte vectors, each thread
+// a slice of 32 or 128 bytes kept as loaded, computes each thread's mean and M2 from its
 // registers (two-pass: exact for a handful of values), combines the threads' moments
 // with Chan's formula in a fixed tree, and writes y from the same registers. Longer rows,
 // float64, and tensors whose 16-byte alignment differs stream: a block per row, a
@@ -78,6 +78,22 @@ __device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out
 #pragma unroll
     for (int k = 0; k < kPerChunk; ++k) out[c * kPerChunk + k] = static_cast<acc_t>(values[k]);
   }
+}
+
+// A 16-byte vector as loaded (a uint4), and its elements as acc_t. The register forward
+// keeps rows this way and converts where it uses them: a thread then holds the same bytes
+// of a row in the same registers whatever the dtype (a bf16 conversion is one shift).
+template <typename T>
+__device__ __forceinline__ uint4 load_raw(const T* __restrict__ p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void unpack(const uint4& raw, acc_t (&out)[kVecOf<T>]) {
+  T values[kVecOf<T>];
+  memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+  for (int k = 0; k < kVecOf<T>; ++k) out[k] = static_cast<acc_t>(values[k]);
 }
 
 // One 16-byte global store. Written in PTX because the compiler splits a plain uint4
@@ -299,18 +315,45 @@ __device__ __forceinline__ acc_t save_row_stats(const ForwardParams<T, P>& a, in
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward, rows in registers. blockDim = (threads per row G, rows per block).
+// Forward, rows in registers. blockDim = (threads per row G, rows per block); each
+// thread holds up to kVectors 16-byte vectors of its row (cuda_config's slices).
+// kRowPerThread: G = 1, a thread holds a whole row and reduces nothing with the others.
 
-template <Norm kNorm, typename T, typename P, int kElems>
-__global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
+// Its __launch_bounds__ (threads, blocks per SM): small slices and rows per thread come
+// in blocks of kRowBlockThreads, with cuda_config's occupancy floors.
+template <int kVectors, bool kRowPerThread>
+constexpr bool kFixedBlock = kVectors == cuda_config::kSmallSliceVectors || kRowPerThread;
+
+template <int kVectors, bool kRowPerThread>
+constexpr int kForwardMaxThreads =
+    kFixedBlock<kVectors, kRowPerThread> ? cuda_config::kRowBlockThreads
+                                         : cuda_config::kMaxBlockThreads;
+
+template <int kVectors, bool kRowPerThread>
+constexpr int kForwardMinBlocks = kRowPerThread ? cuda_config::kRowPerThreadMinBlocksPerSM
+                                  : kVectors == cuda_config::kSmallSliceVectors
+                                      ? cuda_config::kSmallSliceMinBlocksPerSM
+                                      : 1;
+
+template <Norm kNorm, typename T, typename P, int kVectors, bool kRowPerThread>
+__global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
+                                  kForwardMinBlocks<kVectors, kRowPerThread>)
     forward_registers_kernel(const ForwardParams<T, P> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int kVec = kVecOf<T>;
-  constexpr int kSlots = kElems / kVec;
+  constexpr int kEdgeSlots = kRowPerThread ? cuda_indexing::register_edge_slots(1, kVec) : 1;
   __shared__ RowStats<kNorm, acc_t> scratch[cuda_indexing::kReduceScratch];
-  const int t = threadIdx.x;
-  const int group = blockDim.x;
+  const int t = kRowPerThread ? 0 : threadIdx.x;
+  const int group = kRowPerThread ? 1 : blockDim.x;
   const int64_t rows_per_block = blockDim.y;
+  // The row's total of this thread's partial statistics (kRowPerThread: they are it).
+  const auto row_total = [&](const auto& value, const auto& identity, auto combine) {
+    if constexpr (kRowPerThread) {
+      return value;
+    } else {
+      return group_allreduce(value, identity, combine, scratch);
+    }
+  };
 
   // The loop bound is the block's first row, so every thread runs every iteration
   // (the reductions shuffle across rows and sync the block).
@@ -322,28 +365,32 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     const T* xr = a.x + row * a.cols;
     T* yr = a.y + row * a.cols;
 
-    acc_t v[kSlots][kVec];
-    acc_t edge[2];
+    uint4 packs[kVectors];
+    acc_t edge[2 * kEdgeSlots];
     acc_t sum = 0;  // of scaled(x) (LayerNorm) or of x^2 (RMSNorm)
     int count = 0;
     const auto term = [](acc_t x) { return kNorm == Norm::kRms ? x * x : scaled(x); };
     if (valid) {
-      cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
-        load_vector(xr + e, v[i]);
+      // All loads first, then the sums: every vector of the slice is in flight at once.
+      cuda_indexing::for_each_register_pack<kVectors>(
+          s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
+      cuda_indexing::for_each_register_edge<kEdgeSlots>(
+          s, t, group, [&](int i, int e) { edge[i] = static_cast<acc_t>(xr[e]); });
+      cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int) {
+        acc_t v[kVec];
+        unpack<T>(packs[i], v);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) sum += term(v[i][k]);
+        for (int k = 0; k < kVec; ++k) sum += term(v[k]);
         count += kVec;
       });
-      cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
-        edge[i] = static_cast<acc_t>(xr[e]);
+      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int) {
         sum += term(edge[i]);
         count += 1;
       });
     }
     acc_t mean = 0, rstd;
     if constexpr (kNorm == Norm::kRms) {
-      const RowSum<acc_t> total =
-          group_allreduce(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{}, scratch);
+      const RowSum<acc_t> total = row_total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{});
       rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
     } else {
       // This thread's moments, two-pass from registers, then Chan's combine over the row
@@ -355,15 +402,17 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
         m2 += d * d;
       };
       if (valid) {
-        cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
+        cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int) {
+          acc_t v[kVec];
+          unpack<T>(packs[i], v);
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) add_deviation(v[i][k]);
+          for (int k = 0; k < kVec; ++k) add_deviation(v[k]);
         });
-        cuda_indexing::for_each_register_edge(s, t, [&](int i, int) { add_deviation(edge[i]); });
+        cuda_indexing::for_each_register_edge<kEdgeSlots>(
+            s, t, group, [&](int i, int) { add_deviation(edge[i]); });
       }
-      const Welford<acc_t> moments = math::rescue_unscaled(
-          group_allreduce(Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0},
-                          WelfordCombine{}, scratch));
+      const Welford<acc_t> moments = math::rescue_unscaled(row_total(
+          Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0}, WelfordCombine{}));
       mean = moments.mean;
       rstd = math::rstd_from_moments(moments, a.eps);
     }
@@ -371,17 +420,18 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     mean = save_row_stats<kNorm>(a, row, mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
-    cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
-      acc_t w[kVec], b[kVec], out[kVec];
+    cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
+      acc_t v[kVec], w[kVec], b[kVec];
+      unpack<T>(packs[i], v);
       load_param(a.weight, e, weight_vectors, acc_t(1), w);
       load_param(a.bias, e, bias_vectors, acc_t(0), b);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        out[k] = math::affine<kNorm>(math::normalize<kNorm>(v[i][k], mean, rstd), w[k], b[k]);
+        v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], mean, rstd), w[k], b[k]);
       }
-      store_vector(yr + e, out);
+      store_vector(yr + e, v);
     });
-    cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+    cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int e) {
       const acc_t xhat = math::normalize<kNorm>(edge[i], mean, rstd);
       yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
                                           load_param(a.bias, e, acc_t(0))));
@@ -496,7 +546,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     for (int k = 0; k < kVec; ++k) dgamma[i][k] = dbeta[i][k] = 0;
   });
   cuda_indexing::for_each_register_edge(
-      s, t, [&](int i, int) { dgamma_edge[i] = dbeta_edge[i] = 0; });
+      s, t, group, [&](int i, int) { dgamma_edge[i] = dbeta_edge[i] = 0; });
   const bool weight_vectors = a.weight.vectors_at(s.head);
 
   for (int64_t first = blockIdx.x * rows_per_block; first < a.rows; first += slots) {
@@ -540,7 +590,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
           sums.b += g[kept][k] * xhat[kept][k];
         }
       });
-      cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+      cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
         const acc_t dy = static_cast<acc_t>(dyr[e]);
         xhat_edge[i] = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
         g_edge[i] = dy * load_param(a.weight, e, acc_t(1));
@@ -569,7 +619,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
       }
       store_vector(dxr + e, dx);
     });
-    cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+    cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
       dxr[e] = static_cast<T>(
           math::input_grad<kNorm>(g_edge[i], xhat_edge[i], rstd, mean_g, mean_g_xhat));
     });
@@ -585,7 +635,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
       if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] = dbeta[i][k];
     }
   });
-  cuda_indexing::for_each_register_edge(s, t, [&](int i, int e) {
+  cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
     partial_dgamma[e] = dgamma_edge[i];
     if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] = dbeta_edge[i];
   });
@@ -753,7 +803,33 @@ inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned>(blocks))
 
 // The launchers below run a kernel through `launch(kernel, grid, block, args...)`: a
 // stream launch with its error check on the GPU (layernorm_cuda.cu), the CPU emulator
-// in the tests (tests/cuda_emulator/).
+// in the tests (tests/cuda_emulator/). `launch.resident_blocks(kernel, block)` is how
+// many blocks of that kernel the device runs at once.
+
+// The forward kernel for a launch configuration (c.kind, c.elems_per_thread,
+// c.threads_per_row == 1).
+template <Norm kNorm, typename T, typename P>
+auto forward_kernel(const LaunchConfig& c) {
+  if constexpr (kHasRegisterKernels<T>) {
+    constexpr int kVec = kVecOf<T>;
+    constexpr int kSmall = cuda_config::kSmallSliceVectors;
+    constexpr int kLarge = cuda_config::kLargeSliceVectors;
+    if (c.kind == Kind::kRegisters) {
+      const bool small = c.elems_per_thread == kSmall * kVec, alone = c.threads_per_row == 1;
+      TORCH_INTERNAL_ASSERT(small || c.elems_per_thread == kLarge * kVec);
+      TORCH_INTERNAL_ASSERT(alone ? !small : c.threads_per_row >= kVec);  // the edge slots
+      // __launch_bounds__ (kForwardMaxThreads)
+      TORCH_INTERNAL_ASSERT(!(small || alone) ||
+                            c.threads_per_row * c.rows_per_block == cuda_config::kRowBlockThreads);
+      if (small) return forward_registers_kernel<kNorm, T, P, kSmall, false>;
+      if (alone) return forward_registers_kernel<kNorm, T, P, kLarge, true>;
+      return forward_registers_kernel<kNorm, T, P, kLarge, false>;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(c.kind == Kind::kStreaming,
+                        "layernorm_ext: no register kernel for this dtype");
+  return forward_streaming_kernel<kNorm, T, P>;
+}
 
 template <Norm kNorm, typename T, typename P, typename Launch>
 void launch_forward(const ForwardArgs& args, const Launch& launch) {
@@ -773,20 +849,15 @@ void launch_forward(const ForwardArgs& args, const Launch& launch) {
   a.x_misalign = a.vectorized ? misalign : 0;
 
   const LaunchConfig c = cuda_config::forward_config(a.cols, sizeof(T), a.vectorized);
-  const dim3 grid = grid_of(std::min<int64_t>(at::ceil_div<int64_t>(a.rows, c.rows_per_block),
-                                              kMaxGridBlocks));
-  if (c.kind == Kind::kStreaming) {
-    launch(forward_streaming_kernel<kNorm, T, P>, grid, block_of(c), a);
-  } else if constexpr (kHasRegisterKernels<T>) {
-    if (c.elems_per_thread == cuda_config::kElemsSmall) {
-      launch(forward_registers_kernel<kNorm, T, P, cuda_config::kElemsSmall>, grid, block_of(c), a);
-    } else {
-      TORCH_INTERNAL_ASSERT(c.elems_per_thread == cuda_config::kElemsLarge);
-      launch(forward_registers_kernel<kNorm, T, P, cuda_config::kElemsLarge>, grid, block_of(c), a);
-    }
-  } else {
-    TORCH_INTERNAL_ASSERT(false, "layernorm_ext: no register kernel for this dtype");
-  }
+  const auto kernel = forward_kernel<kNorm, T, P>(c);
+  // One wave of resident blocks, each looping over row groups, rather than a block per
+  // row group: on an H100 (2026-11-25) the forwards of short rows cost a near-constant
+  // 2.2-3 ns per block (fp32 D = 128 and bf16 D = 20 / 128), whatever the bytes a block
+  // moved. Rows are independent, so the result does not depend on the grid.
+  const int64_t blocks = std::min({at::ceil_div<int64_t>(a.rows, c.rows_per_block),
+                                   int64_t(kMaxGridBlocks),
+                                   launch.resident_blocks(kernel, block_of(c))});
+  launch(kernel, grid_of(std::max<int64_t>(blocks, 1)), block_of(c), a);
 }
 
 template <Norm kNorm, typename T, typename P, typename Launch>

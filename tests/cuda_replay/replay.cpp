@@ -65,7 +65,7 @@ void check_counts(const std::vector<int>& counts, const RowCase& c, int group) {
   }
 }
 
-template <int kSlots>
+template <int kSlots, int kEdgeSlots>
 void cover_register_row(const idx::RowSplit& s, const RowCase& c, int group) {
   std::vector<int> counts(c.n, 0);
   for (int t = 0; t < group; ++t) {
@@ -76,12 +76,12 @@ void cover_register_row(const idx::RowSplit& s, const RowCase& c, int group) {
       for (int k = 0; k < s.vec; ++k) counts.at(e + k) += 1;
     });
     int edges = 0;
-    idx::for_each_register_edge(s, t, [&](int slot, int e) {
-      EXPECT(slot == 0 || slot == 1, "edge slot %d out of range", slot);
+    idx::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int slot, int e) {
+      EXPECT(slot >= 0 && slot < 2 * kEdgeSlots, "edge slot %d out of range", slot);
       counts.at(e) += 1;
       ++edges;
     });
-    EXPECT(edges <= 2, "thread %d holds %d edge elements", t, edges);
+    EXPECT(edges <= 2 * kEdgeSlots, "thread %d holds %d edge elements", t, edges);
   }
   check_counts(counts, c, group);
 }
@@ -109,8 +109,15 @@ void check_config(const cfg::LaunchConfig& c, const RowCase& rc, int vec) {
          "%s n=%lld: block of %d threads", rc.direction, (long long)rc.n, threads);
   if (c.kind == cfg::Kind::kRegisters) {
     EXPECT(rc.vectorized && rc.elem_bytes <= 4, "register kernel for an unvectorized/fp64 row");
-    EXPECT(g >= vec, "register group of %d threads < vector width %d", g, vec);
+    // Groups narrower than a vector hold a head or tail element in more than one edge slot:
+    // only the forward's thread alone on its row (kRowPerThread) has the slots for that.
+    EXPECT(g >= vec || (g == 1 && rc.direction[0] == 'f'),
+           "%s register group of %d threads < vector width %d", rc.direction, g, vec);
     EXPECT(c.elems_per_thread % vec == 0, "elems_per_thread %d", c.elems_per_thread);
+    if (rc.direction[0] == 'f' && c.elems_per_thread * rc.elem_bytes == cfg::kSmallSliceBytes) {
+      EXPECT(threads == cfg::kRowBlockThreads, "small-slice forward in a block of %d threads "
+             "(its __launch_bounds__ want %d)", threads, cfg::kRowBlockThreads);
+    }
     EXPECT(rc.n <= int64_t(g) * c.elems_per_thread, "%s n=%lld does not fit %d x %d",
            rc.direction, (long long)rc.n, g, c.elems_per_thread);
   } else {
@@ -129,13 +136,26 @@ void cover_row(const cfg::LaunchConfig& c, const RowCase& rc) {
   EXPECT(s.head >= 0 && s.head < vec + (rc.vectorized ? 0 : rc.n) && s.tail >= 0 &&
              s.tail < vec && s.head + s.packs * vec + s.tail == rc.n,
          "bad split of n=%lld", (long long)rc.n);
-  variants_seen[rc.direction[0] == 'b'].insert({int(c.kind), c.elems_per_thread});
+  // A variant is a kernel instantiation: the forward's are sized in vectors per thread
+  // (and a thread alone on its row is one of them), the backward's in elements per thread.
+  const bool backward = rc.direction[0] == 'b';
+  const int size = backward ? c.elems_per_thread : c.elems_per_thread / vec;
+  variants_seen[backward].insert({int(c.kind), c.threads_per_row == 1 ? -size : size});
   if (c.kind == cfg::Kind::kStreaming) return cover_streamed_row(s, rc, c.threads_per_row);
+  const int g = c.threads_per_row;
+  const int edge_slots = idx::register_edge_slots(g, vec);
+  if (edge_slots > 1) {  // a thread alone on its row, with the kernel's kEdgeSlots
+    EXPECT(g == 1 && c.elems_per_thread / vec == 8, "no replay for %d threads", g);
+    if (vec == 4) return cover_register_row<8, idx::register_edge_slots(1, 4)>(s, rc, g);
+    if (vec == 8) return cover_register_row<8, idx::register_edge_slots(1, 8)>(s, rc, g);
+    EXPECT(false, "no replay for vector width %d", vec);
+    return;
+  }
   switch (c.elems_per_thread / vec) {
-    case 1: return cover_register_row<1>(s, rc, c.threads_per_row);
-    case 2: return cover_register_row<2>(s, rc, c.threads_per_row);
-    case 4: return cover_register_row<4>(s, rc, c.threads_per_row);
-    case 8: return cover_register_row<8>(s, rc, c.threads_per_row);
+    case 1: return cover_register_row<1, 1>(s, rc, g);
+    case 2: return cover_register_row<2, 1>(s, rc, g);
+    case 4: return cover_register_row<4, 1>(s, rc, g);
+    case 8: return cover_register_row<8, 1>(s, rc, g);
     default: EXPECT(false, "no replay for %d register slots", c.elems_per_thread / vec);
   }
 }
@@ -167,7 +187,7 @@ void replay_coverage() {
                              17,   20,   31,   63,   64,   65,   96,    127,   128,   129,  255,
                              256,  257,  511,  512,  513,  768,  1000,  1001,  1023,  1024, 1025,
                              2047, 2048, 2049, 4095, 4096, 4097, 8191,  8192,  8193,  12345,
-                             16383, 16384, 16385, 65537, 100003};
+                             16383, 16384, 16385, 24577, 32767, 32768, 32769, 65537, 100003};
   for (int elem_bytes : {2, 4, 8}) {
     const int vec = cfg::vector_width(elem_bytes);
     for (int64_t n : lengths) {
