@@ -30,10 +30,6 @@ constexpr int kWarpSize = 32;
 constexpr int kMaxBlockThreads = 512;
 // Threads per block when several short rows share a block.
 constexpr int kRowBlockThreads = 128;
-// A row's head and tail (under a 16-byte vector each) take one element per thread in
-// register kernels whose groups have at least as many threads as a vector has elements
-// (8 for 2-byte types); a thread alone on its row takes them all.
-constexpr int kMinThreadsPerRow = 8;
 
 // Forward: bytes of a row per thread, in 16-byte vectors. Sized in bytes, not elements:
 // a memory-bound kernel's speed follows the bytes each SM has in flight. On an H100
@@ -88,7 +84,9 @@ struct LaunchConfig {
   int rows_per_block;    // blockDim.y
 };
 
-// Elements per 16-byte vector of an element of `elem_bytes` bytes.
+// Elements per 16-byte vector of an element of `elem_bytes` bytes. Also the fewest
+// threads of a register kernel's row group but one: the group holds a row's head and tail
+// (under a vector each) one element a thread; a thread alone on its row holds them all.
 LN_HOST_DEVICE constexpr int vector_width(int elem_bytes) { return 16 / elem_bytes; }
 
 LN_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -117,20 +115,21 @@ LN_HOST_DEVICE constexpr LaunchConfig streaming_config(int64_t n, int elem_bytes
 // A row that fits one large slice (D <= 32 fp32, 64 bf16) has a thread to itself, 128
 // rows a block: in groups of 8 threads most lanes would idle (D = 20 fp32: 5 of 8 hold
 // a vector). Rows up to a warp's worth of small slices take them (more resident warps:
-// fewer registers); longer rows the large slice, with the fewest threads (8 .. 512)
+// fewer registers); longer rows the large slice, with the fewest threads (16 .. 512)
 // that hold it.
 LN_HOST_DEVICE constexpr LaunchConfig forward_config(int64_t n, int elem_bytes, bool vectorized) {
   if (vectorized && elem_bytes <= 4) {
     const int small = kSmallSliceBytes / elem_bytes, large = kLargeSliceBytes / elem_bytes;
+    const int vec = vector_width(elem_bytes);
     if (n <= large) return with_rows_per_block(Kind::kRegisters, large, 1);
     if (n <= int64_t(small) * kWarpSize) {
       return with_rows_per_block(Kind::kRegisters, small,
-                                 pow2_clamped(ceil_div(n, small), kMinThreadsPerRow, kWarpSize));
+                                 pow2_clamped(ceil_div(n, small), vec, kWarpSize));
     }
     if (n <= int64_t(large) * kMaxBlockThreads) {
       return with_rows_per_block(
           Kind::kRegisters, large,
-          pow2_clamped(ceil_div(n, large), kMinThreadsPerRow, kMaxBlockThreads));
+          pow2_clamped(ceil_div(n, large), vec, kMaxBlockThreads));
     }
   }
   return streaming_config(n, elem_bytes);
@@ -142,8 +141,11 @@ LN_HOST_DEVICE constexpr LaunchConfig backward_config(int64_t n, int elem_bytes,
   }
   const int elems = n <= int64_t(kElemsBackward) * kMaxBlockThreads ? kElemsBackward
                                                                      : kElemsBackwardLong;
-  return with_rows_per_block(Kind::kRegisters, elems,
-                             pow2_clamped(ceil_div(n, elems), kMinThreadsPerRow, kMaxBlockThreads));
+  // Short rows: as few threads as the head and tail allow (D = 20 float32: 4 threads, each
+  // with up to two vectors, rather than 8 with at most one).
+  return with_rows_per_block(
+      Kind::kRegisters, elems,
+      pow2_clamped(ceil_div(n, elems), vector_width(elem_bytes), kMaxBlockThreads));
 }
 
 // Rows r and r + period start at the same offset from a 16-byte boundary: the period
