@@ -139,14 +139,15 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 // finite: the factor is a power of two, so the division is exact but for subnormal
 // results (negligible next to such values, and far below eps in a row's variance; the
 // CUDA forwards, which scale every row, lose accuracy only in rows whose spread is
-// within 64x of the smallest normal number, which matters with eps = 0 alone), and
-// large enough that a sum of up to 64 such values stays finite. The CUDA forwards take
+// within 128x of the smallest normal number, which matters with eps = 0 alone), and
+// large enough that a sum of up to 128 such values stays finite (a CUDA thread sums up
+// to 66: a 128-byte slice of bfloat16 and a head and tail element). The CUDA forwards take
 // every row's moments that way (free there, see layernorm_cuda_kernels.cuh); the CPU
 // takes them again, by Welford's update, only for rows whose fast moments overflowed
 // (rescued_if_needed). The mean is then finite, as a mean of finite values is, and M2 =
 // kRescueFactor^2 * M2(x / kRescueFactor) overflows to inf where the variance does
 // (rstd 0, see normalize_center). Rows holding NaN or inf keep NaN/inf, as torch's.
-constexpr int kRescueFactor = 64;
+constexpr int kRescueFactor = 128;
 
 template <typename acc_t>
 LN_HOST_DEVICE acc_t rescue_scaled(acc_t x) {

@@ -57,6 +57,10 @@ CASES = [
     Case("no weight/bias, D=64 fp32", torch.float32, 64, 40, affine=False),
     Case("many rows per backward slot, D=256 bf16", torch.bfloat16, 256, 700),
     Case("no rows, D=16", torch.float32, 16, 0),
+    # The forward grid is one wave of resident blocks; these take several row groups a
+    # block (an H100/H200 holds about 100k such D=20 rows, 10k such D=200 rows at once).
+    Case("grid-stride forward, a thread per row, D=20 bf16", torch.bfloat16, 20, 250_000),
+    Case("grid-stride forward, small slices, D=200 fp32", torch.float32, 200, 30_000),
 ]
 
 

@@ -411,6 +411,35 @@ def check_case(case: Case, device: str, ours_fn: OursFn = layernorm_ext_results)
     assert not problems, f"{case}:\n  " + "\n  ".join(problems)
 
 
+def check_constant_largest_rows(forward: Callable, dtype: torch.dtype, D: int,
+                                device: str = "cpu") -> None:
+    """Rows holding the dtype's largest finite value, +max and -max, in every element,
+    given the forward operator (torch.ops.layernorm_ext.forward's signature).
+
+    A thread's partial sum of such values overflows unless the kernel scales them first
+    (the overflow rescue, math::kRescueFactor, must exceed the most values one thread
+    sums). The mean is +-max and finite. In bfloat16 and float16 (8 and 11 significant
+    bits) every partial sum is exact in float32, so the variance is exactly 0: rstd =
+    1 / sqrt(eps) and y = bias. In float32/float64 a partial sum may round, and the
+    variance of that rounding, (an ulp of max)^2, overflows: rstd is then 0 (see
+    math::normalize_center) and y still the bias."""
+    largest = torch.finfo(dtype).max
+    x = torch.tensor([largest, -largest], dtype=torch.float64).repeat_interleave(D)
+    x = x.view(2, D).to(device, dtype)
+    weight = torch.full((D,), 2.0, dtype=dtype, device=device)
+    bias = torch.linspace(-1, 1, D, dtype=torch.float64).to(device, dtype)
+    eps = 1e-5
+    y, mean, rstd = forward(x, [D], weight, bias, eps)
+    torch.testing.assert_close(mean.cpu().double().flatten(),
+                               torch.tensor([largest, -largest], dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    if dtype in (torch.bfloat16, torch.float16):
+        torch.testing.assert_close(rstd.cpu().double().flatten(),
+                                   torch.full((2,), eps ** -0.5, dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
+    torch.testing.assert_close(y, bias.expand_as(y))
+
+
 def check_whole_range_rows(forward: Callable, backward: Callable, dtype: torch.dtype, D: int,
                            device: str = "cpu") -> None:
     """Finite rows spread over +-max, given the forward and backward operators (the

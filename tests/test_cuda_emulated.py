@@ -32,7 +32,8 @@ import pytest
 import torch
 
 from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
-                             check_whole_range_rows, distance_from_zero, laid_out, random_case,
+                             check_constant_largest_rows, check_whole_range_rows,
+                             distance_from_zero, laid_out, random_case,
                              reference_errors, run_all, WELL_CONDITIONED)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +197,15 @@ def test_overflow_rescue(emulated, dtype, D):
     variant: small slices (D <= 100), large slices in sub-warp groups to blocks (D = 1000
     .. 5000; bf16 16390), streaming (fp32 D = 16390, float64)."""
     check_whole_range_rows(emulated.layer_norm_forward, emulated.layer_norm_backward, dtype, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [32, 64, 1023, 2047, 8200, 32767])
+def test_constant_largest_rows(emulated, dtype, D):
+    """Rows of +-max in every element, where a thread's partial sum is longest: a thread
+    alone on its row (fp32 D = 32, bf16 D = 64), large slices with a head and a tail
+    (bf16 1023, 2047, 8200: 66 values a thread), streaming (32767)."""
+    check_constant_largest_rows(emulated.layer_norm_forward, dtype, D)
 
 
 def test_cases_reach_every_variant(emulated):

@@ -134,9 +134,10 @@ def test_many_rows_per_backward_slot_bitwise_reproducible(dtype, D):
         assert torch.equal(a, c)
 
 
-def test_forward_grid_stride_beyond_max_grid():
-    # 2**19 blocks of 16 rows (D = 4: 8 threads a row) is the grid cap; rows beyond it are
-    # taken by the grid-stride loop.
+def test_forward_grid_stride_over_many_rows():
+    # The forward grid is one wave of resident blocks (layernorm_cuda.cu, resident_blocks);
+    # D = 4 runs a thread per row, 128 rows a block, so each block's grid-stride loop takes
+    # hundreds of row groups here, and the last group is partial.
     rows = (1 << 19) * 16 + 5
     x = torch.randn(rows, 4, device="cuda", dtype=torch.float16)
     out = layer_norm(x, [4])

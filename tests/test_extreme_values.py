@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import layernorm_ext
-from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_whole_range_rows, max_abs_error,
-                             reference_errors, run_all)
+from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest_rows,
+                             check_whole_range_rows, max_abs_error, reference_errors, run_all)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -241,3 +241,11 @@ def test_rows_spanning_the_whole_range_give_the_bias(device, dtype, D):
     right mean (layernorm_cases.check_whole_range_rows)."""
     check_whole_range_rows(torch.ops.layernorm_ext.forward, torch.ops.layernorm_ext.backward,
                            dtype, D, device)
+
+
+@pytest.mark.parametrize("dtype", ACC_RANGE_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 64, 1023, 2047, 32767])
+def test_rows_of_the_largest_value(device, dtype, D):
+    """Rows of +-max in every element: a finite mean, y = bias
+    (layernorm_cases.check_constant_largest_rows)."""
+    check_constant_largest_rows(torch.ops.layernorm_ext.forward, dtype, D, device)

@@ -25,15 +25,14 @@ int64_t resident_blocks(const void* kernel, int threads) {
   static std::map<std::tuple<const void*, int, int>, int64_t> known;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::tuple<const void*, int, int> key{kernel, threads, device};
   const std::lock_guard<std::mutex> lock(mutex);
-  auto [entry, inserted] = known.try_emplace({kernel, threads, device}, 0);
-  if (inserted) {
-    int per_sm = 0, sms = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    entry->second = std::max<int64_t>(int64_t(per_sm) * sms, 1);
-  }
-  return entry->second;
+  if (const auto found = known.find(key); found != known.end()) return found->second;
+  // Cached only once both queries succeed: a query that throws leaves nothing behind.
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return known.emplace(key, std::max<int64_t>(int64_t(per_sm) * sms, 1)).first->second;
 }
 
 // launch(kernel, grid, block, args...) for cuda_kernels::launch_forward/backward: on

@@ -43,7 +43,8 @@ constexpr int kSmallSliceVectors = kSmallSliceBytes / 16;
 // 65536 / (9 * 128) = 56 registers a thread): left alone, nvcc 13.0 gave the 2-byte
 // LayerNorm 72 registers, 28 resident warps an SM instead of 36. 10 blocks spill on sm_80.
 constexpr int kSmallSliceMinBlocksPerSM = 9;
-// The same for a row per thread (128 rows a block; 65536 / (5 * 128) = 102 registers):
+// The same for a row per thread (128 rows a block; 65536 / (5 * 128) = 102 registers,
+// 96 in the allocation granularity of 8):
 // 94-104 registers without it, 80-96 with it; 6 blocks spill.
 constexpr int kRowPerThreadMinBlocksPerSM = 5;
 constexpr int kLargeSliceVectors = kLargeSliceBytes / 16;

@@ -84,6 +84,12 @@ LN_HOST_DEVICE constexpr int register_edge_slots(int group, int vec) {
   return group >= vec ? 1 : (vec - 1 + group - 1) / group;
 }
 
+// The edge slots the forward register kernel holds: a thread alone on its row
+// (kRowPerThread) needs vec - 1; its other groups have at least vec threads, one each.
+// The kernel and the host replay of its indexing both take this one constant.
+template <int kVec, bool kRowPerThread>
+inline constexpr int kRegisterEdgeSlots = kRowPerThread ? register_edge_slots(1, kVec) : 1;
+
 // Streaming rows: thread t of G visits the packs t, t + G, ... (pack(first element)),
 // then the head and tail elements t, t + G, ... (element(index)). Any row length.
 template <typename FPack, typename FElement>

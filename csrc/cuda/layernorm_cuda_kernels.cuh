@@ -1,11 +1,12 @@
 // CUDA kernels of layernorm_ext and their host-side launch, written against a launcher
 // (layernorm_cuda.cu launches them on a stream; tests/cuda_emulator/ runs them on the CPU).
 //
-// Forward. Rows up to 64 KiB live in registers: a group of threads per row (8 lanes of
-// a warp up to a 512-thread block) loads the row once with 16-byte vectors, each thread
-// a slice of 32 or 128 bytes kept as loaded, computes each thread's mean and M2 from its
-// registers (two-pass: exact for a handful of values), combines the threads' moments
-// with Chan's formula in a fixed tree, and writes y from the same registers. Longer rows,
+// Forward. Rows up to 64 KiB live in registers: a group of threads per row (one thread
+// for rows of at most 128 bytes, then 8 lanes of a warp up to a 512-thread block) loads
+// the row once with 16-byte vectors, each thread a slice of 32 or 128 bytes kept as
+// loaded, computes each thread's mean and M2 from its registers (two-pass: exact for a
+// handful of values), combines the threads' moments with Chan's formula in a fixed
+// tree, and writes y from the same registers. Longer rows,
 // float64, and tensors whose 16-byte alignment differs stream: a block per row, a
 // Welford pass and a normalize pass (the second one reads the row back from L2).
 //
@@ -242,8 +243,11 @@ __device__ __forceinline__ S group_allreduce(const S& value, const S& identity, 
 // The forwards take LayerNorm's moments of x / kRescueFactor (math::rescue_scaled: a
 // power of two, so exact but for subnormal results) and scale them back at the end
 // (math::rescue_unscaled). No partial sum, difference or merge can then overflow for
-// finite x, even in rows spread over +-max: a thread sums at most 34 values, each at
-// most max / 64. The scaling costs nothing: it folds into the fused multiply-adds.
+// finite x, even in rows spread over +-max: a thread sums at most 66 values (a 128-byte
+// slice of a 2-byte dtype, a head and a tail element), each at most max / 128. The
+// scaling costs nothing: it folds into the fused multiply-adds.
+static_assert(math::kRescueFactor >= cuda_config::kLargeSliceBytes / 2 + 2,
+              "a thread's scaled partial sum of +-max values could overflow");
 template <typename acc_t>
 __device__ __forceinline__ acc_t scaled(acc_t x) {
   return x * math::rescue_scaled(acc_t(1));
@@ -341,7 +345,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     forward_registers_kernel(const ForwardParams<T, P> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int kVec = kVecOf<T>;
-  constexpr int kEdgeSlots = kRowPerThread ? cuda_indexing::register_edge_slots(1, kVec) : 1;
+  constexpr int kEdgeSlots = cuda_indexing::kRegisterEdgeSlots<kVec, kRowPerThread>;
   __shared__ RowStats<kNorm, acc_t> scratch[cuda_indexing::kReduceScratch];
   const int t = kRowPerThread ? 0 : threadIdx.x;
   const int group = kRowPerThread ? 1 : blockDim.x;

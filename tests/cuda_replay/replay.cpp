@@ -128,6 +128,28 @@ void check_config(const cfg::LaunchConfig& c, const RowCase& rc, int vec) {
 // Number of kernel variants each direction reached (to report coverage of the table).
 std::set<std::pair<int, int>> variants_seen[2];
 
+// A register kernel's row with the kernel's own edge slots (kRegisterEdgeSlots): the
+// forward's thread alone on its row (g = 1) holds 8 vectors; other groups, and every
+// backward group, one edge slot of each, which needs g >= vec.
+template <int kVec>
+void cover_register_kernel_row(const idx::RowSplit& s, const RowCase& rc, int g, int slots,
+                               bool backward) {
+  if (g == 1 && !backward) {
+    EXPECT(slots == 8, "no replay for a thread alone on its row with %d vectors", slots);
+    return cover_register_row<8, idx::kRegisterEdgeSlots<kVec, true>>(s, rc, g);
+  }
+  constexpr int kEdgeSlots = idx::kRegisterEdgeSlots<kVec, false>;
+  EXPECT(idx::register_edge_slots(g, kVec) <= kEdgeSlots,
+         "groups of %d threads need more edge slots than the kernel holds", g);
+  switch (slots) {
+    case 1: return cover_register_row<1, kEdgeSlots>(s, rc, g);
+    case 2: return cover_register_row<2, kEdgeSlots>(s, rc, g);
+    case 4: return cover_register_row<4, kEdgeSlots>(s, rc, g);
+    case 8: return cover_register_row<8, kEdgeSlots>(s, rc, g);
+    default: EXPECT(false, "no replay for %d register slots", slots);
+  }
+}
+
 void cover_row(const cfg::LaunchConfig& c, const RowCase& rc) {
   const int vec = cfg::vector_width(rc.elem_bytes);
   check_config(c, rc, vec);
@@ -142,21 +164,12 @@ void cover_row(const cfg::LaunchConfig& c, const RowCase& rc) {
   const int size = backward ? c.elems_per_thread : c.elems_per_thread / vec;
   variants_seen[backward].insert({int(c.kind), c.threads_per_row == 1 ? -size : size});
   if (c.kind == cfg::Kind::kStreaming) return cover_streamed_row(s, rc, c.threads_per_row);
-  const int g = c.threads_per_row;
-  const int edge_slots = idx::register_edge_slots(g, vec);
-  if (edge_slots > 1) {  // a thread alone on its row, with the kernel's kEdgeSlots
-    EXPECT(g == 1 && c.elems_per_thread / vec == 8, "no replay for %d threads", g);
-    if (vec == 4) return cover_register_row<8, idx::register_edge_slots(1, 4)>(s, rc, g);
-    if (vec == 8) return cover_register_row<8, idx::register_edge_slots(1, 8)>(s, rc, g);
-    EXPECT(false, "no replay for vector width %d", vec);
-    return;
-  }
-  switch (c.elems_per_thread / vec) {
-    case 1: return cover_register_row<1, 1>(s, rc, g);
-    case 2: return cover_register_row<2, 1>(s, rc, g);
-    case 4: return cover_register_row<4, 1>(s, rc, g);
-    case 8: return cover_register_row<8, 1>(s, rc, g);
-    default: EXPECT(false, "no replay for %d register slots", c.elems_per_thread / vec);
+  const int slots = c.elems_per_thread / vec;
+  switch (vec) {
+    case 2: return cover_register_kernel_row<2>(s, rc, c.threads_per_row, slots, backward);
+    case 4: return cover_register_kernel_row<4>(s, rc, c.threads_per_row, slots, backward);
+    case 8: return cover_register_kernel_row<8>(s, rc, c.threads_per_row, slots, backward);
+    default: EXPECT(false, "no replay for vector width %d", vec);
   }
 }
 
