@@ -145,8 +145,10 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 // every row's moments that way (free there, see layernorm_cuda_kernels.cuh); the CPU
 // takes them again, by Welford's update, only for rows whose fast moments overflowed
 // (rescued_if_needed). The mean is then finite, as a mean of finite values is, and M2 =
-// kRescueFactor^2 * M2(x / kRescueFactor) overflows to inf where the variance does
-// (rstd 0, see normalize_center). Rows holding NaN or inf keep NaN/inf, as torch's.
+// kRescueFactor^2 * M2(x / kRescueFactor) overflows to inf where n * variance does:
+// rstd 0 (see normalize_center) in rows spread over more than about sqrt(max / n), e.g.
+// +-6e17 at n = 1024 in float32, whose variance alone would fit. torch's M2 overflows
+// there too. Rows holding NaN or inf keep NaN/inf, as torch's.
 constexpr int kRescueFactor = 128;
 
 template <typename acc_t>
