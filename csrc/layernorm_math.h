@@ -112,10 +112,20 @@ LN_HOST_DEVICE acc_t reciprocal_sqrt(acc_t v) {
 // zero or negative: the inf/NaN that follows is torch's behaviour too. NaN inputs and
 // empty rows (0 / 0) keep var = NaN, since the comparison lets NaN through.
 template <typename acc_t>
-LN_HOST_DEVICE acc_t rstd_from_moments(const WelfordState<acc_t>& s, acc_t eps) {
-  const acc_t var = s.m2 / static_cast<acc_t>(s.count);
+LN_HOST_DEVICE acc_t rstd_from_variance(acc_t var, acc_t eps) {
   return reciprocal_sqrt((var < acc_t(0) ? acc_t(0) : var) + eps);
 }
+
+template <typename acc_t>
+LN_HOST_DEVICE acc_t variance(const WelfordState<acc_t>& s) {
+  return s.m2 / static_cast<acc_t>(s.count);
+}
+
+// A row's statistics as the forwards save and use them.
+template <typename acc_t>
+struct MeanVariance {
+  acc_t mean, var;
+};
 
 // rstd = 1 / sqrt(mean(x^2) + eps), RMSNorm's statistic. NaN inputs and empty rows
 // (0 / 0) give NaN, as torch's rms_norm.
@@ -144,11 +154,12 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 // to 66: a 128-byte slice of bfloat16 and a head and tail element). The CUDA forwards take
 // every row's moments that way (free there, see layernorm_cuda_kernels.cuh); the CPU
 // takes them again, by Welford's update, only for rows whose fast moments overflowed
-// (rescued_if_needed). The mean is then finite, as a mean of finite values is, and M2 =
-// kRescueFactor^2 * M2(x / kRescueFactor) overflows to inf where n * variance does:
-// rstd 0 (see normalize_center) in rows spread over more than about sqrt(max / n), e.g.
-// +-6e17 at n = 1024 in float32, whose variance alone would fit. torch's M2 overflows
-// there too. Rows holding NaN or inf keep NaN/inf, as torch's.
+// (rescued_if_needed: where the fast mean or M2 overflowed). The mean is then finite, as
+// a mean of finite values is, and the variance is M2(x / kRescueFactor) / n scaled
+// back, which overflows to inf (rstd 0, see normalize_center) only where the variance
+// itself does: M2 = n * variance may overflow first (rows spread over more than about
+// sqrt(max / n), e.g. +-6e17 at n = 1024 in float32), as torch's does, giving it rstd 0
+// there. Rows holding NaN or inf keep NaN/inf, as torch's.
 constexpr int kRescueFactor = 128;
 
 template <typename acc_t>
@@ -157,17 +168,24 @@ LN_HOST_DEVICE acc_t rescue_scaled(acc_t x) {
 }
 
 template <typename acc_t>
-LN_HOST_DEVICE WelfordState<acc_t> rescue_unscaled(const WelfordState<acc_t>& scaled) {
+LN_HOST_DEVICE MeanVariance<acc_t> rescue_unscaled(const WelfordState<acc_t>& scaled) {
   const acc_t factor(kRescueFactor);
-  return {scaled.mean * factor, scaled.m2 * (factor * factor), scaled.count};
+  return {scaled.mean * factor, variance(scaled) * (factor * factor)};
 }
 
-// The moments to keep: the rescued ones where the fast mean overflowed and the rescue
-// did not (every element finite).
+// Whether a row's fast moments overflowed (or its data holds NaN/inf).
 template <typename acc_t>
-LN_HOST_DEVICE WelfordState<acc_t> rescued_if_needed(const WelfordState<acc_t>& fast,
+LN_HOST_DEVICE bool overflowed(const WelfordState<acc_t>& fast) {
+  return !is_finite(fast.mean) || !is_finite(fast.m2);
+}
+
+// The statistics to keep: the rescued ones where the fast moments overflowed and the
+// rescue did not (every element finite).
+template <typename acc_t>
+LN_HOST_DEVICE MeanVariance<acc_t> rescued_if_needed(const WelfordState<acc_t>& fast,
                                                      const WelfordState<acc_t>& scaled) {
-  return !is_finite(fast.mean) && is_finite(scaled.mean) ? rescue_unscaled(scaled) : fast;
+  if (overflowed(fast) && is_finite(scaled.mean)) return rescue_unscaled(scaled);
+  return {fast.mean, variance(fast)};
 }
 
 // The value normalize() subtracts from a row: its mean, or 0 in a row whose rstd is 0.

@@ -440,6 +440,35 @@ def check_constant_largest_rows(forward: Callable, dtype: torch.dtype, D: int,
     torch.testing.assert_close(y, bias.expand_as(y))
 
 
+def check_wide_spread_rows(forward: Callable, dtype: torch.dtype, D: int,
+                           device: str = "cpu") -> None:
+    """Rows of alternating +-a, a = 2 * sqrt(max / D) of the accumulation type, given the
+    forward operator (torch.ops.layernorm_ext.forward's signature).
+
+    M2 = D * a^2 = 4 * max overflows, the variance a^2 does not: rstd = 1 / a and
+    y = +-weight + bias, as in float64 (the kernels take M2 / D of x / kRescueFactor,
+    math::rescue_unscaled; torch's float32 M2 overflows here, giving rstd 0)."""
+    acc_max = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+    a = 2 * math.sqrt(acc_max / D)
+    x = (a * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(3, (D + 1) // 2))[:, :D]
+    x = x.to(dtype)
+    gen = torch.Generator().manual_seed(D)
+    weight = (torch.rand(D, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    bias = torch.rand(D, generator=gen, dtype=torch.float64).to(dtype)
+    y, mean, rstd = forward(x.to(device), [D], weight.to(device), bias.to(device), 1e-5)
+    x64 = x.double()
+    expected_mean = (x64 / D).sum(1)
+    expected_rstd = 1 / ((x64 / a - expected_mean[:, None] / a) ** 2).mean(1).sqrt() / a
+    torch.testing.assert_close(mean.cpu().double().flatten(), expected_mean, rtol=0,
+                               atol=a * 1e-6)
+    torch.testing.assert_close(rstd.cpu().double().flatten(), expected_rstd, rtol=1e-5,
+                               atol=0)
+    # torch's float64 layer_norm would overflow M2 too for float64 rows: by hand.
+    expected_y = ((x64 - expected_mean[:, None]) * expected_rstd[:, None] * weight.double()
+                  + bias.double())
+    torch.testing.assert_close(y.cpu(), expected_y.to(dtype))
+
+
 def check_whole_range_rows(forward: Callable, backward: Callable, dtype: torch.dtype, D: int,
                            device: str = "cpu") -> None:
     """Finite rows spread over +-max, given the forward and backward operators (the

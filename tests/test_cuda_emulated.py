@@ -33,6 +33,7 @@ import torch
 
 from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
                              check_constant_largest_rows, check_whole_range_rows,
+                             check_wide_spread_rows,
                              distance_from_zero, laid_out, random_case,
                              reference_errors, run_all, WELL_CONDITIONED)
 
@@ -206,6 +207,15 @@ def test_constant_largest_rows(emulated, dtype, D):
     alone on its row (fp32 D = 32, bf16 D = 64), large slices with a head and a tail
     (bf16 1023, 2047, 8200: 66 values a thread), streaming (32767)."""
     check_constant_largest_rows(emulated.layer_norm_forward, dtype, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [20, 64, 200, 1024, 5000, 20000])
+def test_rows_whose_m2_overflows_but_not_their_variance(emulated, dtype, D):
+    """Rows of +-a, D * a^2 past max, a^2 within it, in every forward variant: a thread
+    per row (fp32 20, bf16 20/64), small slices (200), large slices (1024, 5000; bf16
+    20000), streaming (fp32 20000, float64)."""
+    check_wide_spread_rows(emulated.layer_norm_forward, dtype, D)
 
 
 def test_cases_reach_every_variant(emulated):

@@ -12,7 +12,7 @@ import torch
 
 import layernorm_ext
 from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest_rows,
-                             check_whole_range_rows, max_abs_error, reference_errors, run_all)
+                             check_whole_range_rows, check_wide_spread_rows, max_abs_error, reference_errors, run_all)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -249,3 +249,11 @@ def test_rows_of_the_largest_value(device, dtype, D):
     """Rows of +-max in every element: a finite mean, y = bias
     (layernorm_cases.check_constant_largest_rows)."""
     check_constant_largest_rows(torch.ops.layernorm_ext.forward, dtype, D, device)
+
+
+@pytest.mark.parametrize("dtype", ACC_RANGE_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [20, 64, 1024, 5000, 20000])
+def test_rows_whose_m2_overflows_but_not_their_variance(device, dtype, D):
+    """Rows of +-a with D * a^2 past max and a^2 within it: rstd = 1 / a and y as in
+    float64 (layernorm_cases.check_wide_spread_rows)."""
+    check_wide_spread_rows(torch.ops.layernorm_ext.forward, dtype, D, device)

@@ -241,8 +241,10 @@ __device__ __forceinline__ S group_allreduce(const S& value, const S& identity, 
 }
 
 // The forwards take LayerNorm's moments of x / kRescueFactor (math::rescue_scaled: a
-// power of two, so exact but for subnormal results) and scale them back at the end
-// (math::rescue_unscaled). No partial sum, difference or merge can then overflow for
+// power of two, so exact but for subnormal results) and scale the mean and M2 / n back
+// at the end (math::rescue_unscaled; the scaled M2 is 128^2 smaller, so the variance
+// overflows only where it does itself, in rows of up to 16384 elements, where n * it
+// may). No partial sum, difference or merge can then overflow for
 // finite x, even in rows spread over +-max: a thread sums at most 66 values (a 128-byte
 // slice of a 2-byte dtype, a head and a tail element), each at most max / 128. The
 // scaling costs nothing: it folds into the fused multiply-adds.
@@ -415,10 +417,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
         cuda_indexing::for_each_register_edge<kEdgeSlots>(
             s, t, group, [&](int i, int) { add_deviation(edge[i]); });
       }
-      const Welford<acc_t> moments = math::rescue_unscaled(row_total(
+      const auto stats = math::rescue_unscaled(row_total(
           Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0}, WelfordCombine{}));
-      mean = moments.mean;
-      rstd = math::rstd_from_moments(moments, a.eps);
+      mean = stats.mean;
+      rstd = math::rstd_from_variance(stats.var, a.eps);
     }
     if (!valid) continue;
     mean = save_row_stats<kNorm>(a, row, mean, rstd);
@@ -490,10 +492,10 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
           [&](int64_t e) {
             local = math::welford_update(local, scaled(static_cast<acc_t>(xr[e])));
           });
-      const Welford<acc_t> moments = math::rescue_unscaled(
+      const auto stats = math::rescue_unscaled(
           group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch));
-      mean = moments.mean;
-      rstd = math::rstd_from_moments(moments, a.eps);
+      mean = stats.mean;
+      rstd = math::rstd_from_variance(stats.var, a.eps);
     }
     mean = save_row_stats<kNorm>(a, row, mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
