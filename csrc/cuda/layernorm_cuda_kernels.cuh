@@ -320,6 +320,33 @@ __device__ __forceinline__ acc_t save_row_stats(const ForwardParams<T, P>& a, in
   return math::normalize_center(mean, rstd);
 }
 
+// y for one 16-byte vector of a row's x at element e (v, converted), and for one head or
+// tail element: the writes of both forwards. center: save_row_stats's. Index: the
+// register kernel's int or the streaming kernel's int64_t.
+template <Norm kNorm, typename T, typename P, typename Index, typename acc_t, int kVec>
+__device__ __forceinline__ void write_normalized_vector(const ForwardParams<T, P>& a, T* yr,
+                                                        Index e, acc_t (&v)[kVec],
+                                                        acc_t center, acc_t rstd,
+                                                        bool weight_vectors, bool bias_vectors) {
+  acc_t w[kVec], b[kVec];
+  load_param(a.weight, e, weight_vectors, acc_t(1), w);
+  load_param(a.bias, e, bias_vectors, acc_t(0), b);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], center, rstd), w[k], b[k]);
+  }
+  store_vector(yr + e, v);
+}
+
+template <Norm kNorm, typename T, typename P, typename Index, typename acc_t>
+__device__ __forceinline__ void write_normalized_element(const ForwardParams<T, P>& a, T* yr,
+                                                         Index e, acc_t x, acc_t center,
+                                                         acc_t rstd) {
+  const acc_t xhat = math::normalize<kNorm>(x, center, rstd);
+  yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
+                                             load_param(a.bias, e, acc_t(0))));
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward, rows in registers. blockDim = (threads per row G, rows per block); each
 // thread holds up to kVectors 16-byte vectors of its row (cuda_config's slices).
@@ -427,20 +454,12 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
     cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
-      acc_t v[kVec], w[kVec], b[kVec];
+      acc_t v[kVec];
       unpack<T>(packs[i], v);
-      load_param(a.weight, e, weight_vectors, acc_t(1), w);
-      load_param(a.bias, e, bias_vectors, acc_t(0), b);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], mean, rstd), w[k], b[k]);
-      }
-      store_vector(yr + e, v);
+      write_normalized_vector<kNorm>(a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
     });
     cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int e) {
-      const acc_t xhat = math::normalize<kNorm>(edge[i], mean, rstd);
-      yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
-                                          load_param(a.bias, e, acc_t(0))));
+      write_normalized_element<kNorm>(a, yr, e, edge[i], mean, rstd);
     });
   }
 }
@@ -503,20 +522,12 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     cuda_indexing::for_each_streamed(
         s, t, group,
         [&](int64_t e) {
-          acc_t v[kVec], w[kVec], b[kVec];
+          acc_t v[kVec];
           load_vector(xr + e, v);
-          load_param(a.weight, e, weight_vectors, acc_t(1), w);
-          load_param(a.bias, e, bias_vectors, acc_t(0), b);
-#pragma unroll
-          for (int k = 0; k < kVec; ++k) {
-            v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], mean, rstd), w[k], b[k]);
-          }
-          store_vector(yr + e, v);
+          write_normalized_vector<kNorm>(a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
         },
         [&](int64_t e) {
-          const acc_t xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
-          yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
-                                              load_param(a.bias, e, acc_t(0))));
+          write_normalized_element<kNorm>(a, yr, e, static_cast<acc_t>(xr[e]), mean, rstd);
         });
   }
 }
