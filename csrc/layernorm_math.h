@@ -144,22 +144,23 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 }
 
 // Overflow rescue, for rows of finite values that span more than half the dtype's
-// range: there a partial sum or some x - mean overflows and the moments come out with a
-// non-finite mean. The moments of x / kRescueFactor keep every sum and difference
+// range: there a partial sum or some x - mean overflows, and the moments come out with a
+// non-finite mean or M2. The moments of x / kRescueFactor keep every sum and difference
 // finite: the factor is a power of two, so the division is exact but for subnormal
-// results (negligible next to such values, and far below eps in a row's variance; the
-// CUDA forwards, which scale every row, lose accuracy only in rows whose spread is
-// within 128x of the smallest normal number, which matters with eps = 0 alone), and
-// large enough that a sum of up to 128 such values stays finite (a CUDA thread sums up
-// to 66: a 128-byte slice of bfloat16 and a head and tail element). The CUDA forwards take
-// every row's moments that way (free there, see layernorm_cuda_kernels.cuh); the CPU
-// takes them again, by Welford's update, only for rows whose fast moments overflowed
-// (rescued_if_needed: where the fast mean or M2 overflowed). The mean is then finite, as
-// a mean of finite values is, and the variance is M2(x / kRescueFactor) / n scaled
-// back, which overflows to inf (rstd 0, see normalize_center) only where the variance
-// itself does: M2 = n * variance may overflow first (rows spread over more than about
-// sqrt(max / n), e.g. +-6e17 at n = 1024 in float32), as torch's does, giving it rstd 0
-// there. Rows holding NaN or inf keep NaN/inf, as torch's.
+// results, and large enough that a sum of up to 128 such values stays finite (a CUDA
+// thread sums up to 66: a 128-byte slice of bfloat16 and a head and tail element). The
+// CUDA forwards take every row's moments that way (free there, see
+// layernorm_cuda_kernels.cuh); the CPU takes them again, by Welford's update, only for
+// rows whose fast moments overflowed (rescued_if_needed). The mean is then finite, as a
+// mean of finite values is. The variance is M2 scaled back and divided by n where that
+// M2 is finite, else M2 / n scaled back: rows whose M2 = n * variance overflows while
+// their variance does not (+-6e17 at n = 1024 in float32; torch gives rstd 0 there) get
+// their rstd, as long as the scaled M2 is finite (n * variance < kRescueFactor^2 * max:
+// every such row of up to 16384 elements). Beyond that the variance is inf: rstd 0, see
+// normalize_center. The price of scaling every row on CUDA: squared deviations of
+// x / 128 turn subnormal where a float32 row's standard deviation is below ~1e-17, and
+// rstd loses digits there (~1e-6 relative at 1e-18), which matters with eps = 0 alone.
+// Rows holding NaN or inf keep NaN/inf, as torch's.
 constexpr int kRescueFactor = 128;
 
 template <typename acc_t>
@@ -170,7 +171,10 @@ LN_HOST_DEVICE acc_t rescue_scaled(acc_t x) {
 template <typename acc_t>
 LN_HOST_DEVICE MeanVariance<acc_t> rescue_unscaled(const WelfordState<acc_t>& scaled) {
   const acc_t factor(kRescueFactor);
-  return {scaled.mean * factor, variance(scaled) * (factor * factor)};
+  const acc_t m2 = scaled.m2 * (factor * factor);
+  const acc_t var = is_finite(m2) ? m2 / static_cast<acc_t>(scaled.count)
+                                  : variance(scaled) * (factor * factor);
+  return {scaled.mean * factor, var};
 }
 
 // Whether a row's fast moments overflowed (or its data holds NaN/inf).

@@ -433,10 +433,13 @@ def check_constant_largest_rows(forward: Callable, dtype: torch.dtype, D: int,
     torch.testing.assert_close(mean.cpu().double().flatten(),
                                torch.tensor([largest, -largest], dtype=torch.float64),
                                rtol=1e-6, atol=0)
+    exact_rstd = torch.full((2,), eps ** -0.5, dtype=torch.float64)
     if dtype in (torch.bfloat16, torch.float16):
-        torch.testing.assert_close(rstd.cpu().double().flatten(),
-                                   torch.full((2,), eps ** -0.5, dtype=torch.float64),
-                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(rstd.cpu().double().flatten(), exact_rstd, rtol=1e-6,
+                                   atol=0)
+    else:
+        for value in rstd.cpu().double().flatten().tolist():
+            assert value == 0 or math.isclose(value, exact_rstd[0].item(), rel_tol=1e-6), rstd
     torch.testing.assert_close(y, bias.expand_as(y))
 
 

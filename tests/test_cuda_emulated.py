@@ -33,9 +33,8 @@ import torch
 
 from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
                              check_constant_largest_rows, check_whole_range_rows,
-                             check_wide_spread_rows,
-                             distance_from_zero, laid_out, random_case,
-                             reference_errors, run_all, WELL_CONDITIONED)
+                             check_wide_spread_rows, distance_from_zero, laid_out,
+                             random_case, reference_errors, run_all, WELL_CONDITIONED)
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
@@ -204,8 +203,9 @@ def test_overflow_rescue(emulated, dtype, D):
 @pytest.mark.parametrize("D", [32, 64, 1023, 2047, 8200, 32767])
 def test_constant_largest_rows(emulated, dtype, D):
     """Rows of +-max in every element, where a thread's partial sum is longest: a thread
-    alone on its row (fp32 D = 32, bf16 D = 64), large slices with a head and a tail
-    (bf16 1023, 2047, 8200: 66 values a thread), streaming (32767)."""
+    alone on its row (fp32 D = 32, bf16 D = 64), bf16 large slices with a head and a
+    tail (1023, 2047, and 32767 in 512 threads: 66 values a thread) and without (8200:
+    64), fp32 streaming (32767)."""
     check_constant_largest_rows(emulated.layer_norm_forward, dtype, D)
 
 

@@ -12,7 +12,8 @@ import torch
 
 import layernorm_ext
 from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest_rows,
-                             check_whole_range_rows, check_wide_spread_rows, max_abs_error, reference_errors, run_all)
+                             check_whole_range_rows, check_wide_spread_rows, max_abs_error,
+                             reference_errors, run_all)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -896,7 +896,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
   const auto valid = valid_lanes<T>(N);
   std::array<Vec, kGroupRows> terms, squares;
-  alignas(64) std::array<acc_t, kGroupRows> shifts{}, means{}, m2s{};
+  alignas(64) std::array<acc_t, kGroupRows> shifts{}, means{}, row_stats{};
   const Vec n_v(static_cast<acc_t>(N));
   for (int64_t first = begin; first < end; first += kGroupRows) {
     const int64_t rows = std::min(kGroupRows, end - first);
@@ -952,15 +952,15 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
       if (!mean_of_rows.all_finite(rows) || !stats.all_finite(rows)) {
         // the rare groups whose moments overflowed: their rows' mean and variance
         mean_of_rows.store(means.data(), rows);
-        stats.store(m2s.data(), rows);
+        stats.store(row_stats.data(), rows);  // m2 in, the variance out
         for (int64_t r = 0; r < rows; ++r) {
-          const auto rescued =
-              without_overflow(math::WelfordState<acc_t>{means[r], m2s[r], N}, row_x(r), N);
+          const auto rescued = without_overflow(
+              math::WelfordState<acc_t>{means[r], row_stats[r], N}, row_x(r), N);
           means[r] = rescued.mean;
-          m2s[r] = rescued.var;
+          row_stats[r] = rescued.var;
         }
         mean_of_rows = RowColumn<acc_t>::load(means.data());
-        stats = RowColumn<acc_t>::load(m2s.data());
+        stats = RowColumn<acc_t>::load(row_stats.data());
       } else {
         stats = stats.map([&](const Vec& m2) { return m2 / n_v; });
       }

@@ -166,7 +166,6 @@ void cover_row(const cfg::LaunchConfig& c, const RowCase& rc) {
   if (c.kind == cfg::Kind::kStreaming) return cover_streamed_row(s, rc, c.threads_per_row);
   const int slots = c.elems_per_thread / vec;
   switch (vec) {
-    case 2: return cover_register_kernel_row<2>(s, rc, c.threads_per_row, slots, backward);
     case 4: return cover_register_kernel_row<4>(s, rc, c.threads_per_row, slots, backward);
     case 8: return cover_register_kernel_row<8>(s, rc, c.threads_per_row, slots, backward);
     default: EXPECT(false, "no replay for vector width %d", vec);
