@@ -1,0 +1,323 @@
+// The statistics of one row on the CPU: Welford moments per vector lane, merged into
+// the row's (LayerNorm), the overflow rescue, and the mean square (RMSNorm). The math
+// itself is layernorm_math.h's, shared with the CUDA kernels.
+#pragma once
+
+// Part of row_kernels.cpp's build, once per instruction set (row_kernels.h): included
+// only there, after CPU_CAPABILITY is set, so its code lands in that ISA's namespace.
+#ifndef CPU_CAPABILITY
+#error "included only by row_kernels.cpp"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <type_traits>
+
+#include "../layernorm_math.h"
+#include "row_chunks.h"
+
+namespace layernorm_ext::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Per-lane Welford moments of whole chunks: every lane of every part has seen `steps`
+// elements, so merges between two such states share one scalar count and share.
+template <typename T>
+struct LaneMoments {
+  typename Chunk<T>::Parts mean, m2;
+  int64_t steps;
+
+  // Folds `other` (disjoint elements, same lanes) into this one: Chan's merge.
+  void merge(const LaneMoments& other) {
+    using acc_t = typename Chunk<T>::acc_t;
+    const int64_t total = steps + other.steps;
+    const acc_t share = static_cast<acc_t>(other.steps) / static_cast<acc_t>(total);
+    for (int k = 0; k < Chunk<T>::kParts; ++k) {
+      math::welford_merge(mean[k], m2[k], other.mean[k], other.m2[k],
+                          static_cast<acc_t>(steps), share);
+    }
+    steps = total;
+  }
+};
+
+// Elements of a row in one Welford run: long runs let rounding errors of the running
+// mean pile up, so longer rows are cut into blocks whose moments are merged pairwise
+// (a cascade, as torch's RowwiseMoments does): the error grows with log(n), not n.
+constexpr int64_t kBlockSteps = 128;
+
+// The moments of a row, in three steps (forward_rows):
+// - Whole chunks (whole_chunk_moments): Welford per lane in blocks of kBlockSteps chunks
+//   (one reciprocal serves all lanes), blocks merged in a cascade.
+// - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows for a group); equal
+//   counts there, so every merge has share 1/2 and no division.
+// - The last partial chunk (with_partial_chunk): exact moments from two masked vector
+//   passes, shifted by its first element (exact for constant data, no overflow near the
+//   dtype's max), merged with Chan's combine.
+
+// Welford per lane over `steps` whole chunks from x: one reciprocal serves all lanes.
+// Two runs, over the even and the odd chunks, merged at the end: each run's mean is a
+// chain of dependent sub + fma per chunk, and a single run kept the core waiting on it
+// (the bf16 forward's statistics pass ran at half speed). A function of its own so the
+// running moments stay in registers.
+template <typename T>
+LaneMoments<T> block_moments(const T* x, int64_t steps) {
+  using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  typename C::Parts mean_even{Vec(0), Vec(0)}, m2_even{Vec(0), Vec(0)};
+  typename C::Parts mean_odd{Vec(0), Vec(0)}, m2_odd{Vec(0), Vec(0)};
+  const int64_t pairs = steps / 2;
+  for (int64_t step = 1; step <= pairs; ++step, x += 2 * C::kSize) {
+    const auto even = C::load_unordered(x);
+    const auto odd = C::load_unordered(x + C::kSize);
+    const acc_t inv_step = acc_t(1) / static_cast<acc_t>(step);
+    for (int k = 0; k < C::kParts; ++k) {
+      math::welford_step(mean_even[k], m2_even[k], even[k], inv_step);
+      math::welford_step(mean_odd[k], m2_odd[k], odd[k], inv_step);
+    }
+  }
+  LaneMoments<T> moments{mean_even, m2_even, pairs};
+  if (steps % 2 == 1) {  // the last chunk joins the even run
+    const auto last = C::load_unordered(x);
+    const acc_t inv_step = acc_t(1) / static_cast<acc_t>(pairs + 1);
+    for (int k = 0; k < C::kParts; ++k) {
+      math::welford_step(moments.mean[k], moments.m2[k], last[k], inv_step);
+    }
+    moments.steps = pairs + 1;
+  }
+  if (pairs > 0) moments.merge(LaneMoments<T>{mean_odd, m2_odd, pairs});
+  return moments;
+}
+
+// All-ones lanes for the first n <= kSize elements of a chunk, zero past them, per part.
+template <typename T>
+typename Chunk<T>::Parts valid_lanes(int64_t n) {
+  using C = Chunk<T>;
+  using Vec = typename C::Vec;
+  typename C::Parts valid;
+  for (int k = 0; k < C::kParts; ++k) {
+    const int64_t lanes = std::clamp<int64_t>(n - k * C::kLanes, 0, C::kLanes);
+    valid[k] = Vec::set(Vec(0), Vec(1), lanes) == Vec(1);
+  }
+  return valid;
+}
+
+// term(part) of a chunk's parts, the lanes past `valid` zeroed, summed into one vector
+// whose lane sum is the chunk's sum of term.
+template <typename Parts, typename Term>
+auto masked_terms(const Parts& v, const Parts& valid, const Term& term) {
+  using Vec = typename Parts::value_type;
+  Vec sum(0);
+  for (size_t k = 0; k < v.size(); ++k) sum = sum + Vec::blendv(Vec(0), term(v[k]), valid[k]);
+  return sum;
+}
+
+// Exact moments of the first `rest` lanes of a partial chunk v (the lanes past it are
+// zero): two masked passes, shifted by its first element `shift` (exact for constant
+// data, no overflow near the dtype's max).
+template <typename T>
+math::WelfordState<at::opmath_type<T>> partial_chunk_moments(const typename Chunk<T>::Parts& v,
+                                                            int64_t rest,
+                                                            at::opmath_type<T> shift) {
+  using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
+  using Vec = typename C::Vec;
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  const auto valid = valid_lanes<T>(rest);
+  const Vec shift_v(shift);
+  const acc_t mean = shift + at::vec::vec_reduce_all(add, masked_terms(v, valid, [&](const Vec& e) {
+                                return e - shift_v;
+                              })) / static_cast<acc_t>(rest);
+  const Vec mean_v(mean);
+  const acc_t m2 = at::vec::vec_reduce_all(add, masked_terms(v, valid, [&](const Vec& e) {
+    const Vec dev = e - mean_v;
+    return dev * dev;
+  }));
+  return {mean, m2, rest};
+}
+
+// Lane l + width moved to lane l (and back), for merging all lanes of a vector at once.
+// float vectors on AVX2/AVX-512 only: kWidth is half the lanes, then a quarter, ... 1.
+template <int kWidth>
+Vectorized<float> partner_lanes(const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(kWidth == 8 || kWidth == 4 || kWidth == 2 || kWidth == 1);
+  if constexpr (kWidth == 8) return _mm512_shuffle_f32x4(v, v, 0x4E);  // lane l ^ 8
+  if constexpr (kWidth == 4) return _mm512_shuffle_f32x4(v, v, 0xB1);  // lane l ^ 4
+  if constexpr (kWidth == 2) return _mm512_shuffle_ps(v, v, 0x4E);     // lane l ^ 2
+  if constexpr (kWidth == 1) return _mm512_shuffle_ps(v, v, 0xB1);     // lane l ^ 1
+#elif defined(CPU_CAPABILITY_AVX2)
+  static_assert(kWidth == 4 || kWidth == 2 || kWidth == 1);
+  if constexpr (kWidth == 4) return _mm256_permute2f128_ps(v, v, 0x01);
+  if constexpr (kWidth == 2) return _mm256_shuffle_ps(v, v, 0x4E);
+  if constexpr (kWidth == 1) return _mm256_shuffle_ps(v, v, 0xB1);
+#else
+  static_assert(kWidth < 0, "no lane shuffles for this instruction set");
+  return v;  // not reached: the assertion fails wherever this is instantiated
+#endif
+}
+
+// Merges the per-lane moments of whole chunks (equal counts everywhere, so share 1/2)
+// into the row's: lane l with lane l + width for width = kSize/2, ..., 1, the first
+// level being part 1 into part 0. For float on AVX2/AVX-512 each level is one vector
+// merge (a few shuffles) instead of `width` scalar ones: the scalar tree cost more
+// than the rest of a D = 128 row. Both compute the same operations, so the same bits.
+template <typename T>
+math::WelfordState<at::opmath_type<T>> merge_lanes(const LaneMoments<T>& lanes) {
+  using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
+  acc_t count = static_cast<acc_t>(lanes.steps);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static_assert(C::kParts == 2);
+    auto mean = lanes.mean[0], m2 = lanes.m2[0];
+    const auto level = [&](const auto& partner_mean, const auto& partner_m2) {
+      math::welford_merge(mean, m2, partner_mean, partner_m2, count, acc_t(0.5));
+      count *= 2;
+    };
+    level(lanes.mean[1], lanes.m2[1]);
+    constexpr int kLanes = C::kLanes;
+    if constexpr (kLanes == 16) level(partner_lanes<8>(mean), partner_lanes<8>(m2));
+    level(partner_lanes<4>(mean), partner_lanes<4>(m2));
+    level(partner_lanes<2>(mean), partner_lanes<2>(m2));
+    level(partner_lanes<1>(mean), partner_lanes<1>(m2));
+#if defined(CPU_CAPABILITY_AVX512)
+    return {_mm512_cvtss_f32(mean), _mm512_cvtss_f32(m2), lanes.steps * C::kSize};
+#else
+    return {_mm256_cvtss_f32(mean), _mm256_cvtss_f32(m2), lanes.steps * C::kSize};
+#endif
+  }
+#endif
+  std::array<acc_t, C::kSize> lane_mean, lane_m2;
+  for (int k = 0; k < C::kParts; ++k) {
+    lanes.mean[k].store(lane_mean.data() + k * C::kLanes);
+    lanes.m2[k].store(lane_m2.data() + k * C::kLanes);
+  }
+  for (int64_t width = C::kSize / 2; width >= 1; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) {
+      math::welford_merge(lane_mean[l], lane_m2[l], lane_mean[l + width], lane_m2[l + width],
+                          count, acc_t(0.5));
+    }
+    count *= 2;
+  }
+  return {lane_mean[0], lane_m2[0], lanes.steps * C::kSize};
+}
+
+// Per-lane moments of the first `chunks` > 0 whole chunks of a row: blocks of
+// kBlockSteps chunks merged in a cascade.
+template <typename T>
+LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks) {
+  using C = Chunk<T>;
+  using Moments = LaneMoments<T>;
+  Moments lanes = block_moments(x, std::min(chunks, kBlockSteps));
+  if (chunks > kBlockSteps) {
+    // cascade[d] holds a pending block; counts strictly decrease with d.
+    std::array<Moments, 64> cascade;
+    cascade[0] = lanes;
+    int depth = 1;
+    for (int64_t done = kBlockSteps; done < chunks; done += kBlockSteps) {
+      cascade[depth++] =
+          block_moments(x + done * C::kSize, std::min(kBlockSteps, chunks - done));
+      while (depth >= 2 && cascade[depth - 2].steps == cascade[depth - 1].steps) {
+        cascade[depth - 2].merge(cascade[depth - 1]);
+        --depth;
+      }
+    }
+    for (int d = depth - 1; d >= 1; --d) cascade[d - 1].merge(cascade[d]);
+    lanes = cascade[0];
+  }
+  return lanes;
+}
+
+// A row's moments from those of its whole chunks (`whole`), with its partial chunk's
+// combined in.
+template <typename T>
+math::WelfordState<at::opmath_type<T>> with_partial_chunk(
+    math::WelfordState<at::opmath_type<T>> whole, const T* x, int64_t n) {
+  using C = Chunk<T>;
+  const int64_t j = n / C::kSize * C::kSize;  // start of the partial chunk
+  if (j == n) return whole;
+  const auto v = C::load(x + j, n - j);
+  return math::welford_combine(
+      whole, partial_chunk_moments<T>(v, n - j, static_cast<at::opmath_type<T>>(x[j])));
+}
+
+// The mean and variance of a row, given its fast moments `fast`, rescued from overflow
+// where they need it (math::rescued_if_needed). Scalar: such rows are rare. Welford's
+// update within blocks of kRescueBlock elements, the blocks combined by Chan's formula:
+// one sequential update over a whole long row loses accuracy (4e-5 of rstd at 20000
+// float32 elements), blocks keep it near the fast path's.
+constexpr int64_t kRescueBlock = 256;
+
+template <typename T>
+math::MeanVariance<at::opmath_type<T>> without_overflow(
+    const math::WelfordState<at::opmath_type<T>>& fast, const T* x, int64_t n) {
+  using acc_t = at::opmath_type<T>;
+  if (!math::overflowed(fast)) return {fast.mean, math::variance(fast)};
+  math::WelfordState<acc_t> scaled{acc_t(0), acc_t(0), 0};
+  for (int64_t begin = 0; begin < n; begin += kRescueBlock) {
+    math::WelfordState<acc_t> block{acc_t(0), acc_t(0), 0};
+    for (int64_t i = begin; i < std::min(n, begin + kRescueBlock); ++i) {
+      block = math::welford_update(block, math::rescue_scaled(static_cast<acc_t>(x[i])));
+    }
+    scaled = math::welford_combine(scaled, block);
+  }
+  return math::rescued_if_needed(fast, scaled);
+}
+
+// Sum of squares of `steps` whole chunks from x, per lane: two sums, over the even and
+// the odd chunks (two dependency chains, as in block_moments), added at the end. A
+// function of its own so the running sums stay in registers.
+template <typename T>
+typename Chunk<T>::Parts block_sum_squares(const T* x, int64_t steps) {
+  using C = Chunk<T>;
+  using Vec = typename C::Vec;
+  typename C::Parts even_sum{Vec(0), Vec(0)}, odd_sum{Vec(0), Vec(0)};
+  for (int64_t step = 0; step + 1 < steps; step += 2, x += 2 * C::kSize) {
+    const auto even = C::load_unordered(x);
+    const auto odd = C::load_unordered(x + C::kSize);
+    for (int k = 0; k < C::kParts; ++k) {
+      even_sum[k] = at::vec::fmadd(even[k], even[k], even_sum[k]);
+      odd_sum[k] = at::vec::fmadd(odd[k], odd[k], odd_sum[k]);
+    }
+  }
+  if (steps % 2 == 1) {
+    const auto last = C::load_unordered(x);
+    for (int k = 0; k < C::kParts; ++k) even_sum[k] = at::vec::fmadd(last[k], last[k], even_sum[k]);
+  }
+  for (int k = 0; k < C::kParts; ++k) even_sum[k] = even_sum[k] + odd_sum[k];
+  return even_sum;
+}
+
+// mean(x^2) of one row, RMSNorm's statistic. Per-lane sums over blocks of kBlockSteps
+// chunks, added block by block into a running total (so no lane adds more than
+// kBlockSteps terms to a large partial sum), then the lanes added pairwise; the
+// partial chunk's lanes past its end load as zero.
+template <typename T>
+at::opmath_type<T> row_mean_square(const T* x, int64_t n) {
+  using C = Chunk<T>;
+  using Vec = typename C::Vec;
+  const int64_t chunks = n / C::kSize;
+  typename C::Parts total{Vec(0), Vec(0)};
+  for (int64_t done = 0; done < chunks; done += kBlockSteps) {
+    const auto block = block_sum_squares(x + done * C::kSize, std::min(kBlockSteps, chunks - done));
+    for (int k = 0; k < C::kParts; ++k) total[k] = total[k] + block[k];
+  }
+  const int64_t rest = n - chunks * C::kSize;
+  if (rest > 0) {
+    const auto v = C::load(x + chunks * C::kSize, rest);
+    for (int k = 0; k < C::kParts; ++k) total[k] = at::vec::fmadd(v[k], v[k], total[k]);
+  }
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  return at::vec::vec_reduce_all(add, total[0] + total[1]) / static_cast<at::opmath_type<T>>(n);
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace layernorm_ext::cpu
