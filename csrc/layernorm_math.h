@@ -150,7 +150,7 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 // results, and large enough that a sum of up to 128 such values stays finite (a CUDA
 // thread sums up to 66: a 128-byte slice of bfloat16 and a head and tail element). The
 // CUDA forwards take every row's moments that way (free there, see
-// layernorm_cuda_kernels.cuh); the CPU takes them again, by Welford's update, only for
+// layernorm_cuda_device.cuh); the CPU takes them again, by Welford's update, only for
 // rows whose fast moments overflowed (rescued_if_needed). The mean is then finite, as a
 // mean of finite values is. The variance is M2 scaled back and divided by n where that
 // M2 is finite, else M2 / n scaled back: rows whose M2 = n * variance overflows while

@@ -2,7 +2,7 @@
 // the one table of launch configurations. Plain C++ (host/device), so the host replay
 // test (tests/cuda_replay/) checks the configurations the launcher really uses.
 //
-// Kernels (csrc/cuda/layernorm_cuda_kernels.cuh):
+// Kernels (csrc/cuda/layernorm_cuda_{forward,backward}.cuh):
 //   forward, rows in registers    a slice of kSmallSliceBytes (32) or kLargeSliceBytes (128)
 //                                 of the row per thread, kept as loaded (8 or 32 registers,
 //                                 whatever the dtype), `threads_per_row` threads per row

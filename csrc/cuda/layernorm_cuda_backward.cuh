@@ -1,0 +1,260 @@
+// The backward kernels: rows in registers, rows streamed, and the small kernel that adds
+// the slots' dgamma/dbeta partial rows (layernorm_cuda_kernels.cuh launches them).
+#pragma once
+
+#include "layernorm_cuda_device.cuh"
+
+namespace layernorm_ext {
+namespace cuda_kernels {
+
+// ---------------------------------------------------------------------------------------
+// Backward, rows in registers. blockDim = (G, rows per block); slot = blockIdx.x *
+// blockDim.y + threadIdx.y handles rows slot, slot + slots, ... with slots = gridDim.x *
+// blockDim.y, a multiple of the rows' alignment period (cuda_config::backward_slots).
+// kElemsBackward per thread: the row's g and xhat stay in registers for dx.
+// kElemsBackwardLong (rows up to 16384): only dgamma/dbeta stay; dx reads the row again.
+
+template <Norm kNorm, typename T, typename P, int kElems>
+__global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
+    backward_registers_kernel(const BackwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int kSlots = kElems / kVec;
+  constexpr bool kKeepRow = kElems <= cuda_config::kElemsBackward;
+  constexpr int kKeptSlots = kKeepRow ? kSlots : 1;
+  __shared__ SumPair<acc_t> scratch[cuda_indexing::kReduceScratch];
+  const int t = threadIdx.x;
+  const int group = blockDim.x;
+  const int64_t rows_per_block = blockDim.y;
+  const int64_t slots = gridDim.x * rows_per_block;
+  const int64_t slot = blockIdx.x * rows_per_block + threadIdx.y;
+  const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
+  // The same split for every row of this slot: this thread owns the same columns.
+  const RowSplit s = row_split(a, slot, kVec);
+
+  acc_t dgamma[kSlots][kVec], dbeta[kSlots][kVec], dgamma_edge[2], dbeta_edge[2];
+  cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) dgamma[i][k] = dbeta[i][k] = 0;
+  });
+  cuda_indexing::for_each_register_edge(
+      s, t, group, [&](int i, int) { dgamma_edge[i] = dbeta_edge[i] = 0; });
+  const bool weight_vectors = a.weight.vectors_at(s.head);
+
+  for (int64_t first = blockIdx.x * rows_per_block; first < a.rows; first += slots) {
+    const int64_t row = first + threadIdx.y;
+    const bool valid = row < a.rows;
+    const T* dyr = a.dy + row * a.cols;
+    const T* xr = a.x + row * a.cols;
+    T* dxr = a.dx + row * a.cols;
+
+    // g = dy * w and xhat stay in registers between the row sums and dx (kKeepRow);
+    // rows too long for that keep only dgamma/dbeta and read dy and x again for dx.
+    acc_t g[kKeptSlots][kVec], xhat[kKeptSlots][kVec], g_edge[2], xhat_edge[2];
+    SumPair<acc_t> sums{0, 0};
+    const acc_t rstd = valid ? a.rstd[row] : acc_t(0);
+    const acc_t mean = valid ? math::row_center<kNorm>(a.mean, row, rstd) : acc_t(0);
+    // dy, xhat and g of the pack at column e.
+    const auto load_pack = [&](int64_t e, acc_t(&dy)[kVec], acc_t(&xhat_pack)[kVec],
+                               acc_t(&g_pack)[kVec]) {
+      acc_t w[kVec];
+      load_vector(dyr + e, dy);
+      load_vector(xr + e, xhat_pack);
+      load_param(a.weight, e, weight_vectors, acc_t(1), w);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        xhat_pack[k] = math::normalize<kNorm>(xhat_pack[k], mean, rstd);
+        g_pack[k] = dy[k] * w[k];
+      }
+    };
+    if (valid) {
+      cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+        const int kept = kKeepRow ? i : 0;
+        acc_t dy[kVec];
+        load_pack(e, dy, xhat[kept], g[kept]);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          dgamma[i][k] += dy[k] * xhat[kept][k];
+          if constexpr (kNorm == Norm::kLayer) {
+            dbeta[i][k] += dy[k];
+            sums.a += g[kept][k];
+          }
+          sums.b += g[kept][k] * xhat[kept][k];
+        }
+      });
+      cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
+        const acc_t dy = static_cast<acc_t>(dyr[e]);
+        xhat_edge[i] = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
+        g_edge[i] = dy * load_param(a.weight, e, acc_t(1));
+        dgamma_edge[i] += dy * xhat_edge[i];
+        if constexpr (kNorm == Norm::kLayer) {
+          dbeta_edge[i] += dy;
+          sums.a += g_edge[i];
+        }
+        sums.b += g_edge[i] * xhat_edge[i];
+      });
+    }
+    sums = group_allreduce(sums, SumPair<acc_t>{0, 0}, SumCombine{}, scratch);
+    if (!valid) continue;
+    const acc_t mean_g = sums.a * inv_cols;
+    const acc_t mean_g_xhat = sums.b * inv_cols;
+    cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+      const int kept = kKeepRow ? i : 0;
+      if constexpr (!kKeepRow) {
+        acc_t dy[kVec];
+        load_pack(e, dy, xhat[0], g[0]);  // from L2: the row was read moments ago
+      }
+      acc_t dx[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        dx[k] = math::input_grad<kNorm>(g[kept][k], xhat[kept][k], rstd, mean_g, mean_g_xhat);
+      }
+      store_vector(dxr + e, dx);
+    });
+    cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
+      dxr[e] = static_cast<T>(
+          math::input_grad<kNorm>(g_edge[i], xhat_edge[i], rstd, mean_g, mean_g_xhat));
+    });
+  }
+
+  // This slot's partial rows, every column (zeros for a slot without rows).
+  acc_t* partial_dgamma = a.partial + slot * kParamGrads<kNorm> * a.cols;
+  acc_t* partial_dbeta = partial_dgamma + a.cols;  // LayerNorm only
+  cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      partial_dgamma[e + k] = dgamma[i][k];
+      if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] = dbeta[i][k];
+    }
+  });
+  cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
+    partial_dgamma[e] = dgamma_edge[i];
+    if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] = dbeta_edge[i];
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, streaming: a block per slot (gridDim.x slots), any row length. dgamma/dbeta
+// accumulate in the slot's partial row; each column of it belongs to one thread.
+
+template <Norm kNorm, typename T, typename P>
+__global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
+    backward_streaming_kernel(const BackwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  __shared__ SumPair<acc_t> scratch[cuda_indexing::kReduceScratch];
+  const int t = threadIdx.x;
+  const int group = blockDim.x;
+  const int64_t slot = blockIdx.x;
+  const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
+  const RowSplit s = row_split(a, slot, kVec);
+  const bool weight_vectors = a.weight.vectors_at(s.head);
+  acc_t* partial_dgamma = a.partial + slot * kParamGrads<kNorm> * a.cols;
+  acc_t* partial_dbeta = partial_dgamma + a.cols;  // LayerNorm only
+
+  cuda_indexing::for_each_streamed(
+      s, t, group,
+      [&](int64_t e) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          partial_dgamma[e + k] = 0;
+          if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] = 0;
+        }
+      },
+      [&](int64_t e) {
+        partial_dgamma[e] = 0;
+        if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] = 0;
+      });
+
+  for (int64_t row = slot; row < a.rows; row += gridDim.x) {
+    const T* dyr = a.dy + row * a.cols;
+    const T* xr = a.x + row * a.cols;
+    T* dxr = a.dx + row * a.cols;
+    const acc_t rstd = a.rstd[row];
+    const acc_t mean = math::row_center<kNorm>(a.mean, row, rstd);
+
+    // dy, x and w of the vector at column e (both passes; the second one hits L2).
+    const auto load_vectors = [&](int64_t e, acc_t(&dy)[kVec], acc_t(&x)[kVec],
+                                  acc_t(&w)[kVec]) {
+      load_vector(dyr + e, dy);
+      load_vector(xr + e, x);
+      load_param(a.weight, e, weight_vectors, acc_t(1), w);
+    };
+    SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
+    cuda_indexing::for_each_streamed(
+        s, t, group,
+        [&](int64_t e) {
+          acc_t dy[kVec], x[kVec], w[kVec];
+          load_vectors(e, dy, x, w);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const acc_t g = dy[k] * w[k];
+            if constexpr (kNorm == Norm::kLayer) sums.a += g;
+            sums.b += g * math::normalize<kNorm>(x[k], mean, rstd);
+          }
+        },
+        [&](int64_t e) {
+          const acc_t g = static_cast<acc_t>(dyr[e]) * load_param(a.weight, e, acc_t(1));
+          if constexpr (kNorm == Norm::kLayer) sums.a += g;
+          sums.b += g * math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
+        });
+    sums = group_allreduce(sums, SumPair<acc_t>{0, 0}, SumCombine{}, scratch);
+    const acc_t mean_g = sums.a * inv_cols;
+    const acc_t mean_g_xhat = sums.b * inv_cols;
+    cuda_indexing::for_each_streamed(
+        s, t, group,
+        [&](int64_t e) {
+          acc_t dy[kVec], x[kVec], w[kVec];
+          load_vectors(e, dy, x, w);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const acc_t xhat = math::normalize<kNorm>(x[k], mean, rstd);
+            partial_dgamma[e + k] += dy[k] * xhat;
+            if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] += dy[k];
+            x[k] = math::input_grad<kNorm>(dy[k] * w[k], xhat, rstd, mean_g, mean_g_xhat);
+          }
+          store_vector(dxr + e, x);
+        },
+        [&](int64_t e) {
+          const acc_t dy = static_cast<acc_t>(dyr[e]);
+          const acc_t xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
+          partial_dgamma[e] += dy * xhat;
+          if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] += dy;
+          dxr[e] = static_cast<T>(math::input_grad<kNorm>(
+              dy * load_param(a.weight, e, acc_t(1)), xhat, rstd, mean_g, mean_g_xhat));
+        });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// dgamma/dbeta = the sum of the slots' partial rows, in a fixed order (RMSNorm: dgamma
+// only). blockDim = (kFinalizeColumns, kFinalizeLanes).
+
+template <Norm kNorm, typename acc_t, typename P>
+__global__ void __launch_bounds__(cuda_config::kFinalizeColumns * cuda_config::kFinalizeLanes)
+    finalize_param_grads_kernel(const acc_t* __restrict__ partial, int64_t slots, int64_t cols,
+                                P* __restrict__ grad_weight, P* __restrict__ grad_bias) {
+  constexpr int kGrads = kParamGrads<kNorm>;
+  constexpr int kColumns = cuda_config::kFinalizeColumns;
+  constexpr int kLanes = cuda_config::kFinalizeLanes;
+  __shared__ SumPair<acc_t> sums[kLanes][kColumns];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  SumPair<acc_t> sum{0, 0};
+  if (col < cols) {
+    cuda_indexing::for_each_partial_slot(threadIdx.y, kLanes, slots, [&](int64_t s) {
+      sum.a += partial[s * kGrads * cols + col];
+      if constexpr (kNorm == Norm::kLayer) sum.b += partial[s * kGrads * cols + cols + col];
+    });
+  }
+  sums[threadIdx.y][threadIdx.x] = sum;
+  BlockLanes lanes;
+  cuda_indexing::shared_tree_reduce(&sums[0][threadIdx.x], kColumns, threadIdx.y, kLanes,
+                                    SumCombine{}, lanes);
+  if (threadIdx.y == 0 && col < cols) {
+    grad_weight[col] = static_cast<P>(sums[0][threadIdx.x].a);
+    if constexpr (kNorm == Norm::kLayer) grad_bias[col] = static_cast<P>(sums[0][threadIdx.x].b);
+  }
+}
+
+}  // namespace cuda_kernels
+}  // namespace layernorm_ext

@@ -1,0 +1,312 @@
+// Device-side building blocks of the CUDA kernels (layernorm_cuda_kernels.cuh): 16-byte
+// vector loads and stores, parameter reads, the reductions a row needs (Welford moments,
+// sums) and their scaling against overflow, the kernels' arguments, and the writes of y
+// that both forwards share.
+#pragma once
+
+#include <cstring>
+#include <type_traits>
+
+#include "../layernorm_math.h"
+#include "layernorm_cuda_config.h"
+#include "layernorm_cuda_indexing.h"
+
+namespace layernorm_ext {
+namespace cuda_kernels {
+
+using cuda_indexing::RowSplit;
+
+// The parameter gradients a norm has: dgamma and dbeta (LayerNorm), dgamma (RMSNorm).
+// Also the number of partial rows per backward slot.
+template <Norm kNorm>
+constexpr int kParamGrads = kNorm == Norm::kLayer ? 2 : 1;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
+
+// ---------------------------------------------------------------------------------------
+// 16-byte vector I/O
+
+// Loads kN elements from p (16-byte aligned; kN * sizeof(T) a multiple of 16) as acc_t.
+template <int kN, typename T, typename acc_t>
+__device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out)[kN]) {
+  constexpr int kPerChunk = kVecOf<T>;
+  static_assert(kN % kPerChunk == 0, "whole 16-byte chunks");
+#pragma unroll
+  for (int c = 0; c < kN / kPerChunk; ++c) {
+    const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
+    T values[kPerChunk];
+    memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+    for (int k = 0; k < kPerChunk; ++k) out[c * kPerChunk + k] = static_cast<acc_t>(values[k]);
+  }
+}
+
+// A 16-byte vector as loaded (a uint4), and its elements as acc_t. The register forward
+// keeps rows this way and converts where it uses them: a thread then holds the same bytes
+// of a row in the same registers whatever the dtype (a bf16 conversion is one shift).
+template <typename T>
+__device__ __forceinline__ uint4 load_raw(const T* __restrict__ p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void unpack(const uint4& raw, acc_t (&out)[kVecOf<T>]) {
+  T values[kVecOf<T>];
+  memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+  for (int k = 0; k < kVecOf<T>; ++k) out[k] = static_cast<acc_t>(values[k]);
+}
+
+// One 16-byte global store. Written in PTX because the compiler splits a plain uint4
+// store into four 4-byte stores in some kernels (seen with nvcc 13.0 in the forward).
+// No "memory" clobber: nothing in these kernels reads back what it stores, and without
+// it the compiler may still hoist the next vector's loads above this store.
+__device__ __forceinline__ void store_16_bytes(void* p, const uint4& v) {
+#if defined(LN_CUDA_EMULATION)
+  memcpy(p, &v, sizeof(v));
+#else
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w));
+#endif
+}
+
+// Stores kN values as T to p (16-byte aligned; kN * sizeof(T) a multiple of 16).
+template <int kN, typename T, typename acc_t>
+__device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in)[kN]) {
+  constexpr int kPerChunk = kVecOf<T>;
+  static_assert(kN % kPerChunk == 0, "whole 16-byte chunks");
+#pragma unroll
+  for (int c = 0; c < kN / kPerChunk; ++c) {
+    T values[kPerChunk];
+#pragma unroll
+    for (int k = 0; k < kPerChunk; ++k) values[k] = static_cast<T>(in[c * kPerChunk + k]);
+    uint4 raw;
+    memcpy(&raw, values, sizeof(raw));
+    store_16_bytes(p + c * kPerChunk, raw);
+  }
+}
+
+// A weight or bias: absent (nullptr, read as `fill`), or a pointer whose first element
+// is `misalign` elements past a 16-byte boundary.
+template <typename P>
+struct ParamRef {
+  const P* ptr;
+  int misalign;
+
+  // Whether the columns `head`, `head + vec`, ... of a row split start 16-byte vectors.
+  __device__ __forceinline__ bool vectors_at(int64_t head) const {
+    return (misalign + head) % kVecOf<P> == 0;
+  }
+};
+
+// Parameter columns [col, col + kN) as acc_t: vector loads when aligned, else scalar.
+template <int kN, typename P, typename acc_t>
+__device__ __forceinline__ void load_param(const ParamRef<P>& param, int64_t col, bool vector,
+                                           acc_t fill, acc_t (&out)[kN]) {
+  if (param.ptr == nullptr) {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) out[k] = fill;
+  } else if (vector) {
+    load_vector<kN>(param.ptr + col, out);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) out[k] = static_cast<acc_t>(param.ptr[col + k]);
+  }
+}
+
+template <typename P, typename acc_t>
+__device__ __forceinline__ acc_t load_param(const ParamRef<P>& param, int64_t col, acc_t fill) {
+  return param.ptr == nullptr ? fill : static_cast<acc_t>(param.ptr[col]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Reductions
+
+template <typename acc_t>
+using Welford = math::WelfordState<acc_t>;
+
+template <typename acc_t>
+struct SumPair {
+  acc_t a, b;
+};
+
+// RMSNorm's row statistic: the sum of x^2.
+template <typename acc_t>
+struct RowSum {
+  acc_t sum;
+};
+
+// What a forward reduces over a row: Welford moments (LayerNorm) or the sum of x^2.
+template <Norm kNorm, typename acc_t>
+using RowStats = std::conditional_t<kNorm == Norm::kLayer, Welford<acc_t>, RowSum<acc_t>>;
+
+struct WelfordCombine {
+  template <typename acc_t>
+  __device__ __forceinline__ Welford<acc_t> operator()(const Welford<acc_t>& x,
+                                                       const Welford<acc_t>& y) const {
+    return math::welford_combine(x, y);
+  }
+};
+
+struct SumCombine {
+  template <typename acc_t>
+  __device__ __forceinline__ SumPair<acc_t> operator()(const SumPair<acc_t>& x,
+                                                       const SumPair<acc_t>& y) const {
+    return {x.a + y.a, x.b + y.b};
+  }
+  template <typename acc_t>
+  __device__ __forceinline__ RowSum<acc_t> operator()(const RowSum<acc_t>& x,
+                                                      const RowSum<acc_t>& y) const {
+    return {x.sum + y.sum};
+  }
+};
+
+template <typename acc_t, typename Op>
+__device__ __forceinline__ Welford<acc_t> map_members(const Welford<acc_t>& s, Op op) {
+  return {op(s.mean), op(s.m2), static_cast<int64_t>(op(static_cast<long long>(s.count)))};
+}
+
+template <typename acc_t, typename Op>
+__device__ __forceinline__ SumPair<acc_t> map_members(const SumPair<acc_t>& s, Op op) {
+  return {op(s.a), op(s.b)};
+}
+
+template <typename acc_t, typename Op>
+__device__ __forceinline__ RowSum<acc_t> map_members(const RowSum<acc_t>& s, Op op) {
+  return {op(s.sum)};
+}
+
+// The CUDA side of the `lanes` interface of cuda_indexing::group_allreduce.
+struct BlockLanes {
+  __device__ __forceinline__ int thread() const { return threadIdx.x; }
+  __device__ __forceinline__ int group() const { return threadIdx.y; }
+  __device__ __forceinline__ int group_size() const { return blockDim.x; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+
+  template <typename S>
+  __device__ __forceinline__ S shfl_down(const S& v, int offset, int width) const {
+    return map_members(v, [=](auto m) { return __shfl_down_sync(kFullMask, m, offset, width); });
+  }
+  template <typename S>
+  __device__ __forceinline__ S shfl(const S& v, int src, int width) const {
+    return map_members(v, [=](auto m) { return __shfl_sync(kFullMask, m, src, width); });
+  }
+};
+
+template <typename S, typename Combine>
+__device__ __forceinline__ S group_allreduce(const S& value, const S& identity, Combine combine,
+                                             S* scratch) {
+  BlockLanes lanes;
+  return cuda_indexing::group_allreduce(value, identity, combine, lanes, scratch);
+}
+
+// The forwards take LayerNorm's moments of x / kRescueFactor (math::rescue_scaled: a
+// power of two, so exact but for subnormal results) and scale the mean and variance
+// back at the end (math::rescue_unscaled). No partial sum, difference or merge can then
+// overflow for finite x, even in rows spread over +-max: a thread sums at most 66 values
+// (a 128-byte slice of a 2-byte dtype, a head and a tail element), each at most
+// max / 128. The scaling costs nothing: it folds into the fused multiply-adds.
+static_assert(math::kRescueFactor >= cuda_config::kLargeSliceBytes / 2 + 2,
+              "a thread's scaled partial sum of +-max values could overflow");
+template <typename acc_t>
+__device__ __forceinline__ acc_t scaled(acc_t x) {
+  return x * math::rescue_scaled(acc_t(1));
+}
+
+// Moments of the kN values of one vector, scaled as above: two-pass, exact up to
+// rounding.
+template <int kN, typename acc_t>
+__device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)[kN]) {
+  acc_t sum = 0;
+#pragma unroll
+  for (int k = 0; k < kN; ++k) sum += scaled(v[k]);
+  const acc_t mean = sum / acc_t(kN);
+  acc_t m2 = 0;
+#pragma unroll
+  for (int k = 0; k < kN; ++k) m2 += (scaled(v[k]) - mean) * (scaled(v[k]) - mean);
+  return {mean, m2, kN};
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel arguments
+
+template <typename T, typename P>
+struct ForwardParams {
+  using acc_t = at::opmath_type<T>;
+  const T* x;
+  ParamRef<P> weight, bias;
+  T* y;
+  acc_t* mean;  // null for RMSNorm
+  acc_t* rstd;
+  int64_t rows, cols;
+  acc_t eps;
+  int x_misalign;   // x and y: first element's offset from a 16-byte boundary
+  bool vectorized;  // x and y agree on that offset (else: scalar streaming)
+};
+
+template <typename T, typename P>
+struct BackwardParams {
+  using acc_t = at::opmath_type<T>;
+  const T* dy;
+  const T* x;
+  const acc_t* mean;  // null for RMSNorm
+  const acc_t* rstd;
+  ParamRef<P> weight;
+  T* dx;
+  acc_t* partial;  // [slots][kParamGrads][cols]: dgamma then (LayerNorm) dbeta partial rows
+  int64_t rows, cols;
+  int x_misalign;   // dy, x and dx: first element's offset from a 16-byte boundary
+  bool vectorized;  // dy, x and dx agree on that offset (else: scalar streaming)
+};
+
+template <typename Params>
+__device__ __forceinline__ RowSplit row_split(const Params& a, int64_t row, int vec) {
+  return a.vectorized ? cuda_indexing::split_row(
+                            a.cols, vec, cuda_indexing::row_misalign(a.x_misalign, row, a.cols, vec))
+                      : cuda_indexing::scalar_row(a.cols, vec);
+}
+
+// Saves a row's statistics (thread 0 of its group) and returns the center normalize()
+// subtracts (math::normalize_center).
+template <Norm kNorm, typename T, typename P, typename acc_t>
+__device__ __forceinline__ acc_t save_row_stats(const ForwardParams<T, P>& a, int64_t row,
+                                                acc_t mean, acc_t rstd) {
+  if (threadIdx.x == 0) {
+    if constexpr (kNorm == Norm::kLayer) a.mean[row] = mean;
+    a.rstd[row] = rstd;
+  }
+  return math::normalize_center(mean, rstd);
+}
+
+// y for one 16-byte vector of a row's x at element e (v, converted), and for one head or
+// tail element: the writes of both forwards. center: save_row_stats's. Index: the
+// register kernel's int or the streaming kernel's int64_t.
+template <Norm kNorm, typename T, typename P, typename Index, typename acc_t, int kVec>
+__device__ __forceinline__ void write_normalized_vector(const ForwardParams<T, P>& a, T* yr,
+                                                        Index e, acc_t (&v)[kVec],
+                                                        acc_t center, acc_t rstd,
+                                                        bool weight_vectors, bool bias_vectors) {
+  acc_t w[kVec], b[kVec];
+  load_param(a.weight, e, weight_vectors, acc_t(1), w);
+  load_param(a.bias, e, bias_vectors, acc_t(0), b);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], center, rstd), w[k], b[k]);
+  }
+  store_vector(yr + e, v);
+}
+
+template <Norm kNorm, typename T, typename P, typename Index, typename acc_t>
+__device__ __forceinline__ void write_normalized_element(const ForwardParams<T, P>& a, T* yr,
+                                                         Index e, acc_t x, acc_t center,
+                                                         acc_t rstd) {
+  const acc_t xhat = math::normalize<kNorm>(x, center, rstd);
+  yr[e] = static_cast<T>(math::affine<kNorm>(xhat, load_param(a.weight, e, acc_t(1)),
+                                             load_param(a.bias, e, acc_t(0))));
+}
+
+}  // namespace cuda_kernels
+}  // namespace layernorm_ext

@@ -1,0 +1,196 @@
+// The forward kernels: rows in registers, and rows streamed a block per row
+// (layernorm_cuda_kernels.cuh says which takes what and launches them).
+#pragma once
+
+#include "layernorm_cuda_device.cuh"
+
+namespace layernorm_ext {
+namespace cuda_kernels {
+
+// ---------------------------------------------------------------------------------------
+// Forward, rows in registers. blockDim = (threads per row G, rows per block); each
+// thread holds up to kVectors 16-byte vectors of its row (cuda_config's slices).
+// kRowPerThread: G = 1, a thread holds a whole row and reduces nothing with the others.
+
+// Its __launch_bounds__ (threads, blocks per SM): small slices and rows per thread come
+// in blocks of kRowBlockThreads, with cuda_config's occupancy floors.
+template <int kVectors, bool kRowPerThread>
+constexpr bool kFixedBlock = kVectors == cuda_config::kSmallSliceVectors || kRowPerThread;
+
+template <int kVectors, bool kRowPerThread>
+constexpr int kForwardMaxThreads =
+    kFixedBlock<kVectors, kRowPerThread> ? cuda_config::kRowBlockThreads
+                                         : cuda_config::kMaxBlockThreads;
+
+template <int kVectors, bool kRowPerThread>
+constexpr int kForwardMinBlocks = kRowPerThread ? cuda_config::kRowPerThreadMinBlocksPerSM
+                                  : kVectors == cuda_config::kSmallSliceVectors
+                                      ? cuda_config::kSmallSliceMinBlocksPerSM
+                                      : 1;
+
+template <Norm kNorm, typename T, typename P, int kVectors, bool kRowPerThread>
+__global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
+                                  kForwardMinBlocks<kVectors, kRowPerThread>)
+    forward_registers_kernel(const ForwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int kEdgeSlots = cuda_indexing::kRegisterEdgeSlots<kVec, kRowPerThread>;
+  __shared__ RowStats<kNorm, acc_t> scratch[cuda_indexing::kReduceScratch];
+  const int t = kRowPerThread ? 0 : threadIdx.x;
+  const int group = kRowPerThread ? 1 : blockDim.x;
+  const int64_t rows_per_block = blockDim.y;
+  // The row's total of this thread's partial statistics (kRowPerThread: they are it).
+  const auto row_total = [&](const auto& value, const auto& identity, auto combine) {
+    if constexpr (kRowPerThread) {
+      return value;
+    } else {
+      return group_allreduce(value, identity, combine, scratch);
+    }
+  };
+
+  // The loop bound is the block's first row, so every thread runs every iteration
+  // (the reductions shuffle across rows and sync the block).
+  for (int64_t first = blockIdx.x * rows_per_block; first < a.rows;
+       first += gridDim.x * rows_per_block) {
+    const int64_t row = first + threadIdx.y;
+    const bool valid = row < a.rows;
+    const RowSplit s = row_split(a, row, kVec);
+    const T* xr = a.x + row * a.cols;
+    T* yr = a.y + row * a.cols;
+
+    uint4 packs[kVectors];
+    acc_t edge[2 * kEdgeSlots];
+    acc_t sum = 0;  // of scaled(x) (LayerNorm) or of x^2 (RMSNorm)
+    int count = 0;
+    const auto term = [](acc_t x) { return kNorm == Norm::kRms ? x * x : scaled(x); };
+    if (valid) {
+      // All loads first, then the sums: every vector of the slice is in flight at once.
+      cuda_indexing::for_each_register_pack<kVectors>(
+          s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
+      cuda_indexing::for_each_register_edge<kEdgeSlots>(
+          s, t, group, [&](int i, int e) { edge[i] = static_cast<acc_t>(xr[e]); });
+      cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int) {
+        acc_t v[kVec];
+        unpack<T>(packs[i], v);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) sum += term(v[k]);
+        count += kVec;
+      });
+      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int) {
+        sum += term(edge[i]);
+        count += 1;
+      });
+    }
+    acc_t mean = 0, rstd;
+    if constexpr (kNorm == Norm::kRms) {
+      const RowSum<acc_t> total = row_total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{});
+      rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
+    } else {
+      // This thread's moments, two-pass from registers, then Chan's combine over the row
+      // (all of scaled(x), see there).
+      const acc_t local_mean = count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0);
+      acc_t m2 = 0;
+      const auto add_deviation = [&](acc_t x) {
+        const acc_t d = scaled(x) - local_mean;
+        m2 += d * d;
+      };
+      if (valid) {
+        cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int) {
+          acc_t v[kVec];
+          unpack<T>(packs[i], v);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) add_deviation(v[k]);
+        });
+        cuda_indexing::for_each_register_edge<kEdgeSlots>(
+            s, t, group, [&](int i, int) { add_deviation(edge[i]); });
+      }
+      const auto stats = math::rescue_unscaled(row_total(
+          Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0}, WelfordCombine{}));
+      mean = stats.mean;
+      rstd = math::rstd_from_variance(stats.var, a.eps);
+    }
+    if (!valid) continue;
+    mean = save_row_stats<kNorm>(a, row, mean, rstd);
+    const bool weight_vectors = a.weight.vectors_at(s.head);
+    const bool bias_vectors = a.bias.vectors_at(s.head);
+    cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
+      acc_t v[kVec];
+      unpack<T>(packs[i], v);
+      write_normalized_vector<kNorm>(a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
+    });
+    cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int e) {
+      write_normalized_element<kNorm>(a, yr, e, edge[i], mean, rstd);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, streaming: a block per row, any row length. Pass 1 Welford (per vector two-pass,
+// Chan's combine into the thread's moments), pass 2 the normalized row.
+
+template <Norm kNorm, typename T, typename P>
+__global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
+    forward_streaming_kernel(const ForwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  __shared__ RowStats<kNorm, acc_t> scratch[cuda_indexing::kReduceScratch];
+  const int t = threadIdx.x;
+  const int group = blockDim.x;
+
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const RowSplit s = row_split(a, row, kVec);
+    const T* xr = a.x + row * a.cols;
+    T* yr = a.y + row * a.cols;
+
+    acc_t mean = 0, rstd;
+    if constexpr (kNorm == Norm::kRms) {
+      RowSum<acc_t> local{0};
+      cuda_indexing::for_each_streamed(
+          s, t, group,
+          [&](int64_t e) {
+            acc_t v[kVec];
+            load_vector(xr + e, v);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) local.sum += v[k] * v[k];
+          },
+          [&](int64_t e) {
+            const acc_t v = static_cast<acc_t>(xr[e]);
+            local.sum += v * v;
+          });
+      const RowSum<acc_t> total = group_allreduce(local, RowSum<acc_t>{0}, SumCombine{}, scratch);
+      rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
+    } else {
+      Welford<acc_t> local{0, 0, 0};
+      cuda_indexing::for_each_streamed(
+          s, t, group,
+          [&](int64_t e) {
+            acc_t v[kVec];
+            load_vector(xr + e, v);
+            local = math::welford_combine(local, scaled_vector_moments(v));
+          },
+          [&](int64_t e) {
+            local = math::welford_update(local, scaled(static_cast<acc_t>(xr[e])));
+          });
+      const auto stats = math::rescue_unscaled(
+          group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch));
+      mean = stats.mean;
+      rstd = math::rstd_from_variance(stats.var, a.eps);
+    }
+    mean = save_row_stats<kNorm>(a, row, mean, rstd);
+    const bool weight_vectors = a.weight.vectors_at(s.head);
+    const bool bias_vectors = a.bias.vectors_at(s.head);
+    cuda_indexing::for_each_streamed(
+        s, t, group,
+        [&](int64_t e) {
+          acc_t v[kVec];
+          load_vector(xr + e, v);
+          write_normalized_vector<kNorm>(a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
+        },
+        [&](int64_t e) {
+          write_normalized_element<kNorm>(a, yr, e, static_cast<acc_t>(xr[e]), mean, rstd);
+        });
+  }
+}
+
+}  // namespace cuda_kernels
+}  // namespace layernorm_ext
