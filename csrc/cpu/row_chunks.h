@@ -57,9 +57,10 @@ inline void stream_fence() {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// setup.py compiles this object with -mavx512bf16 too; its instructions run only on
-// CPUs that have them: kernel_table_AVX512() (reached only on AVX-512 CPUs) sets this
-// flag before any kernel runs. GCC emits them only for the intrinsic below.
+// setup.py compiles the AVX-512 object of row_kernels.cpp with -mavx512bf16 too; its
+// instructions run only on CPUs that have them: kernel_table_AVX512() (row_kernels.cpp,
+// reached only on AVX-512 CPUs) sets this flag before any kernel runs. GCC emits them
+// only for the intrinsic below.
 bool has_avx512_bf16 = false;
 #endif
 
