@@ -71,7 +71,8 @@ from torch.utils.cpp_extension import (  # noqa: E402
 ROW_KERNELS = "csrc/cpu/row_kernels.cpp"
 X86_ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
-    # -mavx512bf16: for intrinsics used only after a run-time check (row_kernels.cpp).
+    # -mavx512bf16: for intrinsics used only after a run-time check (pack_reduced in
+    # csrc/cpu/row_chunks.h, after kernel_table_AVX512()'s check in row_kernels.cpp).
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-mbmi2", "-mavx512bf16"],
 }

@@ -3,8 +3,8 @@
 Almost every machine that builds this project has no GPU, so the CUDA kernels would
 otherwise be checked only by their compiled form (tests/test_cuda_static.py) and the
 host replay of their indexing. Here the kernel sources themselves
-(csrc/cuda/layernorm_cuda_kernels.cuh), with the launch logic that picks a variant,
-slots and grid, are compiled as host C++ (tests/cuda_emulator/cuda_emulation.h) and run
+(csrc/cuda/layernorm_cuda_{device,forward,backward}.cuh), with the launch logic of
+layernorm_cuda_kernels.cuh that picks a variant, slots and grid, are compiled as host C++ (tests/cuda_emulator/cuda_emulation.h) and run
 with every thread of a block as a coroutine that meets the others at each
 __syncthreads and warp shuffle (tests/cuda_emulator/emulator.cpp). The cases reach every
 kernel variant: forward in registers (8 and 32 elements per thread, sub-warp to

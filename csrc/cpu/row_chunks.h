@@ -3,8 +3,8 @@
 // the CPU row kernels (row_kernels.cpp).
 #pragma once
 
-// Part of row_kernels.cpp's build, once per instruction set (row_kernels.h): included
-// only there, after CPU_CAPABILITY is set, so its code lands in that ISA's namespace.
+// Compiled only as part of row_kernels.cpp, once per instruction set (row_kernels.h),
+// after CPU_CAPABILITY is set, so its code lands in that ISA's namespace.
 #ifndef CPU_CAPABILITY
 #error "included only by row_kernels.cpp"
 #endif
@@ -200,7 +200,7 @@ bool can_stream(const T* row) {
 template <typename P>
 class AccParam {
  public:
-  using acc_t = at::opmath_type<P>;  // also the input's: see KernelTable's pairs
+  using acc_t = at::opmath_type<P>;  // also the input's: see KernelTable's pairs (row_kernels.h)
   AccParam(const P* param, int64_t n) {
     if constexpr (std::is_same_v<P, acc_t>) {
       data_ = param;

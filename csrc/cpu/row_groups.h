@@ -4,8 +4,8 @@
 // vectors (GroupLayout).
 #pragma once
 
-// Part of row_kernels.cpp's build, once per instruction set (row_kernels.h): included
-// only there, after CPU_CAPABILITY is set, so its code lands in that ISA's namespace.
+// Compiled only as part of row_kernels.cpp, once per instruction set (row_kernels.h),
+// after CPU_CAPABILITY is set, so its code lands in that ISA's namespace.
 #ifndef CPU_CAPABILITY
 #error "included only by row_kernels.cpp"
 #endif

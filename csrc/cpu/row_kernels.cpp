@@ -1,6 +1,6 @@
 // The CPU row kernels; see row_kernels.h for how this file is built once per ISA.
-// Their parts, each included here only: row_chunks.h (vector loads and stores of a
-// row), row_moments.h (one row's statistics), row_groups.h (rows in groups).
+// Their parts, compiled only as part of this file: row_chunks.h (vector loads and stores
+// of a row), row_moments.h (one row's statistics), row_groups.h (rows in groups).
 //
 // Forward, per row: Welford statistics, then y, while the row is still in L1/L2, so
 // x comes from DRAM once. Backward, per row: the two row sums, then dx and the
@@ -19,7 +19,6 @@
 #include <functional>
 #include <optional>
 #include <type_traits>
-#include <vector>
 
 #include "../layernorm_math.h"
 #include "row_chunks.h"

@@ -3,12 +3,13 @@
 // itself is layernorm_math.h's, shared with the CUDA kernels.
 #pragma once
 
-// Part of row_kernels.cpp's build, once per instruction set (row_kernels.h): included
-// only there, after CPU_CAPABILITY is set, so its code lands in that ISA's namespace.
+// Compiled only as part of row_kernels.cpp, once per instruction set (row_kernels.h),
+// after CPU_CAPABILITY is set, so its code lands in that ISA's namespace.
 #ifndef CPU_CAPABILITY
 #error "included only by row_kernels.cpp"
 #endif
 
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -51,11 +52,11 @@ struct LaneMoments {
 // (a cascade, as torch's RowwiseMoments does): the error grows with log(n), not n.
 constexpr int64_t kBlockSteps = 128;
 
-// The moments of a row, in three steps (forward_rows):
+// The moments of a row, in three steps (forward_rows, row_kernels.cpp):
 // - Whole chunks (whole_chunk_moments): Welford per lane in blocks of kBlockSteps chunks
 //   (one reciprocal serves all lanes), blocks merged in a cascade.
-// - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows for a group); equal
-//   counts there, so every merge has share 1/2 and no division.
+// - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows in row_groups.h for a
+//   group); equal counts there, so every merge has share 1/2 and no division.
 // - The last partial chunk (with_partial_chunk): exact moments from two masked vector
 //   passes, shifted by its first element (exact for constant data, no overflow near the
 //   dtype's max), merged with Chan's combine.

@@ -1,5 +1,6 @@
-// The CUDA backend: the kernels of layernorm_cuda_kernels.cuh launched on the current
-// stream of the input's device, registered as the operators' CUDA implementations.
+// The CUDA backend: the kernels (layernorm_cuda_{forward,backward}.cuh, launched through
+// layernorm_cuda_kernels.cuh) on the current stream of the input's device, registered as
+// the operators' CUDA implementations.
 // c10's CUDA headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers
 // that a bare CUDA toolkit may lack.
 #include <c10/cuda/CUDAException.h>

@@ -1,8 +1,11 @@
-// Device-side building blocks of the CUDA kernels (layernorm_cuda_kernels.cuh): 16-byte
-// vector loads and stores, parameter reads, the reductions a row needs (Welford moments,
-// sums) and their scaling against overflow, the kernels' arguments, and the writes of y
-// that both forwards share.
+// Building blocks of the CUDA kernels (layernorm_cuda_forward.cuh,
+// layernorm_cuda_backward.cuh): 16-byte vector loads and stores, parameter reads, the
+// reductions a row needs (Welford moments, sums) and their scaling against overflow, the
+// kernels' arguments (filled by the host launch, layernorm_cuda_kernels.cuh), and the
+// writes of y that both forwards share.
 #pragma once
+
+#include <ATen/OpMathType.h>
 
 #include <cstring>
 #include <type_traits>

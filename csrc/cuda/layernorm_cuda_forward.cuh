@@ -1,5 +1,6 @@
 // The forward kernels: rows in registers, and rows streamed a block per row
-// (layernorm_cuda_kernels.cuh says which takes what and launches them).
+// (layernorm_cuda_config.h picks one per row length and dtype; layernorm_cuda_kernels.cuh
+// launches it).
 #pragma once
 
 #include "layernorm_cuda_device.cuh"
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
     } else {
       // This thread's moments, two-pass from registers, then Chan's combine over the row
-      // (all of scaled(x), see there).
+      // (all of scaled(x): see scaled() in layernorm_cuda_device.cuh).
       const acc_t local_mean = count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0);
       acc_t m2 = 0;
       const auto add_deviation = [&](acc_t x) {

@@ -1,5 +1,6 @@
-// CUDA kernels of layernorm_ext and their host-side launch, written against a launcher
-// (layernorm_cuda.cu launches them on a stream; tests/cuda_emulator/ runs them on the CPU).
+// The CUDA kernels of layernorm_ext in overview, and their host-side launch, written
+// against a launcher (layernorm_cuda.cu launches them on a stream; tests/cuda_emulator/
+// runs them on the CPU).
 //
 // Forward. Rows up to 64 KiB live in registers: a group of threads per row (one thread
 // for rows of at most 128 bytes, then 8 lanes of a warp up to a 512-thread block) loads
@@ -37,11 +38,11 @@
 
 #include <algorithm>
 #include <initializer_list>
-#include <type_traits>
 
 #include "../layernorm.h"
 #include "layernorm_cuda_backward.cuh"
 #include "layernorm_cuda_config.h"
+#include "layernorm_cuda_device.cuh"
 #include "layernorm_cuda_forward.cuh"
 
 namespace layernorm_ext {

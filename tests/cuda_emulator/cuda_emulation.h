@@ -1,4 +1,4 @@
-// Lets the CUDA kernel sources (csrc/cuda/layernorm_cuda_kernels.cuh) compile as host C++
+// Lets the CUDA kernel sources (csrc/cuda/layernorm_cuda_*.cuh) compile as host C++
 // and run on the CPU emulator of emulator.cpp: CUDA's keywords become plain C++, and the
 // built-ins a kernel uses (threadIdx and friends, __syncthreads, warp shuffles) call the
 // emulator, which runs every thread of a block as a coroutine and resumes them together

@@ -1,6 +1,6 @@
-// The CUDA backend's kernels and launch logic (csrc/cuda/layernorm_cuda_kernels.cuh),
-// compiled for the CPU and run on the emulator, behind the same host code as the real
-// operators (layernorm.h: checks, allocation, dtype dispatch). A Python module for
+// The CUDA backend's kernels and launch logic (csrc/cuda/layernorm_cuda_kernels.cuh and
+// the kernel headers it includes), compiled for the CPU and run on the emulator, behind
+// the same host code as the real operators (layernorm.h: checks, allocation, dtype dispatch). A Python module for
 // tests/test_cuda_emulated.py: layer_norm_forward(...) etc. take CPU tensors and
 // return what the CUDA operators would return.
 #include "cuda_emulation.h"  // first: makes the CUDA sources host C++
