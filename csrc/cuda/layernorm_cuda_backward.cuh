@@ -13,6 +13,12 @@ namespace cuda_kernels {
 // blockDim.y, a multiple of the rows' alignment period (cuda_config::backward_slots).
 // kElemsBackward per thread: the row's g and xhat stay in registers for dx.
 // kElemsBackwardLong (rows up to 16384): only dgamma/dbeta stay; dx reads the row again.
+//
+// A thread loads its packs of dy and x in batches of kBackwardBatchPacks, each batch in
+// full before any of its values is used: a use waits for its load, and so does every
+// instruction after it, the next pack's loads included. (Loading and using pack by pack,
+// as this kernel did until 2026-12-04, cost a row one memory round trip per pack, and one
+// more for its rstd, which is now read after the first batch's loads.)
 
 template <Norm kNorm, typename T, typename P, int kElems>
 __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
@@ -22,6 +28,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
   constexpr int kSlots = kElems / kVec;
   constexpr bool kKeepRow = kElems <= cuda_config::kElemsBackward;
   constexpr int kKeptSlots = kKeepRow ? kSlots : 1;
+  constexpr int kBatch = cuda_config::backward_batch_packs(kSlots);
   __shared__ SumPair<acc_t> scratch[cuda_indexing::kReduceScratch];
   const int t = threadIdx.x;
   const int group = blockDim.x;
@@ -31,15 +38,22 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
   const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
   // The same split for every row of this slot: this thread owns the same columns.
   const RowSplit s = row_split(a, slot, kVec);
+  const bool weight_vectors = a.weight.vectors_at(s.head);
+
+  const auto for_each_batch_pack = [&](int b, auto&& f) {
+    cuda_indexing::for_each_register_pack_of_batch<kSlots, kBatch>(b, s, t, group, f);
+  };
 
   acc_t dgamma[kSlots][kVec], dbeta[kSlots][kVec], dgamma_edge[2], dbeta_edge[2];
+  acc_t w_edge[2];  // the same columns in every row: loaded once
   cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int) {
 #pragma unroll
     for (int k = 0; k < kVec; ++k) dgamma[i][k] = dbeta[i][k] = 0;
   });
-  cuda_indexing::for_each_register_edge(
-      s, t, group, [&](int i, int) { dgamma_edge[i] = dbeta_edge[i] = 0; });
-  const bool weight_vectors = a.weight.vectors_at(s.head);
+  cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
+    dgamma_edge[i] = dbeta_edge[i] = 0;
+    w_edge[i] = load_param(a.weight, e, acc_t(1));
+  });
 
   for (int64_t first = blockIdx.x * rows_per_block; first < a.rows; first += slots) {
     const int64_t row = first + threadIdx.y;
@@ -48,44 +62,67 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     const T* xr = a.x + row * a.cols;
     T* dxr = a.dx + row * a.cols;
 
+    // Batch b's dy and x as loaded.
+    uint4 dy_raw[kBatch], x_raw[kBatch];
+    const auto load_batch = [&](int b) {
+      for_each_batch_pack(b, [&](int i, int e) {
+        dy_raw[i % kBatch] = load_raw(dyr + e);
+        x_raw[i % kBatch] = load_raw(xr + e);
+      });
+    };
+    // dy, xhat and g = dy * w of pack i (at column e) of the loaded batch. The weight is
+    // read here, from L1 or L2, with every row: held in registers for all the rows of the
+    // slot, it made nvcc spill.
+    acc_t rstd = 0, center = 0;
+    const auto unpack_pack = [&](int i, int e, acc_t(&dy)[kVec], acc_t(&xhat_pack)[kVec],
+                                 acc_t(&g_pack)[kVec]) {
+      acc_t w[kVec];
+      load_param(a.weight, e, weight_vectors, acc_t(1), w);
+      unpack<T>(dy_raw[i % kBatch], dy);
+      unpack<T>(x_raw[i % kBatch], xhat_pack);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        xhat_pack[k] = math::normalize<kNorm>(xhat_pack[k], center, rstd);
+        g_pack[k] = dy[k] * w[k];
+      }
+    };
+
     // g = dy * w and xhat stay in registers between the row sums and dx (kKeepRow);
     // rows too long for that keep only dgamma/dbeta and read dy and x again for dx.
     acc_t g[kKeptSlots][kVec], xhat[kKeptSlots][kVec], g_edge[2], xhat_edge[2];
     SumPair<acc_t> sums{0, 0};
-    const acc_t rstd = valid ? a.rstd[row] : acc_t(0);
-    const acc_t mean = valid ? math::row_center<kNorm>(a.mean, row, rstd) : acc_t(0);
-    // dy, xhat and g of the pack at column e.
-    const auto load_pack = [&](int64_t e, acc_t(&dy)[kVec], acc_t(&xhat_pack)[kVec],
-                               acc_t(&g_pack)[kVec]) {
-      acc_t w[kVec];
-      load_vector(dyr + e, dy);
-      load_vector(xr + e, xhat_pack);
-      load_param(a.weight, e, weight_vectors, acc_t(1), w);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        xhat_pack[k] = math::normalize<kNorm>(xhat_pack[k], mean, rstd);
-        g_pack[k] = dy[k] * w[k];
-      }
-    };
     if (valid) {
-      cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
-        const int kept = kKeepRow ? i : 0;
-        acc_t dy[kVec];
-        load_pack(e, dy, xhat[kept], g[kept]);
+      T dy_edge_raw[2], x_edge_raw[2];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          dgamma[i][k] += dy[k] * xhat[kept][k];
-          if constexpr (kNorm == Norm::kLayer) {
-            dbeta[i][k] += dy[k];
-            sums.a += g[kept][k];
-          }
-          sums.b += g[kept][k] * xhat[kept][k];
+      for (int b = 0; b < kSlots / kBatch; ++b) {
+        load_batch(b);
+        if (b == 0) {
+          cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
+            dy_edge_raw[i] = dyr[e];
+            x_edge_raw[i] = xr[e];
+          });
+          rstd = a.rstd[row];
+          center = math::row_center<kNorm>(a.mean, row, rstd);
         }
-      });
-      cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
-        const acc_t dy = static_cast<acc_t>(dyr[e]);
-        xhat_edge[i] = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
-        g_edge[i] = dy * load_param(a.weight, e, acc_t(1));
+        for_each_batch_pack(b, [&](int i, int e) {
+          const int kept = kKeepRow ? i : 0;
+          acc_t dy[kVec];
+          unpack_pack(i, e, dy, xhat[kept], g[kept]);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            dgamma[i][k] += dy[k] * xhat[kept][k];
+            if constexpr (kNorm == Norm::kLayer) {
+              dbeta[i][k] += dy[k];
+              sums.a += g[kept][k];
+            }
+            sums.b += g[kept][k] * xhat[kept][k];
+          }
+        });
+      }
+      cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int) {
+        const acc_t dy = static_cast<acc_t>(dy_edge_raw[i]);
+        xhat_edge[i] = math::normalize<kNorm>(static_cast<acc_t>(x_edge_raw[i]), center, rstd);
+        g_edge[i] = dy * w_edge[i];
         dgamma_edge[i] += dy * xhat_edge[i];
         if constexpr (kNorm == Norm::kLayer) {
           dbeta_edge[i] += dy;
@@ -98,19 +135,23 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     if (!valid) continue;
     const acc_t mean_g = sums.a * inv_cols;
     const acc_t mean_g_xhat = sums.b * inv_cols;
-    cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
-      const int kept = kKeepRow ? i : 0;
-      if constexpr (!kKeepRow) {
-        acc_t dy[kVec];
-        load_pack(e, dy, xhat[0], g[0]);  // from L2: the row was read moments ago
-      }
-      acc_t dx[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        dx[k] = math::input_grad<kNorm>(g[kept][k], xhat[kept][k], rstd, mean_g, mean_g_xhat);
-      }
-      store_vector(dxr + e, dx);
-    });
+    for (int b = 0; b < kSlots / kBatch; ++b) {
+      if constexpr (!kKeepRow) load_batch(b);  // from L2: the row was read moments ago
+      for_each_batch_pack(b, [&](int i, int e) {
+        const int kept = kKeepRow ? i : 0;
+        if constexpr (!kKeepRow) {
+          acc_t dy[kVec];
+          unpack_pack(i, e, dy, xhat[0], g[0]);
+        }
+        acc_t dx[kVec];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          dx[k] = math::input_grad<kNorm>(g[kept][k], xhat[kept][k], rstd, mean_g, mean_g_xhat);
+        }
+        store_vector(dxr + e, dx);
+      });
+    }
     cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
       dxr[e] = static_cast<T>(
           math::input_grad<kNorm>(g_edge[i], xhat_edge[i], rstd, mean_g, mean_g_xhat));

@@ -12,7 +12,8 @@
 //   backward, rows in registers   kElemsBackward (16) elements per thread, dgamma/dbeta
 //                                 accumulated in registers over every row of a slot;
 //                                 kElemsBackwardLong (32) for rows up to 16384, which
-//                                 read dy and x a second time (from L2) for dx.
+//                                 read dy and x a second time (from L2) for dx. Loads
+//                                 go in batches of kBackwardBatchPacks vectors.
 //   streaming (both directions)   a block per row, any row length, two passes over the
 //                                 row (the second one hits L2); float64 rows and rows
 //                                 whose tensors disagree on 16-byte alignment use it too.
@@ -54,6 +55,14 @@ constexpr int kElemsBackward = 16;  // rows up to 16 * 512 = 8192 elements
 // registers leave no room to keep the row too. (Streaming instead, which adds every row
 // into a partial row in global memory, ran at 8% of the copy roof on an H100.)
 constexpr int kElemsBackwardLong = 32;
+// Backward: 16-byte packs of dy and x a thread loads together, before it uses any
+// (layernorm_cuda_backward.cuh). More put more bytes in flight, but each takes 8
+// registers of the 128 a 512-thread block allows, where dgamma/dbeta take 32 or 64 and
+// the kept row 32: with 4 (a float32 thread's whole kept row) nvcc 13.0 spilled.
+constexpr int kBackwardBatchPacks = 2;
+LN_HOST_DEVICE constexpr int backward_batch_packs(int slots) {
+  return slots < kBackwardBatchPacks ? slots : kBackwardBatchPacks;
+}
 
 // Backward: a "slot" is one row group that accumulates dgamma/dbeta over the rows
 // slot, slot + slots, slot + 2 * slots, ... and writes one fp32 partial row. Fewer slots

@@ -69,6 +69,18 @@ LN_HOST_DEVICE void for_each_register_pack(const RowSplit& s, int t, int group, 
   }
 }
 
+// The packs of register slots [batch * kBatch, (batch + 1) * kBatch) alone. A kernel
+// that loads a batch of packs in full before it uses any visits batches 0, 1, ... in
+// turn; `batch` is a constant once its loop is unrolled, and the filter costs nothing.
+template <int kSlots, int kBatch, typename F>
+LN_HOST_DEVICE void for_each_register_pack_of_batch(int batch, const RowSplit& s, int t,
+                                                    int group, F&& f) {
+  static_assert(kSlots % kBatch == 0, "whole batches");
+  for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
+    if (i / kBatch == batch) f(i, e);
+  });
+}
+
 template <int kEdgeSlots = 1, typename F>
 LN_HOST_DEVICE void for_each_register_edge(const RowSplit& s, int t, int group, F&& f) {
   LN_UNROLL

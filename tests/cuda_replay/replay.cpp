@@ -65,16 +65,22 @@ void check_counts(const std::vector<int>& counts, const RowCase& c, int group) {
   }
 }
 
-template <int kSlots, int kEdgeSlots>
+// A thread's packs, visited in batches of kBatch register slots as the kernel does (the
+// forward: one batch of every slot).
+template <int kSlots, int kEdgeSlots, int kBatch = kSlots>
 void cover_register_row(const idx::RowSplit& s, const RowCase& c, int group) {
   std::vector<int> counts(c.n, 0);
   for (int t = 0; t < group; ++t) {
-    idx::for_each_register_pack<kSlots>(s, t, group, [&](int slot, int e) {
-      EXPECT(slot >= 0 && slot < kSlots, "register slot %d out of range", slot);
-      EXPECT((c.misalign + e) % s.vec == 0, "%s n=%lld: pack at %d not 16-byte aligned",
-             c.direction, (long long)c.n, e);
-      for (int k = 0; k < s.vec; ++k) counts.at(e + k) += 1;
-    });
+    for (int batch = 0; batch < kSlots / kBatch; ++batch) {
+      idx::for_each_register_pack_of_batch<kSlots, kBatch>(batch, s, t, group, [&](int slot,
+                                                                                   int e) {
+        EXPECT(slot >= 0 && slot < kSlots, "register slot %d out of range", slot);
+        EXPECT(slot / kBatch == batch, "slot %d visited in batch %d", slot, batch);
+        EXPECT((c.misalign + e) % s.vec == 0, "%s n=%lld: pack at %d not 16-byte aligned",
+               c.direction, (long long)c.n, e);
+        for (int k = 0; k < s.vec; ++k) counts.at(e + k) += 1;
+      });
+    }
     int edges = 0;
     idx::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int slot, int e) {
       EXPECT(slot >= 0 && slot < 2 * kEdgeSlots, "edge slot %d out of range", slot);
@@ -141,11 +147,19 @@ void cover_register_kernel_row(const idx::RowSplit& s, const RowCase& rc, int g,
   constexpr int kEdgeSlots = idx::kRegisterEdgeSlots<kVec, false>;
   EXPECT(idx::register_edge_slots(g, kVec) <= kEdgeSlots,
          "groups of %d threads need more edge slots than the kernel holds", g);
+  // The backward visits its packs in batches (cfg::backward_batch_packs).
+  const auto cover = [&]<int kSlots>() {
+    if (backward) {
+      cover_register_row<kSlots, kEdgeSlots, cfg::backward_batch_packs(kSlots)>(s, rc, g);
+    } else {
+      cover_register_row<kSlots, kEdgeSlots>(s, rc, g);
+    }
+  };
   switch (slots) {
-    case 1: return cover_register_row<1, kEdgeSlots>(s, rc, g);
-    case 2: return cover_register_row<2, kEdgeSlots>(s, rc, g);
-    case 4: return cover_register_row<4, kEdgeSlots>(s, rc, g);
-    case 8: return cover_register_row<8, kEdgeSlots>(s, rc, g);
+    case 1: return cover.template operator()<1>();
+    case 2: return cover.template operator()<2>();
+    case 4: return cover.template operator()<4>();
+    case 8: return cover.template operator()<8>();
     default: EXPECT(false, "no replay for %d register slots", slots);
   }
 }
