@@ -156,6 +156,22 @@ def test_long_backward_slots(emulated, n, dtype, layout, norm):
     check_emulated(emulated, n, dtype, dtype, layout, norm, rows=LONG_BACKWARD_ROWS)
 
 
+# The streaming backward (D > 16384, or tensors of differing alignment): its column
+# kernel runs down each slot's rows kColumnRowsInFlight at a time, so a slot here has
+# 11-12 rows (the last group of 4 partial), in the vector and the scalar layouts.
+STREAMING_BACKWARD_ROWS = 70
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("layout", ["aligned", "offset", "mixed"])
+@pytest.mark.parametrize("n", (16390, 20001))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_streaming_backward_slots(emulated, n, dtype, layout, norm):
+    assert emulated.config_of(True, n, dtype.itemsize, True)[0] == "streaming"
+    check_emulated(emulated, n, dtype, dtype, layout, norm, rows=STREAMING_BACKWARD_ROWS)
+
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("n", (1, 20, 1000))
 def test_float64_streams(emulated, n, norm):

@@ -3,7 +3,7 @@
 - The built extension carries sm_80 and sm_90 machine code.
 - No kernel spills registers or uses local memory (resource report and SASS).
 - The vectorized kernels issue 128-bit global loads and stores (sm_90 SASS).
-- The register backward has a batch of its loads in flight before it uses any (sm_90 SASS).
+- The backward kernels have a batch of loads in flight before they use any (sm_90 SASS).
 - Host replay (tests/cuda_replay/replay.cpp): the kernels' element-to-thread mapping and
   reduction order, run on the CPU for every thread of a block.
 
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Kernel families of csrc/cuda/layernorm_cuda.cu (as they appear in the mangled names).
 ROW_KERNELS = ("forward_registers_kernel", "forward_streaming_kernel",
-               "backward_registers_kernel", "backward_streaming_kernel")
+               "backward_registers_kernel", "backward_row_means_kernel",
+               "backward_columns_kernel")
 ALL_KERNELS = ROW_KERNELS + ("finalize_param_grads_kernel",)
 
 needs_cuda_build = pytest.mark.skipif(
@@ -116,14 +117,15 @@ def test_row_kernels_use_128_bit_global_accesses():
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     row_kernels = {name: body for name, body in functions.items() if family(name) in ROW_KERNELS}
     # Per norm (LayerNorm, RMSNorm) and dtype pair (5, and float64's 6th for streaming):
-    # forward 3 register kernels + streaming, backward 2 + streaming.
-    per_norm = (3 * 5 + 6) + (2 * 5 + 6)
+    # forward 3 register kernels + streaming, backward 2 + streaming's 2.
+    per_norm = (3 * 5 + 6) + (2 * 5 + 2 * 6)
     assert len(row_kernels) == 2 * per_norm, sorted(row_kernels)
     for norm in (0, 1):  # the Norm template argument, as mangled: LNS_4NormE0E / ...E1E
         assert sum(f"NormE{norm}E" in name for name in row_kernels) == per_norm
     for name, body in row_kernels.items():
         assert re.search(r"\bLDG\.E\.128\b", body), f"{name}: no 128-bit global load"
-        assert re.search(r"\bSTG\.E\.128\b", body), f"{name}: no 128-bit global store"
+        if family(name) != "backward_row_means_kernel":  # it stores two floats a row
+            assert re.search(r"\bSTG\.E\.128\b", body), f"{name}: no 128-bit global store"
 
 
 _SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
@@ -176,16 +178,22 @@ def config_constant(name: str) -> int:
 
 
 @needs_cuda_build
-def test_register_backward_loads_a_batch_before_using_it():
-    """Each backward thread issues the dy and x vectors of a batch of packs before it uses
-    any: a use waits for its load, and loading pack by pack made a row cost one memory
-    round trip per pack (the backward ran at 47-68% of the copy roof on an H100)."""
+@pytest.mark.parametrize("kernel, count, constant", [
+    # norms x row variants x dtype pairs; packs of a batch (dy and x each)
+    ("backward_registers_kernel", 2 * 2 * 5, "kBackwardBatchPacks"),
+    # norms x dtype pairs (float64 too); rows in flight (dy and x each)
+    ("backward_columns_kernel", 2 * 6, "kColumnRowsInFlight"),
+])
+def test_backward_loads_a_batch_before_using_it(kernel, count, constant):
+    """Each backward thread issues the dy and x vectors of a batch (of packs, or of rows)
+    before it uses any: a use waits for its load, and the register backward's loading
+    pack by pack made a row cost one memory round trip per pack (that kernel ran at
+    47-68% of the copy roof on an H100)."""
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
-    backward = {name: body for name, body in functions.items()
-                if family(name) == "backward_registers_kernel"}
-    assert len(backward) == 2 * 2 * 5, sorted(backward)  # norms x row variants x dtype pairs
-    wanted = 2 * config_constant("kBackwardBatchPacks")  # dy and x of each pack
-    in_flight = {name: loads_in_flight(body) for name, body in backward.items()}
+    kernels = {name: body for name, body in functions.items() if family(name) == kernel}
+    assert len(kernels) == count, sorted(kernels)
+    wanted = 2 * config_constant(constant)
+    in_flight = {name: loads_in_flight(body) for name, body in kernels.items()}
     assert all(n >= wanted for n in in_flight.values()), (wanted, in_flight)
 
 

@@ -1,5 +1,6 @@
-// The backward kernels: rows in registers, rows streamed, and the small kernel that adds
-// the slots' dgamma/dbeta partial rows (layernorm_cuda_kernels.cuh launches them).
+// The backward kernels: rows in registers, rows streamed (two kernels), and the small
+// kernel that adds the slots' dgamma/dbeta partial rows (layernorm_cuda_kernels.cuh
+// launches them).
 #pragma once
 
 #include "layernorm_cuda_device.cuh"
@@ -175,95 +176,151 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward, streaming: a block per slot (gridDim.x slots), any row length. dgamma/dbeta
-// accumulate in the slot's partial row; each column of it belongs to one thread.
+// Backward, streaming: any row length, in two kernels (cuda_config::kColumnBlockThreads).
+// First a block per row reduces it to the two row means dx needs, mean(g) (LayerNorm
+// only) and mean(g * xhat), into a.row_means.
 
 template <Norm kNorm, typename T, typename P>
 __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
-    backward_streaming_kernel(const BackwardParams<T, P> a) {
+    backward_row_means_kernel(const BackwardParams<T, P> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int kVec = kVecOf<T>;
   __shared__ SumPair<acc_t> scratch[cuda_indexing::kReduceScratch];
-  const int t = threadIdx.x;
-  const int group = blockDim.x;
-  const int64_t slot = blockIdx.x;
   const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
-  const RowSplit s = row_split(a, slot, kVec);
-  const bool weight_vectors = a.weight.vectors_at(s.head);
-  acc_t* partial_dgamma = a.partial + slot * kParamGrads<kNorm> * a.cols;
-  acc_t* partial_dbeta = partial_dgamma + a.cols;  // LayerNorm only
 
-  cuda_indexing::for_each_streamed(
-      s, t, group,
-      [&](int64_t e) {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          partial_dgamma[e + k] = 0;
-          if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] = 0;
-        }
-      },
-      [&](int64_t e) {
-        partial_dgamma[e] = 0;
-        if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] = 0;
-      });
-
-  for (int64_t row = slot; row < a.rows; row += gridDim.x) {
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const RowSplit s = row_split(a, row, kVec);
+    const bool weight_vectors = a.weight.vectors_at(s.head);
     const T* dyr = a.dy + row * a.cols;
     const T* xr = a.x + row * a.cols;
-    T* dxr = a.dx + row * a.cols;
     const acc_t rstd = a.rstd[row];
-    const acc_t mean = math::row_center<kNorm>(a.mean, row, rstd);
-
-    // dy, x and w of the vector at column e (both passes; the second one hits L2).
-    const auto load_vectors = [&](int64_t e, acc_t(&dy)[kVec], acc_t(&x)[kVec],
-                                  acc_t(&w)[kVec]) {
-      load_vector(dyr + e, dy);
-      load_vector(xr + e, x);
-      load_param(a.weight, e, weight_vectors, acc_t(1), w);
-    };
+    const acc_t center = math::row_center<kNorm>(a.mean, row, rstd);
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
+    const auto add = [&](acc_t dy, acc_t x, acc_t w) {
+      const acc_t g = dy * w;
+      if constexpr (kNorm == Norm::kLayer) sums.a += g;
+      sums.b += g * math::normalize<kNorm>(x, center, rstd);
+    };
     cuda_indexing::for_each_streamed(
-        s, t, group,
+        s, threadIdx.x, blockDim.x,
         [&](int64_t e) {
           acc_t dy[kVec], x[kVec], w[kVec];
-          load_vectors(e, dy, x, w);
+          load_vector(dyr + e, dy);
+          load_vector(xr + e, x);
+          load_param(a.weight, e, weight_vectors, acc_t(1), w);
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) {
-            const acc_t g = dy[k] * w[k];
-            if constexpr (kNorm == Norm::kLayer) sums.a += g;
-            sums.b += g * math::normalize<kNorm>(x[k], mean, rstd);
-          }
+          for (int k = 0; k < kVec; ++k) add(dy[k], x[k], w[k]);
         },
         [&](int64_t e) {
-          const acc_t g = static_cast<acc_t>(dyr[e]) * load_param(a.weight, e, acc_t(1));
-          if constexpr (kNorm == Norm::kLayer) sums.a += g;
-          sums.b += g * math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
+          add(static_cast<acc_t>(dyr[e]), static_cast<acc_t>(xr[e]),
+              load_param(a.weight, e, acc_t(1)));
         });
     sums = group_allreduce(sums, SumPair<acc_t>{0, 0}, SumCombine{}, scratch);
-    const acc_t mean_g = sums.a * inv_cols;
-    const acc_t mean_g_xhat = sums.b * inv_cols;
-    cuda_indexing::for_each_streamed(
-        s, t, group,
-        [&](int64_t e) {
-          acc_t dy[kVec], x[kVec], w[kVec];
-          load_vectors(e, dy, x, w);
+    if (threadIdx.x == 0) {
+      a.row_means[2 * row] = sums.a * inv_cols;
+      a.row_means[2 * row + 1] = sums.b * inv_cols;
+    }
+  }
+}
+
+// Then a grid over columns: blocks_per_slot blocks a slot, each thread one column unit
+// (cuda_indexing::column_unit) of every row of the slot. A unit of kWidth elements (a
+// 16-byte pack, or one head or tail element) at column `col`: dx of each row, and the
+// unit's dgamma/dbeta over the slot's rows into the slot's partial rows.
+template <typename T, int kWidth>
+using UnitBits = std::conditional_t<kWidth == 1, T, uint4>;
+
+template <Norm kNorm, int kWidth, typename T, typename P>
+__device__ __forceinline__ void backward_column_unit(const BackwardParams<T, P>& a,
+                                                     int64_t col, bool weight_vector,
+                                                     int64_t slot, int64_t slots) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kRows = cuda_config::kColumnRowsInFlight;
+  const auto unpack_unit = [](const UnitBits<T, kWidth>& bits, acc_t(&out)[kWidth]) {
+    if constexpr (kWidth == 1) {
+      out[0] = static_cast<acc_t>(bits);
+    } else {
+      unpack<T>(bits, out);
+    }
+  };
+  acc_t w[kWidth], dgamma[kWidth], dbeta[kWidth];
+  if constexpr (kWidth == 1) {
+    w[0] = load_param(a.weight, col, acc_t(1));
+  } else {
+    load_param(a.weight, col, weight_vector, acc_t(1), w);
+  }
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) {
-            const acc_t xhat = math::normalize<kNorm>(x[k], mean, rstd);
-            partial_dgamma[e + k] += dy[k] * xhat;
-            if constexpr (kNorm == Norm::kLayer) partial_dbeta[e + k] += dy[k];
-            x[k] = math::input_grad<kNorm>(dy[k] * w[k], xhat, rstd, mean_g, mean_g_xhat);
-          }
-          store_vector(dxr + e, x);
-        },
-        [&](int64_t e) {
-          const acc_t dy = static_cast<acc_t>(dyr[e]);
-          const acc_t xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), mean, rstd);
-          partial_dgamma[e] += dy * xhat;
-          if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] += dy;
-          dxr[e] = static_cast<T>(math::input_grad<kNorm>(
-              dy * load_param(a.weight, e, acc_t(1)), xhat, rstd, mean_g, mean_g_xhat));
-        });
+  for (int k = 0; k < kWidth; ++k) dgamma[k] = dbeta[k] = 0;
+
+  for (int64_t first = slot; first < a.rows; first += kRows * slots) {
+    // kRows rows' dy and x in flight before any is used, then their statistics.
+    UnitBits<T, kWidth> dy_bits[kRows], x_bits[kRows];
+    acc_t rstd[kRows], center[kRows], mean_g[kRows], mean_g_xhat[kRows];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      const int64_t row = first + j * slots;
+      if (row < a.rows) {
+        dy_bits[j] = *reinterpret_cast<const UnitBits<T, kWidth>*>(a.dy + row * a.cols + col);
+        x_bits[j] = *reinterpret_cast<const UnitBits<T, kWidth>*>(a.x + row * a.cols + col);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      const int64_t row = first + j * slots;
+      if (row < a.rows) {
+        rstd[j] = a.rstd[row];
+        mean_g[j] = a.row_means[2 * row];
+        mean_g_xhat[j] = a.row_means[2 * row + 1];
+        center[j] = math::row_center<kNorm>(a.mean, row, rstd[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      const int64_t row = first + j * slots;
+      if (row >= a.rows) break;
+      acc_t dy[kWidth], x[kWidth];
+      unpack_unit(dy_bits[j], dy);
+      unpack_unit(x_bits[j], x);
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) {
+        const acc_t xhat = math::normalize<kNorm>(x[k], center[j], rstd[j]);
+        dgamma[k] += dy[k] * xhat;
+        if constexpr (kNorm == Norm::kLayer) dbeta[k] += dy[k];
+        x[k] = math::input_grad<kNorm>(dy[k] * w[k], xhat, rstd[j], mean_g[j], mean_g_xhat[j]);
+      }
+      T* dx = a.dx + row * a.cols + col;
+      if constexpr (kWidth == 1) {
+        *dx = static_cast<T>(x[0]);
+      } else {
+        store_vector(dx, x);
+      }
+    }
+  }
+
+  acc_t* partial_dgamma = a.partial + slot * kParamGrads<kNorm> * a.cols + col;
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) {
+    partial_dgamma[k] = dgamma[k];
+    if constexpr (kNorm == Norm::kLayer) partial_dgamma[a.cols + k] = dbeta[k];
+  }
+}
+
+template <Norm kNorm, typename T, typename P>
+__global__ void __launch_bounds__(cuda_config::kColumnBlockThreads)
+    backward_columns_kernel(const BackwardParams<T, P> a) {
+  constexpr int kVec = kVecOf<T>;
+  const int64_t blocks_per_slot =
+      cuda_config::column_blocks(cuda_config::column_units(a.cols, kVec, a.vectorized));
+  const int64_t slot = blockIdx.x / blocks_per_slot;
+  const int64_t slots = gridDim.x / blocks_per_slot;
+  // Every row of a slot splits like the slot's first row (cuda_config::column_slots).
+  const RowSplit s = row_split(a, slot, kVec);
+  const cuda_indexing::ColumnUnit unit = cuda_indexing::column_unit(
+      s, (blockIdx.x % blocks_per_slot) * static_cast<int64_t>(blockDim.x) + threadIdx.x);
+  if (unit.count == kVec) {
+    backward_column_unit<kNorm, kVec>(a, unit.first, a.weight.vectors_at(s.head), slot, slots);
+  } else if (unit.count == 1) {
+    backward_column_unit<kNorm, 1>(a, unit.first, false, slot, slots);
   }
 }
 

@@ -14,9 +14,13 @@
 //                                 kElemsBackwardLong (32) for rows up to 16384, which
 //                                 read dy and x a second time (from L2) for dx. Loads
 //                                 go in batches of kBackwardBatchPacks vectors.
-//   streaming (both directions)   a block per row, any row length, two passes over the
+//   forward, streaming            a block per row, any row length, two passes over the
 //                                 row (the second one hits L2); float64 rows and rows
 //                                 whose tensors disagree on 16-byte alignment use it too.
+//   backward, streaming           the same rows, in two kernels: one reduces each row (a
+//                                 block per row), one runs over columns (a thread per
+//                                 16-byte pack of a slot's rows, dgamma/dbeta in
+//                                 registers); see kColumnBlockThreads below.
 #pragma once
 
 #include <cstdint>
@@ -76,10 +80,22 @@ constexpr int64_t kMinRowsPerSlot = 16;
 // roof with 256 of them (about 8 resident warps per SM, a quarter of the 64-warp limit);
 // 512 blocks at ~128 registers a thread fill the 16 warps per SM the register file
 // allows, in one wave on its 132 SMs. Larger blocks keep 256 (partial rows cost traffic);
-// the streaming kernel's 32- and 64-thread blocks (short float64 or misaligned rows) may
-// have 2048 / 1024, within its cap on partial-row bytes below.
+// the streaming backward has its own count (column_slots).
 constexpr int64_t kBackwardBlocks = 256;
 constexpr int64_t kBackwardThreads = 65536;
+
+// Backward, streaming (rows too long for registers, float64, tensors of differing
+// alignment): dy and x read twice from DRAM. First a block per row reduces it to the two
+// row means dx needs (streaming_config's threads); then a grid over columns: each thread
+// holds one "column unit" (a 16-byte pack, or a head or tail element) of every row of
+// its slot, kColumnRowsInFlight rows at a time, writes dx and keeps its columns'
+// dgamma/dbeta in registers. 5 row-sized transfers instead of 3, but none other per row:
+// the one-kernel version before 2026-12-04 added every row into its slot's fp32 partial
+// row in global memory and ran at 8-24% of the copy roof on an H100 (D = 16384).
+constexpr int kColumnBlockThreads = 256;
+constexpr int kColumnRowsInFlight = 4;
+// Blocks aimed at (column blocks x slots): about four per SM of an H100, or more.
+constexpr int64_t kColumnBlocks = 1024;
 
 // Parameter-gradient reduction: 32 columns x 16 slot lanes per block.
 constexpr int kFinalizeColumns = 32;
@@ -170,30 +186,42 @@ LN_HOST_DEVICE constexpr int row_alignment_period(int64_t n, int vec) {
   return static_cast<int>(vec / b);
 }
 
-// Number of backward slots for m rows of n elements: a multiple of rows_per_block (whole
-// blocks) and of the alignment period (so every row of a slot splits into head / vectors
-// / tail the same way, and a thread owns the same columns in all of them). The streaming
-// kernel updates its slot's partial row for every row, so its partial rows are capped at
-// kStreamingPartialBytes in all, to stay in L2, but not below kMinStreamingSlots blocks
-// (parallelism first; slots <= M / 16 keeps the buffer under 1/8 of the input's bytes).
-constexpr int64_t kStreamingPartialBytes = int64_t(32) << 20;
-constexpr int64_t kMinStreamingSlots = 64;
+// The streaming backward's column units in a row of n elements, for any offset of the
+// row from a 16-byte boundary: its packs and up to vec - 1 head and vec - 1 tail
+// elements (n elements when the tensors are not vectorized), and its threads per block.
+LN_HOST_DEVICE constexpr int64_t column_units(int64_t n, int vec, bool vectorized) {
+  return vectorized ? n / vec + 2 * (vec - 1) : n;
+}
+LN_HOST_DEVICE constexpr int column_block_threads(int64_t units) {
+  return pow2_clamped(units, kWarpSize, kColumnBlockThreads);
+}
+LN_HOST_DEVICE constexpr int64_t column_blocks(int64_t units) {
+  return ceil_div(units > 0 ? units : 1, column_block_threads(units));
+}
 
-LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, int64_t n, const LaunchConfig& c,
-                                                int period) {
-  int64_t slots = ceil_div(m, kMinRowsPerSlot);
-  const int64_t by_threads = kBackwardThreads / (int64_t(c.threads_per_row) * c.rows_per_block);
-  int64_t cap = (by_threads > kBackwardBlocks ? by_threads : kBackwardBlocks) * c.rows_per_block;
-  if (c.kind == Kind::kStreaming) {
-    const int64_t partial_row_bytes = 2 * 4 * (n > 0 ? n : 1);  // dgamma + dbeta, fp32
-    int64_t fit = kStreamingPartialBytes / partial_row_bytes;
-    if (fit < kMinStreamingSlots) fit = kMinStreamingSlots;
-    if (fit < cap) cap = fit;
-  }
+// Number of backward slots for m rows of n elements: a multiple of the alignment period,
+// so every row of a slot splits into head / vectors / tail the same way, and a thread
+// owns the same columns in all of them. Register kernels: also a multiple of
+// rows_per_block (whole blocks), at most the block budget above. Streaming: enough for
+// kColumnBlocks blocks, at most one per kMinRowsPerSlot rows.
+LN_HOST_DEVICE constexpr int64_t round_slots(int64_t slots, int64_t cap, int64_t unit) {
   if (slots > cap) slots = cap;
   if (slots < 1) slots = 1;
-  const int64_t unit = c.rows_per_block > period ? c.rows_per_block : period;
   return ceil_div(slots, unit) * unit;
+}
+
+LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, const LaunchConfig& c, int period) {
+  const int64_t by_threads = kBackwardThreads / (int64_t(c.threads_per_row) * c.rows_per_block);
+  const int64_t cap =
+      (by_threads > kBackwardBlocks ? by_threads : kBackwardBlocks) * c.rows_per_block;
+  return round_slots(ceil_div(m, kMinRowsPerSlot), cap,
+                     c.rows_per_block > period ? c.rows_per_block : period);
+}
+
+LN_HOST_DEVICE constexpr int64_t column_slots(int64_t m, int64_t column_block_count,
+                                              int period) {
+  return round_slots(ceil_div(m, kMinRowsPerSlot), ceil_div(kColumnBlocks, column_block_count),
+                     period);
 }
 
 }  // namespace cuda_config

@@ -260,6 +260,7 @@ struct BackwardParams {
   ParamRef<P> weight;
   T* dx;
   acc_t* partial;  // [slots][kParamGrads][cols]: dgamma then (LayerNorm) dbeta partial rows
+  acc_t* row_means;  // [rows][2]: mean(g), mean(g * xhat) (the streaming backward's)
   int64_t rows, cols;
   int x_misalign;   // dy, x and dx: first element's offset from a 16-byte boundary
   bool vectorized;  // dy, x and dx agree on that offset (else: scalar streaming)

@@ -115,6 +115,23 @@ LN_HOST_DEVICE void for_each_streamed(const RowSplit& s, int t, int group, FPack
   for (int64_t e = t; e < s.tail; e += group) element(s.tail_begin() + e);
 }
 
+// The streaming backward's column units: unit u of a row is its pack u (u < packs), then
+// its head elements, then its tail elements; units past those hold nothing (count 0).
+// Thread t of block column c holds unit c * blockDim.x + t of every row of its slot.
+struct ColumnUnit {
+  int64_t first;  // first element
+  int count;      // elements: vec (a pack), 1 (head or tail) or 0
+};
+
+LN_HOST_DEVICE ColumnUnit column_unit(const RowSplit& s, int64_t u) {
+  if (u < s.packs) return {s.head + u * s.vec, s.vec};
+  u -= s.packs;
+  if (u < s.head) return {u, 1};
+  u -= s.head;
+  if (u < s.tail) return {s.tail_begin() + u, 1};
+  return {0, 0};
+}
+
 // Scratch entries group_allreduce needs: one per warp, then one result per group.
 constexpr int kReduceScratch =
     cuda_config::kMaxBlockThreads / cuda_config::kWarpSize +

@@ -14,9 +14,11 @@
 // Backward. A persistent grid of row groups ("slots", count a function of M and N only).
 // A slot's rows are slot, slot + slots, ...; they all split into head/vectors/tail the same
 // way, so a thread owns the same columns in each of them and keeps its dgamma/dbeta
-// contributions in registers across rows (streaming kernel, rows over 16384 elements: in
-// its own fp32 partial row in global memory). Per row: dy and x read once from DRAM, two
-// row sums, dx written once. Each slot
+// contributions in registers across rows. Per row: dy and x read once from DRAM, two
+// row sums, dx written once. Longer rows, float64 and tensors whose alignment differs
+// stream, in two kernels: a block per row reduces it to the two row means dx needs, then
+// a thread per 16-byte column pack runs down a slot's rows, reading dy and x again,
+// writing dx and keeping its dgamma/dbeta in registers. Each slot
 // writes one fp32 partial row; a small kernel adds the partial rows in a fixed order. No
 // atomics anywhere: results are bitwise reproducible, on every GPU model.
 //
@@ -177,13 +179,23 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
 
   const LaunchConfig c = cuda_config::backward_config(cols, sizeof(T), a.vectorized);
   const int period = a.vectorized ? cuda_config::row_alignment_period(cols, kVecOf<T>) : 1;
-  const int64_t slots = cuda_config::backward_slots(rows, cols, c, period);
+  const int64_t units = cuda_config::column_units(cols, kVecOf<T>, a.vectorized);
+  const int64_t blocks_per_slot = cuda_config::column_blocks(units);  // streaming only
+  const int64_t slots = c.kind == Kind::kStreaming
+                            ? cuda_config::column_slots(rows, blocks_per_slot, period)
+                            : cuda_config::backward_slots(rows, c, period);
   at::Tensor partial = at::empty({slots, kParamGrads<kNorm>, cols}, args.rstd.options());
   a.partial = partial.mutable_data_ptr<acc_t>();
-  const dim3 grid = grid_of(slots / c.rows_per_block);
+  a.row_means = nullptr;
   if (c.kind == Kind::kStreaming) {
-    launch(backward_streaming_kernel<kNorm, T, P>, grid, block_of(c), a);
+    at::Tensor row_means = at::empty({rows, 2}, args.rstd.options());
+    a.row_means = row_means.mutable_data_ptr<acc_t>();
+    launch(backward_row_means_kernel<kNorm, T, P>,
+           grid_of(std::min<int64_t>(rows, kMaxGridBlocks)), block_of(c), a);
+    launch(backward_columns_kernel<kNorm, T, P>, grid_of(blocks_per_slot * slots),
+           dim3(static_cast<unsigned>(cuda_config::column_block_threads(units))), a);
   } else if constexpr (kHasRegisterKernels<T>) {
+    const dim3 grid = grid_of(slots / c.rows_per_block);
     if (c.elems_per_thread == cuda_config::kElemsBackward) {
       launch(backward_registers_kernel<kNorm, T, P, cuda_config::kElemsBackward>, grid,
              block_of(c), a);

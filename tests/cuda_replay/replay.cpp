@@ -107,6 +107,31 @@ void cover_streamed_row(const idx::RowSplit& s, const RowCase& c, int group) {
   check_counts(counts, c, group);
 }
 
+// The streaming backward's column kernel: the units of every thread of every column
+// block of a slot cover the row once, packs 16-byte aligned. `units` is what the
+// launcher sizes the grid by (cfg::column_units).
+void cover_column_row(const idx::RowSplit& s, const RowCase& c, int64_t units) {
+  std::vector<int> counts(c.n, 0);
+  const int threads = cfg::column_block_threads(units);
+  const int64_t blocks = cfg::column_blocks(units);
+  EXPECT(threads % cfg::kWarpSize == 0 && threads <= cfg::kColumnBlockThreads,
+         "column block of %d threads", threads);
+  EXPECT(s.packs + s.head + s.tail <= blocks * threads, "%s n=%lld: %lld units, %lld threads",
+         c.direction, (long long)c.n, (long long)(s.packs + s.head + s.tail),
+         (long long)(blocks * threads));
+  for (int64_t u = 0; u < blocks * threads; ++u) {
+    const idx::ColumnUnit unit = idx::column_unit(s, u);
+    EXPECT(unit.count == 0 || unit.count == 1 || unit.count == s.vec, "unit of %d elements",
+           unit.count);
+    if (unit.count == s.vec) {
+      EXPECT((c.misalign + unit.first) % s.vec == 0, "%s n=%lld: column pack at %lld not "
+             "16-byte aligned", c.direction, (long long)c.n, (long long)unit.first);
+    }
+    for (int k = 0; k < unit.count; ++k) counts.at(unit.first + k) += 1;
+  }
+  check_counts(counts, c, threads);
+}
+
 void check_config(const cfg::LaunchConfig& c, const RowCase& rc, int vec) {
   const int threads = c.threads_per_row * c.rows_per_block;
   const int g = c.threads_per_row;
@@ -177,7 +202,12 @@ void cover_row(const cfg::LaunchConfig& c, const RowCase& rc) {
   const bool backward = rc.direction[0] == 'b';
   const int size = backward ? c.elems_per_thread : c.elems_per_thread / vec;
   variants_seen[backward].insert({int(c.kind), c.threads_per_row == 1 ? -size : size});
-  if (c.kind == cfg::Kind::kStreaming) return cover_streamed_row(s, rc, c.threads_per_row);
+  if (c.kind == cfg::Kind::kStreaming) {
+    // The backward streams in two kernels: its row means like the forward, then columns.
+    cover_streamed_row(s, rc, c.threads_per_row);
+    if (backward) cover_column_row(s, rc, cfg::column_units(rc.n, vec, rc.vectorized));
+    return;
+  }
   const int slots = c.elems_per_thread / vec;
   switch (vec) {
     case 4: return cover_register_kernel_row<4>(s, rc, c.threads_per_row, slots, backward);
@@ -191,8 +221,17 @@ void cover_row(const cfg::LaunchConfig& c, const RowCase& rc) {
 void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes, bool vectorized) {
   const int vec = cfg::vector_width(elem_bytes);
   const int period = vectorized ? cfg::row_alignment_period(n, vec) : 1;
+  const bool streaming = c.kind == cfg::Kind::kStreaming;
   for (int64_t m : {1, 2, 7, 33, 300, 1000, 4096, 100000}) {
-    const int64_t slots = cfg::backward_slots(m, n, c, period);
+    // As the launcher counts them (layernorm_cuda_kernels.cuh, launch_backward).
+    const int64_t slots =
+        streaming ? cfg::column_slots(m, cfg::column_blocks(cfg::column_units(n, vec, vectorized)),
+                                      period)
+                  : cfg::backward_slots(m, c, period);
+    EXPECT(!streaming || cfg::column_blocks(cfg::column_units(n, vec, vectorized)) * slots <
+                             (int64_t(1) << 31),
+           "n=%lld m=%lld: a column grid of more than 2^31 - 1 blocks", (long long)n,
+           (long long)m);
     EXPECT(slots >= 1 && slots % c.rows_per_block == 0, "slots %lld for rows_per_block %d",
            (long long)slots, c.rows_per_block);
     if (!vectorized) continue;  // scalar rows: one split for all
