@@ -50,6 +50,9 @@ CASES = [
     Case("fwd large slices G=512 / bwd streaming, D=20001 bf16 + fp32 params", torch.bfloat16,
          20001, 3, param_dtype=torch.float32),
     Case("streaming both, D=33001 fp16", torch.float16, 33001, 2),
+    # 70 rows: several passes of the column kernel's loop over a slot's rows (4 at a
+    # time); D % 4 = 2, so every other row has a head.
+    Case("bwd streaming, many rows a slot, D=16390 fp32", torch.float32, 16390, 70),
     Case("streaming float64, D=33", torch.float64, 33, 5),
     Case("scalar fallback (misaligned x), D=100 fp32", torch.float32, 100, 7, x_offset=1),
     Case("scalar fallback (misaligned x), D=5000 fp16", torch.float16, 5000, 3, x_offset=3),

@@ -80,8 +80,8 @@ def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps,
 #   256             forward: small slices (32 bytes a thread) in sub-warp groups
 #   257, 1000       forward: large slices (128 bytes) in sub-warp groups or a warp
 #                   (bf16 257: small slices); backward: 16 per thread, several rows per block
-#   8200            forward: large slices, 256 / 512 threads; backward: 32 per thread,
-#                   the row read twice
+#   8200            forward: large slices in 512 threads (fp32: huge slices, 256
+#                   threads); backward: 32 per thread, the row read twice
 #   16390           forward: fp32 streaming, 2-byte types 512 threads; backward streaming
 #   32775           both streaming (every dtype), a tail after the last vector
 ROW_SIZES = (1, 7, 20, 256, 257, 1000, 8200, 16390, 32775)
@@ -158,7 +158,8 @@ def test_long_backward_slots(emulated, n, dtype, layout, norm):
 
 # The streaming backward (D > 16384, or tensors of differing alignment): its column
 # kernel runs down each slot's rows kColumnRowsInFlight at a time, so a slot here has
-# 11-12 rows (the last group of 4 partial), in the vector and the scalar layouts.
+# 8-14 rows (5 to 8 slots; the last group of 4 partial), in the vector and the scalar
+# layouts.
 STREAMING_BACKWARD_ROWS = 70
 
 
@@ -216,12 +217,12 @@ def test_overflow_rescue(emulated, dtype, D):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("D", [32, 64, 1023, 2047, 8200, 32767])
+@pytest.mark.parametrize("D", [32, 64, 1023, 2047, 8200, 16383, 32767])
 def test_constant_largest_rows(emulated, dtype, D):
     """Rows of +-max in every element, where a thread's partial sum is longest: a thread
     alone on its row (fp32 D = 32, bf16 D = 64), bf16 large slices with a head and a
     tail (1023, 2047, and 32767 in 512 threads: 66 values a thread) and without (8200:
-    64), fp32 streaming (32767)."""
+    64), fp32 huge slices (16383: 64 and a tail element), fp32 streaming (32767)."""
     check_constant_largest_rows(emulated.layer_norm_forward, dtype, D)
 
 
@@ -244,7 +245,8 @@ def test_cases_reach_every_variant(emulated):
 
     registers = [("registers", 16, False), ("registers", 32, False), ("streaming", 0, False)]
     assert kinds("forward", 4) == {("registers", 8, False), ("registers", 32, True),
-                                   ("registers", 32, False), ("streaming", 0, False)}
+                                   ("registers", 32, False), ("registers", 64, False),
+                                   ("streaming", 0, False)}
     assert kinds("forward", 2) == {("registers", 16, False), ("registers", 64, True),
                                    ("registers", 64, False), ("streaming", 0, False)}
     assert kinds("backward", 4) == set(registers)

@@ -117,8 +117,9 @@ def test_row_kernels_use_128_bit_global_accesses():
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     row_kernels = {name: body for name, body in functions.items() if family(name) in ROW_KERNELS}
     # Per norm (LayerNorm, RMSNorm) and dtype pair (5, and float64's 6th for streaming):
-    # forward 3 register kernels + streaming, backward 2 + streaming's 2.
-    per_norm = (3 * 5 + 6) + (2 * 5 + 2 * 6)
+    # forward 3 register kernels (and float32's huge slices) + streaming, backward 2 +
+    # streaming's 2.
+    per_norm = (3 * 5 + 1 + 6) + (2 * 5 + 2 * 6)
     assert len(row_kernels) == 2 * per_norm, sorted(row_kernels)
     for norm in (0, 1):  # the Norm template argument, as mangled: LNS_4NormE0E / ...E1E
         assert sum(f"NormE{norm}E" in name for name in row_kernels) == per_norm
@@ -218,6 +219,6 @@ def test_host_replay_of_indexing_and_reductions(tmp_path):
     sys.stdout.write(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     assert re.search(r"^\d+ checks, 0 failures$", run.stdout, re.MULTILINE), run.stdout
-    # The register variants of each direction (forward: small slices, large slices, a row
-    # per thread; backward: the row kept, the row read twice), and the streaming kernels.
-    assert "coverage: 4 forward and 3 backward kernel variants replayed" in run.stdout
+    # The register variants of each direction (forward: small, large and huge slices, a
+    # row per thread; backward: the row kept, the row read twice), and the streaming ones.
+    assert "coverage: 5 forward and 3 backward kernel variants replayed" in run.stdout

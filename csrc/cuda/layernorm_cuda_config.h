@@ -3,12 +3,13 @@
 // test (tests/cuda_replay/) checks the configurations the launcher really uses.
 //
 // Kernels (csrc/cuda/layernorm_cuda_{forward,backward}.cuh):
-//   forward, rows in registers    a slice of kSmallSliceBytes (32) or kLargeSliceBytes (128)
-//                                 of the row per thread, kept as loaded (8 or 32 registers,
-//                                 whatever the dtype), `threads_per_row` threads per row
-//                                 (1, or 8 .. 512: a sub-warp group, a warp or a block),
-//                                 several rows per block when a row needs fewer than
-//                                 kRowBlockThreads threads.
+//   forward, rows in registers    a slice of kSmallSliceBytes (32), kLargeSliceBytes (128)
+//                                 or (float32 rows over 32 KiB) kHugeSliceBytes (256) of
+//                                 the row per thread, kept as loaded (8, 32 or 64
+//                                 registers, whatever the dtype), `threads_per_row`
+//                                 threads per row (1, or 8 .. 512: a sub-warp group, a
+//                                 warp or a block), several rows per block when a row
+//                                 needs fewer than kRowBlockThreads threads.
 //   backward, rows in registers   kElemsBackward (16) elements per thread, dgamma/dbeta
 //                                 accumulated in registers over every row of a slot;
 //                                 kElemsBackwardLong (32) for rows up to 16384, which
@@ -41,7 +42,7 @@ constexpr int kRowBlockThreads = 128;
 // (2026-11-25) the forward with 32 elements per thread ran at 92-95% of the copy roof in
 // float32 (128 bytes) and at 57-66% in bfloat16 (64 bytes), at the same occupancy.
 constexpr int kSmallSliceBytes = 32;   // rows up to 32 * 32 bytes (256 fp32, 512 bf16)
-constexpr int kLargeSliceBytes = 128;  // rows up to 128 * 512 bytes (16384 fp32, 32768 bf16)
+constexpr int kLargeSliceBytes = 128;  // rows up to 128 * 512 bytes (32768 bf16; fp32: below)
 constexpr int kSmallSliceVectors = kSmallSliceBytes / 16;
 // Small slices always come in blocks of kRowBlockThreads (several rows each). Their
 // kernel asks the compiler to fit this many blocks per SM (__launch_bounds__; at most
@@ -53,11 +54,23 @@ constexpr int kSmallSliceMinBlocksPerSM = 9;
 // 94-104 registers without it, 80-96 with it; 6 blocks spill.
 constexpr int kRowPerThreadMinBlocksPerSM = 5;
 constexpr int kLargeSliceVectors = kLargeSliceBytes / 16;
+// Float32 rows over 256 large slices (32 KiB, D > 8192) take slices of 256 bytes in blocks
+// of kHugeSliceThreads, kHugeSliceMinBlocksPerSM an SM, rather than 512-thread blocks of
+// large slices: one of those fits an SM (84 registers), and it loads a row, reduces it and
+// writes it with nothing else in flight there (on an H100, 2026-11-25: 66% of the copy
+// roof at D = 16384, 92-95% up to D = 8192 with 256 threads and more blocks an SM).
+// Float32 only: a 2-byte thread would sum 130 values (128, a head and a tail element),
+// more than the overflow rescue allows (math::kRescueFactor); 2-byte rows up to 64 KiB
+// keep large slices.
+constexpr int kHugeSliceBytes = 256;
+constexpr int kHugeSliceVectors = kHugeSliceBytes / 16;
+constexpr int kHugeSliceThreads = 256;
+constexpr int kHugeSliceMinBlocksPerSM = 2;
 // Backward: elements per thread (its registers hold float32 values, whatever the dtype).
 constexpr int kElemsBackward = 16;  // rows up to 16 * 512 = 8192 elements
 // Backward, rows up to 32 * 512 = 16384: 32 columns of dgamma and dbeta per thread in
-// registers leave no room to keep the row too. (Streaming instead, which adds every row
-// into a partial row in global memory, ran at 8% of the copy roof on an H100.)
+// registers leave no room to keep the row too. (These rows streamed before 2026-12-02,
+// adding every row into a partial row in global memory: 8% of the copy roof on an H100.)
 constexpr int kElemsBackwardLong = 32;
 // Backward: 16-byte packs of dy and x a thread loads together, before it uses any
 // (layernorm_cuda_backward.cuh). More put more bytes in flight, but each takes 8
@@ -69,9 +82,10 @@ LN_HOST_DEVICE constexpr int backward_batch_packs(int slots) {
 }
 
 // Backward: a "slot" is one row group that accumulates dgamma/dbeta over the rows
-// slot, slot + slots, slot + 2 * slots, ... and writes one fp32 partial row. Fewer slots
-// mean less partial traffic, more slots more parallelism; the count depends on M and N
-// only (never on the GPU), so the result is bitwise the same on every GPU model.
+// slot, slot + slots, slot + 2 * slots, ... and writes its partial rows (dgamma, and
+// dbeta for LayerNorm; fp32, fp64 for float64). Fewer slots mean less partial traffic,
+// more slots more parallelism; the count depends on M, N, the dtype and the tensors'
+// alignment, never on the GPU, so the result is bitwise the same on every GPU model.
 constexpr int64_t kMinRowsPerSlot = 16;
 // At most max(kBackwardBlocks, kBackwardThreads / threads per block) blocks. Each block
 // loops over its slots' rows, so more blocks than fit on the GPU at once cost a second
@@ -94,8 +108,12 @@ constexpr int64_t kBackwardThreads = 65536;
 // row in global memory and ran at 8-24% of the copy roof on an H100 (D = 16384).
 constexpr int kColumnBlockThreads = 256;
 constexpr int kColumnRowsInFlight = 4;
-// Blocks aimed at (column blocks x slots): about four per SM of an H100, or more.
+// Blocks aimed at (column blocks x slots): about eight per SM of an H100 (132 SMs). But
+// at least kMinColumnSlots slots where there are rows for them: a thread adds its slot's
+// rows one after another in fp32, so very long rows (few slots by the block count
+// alone; one slot past D ~ 2^18) would add thousands each.
 constexpr int64_t kColumnBlocks = 1024;
+constexpr int64_t kMinColumnSlots = 64;
 
 // Parameter-gradient reduction: 32 columns x 16 slot lanes per block.
 constexpr int kFinalizeColumns = 32;
@@ -142,15 +160,20 @@ LN_HOST_DEVICE constexpr LaunchConfig streaming_config(int64_t n, int elem_bytes
 // rows a block: in groups of 8 threads most lanes would idle (D = 20 fp32: 5 of 8 hold
 // a vector). Rows up to a warp's worth of small slices take them (more resident warps:
 // fewer registers); longer rows the large slice, with the fewest threads (16 .. 512)
-// that hold it.
+// that hold it; float32 rows over 32 KiB the huge slice (above).
 LN_HOST_DEVICE constexpr LaunchConfig forward_config(int64_t n, int elem_bytes, bool vectorized) {
   if (vectorized && elem_bytes <= 4) {
     const int small = kSmallSliceBytes / elem_bytes, large = kLargeSliceBytes / elem_bytes;
+    const int huge = kHugeSliceBytes / elem_bytes;
     const int vec = vector_width(elem_bytes);
     if (n <= large) return with_rows_per_block(Kind::kRegisters, large, 1);
     if (n <= int64_t(small) * kWarpSize) {
       return with_rows_per_block(Kind::kRegisters, small,
                                  pow2_clamped(ceil_div(n, small), vec, kWarpSize));
+    }
+    if (elem_bytes == 4 && n > int64_t(large) * kHugeSliceThreads &&
+        n <= int64_t(huge) * kHugeSliceThreads) {
+      return with_rows_per_block(Kind::kRegisters, huge, kHugeSliceThreads);
     }
     if (n <= int64_t(large) * kMaxBlockThreads) {
       return with_rows_per_block(
@@ -203,7 +226,7 @@ LN_HOST_DEVICE constexpr int64_t column_blocks(int64_t units) {
 // so every row of a slot splits into head / vectors / tail the same way, and a thread
 // owns the same columns in all of them. Register kernels: also a multiple of
 // rows_per_block (whole blocks), at most the block budget above. Streaming: enough for
-// kColumnBlocks blocks, at most one per kMinRowsPerSlot rows.
+// kColumnBlocks blocks, or kMinColumnSlots, at most one per kMinRowsPerSlot rows.
 LN_HOST_DEVICE constexpr int64_t round_slots(int64_t slots, int64_t cap, int64_t unit) {
   if (slots > cap) slots = cap;
   if (slots < 1) slots = 1;
@@ -220,8 +243,9 @@ LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, const LaunchConfig& c
 
 LN_HOST_DEVICE constexpr int64_t column_slots(int64_t m, int64_t column_block_count,
                                               int period) {
-  return round_slots(ceil_div(m, kMinRowsPerSlot), ceil_div(kColumnBlocks, column_block_count),
-                     period);
+  const int64_t by_blocks = ceil_div(kColumnBlocks, column_block_count);
+  return round_slots(ceil_div(m, kMinRowsPerSlot),
+                     by_blocks > kMinColumnSlots ? by_blocks : kMinColumnSlots, period);
 }
 
 }  // namespace cuda_config

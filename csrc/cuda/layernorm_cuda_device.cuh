@@ -210,9 +210,11 @@ __device__ __forceinline__ S group_allreduce(const S& value, const S& identity, 
 // power of two, so exact but for subnormal results) and scale the mean and variance
 // back at the end (math::rescue_unscaled). No partial sum, difference or merge can then
 // overflow for finite x, even in rows spread over +-max: a thread sums at most 66 values
-// (a 128-byte slice of a 2-byte dtype, a head and a tail element), each at most
-// max / 128. The scaling costs nothing: it folds into the fused multiply-adds.
-static_assert(math::kRescueFactor >= cuda_config::kLargeSliceBytes / 2 + 2,
+// (a 128-byte slice of a 2-byte dtype or a 256-byte one of float32, a head and a tail
+// element), each at most max / 128. The scaling costs nothing: it folds into the fused
+// multiply-adds.
+static_assert(math::kRescueFactor >= cuda_config::kLargeSliceBytes / 2 + 2 &&
+                  math::kRescueFactor >= cuda_config::kHugeSliceBytes / 4 + 2,
               "a thread's scaled partial sum of +-max values could overflow");
 template <typename acc_t>
 __device__ __forceinline__ acc_t scaled(acc_t x) {

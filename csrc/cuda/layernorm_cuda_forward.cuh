@@ -14,19 +14,23 @@ namespace cuda_kernels {
 // kRowPerThread: G = 1, a thread holds a whole row and reduces nothing with the others.
 
 // Its __launch_bounds__ (threads, blocks per SM): small slices and rows per thread come
-// in blocks of kRowBlockThreads, with cuda_config's occupancy floors.
+// in blocks of kRowBlockThreads, huge slices of kHugeSliceThreads, with cuda_config's
+// occupancy floors.
 template <int kVectors, bool kRowPerThread>
 constexpr bool kFixedBlock = kVectors == cuda_config::kSmallSliceVectors || kRowPerThread;
 
 template <int kVectors, bool kRowPerThread>
 constexpr int kForwardMaxThreads =
-    kFixedBlock<kVectors, kRowPerThread> ? cuda_config::kRowBlockThreads
-                                         : cuda_config::kMaxBlockThreads;
+    kFixedBlock<kVectors, kRowPerThread>      ? cuda_config::kRowBlockThreads
+    : kVectors == cuda_config::kHugeSliceVectors ? cuda_config::kHugeSliceThreads
+                                              : cuda_config::kMaxBlockThreads;
 
 template <int kVectors, bool kRowPerThread>
 constexpr int kForwardMinBlocks = kRowPerThread ? cuda_config::kRowPerThreadMinBlocksPerSM
                                   : kVectors == cuda_config::kSmallSliceVectors
                                       ? cuda_config::kSmallSliceMinBlocksPerSM
+                                  : kVectors == cuda_config::kHugeSliceVectors
+                                      ? cuda_config::kHugeSliceMinBlocksPerSM
                                       : 1;
 
 template <Norm kNorm, typename T, typename P, int kVectors, bool kRowPerThread>

@@ -11,15 +11,17 @@
 // float64, and tensors whose 16-byte alignment differs stream: a block per row, a
 // Welford pass and a normalize pass (the second one reads the row back from L2).
 //
-// Backward. A persistent grid of row groups ("slots", count a function of M and N only).
+// Backward. A persistent grid of row groups ("slots", their count a function of M, N, the
+// dtype and the alignment, never of the GPU).
 // A slot's rows are slot, slot + slots, ...; they all split into head/vectors/tail the same
 // way, so a thread owns the same columns in each of them and keeps its dgamma/dbeta
 // contributions in registers across rows. Per row: dy and x read once from DRAM, two
 // row sums, dx written once. Longer rows, float64 and tensors whose alignment differs
 // stream, in two kernels: a block per row reduces it to the two row means dx needs, then
-// a thread per 16-byte column pack runs down a slot's rows, reading dy and x again,
+// a thread per 16-byte column pack (or per head or tail element, or per element when
+// the tensors disagree on alignment) runs down a slot's rows, reading dy and x again,
 // writing dx and keeping its dgamma/dbeta in registers. Each slot
-// writes one fp32 partial row; a small kernel adds the partial rows in a fixed order. No
+// writes its partial rows; a small kernel adds the partial rows in a fixed order. No
 // atomics anywhere: results are bitwise reproducible, on every GPU model.
 //
 // RMSNorm runs the same kernels with the template flag Norm::kRms (../layernorm_math.h):
@@ -109,8 +111,16 @@ auto forward_kernel(const LaunchConfig& c) {
     constexpr int kVec = kVecOf<T>;
     constexpr int kSmall = cuda_config::kSmallSliceVectors;
     constexpr int kLarge = cuda_config::kLargeSliceVectors;
+    constexpr int kHuge = cuda_config::kHugeSliceVectors;
     if (c.kind == Kind::kRegisters) {
       const bool small = c.elems_per_thread == kSmall * kVec, alone = c.threads_per_row == 1;
+      if constexpr (sizeof(T) == 4) {  // huge slices: float32 only (cuda_config)
+        if (c.elems_per_thread == kHuge * kVec) {
+          TORCH_INTERNAL_ASSERT(c.threads_per_row * c.rows_per_block ==
+                                cuda_config::kHugeSliceThreads);  // __launch_bounds__
+          return forward_registers_kernel<kNorm, T, P, kHuge, false>;
+        }
+      }
       TORCH_INTERNAL_ASSERT(small || c.elems_per_thread == kLarge * kVec);
       TORCH_INTERNAL_ASSERT(alone ? !small : c.threads_per_row >= kVec);  // the edge slots
       // __launch_bounds__ (kForwardMaxThreads)
@@ -192,6 +202,8 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
     a.row_means = row_means.mutable_data_ptr<acc_t>();
     launch(backward_row_means_kernel<kNorm, T, P>,
            grid_of(std::min<int64_t>(rows, kMaxGridBlocks)), block_of(c), a);
+    TORCH_CHECK(blocks_per_slot * slots < (int64_t(1) << 31),
+                "layernorm_ext: rows of ", cols, " elements are too long for the CUDA backward");
     launch(backward_columns_kernel<kNorm, T, P>, grid_of(blocks_per_slot * slots),
            dim3(static_cast<unsigned>(cuda_config::column_block_threads(units))), a);
   } else if constexpr (kHasRegisterKernels<T>) {

@@ -149,6 +149,11 @@ void check_config(const cfg::LaunchConfig& c, const RowCase& rc, int vec) {
       EXPECT(threads == cfg::kRowBlockThreads, "small-slice forward in a block of %d threads "
              "(its __launch_bounds__ want %d)", threads, cfg::kRowBlockThreads);
     }
+    if (rc.direction[0] == 'f' && c.elems_per_thread * rc.elem_bytes == cfg::kHugeSliceBytes) {
+      EXPECT(threads == cfg::kHugeSliceThreads && rc.elem_bytes == 4,
+             "huge-slice forward in a block of %d threads of %d-byte elements", threads,
+             rc.elem_bytes);
+    }
     EXPECT(rc.n <= int64_t(g) * c.elems_per_thread, "%s n=%lld does not fit %d x %d",
            rc.direction, (long long)rc.n, g, c.elems_per_thread);
   } else {
@@ -185,6 +190,7 @@ void cover_register_kernel_row(const idx::RowSplit& s, const RowCase& rc, int g,
     case 2: return cover.template operator()<2>();
     case 4: return cover.template operator()<4>();
     case 8: return cover.template operator()<8>();
+    case 16: return cover.template operator()<16>();
     default: EXPECT(false, "no replay for %d register slots", slots);
   }
 }
