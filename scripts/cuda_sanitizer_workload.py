@@ -46,7 +46,7 @@ CASES = [
          param_dtype=torch.float32),
     Case("fwd large slices, 2 warps, D=2047 fp32", torch.float32, 2047, 5),
     Case("fwd large slices, block, D=4099 bf16", torch.bfloat16, 4099, 5),
-    Case("fwd large slices G=512 / bwd registers x32, D=12001 fp32", torch.float32, 12001, 3),
+    Case("fwd huge slices (all 16) / bwd registers x32, D=16383 fp32", torch.float32, 16383, 3),
     Case("fwd large slices G=512 / bwd streaming, D=20001 bf16 + fp32 params", torch.bfloat16,
          20001, 3, param_dtype=torch.float32),
     Case("streaming both, D=33001 fp16", torch.float16, 33001, 2),

@@ -7,9 +7,9 @@ host replay of their indexing. Here the kernel sources themselves
 layernorm_cuda_kernels.cuh that picks a variant, slots and grid, are compiled as host C++ (tests/cuda_emulator/cuda_emulation.h) and run
 with every thread of a block as a coroutine that meets the others at each
 __syncthreads and warp shuffle (tests/cuda_emulator/emulator.cpp). The cases reach every
-kernel variant: forward in registers (8 and 32 elements per thread, sub-warp to
-512-thread groups), backward in registers (the row kept, or read twice), both streaming
-kernels, float64, misaligned and mixed-alignment tensors, and the parameter-gradient
+kernel variant: forward in registers (slices of 32, 128 and 256 bytes, a thread per row
+to 512-thread groups), backward in registers (the row kept, or read twice), the
+streaming kernels, float64, misaligned and mixed-alignment tensors, and the parameter-gradient
 reduction; then the fuzz cases of tests/fuzz_cuda_cases.py (every layout,
 multi-dimensional shapes, missing parameters). The variants run again with the threads
 of each barrier interval in reverse and in random order: a missing barrier shows up as
@@ -82,9 +82,11 @@ def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps,
 #                   (bf16 257: small slices); backward: 16 per thread, several rows per block
 #   8200            forward: large slices in 512 threads (fp32: huge slices, 256
 #                   threads); backward: 32 per thread, the row read twice
+#   16383           forward: fp32 huge slices, every slot of 256 threads, a tail;
+#                   backward: 32 per thread
 #   16390           forward: fp32 streaming, 2-byte types 512 threads; backward streaming
 #   32775           both streaming (every dtype), a tail after the last vector
-ROW_SIZES = (1, 7, 20, 256, 257, 1000, 8200, 16390, 32775)
+ROW_SIZES = (1, 7, 20, 256, 257, 1000, 8200, 16383, 16390, 32775)
 LAYOUTS = {
     # (x, grad_out): the same 16-byte offset everywhere -> vector path with a head;
     # different offsets -> the scalar streaming path.
@@ -208,11 +210,12 @@ def test_fuzz_cases(emulated, index, norm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("D", [2, 5, 33, 100, 1000, 2000, 5000, 16390])
+@pytest.mark.parametrize("D", [2, 5, 33, 100, 1000, 2000, 5000, 16383, 16390])
 def test_overflow_rescue(emulated, dtype, D):
     """Rows spanning +-max (tests/test_extreme_values.py on CPU/CUDA), in every forward
     variant: small slices (D <= 100), large slices in sub-warp groups to blocks (D = 1000
-    .. 5000; bf16 16390), streaming (fp32 D = 16390, float64)."""
+    .. 5000; bf16 16383, 16390), fp32 huge slices (16383), streaming (fp32 D = 16390,
+    float64)."""
     check_whole_range_rows(emulated.layer_norm_forward, emulated.layer_norm_backward, dtype, D)
 
 
@@ -222,16 +225,17 @@ def test_constant_largest_rows(emulated, dtype, D):
     """Rows of +-max in every element, where a thread's partial sum is longest: a thread
     alone on its row (fp32 D = 32, bf16 D = 64), bf16 large slices with a head and a
     tail (1023, 2047, and 32767 in 512 threads: 66 values a thread) and without (8200:
-    64), fp32 huge slices (16383: 64 and a tail element), fp32 streaming (32767)."""
+    64), fp32 huge slices (16383: up to 66 with a head and a tail), fp32 streaming
+    (32767)."""
     check_constant_largest_rows(emulated.layer_norm_forward, dtype, D)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("D", [20, 64, 200, 1024, 5000, 20000])
+@pytest.mark.parametrize("D", [20, 64, 200, 1024, 5000, 12289, 20000])
 def test_rows_whose_m2_overflows_but_not_their_variance(emulated, dtype, D):
     """Rows of +-a, D * a^2 past max, a^2 within it, in every forward variant: a thread
     per row (fp32 20, bf16 20/64), small slices (200), large slices (1024, 5000; bf16
-    20000), streaming (fp32 20000, float64)."""
+    12289, 20000), fp32 huge slices (12289), streaming (fp32 20000, float64)."""
     check_wide_spread_rows(emulated.layer_norm_forward, dtype, D)
 
 

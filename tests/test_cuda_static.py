@@ -198,6 +198,24 @@ def test_backward_loads_a_batch_before_using_it(kernel, count, constant):
     assert all(n >= wanted for n in in_flight.values()), (wanted, in_flight)
 
 
+@needs_cuda_build
+def test_register_forward_loads_its_slice_before_using_it():
+    """Each forward thread issues at least 4 of its slice's 16-byte loads (all of a
+    shorter slice) before it uses any. nvcc does not issue all of a longer slice at
+    once: 4-8 of 8 and 6-7 of 16 with nvcc 13.0 (the notes in bench/results); this guards
+    against a return to loading and using pack by pack."""
+    functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
+    forward = {name: body for name, body in functions.items()
+               if family(name) == "forward_registers_kernel"}
+    assert len(forward) == 2 * (3 * 5 + 1), sorted(forward)  # norms x (variants x dtypes + huge)
+    short = {}
+    for name, body in forward.items():
+        vectors = int(re.search(r"Li(\d+)ELb[01]E", name).group(1))  # kVectors, as mangled
+        if loads_in_flight(body) < min(vectors, 4):
+            short[name] = (vectors, loads_in_flight(body))
+    assert not short, short
+
+
 def find_cxx() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 REDUCED = [torch.float16, torch.bfloat16]
 # Row lengths at the edges of the launch table: forward registers, small slices (32
 # bytes a thread) up to 256 fp32 / 512 2-byte elements, large slices (128 bytes) up to
-# 16384 / 32768, streaming beyond; backward registers (16/thread) up to 8192, registers
+# 8192 / 32768, fp32 huge slices (256 bytes) up to 16384, streaming beyond; backward registers (16/thread) up to 8192, registers
 # (32/thread, the row read twice) up to 16384, streaming beyond. Odd lengths vary the
 # row split per row.
 EDGE_LENGTHS = [255, 256, 257, 511, 512, 513, 1001, 4099, 8191, 8192, 8193, 16383, 16384,
@@ -149,7 +149,10 @@ EXPECTED_KERNELS = [
     (torch.float32, 64, "forward_registers_kernel", "backward_registers_kernel"),
     (torch.bfloat16, 1000, "forward_registers_kernel", "backward_registers_kernel"),
     (torch.bfloat16, 12000, "forward_registers_kernel", "backward_registers_kernel"),
-    (torch.float16, 20000, "forward_streaming_kernel",
+    (torch.float32, 12000, "forward_registers_kernel", "backward_registers_kernel"),
+    (torch.float16, 20000, "forward_registers_kernel",
+     "backward_row_means_kernel+backward_columns_kernel"),
+    (torch.float32, 20000, "forward_streaming_kernel",
      "backward_row_means_kernel+backward_columns_kernel"),
     (torch.float64, 64, "forward_streaming_kernel",
      "backward_row_means_kernel+backward_columns_kernel"),

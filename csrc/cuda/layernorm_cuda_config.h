@@ -111,7 +111,7 @@ constexpr int kColumnRowsInFlight = 4;
 // Blocks aimed at (column blocks x slots): about eight per SM of an H100 (132 SMs). But
 // at least kMinColumnSlots slots where there are rows for them: a thread adds its slot's
 // rows one after another in fp32, so very long rows (few slots by the block count
-// alone; one slot past D ~ 2^18) would add thousands each.
+// alone; one slot past 2^18 column units, float32 D ~ 2^20) would add thousands each.
 constexpr int64_t kColumnBlocks = 1024;
 constexpr int64_t kMinColumnSlots = 64;
 

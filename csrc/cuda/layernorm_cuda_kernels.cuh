@@ -4,8 +4,8 @@
 //
 // Forward. Rows up to 64 KiB live in registers: a group of threads per row (one thread
 // for rows of at most 128 bytes, then 8 lanes of a warp up to a 512-thread block) loads
-// the row once with 16-byte vectors, each thread a slice of 32 or 128 bytes kept as
-// loaded, computes each thread's mean and M2 from its registers (two-pass: exact for a
+// the row once with 16-byte vectors, each thread a slice of 32, 128 or (float32 rows
+// over 32 KiB) 256 bytes kept as loaded, computes each thread's mean and M2 from its registers (two-pass: exact for a
 // handful of values), combines the threads' moments with Chan's formula in a fixed
 // tree, and writes y from the same registers. Longer rows,
 // float64, and tensors whose 16-byte alignment differs stream: a block per row, a
@@ -115,6 +115,7 @@ auto forward_kernel(const LaunchConfig& c) {
     if (c.kind == Kind::kRegisters) {
       const bool small = c.elems_per_thread == kSmall * kVec, alone = c.threads_per_row == 1;
       if constexpr (sizeof(T) == 4) {  // huge slices: float32 only (cuda_config)
+        static_assert(kForwardMaxThreads<kHuge, false> == cuda_config::kHugeSliceThreads);
         if (c.elems_per_thread == kHuge * kVec) {
           TORCH_INTERNAL_ASSERT(c.threads_per_row * c.rows_per_block ==
                                 cuda_config::kHugeSliceThreads);  // __launch_bounds__
@@ -194,6 +195,8 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
   const int64_t slots = c.kind == Kind::kStreaming
                             ? cuda_config::column_slots(rows, blocks_per_slot, period)
                             : cuda_config::backward_slots(rows, c, period);
+  TORCH_CHECK(c.kind != Kind::kStreaming || blocks_per_slot * slots < (int64_t(1) << 31),
+              "layernorm_ext: rows of ", cols, " elements are too long for the CUDA backward");
   at::Tensor partial = at::empty({slots, kParamGrads<kNorm>, cols}, args.rstd.options());
   a.partial = partial.mutable_data_ptr<acc_t>();
   a.row_means = nullptr;
@@ -202,8 +205,6 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
     a.row_means = row_means.mutable_data_ptr<acc_t>();
     launch(backward_row_means_kernel<kNorm, T, P>,
            grid_of(std::min<int64_t>(rows, kMaxGridBlocks)), block_of(c), a);
-    TORCH_CHECK(blocks_per_slot * slots < (int64_t(1) << 31),
-                "layernorm_ext: rows of ", cols, " elements are too long for the CUDA backward");
     launch(backward_columns_kernel<kNorm, T, P>, grid_of(blocks_per_slot * slots),
            dim3(static_cast<unsigned>(cuda_config::column_block_threads(units))), a);
   } else if constexpr (kHasRegisterKernels<T>) {
