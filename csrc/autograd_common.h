@@ -16,9 +16,20 @@
 #include <torch/version.h>
 
 #include <initializer_list>
+#include <memory>
 #include <optional>
+#include <type_traits>
 
 namespace layernorm_ext {
+
+// torch 2.13 and 2.14 hold autograd nodes in c10::intrusive_ptr, older releases (2.11,
+// the torch of the GPU machines' image) in std::shared_ptr. NodePtr is whichever this
+// torch uses, so the extension builds against both.
+inline constexpr bool kIntrusiveNodes =
+    std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>;
+template <class NodeT>
+using NodePtr =
+    std::conditional_t<kIntrusiveNodes, c10::intrusive_ptr<NodeT>, std::shared_ptr<NodeT>>;
 
 // Whether a forward call must build a backward node: grad mode is on and an argument
 // requires grad, or an argument carries a forward-mode tangent (which make_grad_fn then
@@ -41,7 +52,7 @@ inline bool needs_autograd(const at::Tensor& input,
 // under a functorch gradient transform (layer_norm() routes those to Python first) and
 // for forward-mode tangents, which the fused kernels have no jvp for.
 template <class NodeT, class... Params>
-c10::intrusive_ptr<NodeT> make_grad_fn(const char* op, const at::Tensor& input,
+NodePtr<NodeT> make_grad_fn(const char* op, const at::Tensor& input,
                                        const Params&... params) {
   if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
     functorch->checkSupportsCppAutogradFunction();
@@ -50,7 +61,12 @@ c10::intrusive_ptr<NodeT> make_grad_fn(const char* op, const at::Tensor& input,
                 (torch::autograd::isFwGradDefined(params) || ...)),
               "jvp is not implemented for ", op,
               " (forward-mode AD goes through layernorm_ext.layer_norm/rms_norm)");
-  auto grad_fn = c10::make_intrusive<NodeT>();
+  NodePtr<NodeT> grad_fn;
+  if constexpr (kIntrusiveNodes) {
+    grad_fn = c10::make_intrusive<NodeT>();
+  } else {
+    grad_fn = std::make_shared<NodeT>();
+  }
   grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, params...));
   return grad_fn;
 }
@@ -59,7 +75,7 @@ c10::intrusive_ptr<NodeT> make_grad_fn(const char* op, const at::Tensor& input,
 // statistics stay plain tensors: not differentiable). Call it once the node's saved
 // variables are stored: node-creation hooks see the finished node.
 inline void attach_grad_fn(const at::Tensor& output,
-                           const c10::intrusive_ptr<torch::autograd::Node>& grad_fn) {
+                           const NodePtr<torch::autograd::Node>& grad_fn) {
   torch::autograd::set_history(output, grad_fn);
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
   torch::autograd::fire_node_creation_hooks(grad_fn);  // new in torch 2.14
