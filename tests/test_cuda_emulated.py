@@ -32,8 +32,9 @@ import pytest
 import torch
 
 from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
-                             check_constant_largest_rows, check_whole_range_rows,
-                             check_wide_spread_rows, distance_from_zero, laid_out,
+                             check_constant_largest_rows, check_constant_rows,
+                             check_whole_range_rows, check_wide_spread_rows, distance_from_zero,
+                             laid_out,
                              random_case, reference_errors, run_all, WELL_CONDITIONED)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,6 +218,17 @@ def test_overflow_rescue(emulated, dtype, D):
     .. 5000; bf16 16383, 16390), fp32 huge slices (16383), streaming (fp32 D = 16390,
     float64)."""
     check_whole_range_rows(emulated.layer_norm_forward, emulated.layer_norm_backward, dtype, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [7, 16, 33, 100, 1000, 8200, 16383, 16390])
+def test_constant_rows(emulated, dtype, D):
+    """Rows of one value (tests/test_extreme_values.py on CPU/CUDA): every thread's
+    two-pass moments must give such a row its value as mean and M2 = 0. A thread per
+    row (fp32 7, 16), small slices (33, 100), large (1000; bf16 8200, 16383), fp32 huge
+    slices (8200, 16383), streaming (fp32 16390, float64). A plain sum / count failed
+    for fp32 D = 7, 15, 16, 33 and 1000 on an H200, and here also for 100."""
+    check_constant_rows(dtype, D, ours_fn=functools.partial(emulated_results, emulated))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

@@ -221,14 +221,47 @@ __device__ __forceinline__ acc_t scaled(acc_t x) {
   return x * math::rescue_scaled(acc_t(1));
 }
 
-// Moments of the kN values of one vector, scaled as above: two-pass, exact up to
-// rounding.
+// The two-pass moments below sum deviations from a shift, one of the values summed, and
+// take mean = shift + sum / count: a constant row then sums zeros, so its mean is
+// exactly its value and its M2 exactly 0, as with Welford's updates on the CPU. A plain
+// sum / count may be an ulp off (0.1f summed four times), and rstd = 1 / sqrt(eps) made
+// that ulp errors of 1e-4 to 4e-2 in y (an H200, 2026-12-04).
+//
+// The register forward shifts by the row's first element, which every thread of its
+// group reads (one transaction a warp, with the slice's loads), and sums half
+// deviations, (scaled(x) - shift) / 2: two values of a row may differ by 2 max / 128,
+// and halved each term stays within max / 128, as the static_assert above counts.
+template <typename acc_t>
+struct RowShift {
+  acc_t half;  // scaled(x) / 2 of the row's first element; 0 in a row of no elements
+
+  template <typename T>
+  __device__ __forceinline__ static RowShift of(const T* row, int64_t cols) {
+    return {cols > 0 ? static_cast<acc_t>(row[0]) * half_scale() : acc_t(0)};
+  }
+  // Exact but for subnormal results (powers of two), fused into one multiply-add.
+  __device__ __forceinline__ acc_t half_deviation(acc_t x) const {
+    return x * half_scale() - half;
+  }
+  __device__ __forceinline__ acc_t mean(acc_t half_deviation_sum, int count) const {
+    return acc_t(2) * (half + half_deviation_sum / static_cast<acc_t>(count));
+  }
+
+ private:
+  __device__ __forceinline__ static acc_t half_scale() {
+    return math::rescue_scaled(acc_t(1)) / acc_t(2);
+  }
+};
+
+// Moments of the kN values of one vector, scaled as above: two-pass, shifted by the
+// first value.
 template <int kN, typename acc_t>
 __device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)[kN]) {
+  const acc_t shift = scaled(v[0]);
   acc_t sum = 0;
 #pragma unroll
-  for (int k = 0; k < kN; ++k) sum += scaled(v[k]);
-  const acc_t mean = sum / acc_t(kN);
+  for (int k = 1; k < kN; ++k) sum += scaled(v[k]) - shift;
+  const acc_t mean = shift + sum / acc_t(kN);
   acc_t m2 = 0;
 #pragma unroll
   for (int k = 0; k < kN; ++k) m2 += (scaled(v[k]) - mean) * (scaled(v[k]) - mean);

@@ -65,15 +65,19 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
 
     uint4 packs[kVectors];
     acc_t edge[2 * kEdgeSlots];
-    acc_t sum = 0;  // of scaled(x) (LayerNorm) or of x^2 (RMSNorm)
+    acc_t sum = 0;  // of shift.half_deviation(x) (LayerNorm) or of x^2 (RMSNorm)
     int count = 0;
-    const auto term = [](acc_t x) { return kNorm == Norm::kRms ? x * x : scaled(x); };
+    RowShift<acc_t> shift{0};
+    const auto term = [&](acc_t x) {
+      return kNorm == Norm::kRms ? x * x : shift.half_deviation(x);
+    };
     if (valid) {
       // All loads first, then the sums: every vector of the slice is in flight at once.
       cuda_indexing::for_each_register_pack<kVectors>(
           s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
       cuda_indexing::for_each_register_edge<kEdgeSlots>(
           s, t, group, [&](int i, int e) { edge[i] = static_cast<acc_t>(xr[e]); });
+      if constexpr (kNorm == Norm::kLayer) shift = RowShift<acc_t>::of(xr, a.cols);
       cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int) {
         acc_t v[kVec];
         unpack<T>(packs[i], v);
@@ -91,9 +95,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       const RowSum<acc_t> total = row_total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{});
       rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
     } else {
-      // This thread's moments, two-pass from registers, then Chan's combine over the row
-      // (all of scaled(x): see scaled() in layernorm_cuda_device.cuh).
-      const acc_t local_mean = count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0);
+      // This thread's moments, two-pass from registers (the first pass shifted: see
+      // RowShift), then Chan's combine over the row (all of scaled(x): see scaled() in
+      // layernorm_cuda_device.cuh).
+      const acc_t local_mean = count > 0 ? shift.mean(sum, count) : acc_t(0);
       acc_t m2 = 0;
       const auto add_deviation = [&](acc_t x) {
         const acc_t d = scaled(x) - local_mean;
