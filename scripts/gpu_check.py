@@ -9,9 +9,9 @@ Steps, each with a time limit inside an overall budget (default 9.5 minutes):
   4. run the benchmark sweep (bench/bench_layernorm.py --device cuda), which writes
      bench/results/<gpu>.md, .csv and .png.
 It writes bench/results/<gpu>-check.txt (a summary table, then every step's command and
-output) and exits 0 only when no step failed. Uses only the standard library here; the
-steps run under a Python with a CUDA build of torch: --python, else the project's .venv,
-else python3.
+output) and exits 0 only when no step failed or was left out for want of time. Uses only
+the standard library here; the steps run under a Python with a CUDA build of torch:
+--python, else the project's .venv, else python3.
 
     make gpu-check            # or: python3 scripts/gpu_check.py [--quick] [--skip-bench]
 """
@@ -59,6 +59,7 @@ print(json.dumps(info))
 class Step:
     name: str
     status: str = "SKIP"  # PASS, FAIL or SKIP
+    out_of_time: bool = False  # skipped because the budget ran out: the check is incomplete
     seconds: float = 0.0
     summary: str = ""
     command: str = ""
@@ -82,6 +83,7 @@ class Check:
         print(f"\n=== {step.name}: {step.command}", flush=True)
         if timeout < 10:
             step.status, step.summary = "SKIP", "no time left in the budget"
+            step.out_of_time = True
             return 124
         start = time.monotonic()
         proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env,
@@ -216,6 +218,8 @@ def build(check: Check, python: str, info: dict) -> Step:
     # In place: nothing is installed, and the repository root is on the steps' PYTHONPATH.
     cmd = [python, "setup.py", "build_ext", "--inplace"]
     rc = check.run(step, cmd, 480, env)
+    if step.out_of_time:
+        return step
     fallback = system_compilers()
     if rc != 0 and "links libstdc++ statically" in step.output and fallback:
         # setup.py refused a compiler that links the C++ runtime in (see setup.py).
@@ -260,6 +264,8 @@ def tests(check: Check, python: str, limit: float, marker: str, keyword: str) ->
     if keyword:
         cmd += ["-k", keyword]
     rc = check.run(step, cmd + ["tests"], limit, env)
+    if step.out_of_time:
+        return step
     summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", step.output,
                          re.MULTILINE)
     failed = sorted(set(re.findall(r"(?:FAILED|ERROR) (tests/\S+)", step.output)))
@@ -309,6 +315,8 @@ def sanitizer(check: Check, python: str, tool: str, sanitizer_path: Optional[str
     env = dict(check.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     use_filter = kernel_filter and tool != "initcheck"
     rc = check.run(step, (filtered if use_filter else cmd) + workload, 240, env)
+    if step.out_of_time:
+        return step
     if use_filter and rc not in (0, 124) and "cases passed" not in step.output:
         # This compute-sanitizer did not take the filter: run unfiltered.
         first = step.output
@@ -343,6 +351,8 @@ def bench(check: Check, python: str, prefix: Path, quick: bool, extra: list) -> 
            "--norms", "layer,rms"]
     cmd += (["--quick"] if quick else []) + extra
     rc = check.run(step, cmd, 420)
+    if step.out_of_time:
+        return step
     written = re.findall(r"^wrote (\S+)", step.output, re.MULTILINE)
     step.status = "PASS" if rc == 0 else "FAIL"
     step.summary = ("wrote " + ", ".join(Path(p).name for p in written)) if written else (
@@ -413,8 +423,8 @@ def main(argv: Optional[list] = None) -> int:
     steps = check.steps
     if not args.skip_build:
         steps.append(build(check, python, info))
-    if steps and steps[-1].status == "FAIL":
-        print("\nbuild failed: the remaining steps need it", flush=True)
+    if steps and steps[-1].status != "PASS":
+        print("\nno build: the remaining steps need it", flush=True)
     else:
         if not args.skip_tests:
             steps.append(tests(check, python, args.tests_limit, args.tests_marker, args.tests_k))
@@ -427,13 +437,17 @@ def main(argv: Optional[list] = None) -> int:
         if not args.skip_bench:
             steps.append(bench(check, python, RESULTS_DIR / slug, args.quick,
                                shlex.split(args.bench_args)))
-    write_report(report, header + [f"- total: {time.monotonic() - started:.0f} s"], steps)
+    unrun = [s.name for s in steps if s.out_of_time]
+    incomplete = [f"- INCOMPLETE: no time left in the budget for {', '.join(unrun)}"] if unrun else []
+    write_report(report, header + [f"- total: {time.monotonic() - started:.0f} s"] + incomplete,
+                 steps)
 
     print("\n=== summary")
     for s in steps:
         print(f"{s.status:4}  {s.name:28} {s.seconds:5.0f} s  {s.summary}")
+    print("\n".join(incomplete))
     print(f"wrote {report.relative_to(ROOT)} ({time.monotonic() - started:.0f} s in all)")
-    return 1 if any(s.status == "FAIL" for s in steps) else 0
+    return 1 if unrun or any(s.status == "FAIL" for s in steps) else 0
 
 
 if __name__ == "__main__":
