@@ -1,5 +1,6 @@
-"""scripts/gpu_check.py's bookkeeping, which runs without a GPU: a step that its time budget
-leaves out is reported as left out (SKIP, the check incomplete), not as a failed step.
+"""The GPU scripts' parts that run without a GPU: scripts/gpu_check.py reports a step that
+its time budget leaves out as left out (SKIP, the check incomplete), not as a failed
+step; the patches scripts/gpu_ab.py compares against still apply to the tree.
 
 On an H200 (2026-12-04) the sanitizer steps found no time left in a short budget and were
 reported as "FAIL ... the workload did not pass", though none had run.
@@ -8,6 +9,8 @@ reported as "FAIL ... the workload did not pass", though none had run.
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,3 +54,23 @@ def test_a_step_that_runs_is_not_out_of_time(gpu_check):
     step = gpu_check.Step("echo")
     assert check.run(step, [sys.executable, "-c", "print('ran')"], 60) == 0
     assert not step.out_of_time and "ran" in step.output
+
+
+# scripts/gpu_ab.py times the tree against the tree with each of these patches applied:
+# a patch that no longer applies would cost a GPU session its A/B.
+AB_PATCHES = sorted((SCRIPT.parents[1] / "bench" / "ab").glob("*.patch"))
+
+
+@pytest.mark.parametrize("patch", AB_PATCHES, ids=lambda p: p.stem)
+def test_ab_patch_applies_to_the_tree(patch, tmp_path):
+    for part in ("csrc",):
+        shutil.copytree(SCRIPT.parents[1] / part, tmp_path / part)
+    applied = subprocess.run(["git", "apply", "--check", str(patch)], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+
+
+def test_ab_patches_exist():
+    assert {p.stem for p in AB_PATCHES} >= {"forward-block-per-row-group",
+                                            "forward-no-huge-slices",
+                                            "backward-one-pack-a-batch"}
