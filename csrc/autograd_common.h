@@ -65,7 +65,10 @@ NodePtr<NodeT> make_grad_fn(const char* op, const at::Tensor& input,
   if constexpr (kIntrusiveNodes) {
     grad_fn = c10::make_intrusive<NodeT>();
   } else {
-    grad_fn = std::make_shared<NodeT>();
+    // torch's own deleter (torch::autograd::deleteNode, found by argument-dependent
+    // lookup: newer torch has none), as torch's nodes have: it frees a long graph
+    // without recursing once per node.
+    grad_fn = std::shared_ptr<NodeT>(new NodeT(), [](NodeT* node) { deleteNode(node); });
   }
   grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, params...));
   return grad_fn;

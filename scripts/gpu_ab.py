@@ -55,11 +55,28 @@ def prepare(name: str, patch: Optional[Path], work: Path) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(ROOT, dest, ignore=IGNORED)
     if patch is not None:
-        applied = subprocess.run(["git", "apply", str(patch)], cwd=dest, capture_output=True,
-                                 text=True)
+        applied = apply_patch(patch, dest)
         if applied.returncode != 0:
             raise SystemExit(f"gpu_ab: {patch} does not apply: {applied.stderr.strip()}")
+        unchanged = [f for f in patched_files(patch) if (dest / f).read_bytes() ==
+                     (ROOT / f).read_bytes()]
+        if unchanged:
+            raise SystemExit(f"gpu_ab: {patch} left {', '.join(unchanged)} unchanged")
     return dest
+
+
+def apply_patch(patch: Path, tree: Path) -> subprocess.CompletedProcess:
+    """git apply in `tree`, as a plain directory: inside another git working tree, git
+    would take paths from that tree's root and skip the others, and still succeed."""
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.resolve().parent))
+    return subprocess.run(["git", "apply", str(patch.resolve())], cwd=tree, env=env,
+                          capture_output=True, text=True)
+
+
+def patched_files(patch: Path) -> list:
+    """The files a patch changes ("+++ b/<path>" lines)."""
+    return [line[6:].strip() for line in patch.read_text().splitlines()
+            if line.startswith("+++ b/")]
 
 
 def capability(python: str) -> Optional[str]:
@@ -163,17 +180,20 @@ def main(argv: Optional[list] = None) -> int:
           + ", ".join(f"{n} {'ok' if rc == 0 else f'FAILED ({rc})'}" for n, rc in built.items()),
           flush=True)
 
+    # Each sweep gets an equal share of the time left, so that a long one cannot leave the
+    # others none (a sweep stopped at its share keeps the shapes it finished).
     results, status = {}, {}
-    for name in names:
+    for index, name in enumerate(names):
         left = args.budget - (time.monotonic() - started)
+        share = left / (len(names) - index)
         if built[name] != 0:
             status[name] = "build failed: " + str(args.out / f"{name}-build.log")
-        elif left < 30:
+        elif share < 30:
             status[name] = "no time left in the budget"
         else:
             cmd = [args.python, "bench/bench_layernorm.py", "--device", args.device,
                    "--no-progress", "--out", args.out / name, *shlex.split(args.bench_args)]
-            rc = run(cmd, dirs[name], dict(env, PYTHONPATH=str(dirs[name])), left,
+            rc = run(cmd, dirs[name], dict(env, PYTHONPATH=str(dirs[name])), share,
                      args.out / f"{name}-bench.log")
             status[name] = "ok" if rc == 0 else f"sweep exit status {rc} (partial results kept)"
         results[name] = ext_rows(args.out / f"{name}.csv")

@@ -229,6 +229,8 @@ def build(check: Check, python: str, info: dict) -> Step:
         rc = check.run(step, cmd, 480, env)
         step.output = (first + f"\n[retried with CC={fallback['CC']} CXX={fallback['CXX']}]\n"
                        + step.output)
+        if step.out_of_time:
+            return step
     for name, code in (("build check", "import layernorm_ext, sys; sys.exit(0 if "
                         "layernorm_ext.has_cuda_kernels() else 'no CUDA kernels')"),
                        ("error path check", ERROR_PATH_PROBE)):
@@ -237,6 +239,9 @@ def build(check: Check, python: str, info: dict) -> Step:
         probe = Step(name)
         rc = check.run(probe, [python, "-c", code], 120)
         step.output += probe.output
+        if probe.out_of_time:
+            step.status, step.summary, step.out_of_time = probe.status, probe.summary, True
+            return step
     step.status = "PASS" if rc == 0 else "FAIL"
     step.summary = f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}" + (
         f", CXX={env['CXX']}" if env.get("CXX") else "") + (
@@ -322,6 +327,8 @@ def sanitizer(check: Check, python: str, tool: str, sanitizer_path: Optional[str
         first = step.output
         rc = check.run(step, cmd + workload, 240, env)
         step.output = first + "\n[kernel filter refused; unfiltered run follows]\n" + step.output
+        if step.out_of_time:
+            return step
     reports = sanitizer_reports(step.output)
     mine = [r for r in reports if ours(r)]
     totals = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: .*", step.output)

@@ -412,28 +412,44 @@ def check_case(case: Case, device: str, ours_fn: OursFn = layernorm_ext_results)
     assert not problems, f"{case}:\n  " + "\n  ".join(problems)
 
 
-def unnamed_kernel(message: str) -> str:
-    """message with the kernel named in torch's dtype error ('"LayerNormKernelImpl" not
-    implemented for 'Long'') replaced by "...". For rms_norm torch names a different
-    kernel by release and device ("rms_norm" in 2.14 on the CPU, "LayerNormKernelImpl"
-    in 2.11 on CUDA); ours gives one message, with the same type and dtype."""
-    return re.sub(r'^"[^"]*" not implemented for', '"..." not implemented for', message)
+def with_kernel_name(torch_message: str, kernel: str) -> str:
+    """torch's dtype error ('"LayerNormKernelImpl" not implemented for 'Long'') naming
+    `kernel` instead. For rms_norm torch names a different kernel by release and device
+    ("rms_norm" in 2.14 on the CPU, "LayerNormKernelImpl" in 2.11 on CUDA); ours is
+    always '"rms_norm" not implemented for ...'. Other messages come back unchanged."""
+    return re.sub(r'^"[^"]*" not implemented for', f'"{kernel}" not implemented for',
+                  torch_message)
 
 
-def check_constant_rows(dtype: torch.dtype, D: int, device: str = "cpu",
+def random64(*shape, seed=0, scale=1.0, offset=0.0):
+    """Seeded standard normal float64 values (times scale, plus offset), on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset
+
+
+def params(D, dtype, device, seed=1):
+    """A weight around 1 and a bias around 0 of D elements."""
+    weight = (random64(D, seed=seed) + 1).to(device, dtype)
+    bias = random64(D, seed=seed + 1).to(device, dtype)
+    return weight, bias
+
+
+def check_constant_rows(forward: Callable, dtype: torch.dtype, D: int, device: str = "cpu",
                         ours_fn: OursFn = layernorm_ext_results) -> None:
-    """Rows holding one value in every element (0, 0.1, 1, -3.7, 123.456, 1e4), judged
-    against torch and the float64 reference. Their variance is exactly 0, so rstd =
-    1 / sqrt(eps) ~ 316 multiplies any error in the mean: a mean an ulp off (a plain
-    sum / D of 0.1f) already gives y errors of 1e-4, where torch's is 0."""
-    def random64(*shape, seed):
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    """Rows holding one value in every element (0, 0.1, 1, -3.7, 123.456, 1e4), given the
+    forward operator (torch.ops.layernorm_ext.forward's signature) and ours_fn.
 
+    Their variance is exactly 0, so rstd = 1 / sqrt(eps) ~ 316 multiplies any error in
+    the mean: a mean an ulp off (a plain sum / D of 0.1f) gives y errors of 1e-4, where
+    torch's is 0. The saved mean must be the row's value exactly and every row's rstd
+    that of the row of zeros; then outputs and gradients are judged against torch and
+    the float64 reference."""
     values = torch.tensor([0.0, 0.1, 1.0, -3.7, 123.456, 1e4], dtype=torch.float64)
     x = values[:, None].expand(-1, D).to(device, dtype)
-    weight = (random64(D, seed=1) + 1).to(device, dtype)
-    bias = random64(D, seed=2).to(device, dtype)
+    weight, bias = params(D, dtype, device)
+    _, mean, rstd = forward(x, [D], weight, bias, 1e-5)
+    assert torch.equal(mean, x[:, 0].to(mean.dtype)), (mean, x[:, 0])
+    assert torch.equal(rstd, rstd[:1].expand_as(rstd)), rstd
     grad_out = random64(*x.shape, seed=2).to(device, dtype)
     ours, theirs, reference = run_all(x, [D], weight, bias, grad_out, ours_fn=ours_fn)
     problems = reference_errors(ours, theirs, reference, dtype)

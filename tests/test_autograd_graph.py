@@ -173,3 +173,32 @@ def test_anomaly_mode_names_the_node_and_its_forward(device, norm):
                                              r".*Traceback of forward call.*_call\(ours"):
             with pytest.raises(RuntimeError, match=r"layernorm_ext::\w+Backward.*returned nan"):
                 y.backward(grad_out)
+
+
+LONG_CHAIN = """
+import torch, layernorm_ext
+x = torch.randn(1, 4, requires_grad=True)
+y = x
+for _ in range(100_000):
+    y = layernorm_ext.{norm}(y, (4,))
+print(y.grad_fn.name())
+del y  # frees the whole chain of nodes
+print("freed")
+"""
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_a_long_chain_of_nodes_is_freed_without_deep_recursion(norm):
+    """Freeing 100000 of our nodes in a row must not recurse once per node, which overflows
+    the stack: the nodes need torch's deleter (csrc/autograd_common.h; on torch 2.11, which
+    holds nodes in std::shared_ptr, the default deleter would recurse). In a subprocess, so
+    that a crash fails this test rather than the session."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", LONG_CHAIN.format(norm=norm)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [
+        {"layer_norm": "layernorm_ext::LayerNormBackward",
+         "rms_norm": "layernorm_ext::RMSNormBackward"}[norm], "freed"]

@@ -34,8 +34,7 @@ import torch
 from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
                              check_constant_largest_rows, check_constant_rows,
                              check_whole_range_rows, check_wide_spread_rows, distance_from_zero,
-                             laid_out,
-                             random_case, reference_errors, run_all, WELL_CONDITIONED)
+                             laid_out, random_case, reference_errors, run_all, WELL_CONDITIONED)
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
@@ -228,7 +227,8 @@ def test_constant_rows(emulated, dtype, D):
     row (fp32 7, 16), small slices (33, 100), large (1000; bf16 8200, 16383), fp32 huge
     slices (8200, 16383), streaming (fp32 16390, float64). A plain sum / count failed
     for fp32 D = 7, 15, 16, 33 and 1000 on an H200, and here also for 100."""
-    check_constant_rows(dtype, D, ours_fn=functools.partial(emulated_results, emulated))
+    check_constant_rows(emulated.layer_norm_forward, dtype, D,
+                        ours_fn=functools.partial(emulated_results, emulated))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

@@ -14,20 +14,9 @@ import layernorm_ext
 from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest_rows,
                              check_constant_rows,
                              check_whole_range_rows, check_wide_spread_rows, max_abs_error,
-                             reference_errors, run_all)
+                             params, random64, reference_errors, run_all)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-def random64(*shape, seed=0, scale=1.0, offset=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset
-
-
-def params(D, dtype, device, seed=1):
-    weight = (random64(D, seed=seed) + 1).to(device, dtype)
-    bias = random64(D, seed=seed + 1).to(device, dtype)
-    return weight, bias
 
 
 def special_masks(t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,7 +73,7 @@ def test_nan_and_inf_in_params_and_grad_out_propagate_as_torch(device, dtype, wh
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [1, 3, 7, 15, 16, 33, 100, 1000])
 def test_constant_rows_match_reference(device, dtype, D):
-    check_constant_rows(dtype, D, device)
+    check_constant_rows(torch.ops.layernorm_ext.forward, dtype, D, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

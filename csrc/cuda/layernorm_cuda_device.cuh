@@ -225,10 +225,13 @@ __device__ __forceinline__ acc_t scaled(acc_t x) {
 // take mean = shift + sum / count: a constant row then sums zeros, so its mean is
 // exactly its value and its M2 exactly 0, as with Welford's updates on the CPU. A plain
 // sum / count may be an ulp off (0.1f summed four times), and rstd = 1 / sqrt(eps) made
-// that ulp errors of 1e-4 to 4e-2 in y (an H200, 2026-12-04).
+// that ulp errors of 1e-4 to 4e-2 in y (float32, the register forwards, on an H200,
+// 2026-12-04). The exactness holds but for rows of values so small that x / 128 or its
+// half is subnormal (|x| < 2^-118 in float32), where the GPU's fused multiply-add may
+// leave a deviation of one subnormal ulp.
 //
 // The register forward shifts by the row's first element, which every thread of its
-// group reads (one transaction a warp, with the slice's loads), and sums half
+// group reads (one load instruction a warp, with the slice's loads), and sums half
 // deviations, (scaled(x) - shift) / 2: two values of a row may differ by 2 max / 128,
 // and halved each term stays within max / 128, as the static_assert above counts.
 template <typename acc_t>
@@ -239,7 +242,7 @@ struct RowShift {
   __device__ __forceinline__ static RowShift of(const T* row, int64_t cols) {
     return {cols > 0 ? static_cast<acc_t>(row[0]) * half_scale() : acc_t(0)};
   }
-  // Exact but for subnormal results (powers of two), fused into one multiply-add.
+  // One multiply-add; x * half_scale() is exact but for subnormal results.
   __device__ __forceinline__ acc_t half_deviation(acc_t x) const {
     return x * half_scale() - half;
   }
@@ -254,7 +257,8 @@ struct RowShift {
 };
 
 // Moments of the kN values of one vector, scaled as above: two-pass, shifted by the
-// first value.
+// first value. (A plain sum / kN of equal values happens to be exact for the vector
+// widths of today, 4 floats or 8 two-byte values; of 8 floats it is not.)
 template <int kN, typename acc_t>
 __device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)[kN]) {
   const acc_t shift = scaled(v[0]);
