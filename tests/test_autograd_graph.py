@@ -188,7 +188,7 @@ print("freed")
 
 
 @pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
-def test_a_long_chain_of_nodes_is_freed_without_deep_recursion(norm):
+def test_a_long_chain_of_nodes_is_freed_without_deep_recursion(norm, tmp_path):
     """Freeing 100000 of our nodes in a row must not recurse once per node, which overflows
     the stack: the nodes need torch's deleter (csrc/autograd_common.h; on torch 2.11, which
     holds nodes in std::shared_ptr, the default deleter would recurse). In a subprocess, so
@@ -196,7 +196,9 @@ def test_a_long_chain_of_nodes_is_freed_without_deep_recursion(norm):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", LONG_CHAIN.format(norm=norm)],
+    # Run from elsewhere: from the repository root, `python -c` would import the source
+    # tree's layernorm_ext rather than the one under test (the CPU-only build of CI).
+    run = subprocess.run([sys.executable, "-c", LONG_CHAIN.format(norm=norm)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == [
