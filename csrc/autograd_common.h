@@ -53,7 +53,7 @@ inline bool needs_autograd(const at::Tensor& input,
 // for forward-mode tangents, which the fused kernels have no jvp for.
 template <class NodeT, class... Params>
 NodePtr<NodeT> make_grad_fn(const char* op, const at::Tensor& input,
-                                       const Params&... params) {
+                            const Params&... params) {
   if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
     functorch->checkSupportsCppAutogradFunction();
   }

@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported from elsewhere
+from gpu_check import probe_python  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "as-is"
 # Not copied into a variant: build outputs, environments, results, git metadata.
@@ -77,13 +80,6 @@ def patched_files(patch: Path) -> list:
     """The files a patch changes ("+++ b/<path>" lines)."""
     return [line[6:].strip() for line in patch.read_text().splitlines()
             if line.startswith("+++ b/")]
-
-
-def capability(python: str) -> Optional[str]:
-    code = ("import torch; c = torch.cuda.get_device_capability(0) if torch.cuda.is_available()"
-            " else None; print('%d.%d' % c if c else '')")
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
-    return out.stdout.strip() or None
 
 
 def ext_rows(csv_path: Path) -> dict:
@@ -159,10 +155,10 @@ def main(argv: Optional[list] = None) -> int:
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.device == "cuda":
-        cap = capability(args.python)
-        if cap is None:
+        info = probe_python(args.python)
+        if not (info and info.get("gpu")):
             raise SystemExit("gpu_ab: no GPU visible to " + args.python)
-        env.update(TORCH_CUDA_ARCH_LIST=cap)
+        env.update(TORCH_CUDA_ARCH_LIST=info["capability"])
         env.pop("LAYERNORM_EXT_CPU_ONLY", None)
     else:
         env.update(LAYERNORM_EXT_CPU_ONLY="1")

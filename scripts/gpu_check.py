@@ -445,7 +445,8 @@ def main(argv: Optional[list] = None) -> int:
             steps.append(bench(check, python, RESULTS_DIR / slug, args.quick,
                                shlex.split(args.bench_args)))
     unrun = [s.name for s in steps if s.out_of_time]
-    incomplete = [f"- INCOMPLETE: no time left in the budget for {', '.join(unrun)}"] if unrun else []
+    incomplete = ([f"- INCOMPLETE: no time left in the budget for {', '.join(unrun)}"]
+                  if unrun else [])
     write_report(report, header + [f"- total: {time.monotonic() - started:.0f} s"] + incomplete,
                  steps)
 

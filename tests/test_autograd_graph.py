@@ -9,6 +9,9 @@ anomaly mode.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,9 +196,6 @@ def test_a_long_chain_of_nodes_is_freed_without_deep_recursion(norm, tmp_path):
     the stack: the nodes need torch's deleter (csrc/autograd_common.h; on torch 2.11, which
     holds nodes in std::shared_ptr, the default deleter would recurse). In a subprocess, so
     that a crash fails this test rather than the session."""
-    import subprocess
-    import sys
-
     # Run from elsewhere: from the repository root, `python -c` would import the source
     # tree's layernorm_ext rather than the one under test (the CPU-only build of CI).
     run = subprocess.run([sys.executable, "-c", LONG_CHAIN.format(norm=norm)], cwd=tmp_path,

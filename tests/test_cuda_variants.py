@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(
 REDUCED = [torch.float16, torch.bfloat16]
 # Row lengths at the edges of the launch table: forward registers, small slices (32
 # bytes a thread) up to 256 fp32 / 512 2-byte elements, large slices (128 bytes) up to
-# 8192 / 32768, fp32 huge slices (256 bytes) up to 16384, streaming beyond; backward registers (16/thread) up to 8192, registers
-# (32/thread, the row read twice) up to 16384, streaming beyond. Odd lengths vary the
+# 8192 / 32768, fp32 huge slices (256 bytes) up to 16384, streaming beyond; backward
+# registers (16/thread) up to 8192, registers (32/thread, the row read twice) up to
+# 16384, streaming beyond. Odd lengths vary the
 # row split per row.
 EDGE_LENGTHS = [255, 256, 257, 511, 512, 513, 1001, 4099, 8191, 8192, 8193, 16383, 16384,
                 16385, 32767, 32768, 32769]

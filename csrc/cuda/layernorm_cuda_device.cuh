@@ -238,9 +238,10 @@ template <typename acc_t>
 struct RowShift {
   acc_t half;  // scaled(x) / 2 of the row's first element; 0 in a row of no elements
 
+  __device__ __forceinline__ static RowShift at(acc_t x) { return {x * half_scale()}; }
   template <typename T>
   __device__ __forceinline__ static RowShift of(const T* row, int64_t cols) {
-    return {cols > 0 ? static_cast<acc_t>(row[0]) * half_scale() : acc_t(0)};
+    return at(cols > 0 ? static_cast<acc_t>(row[0]) : acc_t(0));
   }
   // One multiply-add; x * half_scale() is exact but for subnormal results.
   __device__ __forceinline__ acc_t half_deviation(acc_t x) const {
@@ -256,16 +257,17 @@ struct RowShift {
   }
 };
 
-// Moments of the kN values of one vector, scaled as above: two-pass, shifted by the
-// first value. (A plain sum / kN of equal values happens to be exact for the vector
-// widths of today, 4 floats or 8 two-byte values; of 8 floats it is not.)
+// Moments of the kN values of one vector, scaled as above: two-pass, the first pass
+// shifted by the first value (RowShift). (A plain sum / kN of equal values happens to be
+// exact for the vector widths of today, 4 floats or 8 two-byte values; of 8 floats it is
+// not.)
 template <int kN, typename acc_t>
 __device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)[kN]) {
-  const acc_t shift = scaled(v[0]);
-  acc_t sum = 0;
+  const auto shift = RowShift<acc_t>::at(v[0]);
+  acc_t sum = 0;  // of half deviations; the first value's is 0
 #pragma unroll
-  for (int k = 1; k < kN; ++k) sum += scaled(v[k]) - shift;
-  const acc_t mean = shift + sum / acc_t(kN);
+  for (int k = 1; k < kN; ++k) sum += shift.half_deviation(v[k]);
+  const acc_t mean = shift.mean(sum, kN);
   acc_t m2 = 0;
 #pragma unroll
   for (int k = 0; k < kN; ++k) m2 += (scaled(v[k]) - mean) * (scaled(v[k]) - mean);
