@@ -101,8 +101,10 @@ def rows_for(n: int) -> int:
     return 37 if n <= 1000 else 3
 
 
-def check_emulated(emu, n, dtype, param_dtype, layout, norm, has_bias=True, seed=0,
-                   rows=None, scale=1.0, offset=0.0):
+def check_emulated(emu, n, dtype, param_dtype, layout, norm, seed=0, rows=None, scale=1.0,
+                   offset=0.0, weight_layout="contiguous", bias_layout="contiguous"):
+    """The emulated kernels against torch on rows of n; a parameter laid out as None is
+    absent (RMSNorm has no bias)."""
     gen = torch.Generator().manual_seed(seed)
     rows = rows_for(n) if rows is None else rows
 
@@ -112,8 +114,8 @@ def check_emulated(emu, n, dtype, param_dtype, layout, norm, has_bias=True, seed
 
     x_layout, grad_layout = LAYOUTS[layout]
     x = randn((rows, n), x_layout, dtype, scale, offset)
-    weight = randn((n,), "contiguous", param_dtype, 1.0, 1.0)
-    bias = randn((n,), "contiguous", param_dtype) if has_bias and norm == "layer" else None
+    weight = randn((n,), weight_layout, param_dtype, 1.0, 1.0) if weight_layout else None
+    bias = randn((n,), bias_layout, param_dtype) if bias_layout and norm == "layer" else None
     grad_out = randn((rows, n), grad_layout, dtype)
     eps = 1e-5
     ours, theirs, reference = run_all(x, (n,), weight, bias, grad_out, eps, norm=norm,
@@ -192,7 +194,26 @@ def test_row_counts(emulated, rows, n):
 
 def test_without_bias_and_offset_rows(emulated):
     check_emulated(emulated, 1000, torch.float32, torch.float32, "aligned", "layer",
-                   has_bias=False, scale=1.0, offset=1e4)
+                   bias_layout=None, scale=1.0, offset=1e4)
+
+
+# Each kernel reads the weight and bias one of two ways: plain vector loads where both
+# are present and start 16-byte vectors where every row's do, else the general reads (a
+# fill for an absent one, scalar loads for a misaligned one). An offset parameter, or
+# rows that start at different offsets (n = 20 bf16, 257), take the general reads.
+PARAM_LAYOUTS = [("offset", "contiguous"), ("contiguous", "offset"), (None, "contiguous"),
+                 ("contiguous", None), (None, None)]
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("weight_layout,bias_layout", PARAM_LAYOUTS, ids=str)
+@pytest.mark.parametrize("n", (20, 256, 257, 1000, 8200, 32775))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parameter_reads(emulated, n, dtype, weight_layout, bias_layout, norm):
+    if norm == "rms" and bias_layout != "contiguous":
+        pytest.skip("RMSNorm has no bias: the same case as with a bias")
+    check_emulated(emulated, n, dtype, dtype, "aligned", norm, weight_layout=weight_layout,
+                   bias_layout=bias_layout)
 
 
 # tests/fuzz_cuda_cases.py's cases (the kernels' boundary shapes, then seeded random ones:

@@ -40,6 +40,13 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
   // The same split for every row of this slot: this thread owns the same columns.
   const RowSplit s = row_split(a, slot, kVec);
   const bool weight_vectors = a.weight.vectors_at(s.head);
+  // Whether the weight is present and vector-aligned in every row's columns: the loop
+  // over a row's batches then reads it with plain vector loads (with_param_vectors).
+  // Two-byte dtypes only, where a weight vector's scalar fallback costs the most, and not
+  // in the second reads of long rows: with two copies of those loops too, the float32
+  // and the long float16 kernels, at their 128 registers, spilled (nvcc 13.0, sm_90).
+  constexpr bool kWeightCopies = sizeof(T) == 2;
+  const bool weight_present_vectors = rows_split_alike(a) && a.weight.present_vectors_at(s.head);
 
   const auto for_each_batch_pack = [&](int b, auto&& f) {
     cuda_indexing::for_each_register_pack_of_batch<kSlots, kBatch>(b, s, t, group, f);
@@ -73,12 +80,17 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     };
     // dy, xhat and g = dy * w of pack i (at column e) of the loaded batch. The weight is
     // read here, from L1 or L2, with every row: held in registers for all the rows of the
-    // slot, it made nvcc spill.
+    // slot, it made nvcc spill. `vectors`: with_param_vectors's choice, a constant once
+    // inlined (a bool: passed on as the type, it crashed nvcc 13.0's front end).
     acc_t rstd = 0, center = 0;
-    const auto unpack_pack = [&](int i, int e, acc_t(&dy)[kVec], acc_t(&xhat_pack)[kVec],
-                                 acc_t(&g_pack)[kVec]) {
+    const auto unpack_pack = [&](bool vectors, int i, int e, acc_t(&dy)[kVec],
+                                 acc_t(&xhat_pack)[kVec], acc_t(&g_pack)[kVec]) {
       acc_t w[kVec];
-      load_param(a.weight, e, weight_vectors, acc_t(1), w);
+      if (vectors) {
+        load_param<true>(a.weight, e, weight_vectors, acc_t(1), w);
+      } else {
+        load_param(a.weight, e, weight_vectors, acc_t(1), w);
+      }
       unpack<T>(dy_raw[i % kBatch], dy);
       unpack<T>(x_raw[i % kBatch], xhat_pack);
 #pragma unroll
@@ -93,43 +105,45 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     acc_t g[kKeptSlots][kVec], xhat[kKeptSlots][kVec], g_edge[2], xhat_edge[2];
     SumPair<acc_t> sums{0, 0};
     if (valid) {
-      T dy_edge_raw[2], x_edge_raw[2];
+      with_param_vectors<kWeightCopies>(weight_present_vectors, [&](auto vectors) {
+        T dy_edge_raw[2], x_edge_raw[2];
 #pragma unroll
-      for (int b = 0; b < kSlots / kBatch; ++b) {
-        load_batch(b);
-        if (b == 0) {
-          cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
-            dy_edge_raw[i] = dyr[e];
-            x_edge_raw[i] = xr[e];
-          });
-          rstd = a.rstd[row];
-          center = math::row_center<kNorm>(a.mean, row, rstd);
-        }
-        for_each_batch_pack(b, [&](int i, int e) {
-          const int kept = kKeepRow ? i : 0;
-          acc_t dy[kVec];
-          unpack_pack(i, e, dy, xhat[kept], g[kept]);
-#pragma unroll
-          for (int k = 0; k < kVec; ++k) {
-            dgamma[i][k] += dy[k] * xhat[kept][k];
-            if constexpr (kNorm == Norm::kLayer) {
-              dbeta[i][k] += dy[k];
-              sums.a += g[kept][k];
-            }
-            sums.b += g[kept][k] * xhat[kept][k];
+        for (int b = 0; b < kSlots / kBatch; ++b) {
+          load_batch(b);
+          if (b == 0) {
+            cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int e) {
+              dy_edge_raw[i] = dyr[e];
+              x_edge_raw[i] = xr[e];
+            });
+            rstd = a.rstd[row];
+            center = math::row_center<kNorm>(a.mean, row, rstd);
           }
-        });
-      }
-      cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int) {
-        const acc_t dy = static_cast<acc_t>(dy_edge_raw[i]);
-        xhat_edge[i] = math::normalize<kNorm>(static_cast<acc_t>(x_edge_raw[i]), center, rstd);
-        g_edge[i] = dy * w_edge[i];
-        dgamma_edge[i] += dy * xhat_edge[i];
-        if constexpr (kNorm == Norm::kLayer) {
-          dbeta_edge[i] += dy;
-          sums.a += g_edge[i];
+          for_each_batch_pack(b, [&](int i, int e) {
+            const int kept = kKeepRow ? i : 0;
+            acc_t dy[kVec];
+            unpack_pack(decltype(vectors)::value, i, e, dy, xhat[kept], g[kept]);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) {
+              dgamma[i][k] += dy[k] * xhat[kept][k];
+              if constexpr (kNorm == Norm::kLayer) {
+                dbeta[i][k] += dy[k];
+                sums.a += g[kept][k];
+              }
+              sums.b += g[kept][k] * xhat[kept][k];
+            }
+          });
         }
-        sums.b += g_edge[i] * xhat_edge[i];
+        cuda_indexing::for_each_register_edge(s, t, group, [&](int i, int) {
+          const acc_t dy = static_cast<acc_t>(dy_edge_raw[i]);
+          xhat_edge[i] = math::normalize<kNorm>(static_cast<acc_t>(x_edge_raw[i]), center, rstd);
+          g_edge[i] = dy * w_edge[i];
+          dgamma_edge[i] += dy * xhat_edge[i];
+          if constexpr (kNorm == Norm::kLayer) {
+            dbeta_edge[i] += dy;
+            sums.a += g_edge[i];
+          }
+          sums.b += g_edge[i] * xhat_edge[i];
+        });
       });
     }
     sums = group_allreduce(sums, SumPair<acc_t>{0, 0}, SumCombine{}, scratch);
@@ -143,7 +157,7 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
         const int kept = kKeepRow ? i : 0;
         if constexpr (!kKeepRow) {
           acc_t dy[kVec];
-          unpack_pack(i, e, dy, xhat[0], g[0]);
+          unpack_pack(false, i, e, dy, xhat[0], g[0]);
         }
         acc_t dx[kVec];
 #pragma unroll

@@ -32,21 +32,6 @@ constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
 // ---------------------------------------------------------------------------------------
 // 16-byte vector I/O
 
-// Loads kN elements from p (16-byte aligned; kN * sizeof(T) a multiple of 16) as acc_t.
-template <int kN, typename T, typename acc_t>
-__device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out)[kN]) {
-  constexpr int kPerChunk = kVecOf<T>;
-  static_assert(kN % kPerChunk == 0, "whole 16-byte chunks");
-#pragma unroll
-  for (int c = 0; c < kN / kPerChunk; ++c) {
-    const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
-    T values[kPerChunk];
-    memcpy(values, &raw, sizeof(raw));
-#pragma unroll
-    for (int k = 0; k < kPerChunk; ++k) out[c * kPerChunk + k] = static_cast<acc_t>(values[k]);
-  }
-}
-
 // A 16-byte vector as loaded (a uint4), and its elements as acc_t. The register forward
 // keeps rows this way and converts where it uses them: a thread then holds the same bytes
 // of a row in the same registers whatever the dtype (a bf16 conversion is one shift).
@@ -55,12 +40,44 @@ __device__ __forceinline__ uint4 load_raw(const T* __restrict__ p) {
   return *reinterpret_cast<const uint4*>(p);
 }
 
+__device__ __forceinline__ float float_from_bits(uint32_t bits) {
+  float value;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 template <typename T, typename acc_t>
 __device__ __forceinline__ void unpack(const uint4& raw, acc_t (&out)[kVecOf<T>]) {
-  T values[kVecOf<T>];
-  memcpy(values, &raw, sizeof(raw));
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    // A bfloat16's bits are the high half of its float's: a word's first element takes
+    // one shift, its second one mask (the generic conversion moves the second element's
+    // half down first, then shifts it: two instructions).
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-  for (int k = 0; k < kVecOf<T>; ++k) out[k] = static_cast<acc_t>(values[k]);
+    for (int k = 0; k < 4; ++k) {
+      out[2 * k] = float_from_bits(words[k] << 16);
+      out[2 * k + 1] = float_from_bits(words[k] & 0xffff0000u);
+    }
+  } else {
+    T values[kVecOf<T>];
+    memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+    for (int k = 0; k < kVecOf<T>; ++k) out[k] = static_cast<acc_t>(values[k]);
+  }
+}
+
+// Loads kN elements from p (16-byte aligned; kN * sizeof(T) a multiple of 16) as acc_t.
+template <int kN, typename T, typename acc_t>
+__device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out)[kN]) {
+  constexpr int kPerChunk = kVecOf<T>;
+  static_assert(kN % kPerChunk == 0, "whole 16-byte chunks");
+#pragma unroll
+  for (int c = 0; c < kN / kPerChunk; ++c) {
+    acc_t chunk[kPerChunk];
+    unpack<T>(load_raw(p + c * kPerChunk), chunk);
+#pragma unroll
+    for (int k = 0; k < kPerChunk; ++k) out[c * kPerChunk + k] = chunk[k];
+  }
 }
 
 // One 16-byte global store. Written in PTX because the compiler splits a plain uint4
@@ -103,13 +120,41 @@ struct ParamRef {
   __device__ __forceinline__ bool vectors_at(int64_t head) const {
     return (misalign + head) % kVecOf<P> == 0;
   }
+  // The same, and the parameter is present: load_param<true> may read it.
+  __device__ __forceinline__ bool present_vectors_at(int64_t head) const {
+    return ptr != nullptr && vectors_at(head);
+  }
 };
 
-// Parameter columns [col, col + kN) as acc_t: vector loads when aligned, else scalar.
-template <int kN, typename P, typename acc_t>
+// Calls f(std::true_type{}) when `vectors` (every parameter the loop in f reads is
+// present and starts a vector wherever the rows' vectors start: the usual case), else
+// f(std::false_type{}). f passes the type on as load_param's kVectors: one branch, taken
+// the same way by every thread (rows_split_alike), instead of a fallback in every
+// vector's code. (Left to decide per vector, nvcc 13.0 predicated every way into the
+// bf16 forward: a 16-byte load, 8 two-byte ones, their conversions and the fills for an
+// absent parameter, all issued whichever applied.) kTwoCopies = false: f(std::false_type{})
+// alone, for kernels where a second copy of the loop costs registers they lack.
+template <bool kTwoCopies = true, typename F>
+__device__ __forceinline__ void with_param_vectors(bool vectors, F&& f) {
+  if constexpr (!kTwoCopies) {
+    (void)vectors;
+    f(std::false_type{});
+  } else if (vectors) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Parameter columns [col, col + kN) as acc_t. kVectors: the caller knows the parameter
+// is present and starts a vector at col (present_vectors_at). Else: `fill` if absent,
+// vector loads if `vector`, else scalar loads.
+template <bool kVectors = false, int kN, typename P, typename acc_t>
 __device__ __forceinline__ void load_param(const ParamRef<P>& param, int64_t col, bool vector,
                                            acc_t fill, acc_t (&out)[kN]) {
-  if (param.ptr == nullptr) {
+  if constexpr (kVectors) {
+    load_vector<kN>(param.ptr + col, out);
+  } else if (param.ptr == nullptr) {
 #pragma unroll
     for (int k = 0; k < kN; ++k) out[k] = fill;
   } else if (vector) {
@@ -326,17 +371,38 @@ __device__ __forceinline__ acc_t save_row_stats(const ForwardParams<T, P>& a, in
   return math::normalize_center(mean, rstd);
 }
 
+// Whether the rows of `a` all split alike (a whole number of vectors each), so that a
+// choice made from one row's split holds in all: the same in every thread of the grid,
+// and a warp never runs both sides of a with_param_vectors.
+template <template <typename, typename> class Params, typename T, typename P>
+__device__ __forceinline__ bool rows_split_alike(const Params<T, P>& a) {
+  return a.cols % kVecOf<T> == 0;
+}
+
+// Whether every parameter a norm applies to y (the weight; and the bias, LayerNorm) is
+// present and starts vectors at the head of every row (with_param_vectors).
+template <Norm kNorm, typename T, typename P>
+__device__ __forceinline__ bool params_present_vectors(const ForwardParams<T, P>& a, int64_t head) {
+  return rows_split_alike(a) && a.weight.present_vectors_at(head) &&
+         (kNorm == Norm::kRms || a.bias.present_vectors_at(head));
+}
+
 // y for one 16-byte vector of a row's x at element e (v, converted), and for one head or
 // tail element: the writes of both forwards. center: save_row_stats's. Index: the
-// register kernel's int or the streaming kernel's int64_t.
-template <Norm kNorm, typename T, typename P, typename Index, typename acc_t, int kVec>
+// register kernel's int or the streaming kernel's int64_t. kParamVectors: the weight
+// and (LayerNorm) bias are present and start vectors here (params_present_vectors);
+// else the flags say how to read them.
+template <Norm kNorm, bool kParamVectors, typename T, typename P, typename Index, typename acc_t,
+          int kVec>
 __device__ __forceinline__ void write_normalized_vector(const ForwardParams<T, P>& a, T* yr,
                                                         Index e, acc_t (&v)[kVec],
                                                         acc_t center, acc_t rstd,
                                                         bool weight_vectors, bool bias_vectors) {
-  acc_t w[kVec], b[kVec];
-  load_param(a.weight, e, weight_vectors, acc_t(1), w);
-  load_param(a.bias, e, bias_vectors, acc_t(0), b);
+  acc_t w[kVec], b[kVec] = {};
+  load_param<kParamVectors>(a.weight, e, weight_vectors, acc_t(1), w);
+  if constexpr (kNorm == Norm::kLayer) {
+    load_param<kParamVectors>(a.bias, e, bias_vectors, acc_t(0), b);
+  }
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], center, rstd), w[k], b[k]);

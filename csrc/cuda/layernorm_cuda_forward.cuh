@@ -123,10 +123,13 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     mean = save_row_stats<kNorm>(a, row, mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
-    cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
-      acc_t v[kVec];
-      unpack<T>(packs[i], v);
-      write_normalized_vector<kNorm>(a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
+    with_param_vectors(params_present_vectors<kNorm>(a, s.head), [&](auto vectors) {
+      cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
+        acc_t v[kVec];
+        unpack<T>(packs[i], v);
+        write_normalized_vector<kNorm, decltype(vectors)::value>(
+            a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
+      });
     });
     cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int e) {
       write_normalized_element<kNorm>(a, yr, e, edge[i], mean, rstd);
@@ -189,16 +192,19 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     mean = save_row_stats<kNorm>(a, row, mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
-    cuda_indexing::for_each_streamed(
-        s, t, group,
-        [&](int64_t e) {
-          acc_t v[kVec];
-          load_vector(xr + e, v);
-          write_normalized_vector<kNorm>(a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
-        },
-        [&](int64_t e) {
-          write_normalized_element<kNorm>(a, yr, e, static_cast<acc_t>(xr[e]), mean, rstd);
-        });
+    with_param_vectors(params_present_vectors<kNorm>(a, s.head), [&](auto vectors) {
+      cuda_indexing::for_each_streamed(
+          s, t, group,
+          [&](int64_t e) {
+            acc_t v[kVec];
+            load_vector(xr + e, v);
+            write_normalized_vector<kNorm, decltype(vectors)::value>(
+                a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
+          },
+          [&](int64_t e) {
+            write_normalized_element<kNorm>(a, yr, e, static_cast<acc_t>(xr[e]), mean, rstd);
+          });
+    });
   }
 }
 
