@@ -77,11 +77,18 @@ LN_HOST_DEVICE WelfordState<acc_t> welford_update(WelfordState<acc_t> s, acc_t x
 // Chan et al.'s merge of set b into set a, given n_a and b's share of the merged count,
 // b_share = n_b / (n_a + n_b). Callers that know the share (equal counts: 1/2) skip the
 // division; V may be a scalar or a vector of independent lanes.
+// Its mean part alone: the mean of set a merged with set b's, given b's share. Equal
+// means merge exactly (a row of one value keeps its value).
+template <typename V, typename S>
+LN_HOST_DEVICE V merged_mean(const V& mean, const V& mean_b, S b_share) {
+  return mean + (mean_b - mean) * V(b_share);
+}
+
 template <typename V, typename S>
 LN_HOST_DEVICE void welford_merge(V& mean, V& m2, const V& mean_b, const V& m2_b, S n_a,
                                   S b_share) {
   const V delta = mean_b - mean;
-  mean = mean + delta * V(b_share);
+  mean = merged_mean(mean, mean_b, b_share);
   m2 = m2 + m2_b + delta * delta * V(n_a * b_share);
 }
 
@@ -175,6 +182,13 @@ LN_HOST_DEVICE MeanVariance<acc_t> rescue_unscaled(const WelfordState<acc_t>& sc
   const acc_t var = is_finite(m2) ? m2 / static_cast<acc_t>(scaled.count)
                                   : variance(scaled) * (factor * factor);
   return {scaled.mean * factor, var};
+}
+
+// The same for a mean and a variance taken of x / kRescueFactor directly.
+template <typename acc_t>
+LN_HOST_DEVICE MeanVariance<acc_t> rescue_unscaled(const MeanVariance<acc_t>& scaled) {
+  const acc_t factor(kRescueFactor);
+  return {scaled.mean * factor, scaled.var * (factor * factor)};
 }
 
 // Whether a row's fast moments overflowed (or its data holds NaN/inf).

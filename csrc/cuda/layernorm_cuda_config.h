@@ -46,9 +46,10 @@ constexpr int kLargeSliceBytes = 128;  // rows up to 128 * 512 bytes (32768 bf16
 constexpr int kSmallSliceVectors = kSmallSliceBytes / 16;
 // Small slices always come in blocks of kRowBlockThreads (several rows each). Their
 // kernel asks the compiler to fit this many blocks per SM (__launch_bounds__; at most
-// 65536 / (9 * 128) = 56 registers a thread): left alone, nvcc 13.0 gave the 2-byte
-// LayerNorm 72 registers, 28 resident warps an SM instead of 36. 10 blocks spill on sm_80.
-constexpr int kSmallSliceMinBlocksPerSM = 9;
+// 65536 / (8 * 128) = 64 registers a thread): left alone, nvcc 13.0 gave the 2-byte
+// LayerNorm 72 registers, 28 resident warps an SM instead of 32. 9 blocks (56 registers)
+// made the float16 LayerNorm spill once its row statistics took two sums (2026-12-04).
+constexpr int kSmallSliceMinBlocksPerSM = 8;
 // The same for a row per thread (128 rows a block; 65536 / (5 * 128) = 102 registers,
 // 96 in the allocation granularity of 8):
 // 94-104 registers without it, 80-96 with it; 6 blocks spill.

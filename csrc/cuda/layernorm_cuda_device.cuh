@@ -191,11 +191,47 @@ struct RowSum {
 template <Norm kNorm, typename acc_t>
 using RowStats = std::conditional_t<kNorm == Norm::kLayer, Welford<acc_t>, RowSum<acc_t>>;
 
+// The mean of `weight` values (a count, as a float), merged by the mean part of Chan's
+// formula (math::merged_mean): the register forward's first reduction, before a plain
+// sum of squared deviations from that mean. A side of weight 0 has mean 0, so merging it
+// returns the other side's mean exactly.
+template <typename acc_t>
+struct WeightedMean {
+  acc_t mean, weight;
+};
+
 struct WelfordCombine {
   template <typename acc_t>
   __device__ __forceinline__ Welford<acc_t> operator()(const Welford<acc_t>& x,
                                                        const Welford<acc_t>& y) const {
     return math::welford_combine(x, y);
+  }
+};
+
+// y's share of the merged weight needs no exact rounding (equal means merge exactly
+// whatever it is): on the GPU one approximate reciprocal of the weight (a count, never
+// subnormal), where an IEEE division took ~10 instructions of a merge's ~26 (sm_90).
+// The emulator divides exactly.
+struct MeanCombine {
+  template <typename acc_t>
+  __device__ __forceinline__ WeightedMean<acc_t> operator()(const WeightedMean<acc_t>& x,
+                                                            const WeightedMean<acc_t>& y) const {
+    const acc_t weight = x.weight + y.weight;
+    acc_t y_share = 0;
+    if (weight > acc_t(0)) {
+#if defined(__CUDA_ARCH__)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        float inverse;
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inverse) : "f"(weight));
+        y_share = y.weight * inverse;
+      } else {
+        y_share = y.weight / weight;
+      }
+#else
+      y_share = y.weight / weight;
+#endif
+    }
+    return {math::merged_mean(x.mean, y.mean, y_share), weight};
   }
 };
 
@@ -215,6 +251,11 @@ struct SumCombine {
 template <typename acc_t, typename Op>
 __device__ __forceinline__ Welford<acc_t> map_members(const Welford<acc_t>& s, Op op) {
   return {op(s.mean), op(s.m2), static_cast<int64_t>(op(static_cast<long long>(s.count)))};
+}
+
+template <typename acc_t, typename Op>
+__device__ __forceinline__ WeightedMean<acc_t> map_members(const WeightedMean<acc_t>& s, Op op) {
+  return {op(s.mean), op(s.weight)};
 }
 
 template <typename acc_t, typename Op>

@@ -40,12 +40,15 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
   using acc_t = at::opmath_type<T>;
   constexpr int kVec = kVecOf<T>;
   constexpr int kEdgeSlots = cuda_indexing::kRegisterEdgeSlots<kVec, kRowPerThread>;
-  __shared__ RowStats<kNorm, acc_t> scratch[cuda_indexing::kReduceScratch];
+  __shared__ WeightedMean<acc_t> mean_scratch[cuda_indexing::kReduceScratch];
+  __shared__ RowSum<acc_t> sum_scratch[cuda_indexing::kReduceScratch];
   const int t = kRowPerThread ? 0 : threadIdx.x;
   const int group = kRowPerThread ? 1 : blockDim.x;
   const int64_t rows_per_block = blockDim.y;
+  const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
   // The row's total of this thread's partial statistics (kRowPerThread: they are it).
-  const auto row_total = [&](const auto& value, const auto& identity, auto combine) {
+  const auto row_total = [&](const auto& value, const auto& identity, auto combine,
+                             auto* scratch) {
     if constexpr (kRowPerThread) {
       return value;
     } else {
@@ -92,16 +95,26 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     }
     acc_t mean = 0, rstd;
     if constexpr (kNorm == Norm::kRms) {
-      const RowSum<acc_t> total = row_total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{});
+      const RowSum<acc_t> total =
+          row_total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{}, sum_scratch);
       rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
     } else {
-      // This thread's moments, two-pass from registers (the first pass shifted: see
-      // RowShift), then Chan's combine over the row (all of scaled(x): see scaled() in
-      // layernorm_cuda_device.cuh).
-      const acc_t local_mean = count > 0 ? shift.mean(sum, count) : acc_t(0);
+      // Two passes over the registers (all of scaled(x): see scaled() in
+      // layernorm_cuda_device.cuh), each a reduction over the row: the threads' means
+      // (shifted sums, see RowShift) merged into the row's (MeanCombine), then the sum of
+      // squared deviations from it, each thread's times 1 / D (a weighted mean of values
+      // within max / 128: no partial sum overflows). A tree level costs ~15 instructions
+      // for the means and ~7 for the sum, where Chan's combine of the threads' moments
+      // took ~57 (a 64-bit count, its conversions, an IEEE division; sm_90 SASS): in a
+      // short row most of a thread's instructions (float32 D = 128: 16 threads, 8
+      // elements each).
+      const WeightedMean<acc_t> thread_mean{count > 0 ? shift.mean(sum, count) : acc_t(0),
+                                            static_cast<acc_t>(count)};
+      const acc_t scaled_mean =
+          row_total(thread_mean, WeightedMean<acc_t>{0, 0}, MeanCombine{}, mean_scratch).mean;
       acc_t m2 = 0;
       const auto add_deviation = [&](acc_t x) {
-        const acc_t d = scaled(x) - local_mean;
+        const acc_t d = scaled(x) - scaled_mean;
         m2 += d * d;
       };
       if (valid) {
@@ -114,8 +127,11 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
         cuda_indexing::for_each_register_edge<kEdgeSlots>(
             s, t, group, [&](int i, int) { add_deviation(edge[i]); });
       }
-      const auto stats = math::rescue_unscaled(row_total(
-          Welford<acc_t>{local_mean, m2, count}, Welford<acc_t>{0, 0, 0}, WelfordCombine{}));
+      const acc_t scaled_var =
+          row_total(RowSum<acc_t>{m2 * inv_cols}, RowSum<acc_t>{0}, SumCombine{}, sum_scratch)
+              .sum;
+      const auto stats =
+          math::rescue_unscaled(math::MeanVariance<acc_t>{scaled_mean, scaled_var});
       mean = stats.mean;
       rstd = math::rstd_from_variance(stats.var, a.eps);
     }

@@ -5,10 +5,10 @@
 // Forward. Rows up to 64 KiB live in registers: a group of threads per row (one thread
 // for rows of at most 128 bytes, then 8 lanes of a warp up to a 512-thread block) loads
 // the row once with 16-byte vectors, each thread a slice of 32, 128 or (float32 rows
-// over 32 KiB) 256 bytes kept as loaded, computes each thread's mean and M2 from its
-// registers (two-pass, shifted by the row's first element: exact for a handful of
-// values, and for rows of one value), combines the threads' moments with Chan's formula
-// in a fixed tree, and writes y from the same registers. Longer rows,
+// over 32 KiB) 256 bytes kept as loaded, takes the row's mean and variance in two passes
+// over its registers, each a sum over the row in a fixed tree (the first of deviations
+// from the row's first element: exact for rows of one value), and writes y from the
+// same registers. Longer rows,
 // float64, and tensors whose 16-byte alignment differs stream: a block per row, a
 // Welford pass and a normalize pass (the second one reads the row back from L2).
 //
