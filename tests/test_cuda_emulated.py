@@ -197,23 +197,30 @@ def test_without_bias_and_offset_rows(emulated):
                    bias_layout=None, scale=1.0, offset=1e4)
 
 
-# Each kernel reads the weight and bias one of two ways: plain vector loads where both
-# are present and start 16-byte vectors where every row's do, else the general reads (a
-# fill for an absent one, scalar loads for a misaligned one). An offset parameter, or
-# rows that start at different offsets (n = 20 bf16, 257), take the general reads.
-PARAM_LAYOUTS = [("offset", "contiguous"), ("contiguous", "offset"), (None, "contiguous"),
-                 ("contiguous", None), (None, None)]
+# Each kernel reads the weight and bias one of two ways: plain vector loads where every
+# parameter it applies is present and starts a 16-byte vector where every row's vectors
+# start (D a multiple of the vector width), else the general reads (a fill for an absent
+# parameter, scalar loads for a misaligned one). Contiguous parameters take the first
+# way at n = 64 (bf16: a row per thread), 256, 1000, 8200, 16392 (float32 streaming) and
+# 32776 (bf16 streaming); offset or absent ones, and n = 20 (bf16), 257 and 32775, the
+# second. bf16 rows with float32 parameters read two 4-element vectors per 8 elements.
+PARAM_LAYOUTS = [("contiguous", "contiguous"), ("offset", "contiguous"),
+                 ("contiguous", "offset"), (None, "contiguous"), ("contiguous", None),
+                 (None, None)]
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("weight_layout,bias_layout", PARAM_LAYOUTS, ids=str)
-@pytest.mark.parametrize("n", (20, 256, 257, 1000, 8200, 32775))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_parameter_reads(emulated, n, dtype, weight_layout, bias_layout, norm):
+@pytest.mark.parametrize("n", (20, 64, 256, 257, 1000, 8200, 16392, 32775, 32776))
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_parameter_reads(emulated, n, dtype, param_dtype, weight_layout, bias_layout, norm):
     if norm == "rms" and bias_layout != "contiguous":
-        pytest.skip("RMSNorm has no bias: the same case as with a bias")
-    check_emulated(emulated, n, dtype, dtype, "aligned", norm, weight_layout=weight_layout,
-                   bias_layout=bias_layout)
+        pytest.skip("RMSNorm has no bias: the same case as with a contiguous one")
+    check_emulated(emulated, n, dtype, param_dtype, "aligned", norm,
+                   weight_layout=weight_layout, bias_layout=bias_layout)
 
 
 # tests/fuzz_cuda_cases.py's cases (the kernels' boundary shapes, then seeded random ones:

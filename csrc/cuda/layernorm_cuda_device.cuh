@@ -147,8 +147,8 @@ __device__ __forceinline__ void with_param_vectors(bool vectors, F&& f) {
 }
 
 // Parameter columns [col, col + kN) as acc_t. kVectors: the caller knows the parameter
-// is present and starts a vector at col (present_vectors_at). Else: `fill` if absent,
-// vector loads if `vector`, else scalar loads.
+// is present and starts a vector at col (present_vectors_at; `vector` and `fill` go
+// unused). Else: `fill` if absent, vector loads if `vector`, else scalar loads.
 template <bool kVectors = false, int kN, typename P, typename acc_t>
 __device__ __forceinline__ void load_param(const ParamRef<P>& param, int64_t col, bool vector,
                                            acc_t fill, acc_t (&out)[kN]) {
