@@ -74,16 +74,17 @@ LN_HOST_DEVICE WelfordState<acc_t> welford_update(WelfordState<acc_t> s, acc_t x
   return s;
 }
 
-// Chan et al.'s merge of set b into set a, given n_a and b's share of the merged count,
-// b_share = n_b / (n_a + n_b). Callers that know the share (equal counts: 1/2) skip the
-// division; V may be a scalar or a vector of independent lanes.
-// Its mean part alone: the mean of set a merged with set b's, given b's share. Equal
-// means merge exactly (a row of one value keeps its value).
+// The mean part of Chan's merge (below): the mean of set a merged with set b's, given
+// b's share of the merged count. Equal means merge exactly (a row of one value keeps
+// its value), whatever the share.
 template <typename V, typename S>
 LN_HOST_DEVICE V merged_mean(const V& mean, const V& mean_b, S b_share) {
   return mean + (mean_b - mean) * V(b_share);
 }
 
+// Chan et al.'s merge of set b into set a, given n_a and b's share of the merged count,
+// b_share = n_b / (n_a + n_b). Callers that know the share (equal counts: 1/2) skip the
+// division; V may be a scalar or a vector of independent lanes.
 template <typename V, typename S>
 LN_HOST_DEVICE void welford_merge(V& mean, V& m2, const V& mean_b, const V& m2_b, S n_a,
                                   S b_share) {
