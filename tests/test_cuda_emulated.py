@@ -192,6 +192,22 @@ def test_row_counts(emulated, rows, n):
     check_emulated(emulated, n, torch.float32, torch.float32, "aligned", "layer", rows=rows)
 
 
+STAGED_ROWS = 700  # 6 blocks of 128 rows, the last partial, on 3 resident blocks: 2 rounds
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("layout", ["aligned", "offset"])
+@pytest.mark.parametrize("n,dtype", [(7, torch.float32), (20, torch.float32),
+                                     (32, torch.float32), (20, torch.bfloat16),
+                                     (33, torch.bfloat16), (64, torch.bfloat16)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_staged_rows(emulated, n, dtype, layout, norm):
+    """Rows a thread each go through shared memory a block of rows at a time
+    (cuda_config::kStageRowsPerThread): blocks that loop over several, a partial last
+    block, and (offset) spans that start and end mid-vector."""
+    check_emulated(emulated, n, dtype, dtype, layout, norm, rows=STAGED_ROWS)
+
+
 def test_without_bias_and_offset_rows(emulated):
     check_emulated(emulated, 1000, torch.float32, torch.float32, "aligned", "layer",
                    bias_layout=None, scale=1.0, offset=1e4)
@@ -350,6 +366,14 @@ def check_thread_order(emulated, schedule, n, dtype, norm, rows):
     for name, a, b in zip(("output", "grad_input", "grad_weight", "grad_bias"), ordered, by_index):
         assert (a is None) == (b is None)
         assert a is None or torch.equal(a, b), f"{name} differs under the {schedule} schedule"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_staged_rows_do_not_depend_on_thread_order(emulated, schedule, dtype):
+    """The staged rows' tile is copied in, normalized in place and copied out, then
+    reused by the block's next rows: every step needs its barrier."""
+    check_thread_order(emulated, schedule, 20, dtype, "layer", STAGED_ROWS)
 
 
 def test_emulator_schedules_expose_a_race(emulated):

@@ -240,3 +240,6 @@ def test_host_replay_of_indexing_and_reductions(tmp_path):
     # The register variants of each direction (forward: small, large and huge slices, a
     # row per thread; backward: the row kept, the row read twice), and the streaming ones.
     assert "coverage: 5 forward and 3 backward kernel variants replayed" in run.stdout
+    # Rows a thread each in float32 (D <= 32) and 2-byte dtypes (D <= 64), 6 block row
+    # counts, every base offset, three first rows: (32 * 4 + 64 * 8) * 6 * 3 spans.
+    assert "coverage: 11520 staged spans of rows copied" in run.stdout

@@ -9,7 +9,9 @@
 //                                 registers, whatever the dtype), `threads_per_row`
 //                                 threads per row (1, or 8 .. 512: a sub-warp group, a
 //                                 warp or a block), several rows per block when a row
-//                                 needs fewer than kRowBlockThreads threads.
+//                                 needs fewer than kRowBlockThreads threads; a thread
+//                                 alone on its row reads it from a shared-memory tile
+//                                 (kStageRowsPerThread).
 //   backward, rows in registers   kElemsBackward (16) elements per thread, dgamma/dbeta
 //                                 accumulated in registers over every row of a slot;
 //                                 kElemsBackwardLong (32) for rows up to 16384, which
@@ -50,10 +52,22 @@ constexpr int kSmallSliceVectors = kSmallSliceBytes / 16;
 // LayerNorm 72 registers, 28 resident warps an SM instead of 32. 9 blocks (56 registers)
 // made the float16 LayerNorm spill once its row statistics took two sums (2026-12-04).
 constexpr int kSmallSliceMinBlocksPerSM = 8;
-// The same for a row per thread (128 rows a block; 65536 / (5 * 128) = 102 registers,
-// 96 in the allocation granularity of 8):
-// 94-104 registers without it, 80-96 with it; 6 blocks spill.
-constexpr int kRowPerThreadMinBlocksPerSM = 5;
+// The same for a row per thread (128 rows a block; 65536 / (4 * 128) = 128 registers):
+// its rows staged through shared memory (below) took 89-96 registers at 5 blocks an SM,
+// and the 2-byte RMSNorm spilled 8 bytes on sm_80; with 4, 96-128 (nvcc 13.0). A block
+// copies 16 KiB of rows in at once, so 4 still keep 64 KiB an SM in flight. (Read
+// directly, without the tile, these rows took 80-96 registers at 5 blocks, and 6 spilled.)
+constexpr int kRowPerThreadMinBlocksPerSM = 4;
+// A block of rows per thread moves its 128 rows (one span of memory) through shared
+// memory: every thread copies 16-byte vectors of the span in and y's span out, so a
+// warp's loads and stores cover whole lines. Read directly, thread t's vectors lie n
+// elements apart: at D = 20 a warp's 16-byte store touches 32 sectors, a 2-byte one (bf16
+// edges) 32 sectors for 64 bytes, and these rows ran at 26-46% of the copy roof on an
+// H200 (2026-12-04), where torch.compile's coalesced kernel reached 94-101%.
+// (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the direct reads.)
+constexpr bool kStageRowsPerThread = true;
+// The tile: 128 rows of up to 128 bytes, each padded by up to 16 (cuda_indexing::TileLayout).
+constexpr int kRowTileBytes = kRowBlockThreads * (kLargeSliceBytes + 16);
 constexpr int kLargeSliceVectors = kLargeSliceBytes / 16;
 // Float32 rows over 256 large slices (32 KiB, D > 8192) take slices of 256 bytes in blocks
 // of kHugeSliceThreads, kHugeSliceMinBlocksPerSM an SM, rather than 512-thread blocks of

@@ -80,21 +80,53 @@ __device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out
   }
 }
 
+#if !defined(LN_CUDA_EMULATION)
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// A 16-byte load from shared memory (a staged block of rows), read where it is used:
+// a volatile load the compiler neither merges with another nor keeps in registers across
+// the row's passes, which would make it the register kernel's kept row again (and spilled
+// nvcc 13.0's rows per thread at the 96 registers of 5 blocks an SM). The "memory"
+// clobbers keep it and the shared stores of y in program order with the other accesses.
+__device__ __forceinline__ uint4 load_shared_16_bytes(const void* p) {
+  uint4 v;
+#if defined(LN_CUDA_EMULATION)
+  memcpy(&v, p, sizeof(v));
+#else
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(shared_address(p))
+               : "memory");
+#endif
+  return v;
+}
+
 // One 16-byte global store. Written in PTX because the compiler splits a plain uint4
 // store into four 4-byte stores in some kernels (seen with nvcc 13.0 in the forward).
 // No "memory" clobber: nothing in these kernels reads back what it stores, and without
 // it the compiler may still hoist the next vector's loads above this store.
+// kShared: p is in shared memory (a staged block of rows; see load_shared_16_bytes).
+template <bool kShared = false>
 __device__ __forceinline__ void store_16_bytes(void* p, const uint4& v) {
 #if defined(LN_CUDA_EMULATION)
   memcpy(p, &v, sizeof(v));
 #else
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w));
+  if constexpr (kShared) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(shared_address(p)),
+                 "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+  } else {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y),
+                 "r"(v.z), "r"(v.w));
+  }
 #endif
 }
 
 // Stores kN values as T to p (16-byte aligned; kN * sizeof(T) a multiple of 16).
-template <int kN, typename T, typename acc_t>
+template <int kN, bool kShared = false, typename T, typename acc_t>
 __device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in)[kN]) {
   constexpr int kPerChunk = kVecOf<T>;
   static_assert(kN % kPerChunk == 0, "whole 16-byte chunks");
@@ -105,7 +137,7 @@ __device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in
     for (int k = 0; k < kPerChunk; ++k) values[k] = static_cast<T>(in[c * kPerChunk + k]);
     uint4 raw;
     memcpy(&raw, values, sizeof(raw));
-    store_16_bytes(p + c * kPerChunk, raw);
+    store_16_bytes<kShared>(p + c * kPerChunk, raw);
   }
 }
 
@@ -432,9 +464,9 @@ __device__ __forceinline__ bool params_present_vectors(const ForwardParams<T, P>
 // tail element: the writes of both forwards. center: save_row_stats's. Index: the
 // register kernel's int or the streaming kernel's int64_t. kParamVectors: the weight
 // and (LayerNorm) bias are present and start vectors here (params_present_vectors);
-// else the flags say how to read them.
-template <Norm kNorm, bool kParamVectors, typename T, typename P, typename Index, typename acc_t,
-          int kVec>
+// else the flags say how to read them. kShared: yr is a staged block's shared memory.
+template <Norm kNorm, bool kParamVectors, bool kShared = false, typename T, typename P,
+          typename Index, typename acc_t, int kVec>
 __device__ __forceinline__ void write_normalized_vector(const ForwardParams<T, P>& a, T* yr,
                                                         Index e, acc_t (&v)[kVec],
                                                         acc_t center, acc_t rstd,
@@ -448,7 +480,7 @@ __device__ __forceinline__ void write_normalized_vector(const ForwardParams<T, P
   for (int k = 0; k < kVec; ++k) {
     v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], center, rstd), w[k], b[k]);
   }
-  store_vector(yr + e, v);
+  store_vector<kVec, kShared>(yr + e, v);
 }
 
 template <Norm kNorm, typename T, typename P, typename Index, typename acc_t>

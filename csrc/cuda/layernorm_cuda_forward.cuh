@@ -33,6 +33,29 @@ constexpr int kForwardMinBlocks = kRowPerThread ? cuda_config::kRowPerThreadMinB
                                       ? cuda_config::kHugeSliceMinBlocksPerSM
                                       : 1;
 
+// Copies a staged block's span of rows (cuda_indexing::span_split) between global memory
+// and the tile (element e at layout.at(e)), which start at the same offset from a 16-byte
+// boundary: thread t of `threads` its packs and edge elements, all loads before any store.
+template <bool kToShared, typename T>
+__device__ __forceinline__ void copy_span(const T* from, T* to, const RowSplit& span,
+                                          const cuda_indexing::TileLayout& layout, int t,
+                                          int threads) {
+  constexpr int kSlots = cuda_indexing::kRowTileSlots;
+  const auto from_at = [&](int e) { return kToShared ? e : layout.at(e); };
+  const auto to_at = [&](int e) { return kToShared ? layout.at(e) : e; };
+  uint4 packs[kSlots];
+  T edge[2];
+  cuda_indexing::for_each_register_pack<kSlots>(
+      span, t, threads, [&](int i, int e) { packs[i] = load_raw(from + from_at(e)); });
+  cuda_indexing::for_each_register_edge(span, t, threads,
+                                        [&](int i, int e) { edge[i] = from[from_at(e)]; });
+  cuda_indexing::for_each_register_pack<kSlots>(span, t, threads, [&](int i, int e) {
+    store_16_bytes<kToShared>(to + to_at(e), packs[i]);
+  });
+  cuda_indexing::for_each_register_edge(span, t, threads,
+                                        [&](int i, int e) { to[to_at(e)] = edge[i]; });
+}
+
 template <Norm kNorm, typename T, typename P, int kVectors, bool kRowPerThread>
 __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
                                   kForwardMinBlocks<kVectors, kRowPerThread>)
@@ -42,6 +65,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
   constexpr int kEdgeSlots = cuda_indexing::kRegisterEdgeSlots<kVec, kRowPerThread>;
   __shared__ WeightedMean<acc_t> mean_scratch[cuda_indexing::kReduceScratch];
   __shared__ RowSum<acc_t> sum_scratch[cuda_indexing::kReduceScratch];
+  // A thread alone on its row reads and writes it in a staged block of rows (see
+  // cuda_config::kStageRowsPerThread); a span may start up to 15 bytes into the tile.
+  constexpr bool kStaged = kRowPerThread && cuda_config::kStageRowsPerThread;
+  __shared__ __align__(16) uint4 tile[kStaged ? cuda_config::kRowTileBytes / 16 + 1 : 1];
   const int t = kRowPerThread ? 0 : threadIdx.x;
   const int group = kRowPerThread ? 1 : blockDim.x;
   const int64_t rows_per_block = blockDim.y;
@@ -65,6 +92,25 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     const RowSplit s = row_split(a, row, kVec);
     const T* xr = a.x + row * a.cols;
     T* yr = a.y + row * a.cols;
+    RowSplit span{};
+    cuda_indexing::TileLayout layout{};
+    T* staged = nullptr;  // the span's first element in the tile
+    if constexpr (kStaged) {
+      // forward_config gives a thread its own row only in vectorized tensors, so the
+      // tile keeps the span's offset from a 16-byte boundary and a row splits there as
+      // in global memory (s).
+      const int64_t misalign = cuda_indexing::row_misalign(a.x_misalign, first, a.cols, kVec);
+      const int64_t rows_left = a.rows - first;
+      span = cuda_indexing::span_split(rows_left < rows_per_block ? rows_left : rows_per_block,
+                                       a.cols, kVec, a.x_misalign, first);
+      layout = cuda_indexing::tile_layout(a.cols, kVec, misalign);
+      staged = reinterpret_cast<T*>(tile) + misalign;
+      __syncthreads();  // the previous rows' copy out of the tile is done
+      copy_span<true>(a.x + first * a.cols, staged, span, layout, threadIdx.y, rows_per_block);
+      __syncthreads();
+      xr = staged + layout.row_start(threadIdx.y, static_cast<int>(a.cols));
+      yr = staged + layout.row_start(threadIdx.y, static_cast<int>(a.cols));
+    }
 
     uint4 packs[kVectors];
     acc_t edge[2 * kEdgeSlots];
@@ -74,16 +120,27 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     const auto term = [&](acc_t x) {
       return kNorm == Norm::kRms ? x * x : shift.half_deviation(x);
     };
+    // The row's vector in slot i (at element e): as loaded into registers, or (staged)
+    // read from the tile at each use.
+    const auto vector_at = [&](int i, int e) {
+      if constexpr (kStaged) {
+        return load_shared_16_bytes(xr + e);
+      } else {
+        return packs[i];
+      }
+    };
     if (valid) {
       // All loads first, then the sums: every vector of the slice is in flight at once.
-      cuda_indexing::for_each_register_pack<kVectors>(
-          s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
+      if constexpr (!kStaged) {
+        cuda_indexing::for_each_register_pack<kVectors>(
+            s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
+      }
       cuda_indexing::for_each_register_edge<kEdgeSlots>(
           s, t, group, [&](int i, int e) { edge[i] = static_cast<acc_t>(xr[e]); });
       if constexpr (kNorm == Norm::kLayer) shift = RowShift<acc_t>::of(xr, a.cols);
-      cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int) {
+      cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
         acc_t v[kVec];
-        unpack<T>(packs[i], v);
+        unpack<T>(vector_at(i, e), v);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) sum += term(v[k]);
         count += kVec;
@@ -118,9 +175,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
         m2 += d * d;
       };
       if (valid) {
-        cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int) {
+        cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
           acc_t v[kVec];
-          unpack<T>(packs[i], v);
+          unpack<T>(vector_at(i, e), v);
 #pragma unroll
           for (int k = 0; k < kVec; ++k) add_deviation(v[k]);
         });
@@ -135,21 +192,29 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       mean = stats.mean;
       rstd = math::rstd_from_variance(stats.var, a.eps);
     }
-    if (!valid) continue;
-    mean = save_row_stats<kNorm>(a, row, mean, rstd);
-    const bool weight_vectors = a.weight.vectors_at(s.head);
-    const bool bias_vectors = a.bias.vectors_at(s.head);
-    with_param_vectors(params_present_vectors<kNorm>(a, s.head), [&](auto vectors) {
-      cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
-        acc_t v[kVec];
-        unpack<T>(packs[i], v);
-        write_normalized_vector<kNorm, decltype(vectors)::value>(
-            a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
+    if (valid) {
+      mean = save_row_stats<kNorm>(a, row, mean, rstd);
+      const bool weight_vectors = a.weight.vectors_at(s.head);
+      const bool bias_vectors = a.bias.vectors_at(s.head);
+      with_param_vectors(params_present_vectors<kNorm>(a, s.head), [&](auto vectors) {
+        cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
+          acc_t v[kVec];
+          unpack<T>(vector_at(i, e), v);
+          write_normalized_vector<kNorm, decltype(vectors)::value, kStaged>(
+              a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
+        });
       });
-    });
-    cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int e) {
-      write_normalized_element<kNorm>(a, yr, e, edge[i], mean, rstd);
-    });
+      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int e) {
+        write_normalized_element<kNorm>(a, yr, e, edge[i], mean, rstd);
+      });
+    }
+    if constexpr (kStaged) {
+      __syncthreads();  // every row of the block is written to the tile
+      // Each thread copies out the packs another copied in: nvcc 13.0 otherwise keeps
+      // the copy-in's addresses for it through the row's work, and spilled them.
+      copy_span<false>(static_cast<const T*>(staged), a.y + first * a.cols, span, layout,
+                       rows_per_block - 1 - threadIdx.y, rows_per_block);
+    }
   }
 }
 

@@ -102,6 +102,40 @@ LN_HOST_DEVICE constexpr int register_edge_slots(int group, int vec) {
 template <int kVec, bool kRowPerThread>
 inline constexpr int kRegisterEdgeSlots = kRowPerThread ? register_edge_slots(1, kVec) : 1;
 
+// A block of short rows staged through shared memory (cuda_config::kStageRowsPerThread):
+// rows [first, first + rows) of n elements are one span of memory, which splits like a
+// row of rows * n elements; every thread of the block copies its packs and edge elements
+// of it (for_each_register_pack with kRowTileSlots slots, for_each_register_edge with
+// one, over the block's threads), and a thread then reads its row from the tile.
+LN_HOST_DEVICE RowSplit span_split(int64_t rows, int64_t n, int vec, int64_t base_misalign,
+                                   int64_t first) {
+  return split_row(rows * n, vec, row_misalign(base_misalign, first, n, vec));
+}
+inline constexpr int kRowTileSlots = cuda_config::kLargeSliceVectors;
+
+// Where the tile holds element e of a staged span (the span starts `misalign` elements
+// into the tile, at its offset from a 16-byte boundary in global memory). A warp's
+// 16-byte shared-memory reads go 8 threads at a time, each 8 over the 32 banks only if
+// their rows start an odd number of vectors apart: rows of 2, 4 or 8 whole vectors from
+// a vector boundary (float32 D = 8, 16, 32; 2-byte D = 16, 32, 64) would share banks 2,
+// 4 or 8 ways, so the tile pads each with one vector. Other rows lie back to back (one
+// vector, or a span that starts mid-vector or has rows of a part vector: conflicts of
+// at most about 2 ways). Int indices: a tile holds at most kRowTileBytes.
+struct TileLayout {
+  int pad;        // elements after each row in the tile: 0, or a vector's
+  int row_shift;  // padded rows: log2 of n (a power of two)
+
+  LN_HOST_DEVICE int at(int e) const { return e + (e >> row_shift) * pad; }
+  LN_HOST_DEVICE int row_start(int row, int n) const { return row * (n + pad); }
+};
+
+LN_HOST_DEVICE TileLayout tile_layout(int64_t n, int vec, int64_t misalign) {
+  if (misalign != 0 || n < 2 * vec || (n & (n - 1)) != 0) return {0, 0};
+  int shift = 0;
+  while ((int64_t(1) << shift) < n) ++shift;
+  return {vec, shift};
+}
+
 // Streaming rows: thread t of G visits the packs t, t + G, ... (pack(first element)),
 // then the head and tail elements t, t + G, ... (element(index)). Any row length.
 template <typename FPack, typename FElement>

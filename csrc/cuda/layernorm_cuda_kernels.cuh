@@ -8,7 +8,9 @@
 // over 32 KiB) 256 bytes kept as loaded, takes the row's mean and variance in two passes
 // over its registers, each a sum over the row in a fixed tree (the first of deviations
 // from the row's first element: exact for rows of one value), and writes y from the
-// same registers. Longer rows,
+// same registers. A thread alone on its row reads it from shared memory instead: its
+// block's 128 rows are one span, copied in (and y's out) with coalesced 16-byte vectors.
+// Longer rows,
 // float64, and tensors whose 16-byte alignment differs stream: a block per row, a
 // Welford pass and a normalize pass (the second one reads the row back from L2).
 //

@@ -24,6 +24,7 @@
 #define __launch_bounds__(...)
 // One block runs at a time, so a function's static array is its block's shared memory.
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
   unsigned x, y, z;

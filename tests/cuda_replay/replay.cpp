@@ -253,6 +253,68 @@ void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes,
   }
 }
 
+// A staged block of rows a thread each (cfg::kStageRowsPerThread): the block's
+// kRowBlockThreads threads, kRowTileSlots packs and one edge slot each, copy every element
+// of its span once, packs 16-byte aligned in global memory and in the tile; the tile
+// holds element c of row r where that row's thread reads it (TileLayout::row_start), within
+// kRowTileBytes; and where the layout pads rows, the 8 threads of a 16-byte shared-memory
+// wavefront read 8 different bank groups.
+void cover_row_tiles() {
+  int spans = 0, padded = 0;
+  for (int elem_bytes : {2, 4}) {
+    const int vec = cfg::vector_width(elem_bytes);
+    for (int64_t n = 1; n <= 256; ++n) {
+      const cfg::LaunchConfig c = cfg::forward_config(n, elem_bytes, true);
+      if (c.kind != cfg::Kind::kRegisters || c.threads_per_row != 1) continue;
+      EXPECT(c.rows_per_block == cfg::kRowBlockThreads, "n=%lld: %d rows a block", (long long)n,
+             c.rows_per_block);
+      for (int64_t rows : {1, 2, 3, 31, 127, 128}) {
+        for (int64_t base = 0; base < vec; ++base) {
+          for (int64_t first : {0, 1, 129}) {
+            const idx::RowSplit span = idx::span_split(rows, n, vec, base, first);
+            const int64_t misalign = idx::row_misalign(base, first, n, vec);
+            const idx::TileLayout layout = idx::tile_layout(n, vec, misalign);
+            cover_register_row<idx::kRowTileSlots, 1>(
+                span, {"staged rows", elem_bytes, rows * n, true, misalign},
+                cfg::kRowBlockThreads);
+            for (int t = 0; t < cfg::kRowBlockThreads; ++t) {
+              idx::for_each_register_pack<idx::kRowTileSlots>(
+                  span, t, cfg::kRowBlockThreads, [&](int, int e) {
+                    EXPECT((misalign + layout.at(e)) % vec == 0,
+                           "n=%lld: a pack at tile element %d", (long long)n, layout.at(e));
+                  });
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+              for (int64_t col = 0; col < n; ++col) {
+                const int at = layout.at(static_cast<int>(r * n + col));
+                EXPECT(at == layout.row_start(static_cast<int>(r), static_cast<int>(n)) + col,
+                       "n=%lld: element %lld of row %lld at tile element %d", (long long)n,
+                       (long long)col, (long long)r, at);
+                EXPECT((misalign + at + 1) * elem_bytes <= cfg::kRowTileBytes + 15,
+                       "n=%lld: row %lld of %lld past the tile", (long long)n, (long long)r,
+                       (long long)rows);
+              }
+            }
+            if (layout.pad != 0) {
+              ++padded;
+              for (int64_t r0 = 0; r0 + 8 <= rows; r0 += 8) {
+                std::set<int64_t> bank_groups;
+                for (int64_t r = r0; r < r0 + 8; ++r) {
+                  bank_groups.insert(layout.row_start(static_cast<int>(r), static_cast<int>(n)) *
+                                     elem_bytes / 16 % 8);
+                }
+                EXPECT(bank_groups.size() == 8, "n=%lld: padded rows share banks", (long long)n);
+              }
+            }
+            ++spans;
+          }
+        }
+      }
+    }
+  }
+  std::printf("coverage: %d staged spans of rows copied, %d with padded rows\n", spans, padded);
+}
+
 void replay_coverage() {
   const int64_t lengths[] = {0,    1,    2,    3,    4,    5,    7,     8,     9,     15,   16,
                              17,   20,   31,   63,   64,   65,   96,    127,   128,   129,  255,
@@ -495,6 +557,7 @@ void replay_reductions() {
 int main() {
   replay_coverage();
   replay_reductions();
+  cover_row_tiles();
   std::printf("%ld checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
