@@ -55,7 +55,8 @@ constexpr int kSmallSliceMinBlocksPerSM = 8;
 // The same for a row per thread (128 rows a block; 65536 / (4 * 128) = 128 registers):
 // its rows staged through shared memory (below) took 89-96 registers at 5 blocks an SM,
 // and the 2-byte RMSNorm spilled 8 bytes on sm_80; with 4, 96-128 (nvcc 13.0). A block
-// copies 16 KiB of rows in at once, so 4 still keep 64 KiB an SM in flight. (Read
+// copies its rows in at once (up to 16 KiB; 10 KiB at float32 D = 20), so 4 still keep
+// 40-64 KiB an SM in flight while they copy. (Read
 // directly, without the tile, these rows took 80-96 registers at 5 blocks, and 6 spilled.)
 constexpr int kRowPerThreadMinBlocksPerSM = 4;
 // A block of rows per thread moves its 128 rows (one span of memory) through shared

@@ -165,7 +165,8 @@ struct ParamRef {
 // vector's code. (Left to decide per vector, nvcc 13.0 predicated every way into the
 // bf16 forward: a 16-byte load, 8 two-byte ones, their conversions and the fills for an
 // absent parameter, all issued whichever applied.) kTwoCopies = false: f(std::false_type{})
-// alone, for kernels where a second copy of the loop costs registers they lack.
+// alone, for kernels where a second copy of the loop costs registers they lack. The
+// backward's weight reads; the forwards choose among more copies (with_param_reads).
 template <bool kTwoCopies = true, typename F>
 __device__ __forceinline__ void with_param_vectors(bool vectors, F&& f) {
   if constexpr (!kTwoCopies) {
@@ -194,6 +195,27 @@ __device__ __forceinline__ void load_param(const ParamRef<P>& param, int64_t col
   } else {
 #pragma unroll
     for (int k = 0; k < kN; ++k) out[k] = static_cast<acc_t>(param.ptr[col + k]);
+  }
+}
+
+// How the writes of y read a parameter, fixed for a copy of their loop (with_param_reads):
+// load_param's general reads, decided per vector; plain vector loads; or none, the
+// parameter being absent (its fill).
+enum class ParamRead { kGeneral, kVectors, kAbsent };
+
+template <ParamRead kWeightRead, ParamRead kBiasRead>
+struct ParamReads {
+  static constexpr ParamRead kWeight = kWeightRead, kBias = kBiasRead;
+};
+
+template <ParamRead kRead, int kN, typename P, typename acc_t>
+__device__ __forceinline__ void read_param(const ParamRef<P>& param, int64_t col, bool vector,
+                                           acc_t fill, acc_t (&out)[kN]) {
+  if constexpr (kRead == ParamRead::kAbsent) {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) out[k] = fill;
+  } else {
+    load_param<kRead == ParamRead::kVectors>(param, col, vector, fill, out);
   }
 }
 
@@ -452,29 +474,47 @@ __device__ __forceinline__ bool rows_split_alike(const Params<T, P>& a) {
   return a.cols % kVecOf<T> == 0;
 }
 
-// Whether every parameter a norm applies to y (the weight; and the bias, LayerNorm) is
-// present and starts vectors at the head of every row (with_param_vectors).
-template <Norm kNorm, typename T, typename P>
-__device__ __forceinline__ bool params_present_vectors(const ForwardParams<T, P>& a, int64_t head) {
-  return rows_split_alike(a) && a.weight.present_vectors_at(head) &&
-         (kNorm == Norm::kRms || a.bias.present_vectors_at(head));
+// Calls f(ParamReads<weight read, bias read>{}): the copy of the forward's loop over
+// the writes of y that reads the parameters the norm applies (the weight; and the bias,
+// LayerNorm) with the fewest instructions, by conditions the same in every thread (see
+// with_param_vectors): none when both are absent (nn.LayerNorm(elementwise_affine=False));
+// plain vector loads when the rows split alike and each present parameter starts a vector
+// at their head (with bias=False, the weight's alone); else the general reads. (The
+// general reads of an absent bias still cost their predicated loads and fills: nvcc 13.0
+// issued every way of load_param, whichever applied.)
+template <Norm kNorm, typename T, typename P, typename F>
+__device__ __forceinline__ void with_param_reads(const ForwardParams<T, P>& a, int64_t head,
+                                                 F&& f) {
+  using R = ParamRead;
+  const bool bias_absent = kNorm == Norm::kRms || a.bias.ptr == nullptr;
+  if (a.weight.ptr == nullptr && bias_absent) {
+    f(ParamReads<R::kAbsent, R::kAbsent>{});
+  } else if (rows_split_alike(a) && a.weight.present_vectors_at(head) &&
+             (kNorm == Norm::kRms || a.bias.present_vectors_at(head))) {
+    f(ParamReads<R::kVectors, R::kVectors>{});
+  } else if (kNorm == Norm::kLayer && rows_split_alike(a) &&
+             a.weight.present_vectors_at(head) && bias_absent) {
+    f(ParamReads<R::kVectors, R::kAbsent>{});
+  } else {
+    f(ParamReads<R::kGeneral, R::kGeneral>{});
+  }
 }
 
 // y for one 16-byte vector of a row's x at element e (v, converted), and for one head or
 // tail element: the writes of both forwards. center: save_row_stats's. Index: the
-// register kernel's int or the streaming kernel's int64_t. kParamVectors: the weight
-// and (LayerNorm) bias are present and start vectors here (params_present_vectors);
-// else the flags say how to read them. kShared: yr is a staged block's shared memory.
-template <Norm kNorm, bool kParamVectors, bool kShared = false, typename T, typename P,
+// register kernel's int or the streaming kernel's int64_t. Reads: with_param_reads's
+// ParamReads; the general reads take the flags. kShared: yr is a staged block's shared
+// memory.
+template <Norm kNorm, typename Reads, bool kShared = false, typename T, typename P,
           typename Index, typename acc_t, int kVec>
 __device__ __forceinline__ void write_normalized_vector(const ForwardParams<T, P>& a, T* yr,
                                                         Index e, acc_t (&v)[kVec],
                                                         acc_t center, acc_t rstd,
                                                         bool weight_vectors, bool bias_vectors) {
   acc_t w[kVec], b[kVec] = {};
-  load_param<kParamVectors>(a.weight, e, weight_vectors, acc_t(1), w);
+  read_param<Reads::kWeight>(a.weight, e, weight_vectors, acc_t(1), w);
   if constexpr (kNorm == Norm::kLayer) {
-    load_param<kParamVectors>(a.bias, e, bias_vectors, acc_t(0), b);
+    read_param<Reads::kBias>(a.bias, e, bias_vectors, acc_t(0), b);
   }
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {

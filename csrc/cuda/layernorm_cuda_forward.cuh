@@ -196,11 +196,11 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       mean = save_row_stats<kNorm>(a, row, mean, rstd);
       const bool weight_vectors = a.weight.vectors_at(s.head);
       const bool bias_vectors = a.bias.vectors_at(s.head);
-      with_param_vectors(params_present_vectors<kNorm>(a, s.head), [&](auto vectors) {
+      with_param_reads<kNorm>(a, s.head, [&](auto reads) {
         cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
           acc_t v[kVec];
           unpack<T>(vector_at(i, e), v);
-          write_normalized_vector<kNorm, decltype(vectors)::value, kStaged>(
+          write_normalized_vector<kNorm, decltype(reads), kStaged>(
               a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
         });
       });
@@ -273,13 +273,13 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     mean = save_row_stats<kNorm>(a, row, mean, rstd);
     const bool weight_vectors = a.weight.vectors_at(s.head);
     const bool bias_vectors = a.bias.vectors_at(s.head);
-    with_param_vectors(params_present_vectors<kNorm>(a, s.head), [&](auto vectors) {
+    with_param_reads<kNorm>(a, s.head, [&](auto reads) {
       cuda_indexing::for_each_streamed(
           s, t, group,
           [&](int64_t e) {
             acc_t v[kVec];
             load_vector(xr + e, v);
-            write_normalized_vector<kNorm, decltype(vectors)::value>(
+            write_normalized_vector<kNorm, decltype(reads)>(
                 a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
           },
           [&](int64_t e) {

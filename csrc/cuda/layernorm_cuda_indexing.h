@@ -114,13 +114,15 @@ LN_HOST_DEVICE RowSplit span_split(int64_t rows, int64_t n, int vec, int64_t bas
 inline constexpr int kRowTileSlots = cuda_config::kLargeSliceVectors;
 
 // Where the tile holds element e of a staged span (the span starts `misalign` elements
-// into the tile, at its offset from a 16-byte boundary in global memory). A warp's
+// into the tile, at its offset from a 16-byte boundary in global memory; 0 from the ops,
+// whose outputs are fresh, but the launcher takes any offset x and y share). A warp's
 // 16-byte shared-memory reads go 8 threads at a time, each 8 over the 32 banks only if
 // their rows start an odd number of vectors apart: rows of 2, 4 or 8 whole vectors from
 // a vector boundary (float32 D = 8, 16, 32; 2-byte D = 16, 32, 64) would share banks 2,
-// 4 or 8 ways, so the tile pads each with one vector. Other rows lie back to back (one
-// vector, or a span that starts mid-vector or has rows of a part vector: conflicts of
-// at most about 2 ways). Int indices: a tile holds at most kRowTileBytes.
+// 4 or 8 ways, so the tile pads each with one vector. Other rows lie back to back: rows
+// of an odd number of vectors (float32 D = 20) share none; rows of a part vector can
+// (2-8 ways: bf16 D = 63 rows start 128 bytes apart; padding them would split the
+// copy's vectors across rows). Int indices: a tile holds at most kRowTileBytes.
 struct TileLayout {
   int pad;        // elements after each row in the tile: 0, or a vector's
   int row_shift;  // padded rows: log2 of n (a power of two)

@@ -285,6 +285,17 @@ void cover_row_tiles() {
                   });
             }
             for (int64_t r = 0; r < rows; ++r) {
+              // The row's thread reads its vectors where its split (as in global memory)
+              // puts them: 16-byte aligned in the tile too.
+              const idx::RowSplit row_split =
+                  idx::split_row(n, vec, idx::row_misalign(base, first + r, n, vec));
+              const int start = layout.row_start(static_cast<int>(r), static_cast<int>(n));
+              idx::for_each_register_pack<cfg::kLargeSliceVectors>(row_split, 0, 1, [&](int,
+                                                                                       int e) {
+                EXPECT((misalign + start + e) % vec == 0,
+                       "n=%lld: row %lld's vector at %d not 16-byte aligned in the tile",
+                       (long long)n, (long long)r, e);
+              });
               for (int64_t col = 0; col < n; ++col) {
                 const int at = layout.at(static_cast<int>(r * n + col));
                 EXPECT(at == layout.row_start(static_cast<int>(r), static_cast<int>(n)) + col,
