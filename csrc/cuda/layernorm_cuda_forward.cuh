@@ -56,6 +56,17 @@ __device__ __forceinline__ void copy_span(const T* from, T* to, const RowSplit& 
                                         [&](int i, int e) { to[to_at(e)] = edge[i]; });
 }
 
+// The register forward's vector i of its row, at p: kept in registers (packs), or, for a
+// staged block of rows, read from the tile.
+template <bool kStaged, int kN, typename T>
+__device__ __forceinline__ uint4 kept_or_staged(const uint4 (&packs)[kN], int i, const T* p) {
+  if constexpr (kStaged) {
+    return load_shared_16_bytes(p);
+  } else {
+    return packs[i];
+  }
+}
+
 template <Norm kNorm, typename T, typename P, int kVectors, bool kRowPerThread>
 __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
                                   kForwardMinBlocks<kVectors, kRowPerThread>)
@@ -121,14 +132,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       return kNorm == Norm::kRms ? x * x : shift.half_deviation(x);
     };
     // The row's vector in slot i (at element e): as loaded into registers, or (staged)
-    // read from the tile at each use.
-    const auto vector_at = [&](int i, int e) {
-      if constexpr (kStaged) {
-        return load_shared_16_bytes(xr + e);
-      } else {
-        return packs[i];
-      }
-    };
+    // read from the tile at each use (through a function: a lambda that read `packs`
+    // itself made nvcc 13.0 warn that it was used before it was set).
+    const auto vector_at = [&](int i, int e) { return kept_or_staged<kStaged>(packs, i, xr + e); };
     if (valid) {
       // All loads first, then the sums: every vector of the slice is in flight at once.
       if constexpr (!kStaged) {
