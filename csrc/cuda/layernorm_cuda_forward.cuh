@@ -216,10 +216,8 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     }
     if constexpr (kStaged) {
       __syncthreads();  // every row of the block is written to the tile
-      // Each thread copies out the packs another copied in: nvcc 13.0 otherwise keeps
-      // the copy-in's addresses for it through the row's work, and spilled them.
       copy_span<false>(static_cast<const T*>(staged), a.y + first * a.cols, span, layout,
-                       rows_per_block - 1 - threadIdx.y, rows_per_block);
+                       threadIdx.y, rows_per_block);
     }
   }
 }
