@@ -39,8 +39,9 @@ class Case:
 
 
 CASES = [
-    Case("fwd a row per thread / bwd registers, D=7", torch.float32, 7, 19),
-    Case("fwd a row per thread, D=20 bf16", torch.bfloat16, 20, 300),
+    Case("a row per thread (fwd and bwd), D=7", torch.float32, 7, 19),
+    # 300 rows: 3 spans of 128 on 2 blocks, the backward's columns added across spans.
+    Case("a row per thread (fwd and bwd), D=20 bf16", torch.bfloat16, 20, 300),
     Case("fwd small slices, sub-warp, D=200 bf16", torch.bfloat16, 200, 19),
     Case("fwd large slices, sub-warp, D=1001 fp16 + fp32 params", torch.float16, 1001, 9,
          param_dtype=torch.float32),

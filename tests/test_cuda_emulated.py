@@ -8,7 +8,8 @@ layernorm_cuda_kernels.cuh that picks a variant, slots and grid, are compiled as
 with every thread of a block as a coroutine that meets the others at each
 __syncthreads and warp shuffle (tests/cuda_emulator/emulator.cpp). The cases reach every
 kernel variant: forward in registers (slices of 32, 128 and 256 bytes, a thread per row
-to 512-thread groups), backward in registers (the row kept, or read twice), the
+to 512-thread groups), backward in registers (a thread per row, the row kept, or read
+twice), the
 streaming kernels, float64, misaligned and mixed-alignment tensors, and the parameter-gradient
 reduction; then the fuzz cases of tests/fuzz_cuda_cases.py (every layout,
 multi-dimensional shapes, missing parameters). The variants run again with the threads
@@ -75,8 +76,8 @@ def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps,
 
 
 # Row lengths and the variants they reach (csrc/cuda/layernorm_cuda_config.h):
-#   1, 7, 20        forward: a thread alone on its row (up to 128 bytes), head and tail
-#                   of several elements each; backward: registers, 16 per thread
+#   1, 7, 20        a thread alone on its row (up to 128 bytes), head and tail of several
+#                   elements each, a block's rows staged through shared memory
 #   256             forward: small slices (32 bytes a thread) in sub-warp groups
 #   257, 1000       forward: large slices (128 bytes) in sub-warp groups or a warp
 #                   (bf16 257: small slices); backward: 16 per thread, several rows per block
@@ -190,7 +191,8 @@ def test_float64_streams(emulated, n, norm):
 def test_row_counts(emulated, rows, n):
     """No rows (zero parameter gradients), one, one slot's worth, and more rows than the
     backward has slots at this width, and than the emulated device's 3 resident blocks of
-    the forward hold (the grid-stride loops): a row per thread (20) and small slices (64)."""
+    the forward hold (the grid-stride loops): a row per thread (20; its backward too) and
+    small slices (64)."""
     check_emulated(emulated, n, torch.float32, torch.float32, "aligned", "layer", rows=rows)
 
 
@@ -198,18 +200,19 @@ STAGED_ROWS = 700  # 6 blocks of 128 rows, the last partial, on 3 resident block
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
-@pytest.mark.parametrize("n,dtype", [(7, torch.float32), (16, torch.float32),
+@pytest.mark.parametrize("n,dtype", [(1, torch.float32), (7, torch.float32), (16, torch.float32),
                                      (20, torch.float32), (32, torch.float32),
                                      (20, torch.bfloat16), (33, torch.bfloat16),
                                      (64, torch.bfloat16)],
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_staged_rows(emulated, n, dtype, norm):
-    """Rows a thread each go through shared memory a block of rows at a time
-    (cuda_config::kStageRowsPerThread): blocks that loop over several, a partial last
-    block, rows that start mid-vector (D = 7, 20, 33), padded rows in the tile (D = 16
-    and 32 float32, 64 bf16). A block's span always starts on a vector boundary here
-    (fresh outputs, 128 rows a block); spans that start mid-vector are the host
-    replay's."""
+    """Rows a thread each go through shared memory a block of rows at a time, forward and
+    backward (cuda_config::kStage{,Backward}RowsPerThread): blocks that loop over several
+    (the backward's dgamma/dbeta columns add up across them), a partial last block, a
+    column's dgamma/dbeta over 128 threads (D = 1) or 2 (bf16 D = 33, 64), rows that start
+    mid-vector (D = 7, 20, 33), padded rows in the tile (D = 16 and 32 float32, 64 bf16).
+    A block's span always starts on a vector boundary here (fresh outputs, 128 rows a
+    block); spans that start mid-vector are the host replay's."""
     check_emulated(emulated, n, dtype, dtype, "aligned", norm, rows=STAGED_ROWS)
 
 
@@ -316,8 +319,9 @@ def test_cases_reach_every_variant(emulated):
                                    ("streaming", 0, False)}
     assert kinds("forward", 2) == {("registers", 16, False), ("registers", 64, True),
                                    ("registers", 64, False), ("streaming", 0, False)}
-    assert kinds("backward", 4) == set(registers)
-    assert kinds("backward", 2) == set(registers)
+    # A thread alone on its row: a large slice (128 bytes) of float32 or 2-byte elements.
+    assert kinds("backward", 4) == set(registers) | {("registers", 32, True)}
+    assert kinds("backward", 2) == set(registers) | {("registers", 64, True)}
     assert emulated.config_of(False, 20, 4, False)[0] == "streaming"  # mixed alignment
 
 

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Kernel families of csrc/cuda/layernorm_cuda.cu (as they appear in the mangled names).
 ROW_KERNELS = ("forward_registers_kernel", "forward_streaming_kernel",
-               "backward_registers_kernel", "backward_row_means_kernel",
-               "backward_columns_kernel")
+               "backward_staged_rows_kernel", "backward_registers_kernel",
+               "backward_row_means_kernel", "backward_columns_kernel")
 ALL_KERNELS = ROW_KERNELS + ("finalize_param_grads_kernel",)
 
 needs_cuda_build = pytest.mark.skipif(
@@ -238,8 +238,11 @@ def test_host_replay_of_indexing_and_reductions(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert re.search(r"^\d+ checks, 0 failures$", run.stdout, re.MULTILINE), run.stdout
     # The register variants of each direction (forward: small, large and huge slices, a
-    # row per thread; backward: the row kept, the row read twice), and the streaming ones.
-    assert "coverage: 5 forward and 3 backward kernel variants replayed" in run.stdout
+    # row per thread; backward: the row kept, the row read twice, a row per thread in
+    # float32 and in 2-byte dtypes), and the streaming ones.
+    assert "coverage: 5 forward and 5 backward kernel variants replayed" in run.stdout
+    # Rows a thread each, backward: the float32 and 2-byte row lengths of the replay's list.
+    assert "coverage: 28 row-per-thread backward configurations" in run.stdout
     # Rows a thread each in float32 (D <= 32) and 2-byte dtypes (D <= 64), 6 block row
     # counts, every base offset, three first rows: (32 * 4 + 64 * 8) * 6 * 3 spans.
     assert "coverage: 11520 staged spans of rows copied" in run.stdout

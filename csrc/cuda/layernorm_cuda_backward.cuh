@@ -190,6 +190,148 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------
+// Backward, a row per thread (rows of at most 128 bytes: cuda_config's
+// kStageBackwardRowsPerThread). blockDim = (1, kRowBlockThreads): thread t has row
+// first + t of each span of 128 rows. dy's and x's spans are copied into shared-memory
+// tiles with coalesced 16-byte vectors (as the forward's rows per thread); then each
+// thread
+//   - adds dgamma/dbeta of its column (cuda_indexing::staged_column) over its share of
+//     the span's rows, in registers across the block's spans;
+//   - takes its row's two sums from the tiles, and after a barrier writes dx over its
+//     row of the x tile;
+// and the block copies dx's span out. The block's partial rows are its column phases.
+
+template <Norm kNorm, typename T, typename P>
+__global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
+                                  cuda_config::kStagedBackwardMinBlocksPerSM)
+    backward_staged_rows_kernel(const BackwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int kRows = cuda_config::kRowBlockThreads;
+  constexpr int kSlots = cuda_config::kLargeSliceVectors;  // a row's vectors at most
+  constexpr int kEdgeSlots = cuda_indexing::kRegisterEdgeSlots<kVec, true>;
+  // A span may start up to 15 bytes into a tile (see the forward's).
+  constexpr int kTileVectors = cuda_config::kRowTileBytes / 16 + 1;
+  __shared__ __align__(16) uint4 dy_tile[kTileVectors];
+  __shared__ __align__(16) uint4 x_tile[kTileVectors];
+  __shared__ acc_t rows_rstd[kRows], rows_center[kRows];
+  const int t = threadIdx.y;
+  const int n = static_cast<int>(a.cols);
+  const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
+  const cuda_indexing::StagedColumn column = cuda_indexing::staged_column(t, a.cols);
+  acc_t dgamma = 0, dbeta = 0;
+  // Spans start kRows rows apart, a multiple of the vector width: every row of this
+  // thread splits alike (in global memory and, a span keeping its offset, in the tile).
+  const RowSplit s = row_split(a, int64_t(blockIdx.x) * kRows + t, kVec);
+  const bool weight_vectors = a.weight.vectors_at(s.head);
+
+  for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;
+       first += int64_t(gridDim.x) * kRows) {
+    const int64_t row = first + t;
+    const int rows = static_cast<int>(a.rows - first < kRows ? a.rows - first : kRows);
+    const bool valid = t < rows;
+    // backward_config gives a thread its own row only in vectorized tensors.
+    const int64_t misalign = cuda_indexing::row_misalign(a.x_misalign, first, a.cols, kVec);
+    const RowSplit span = cuda_indexing::span_split(rows, a.cols, kVec, a.x_misalign, first);
+    const cuda_indexing::TileLayout layout = cuda_indexing::tile_layout(a.cols, kVec, misalign);
+    T* const staged_dy = reinterpret_cast<T*>(dy_tile) + misalign;
+    T* const staged_x = reinterpret_cast<T*>(x_tile) + misalign;
+    acc_t rstd = 0, center = 0;
+    if (valid) {  // read with the copy's loads, not after them
+      rstd = a.rstd[row];
+      center = math::row_center<kNorm>(a.mean, row, rstd);
+    }
+    __syncthreads();  // the previous span's tiles and statistics are no longer read
+    // One tensor after the other: with both in flight (16 vectors a thread), nvcc 13.0
+    // spilled 200-360 bytes at the 128 registers of 4 blocks an SM.
+    copy_span<true>(a.dy + first * a.cols, staged_dy, span, layout, t, kRows);
+    copy_span<true>(a.x + first * a.cols, staged_x, span, layout, t, kRows);
+    rows_rstd[t] = rstd;
+    rows_center[t] = center;
+    __syncthreads();
+
+    if (column.active()) {
+      column.for_each_row(rows, [&](int r) {
+        const int at = layout.at(r * n + column.col);
+        const acc_t dy = static_cast<acc_t>(staged_dy[at]);
+        const acc_t xhat = math::normalize<kNorm>(static_cast<acc_t>(staged_x[at]),
+                                                  rows_center[r], rows_rstd[r]);
+        dgamma += dy * xhat;
+        if constexpr (kNorm == Norm::kLayer) dbeta += dy;
+      });
+    }
+
+    // The thread's row: g = dy * w and xhat of its vector at e, or of one element.
+    const T* const dyr = staged_dy + layout.row_start(t, n);
+    T* const xr = staged_x + layout.row_start(t, n);
+    const auto vector_terms = [&](int e, acc_t(&g)[kVec], acc_t(&xhat)[kVec]) {
+      acc_t w[kVec];
+      load_param(a.weight, e, weight_vectors, acc_t(1), w);
+      unpack<T>(load_shared_16_bytes(dyr + e), g);
+      unpack<T>(load_shared_16_bytes(xr + e), xhat);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        g[k] *= w[k];
+        xhat[k] = math::normalize<kNorm>(xhat[k], center, rstd);
+      }
+    };
+    const auto element_terms = [&](int e, acc_t& g, acc_t& xhat) {
+      g = static_cast<acc_t>(dyr[e]) * load_param(a.weight, e, acc_t(1));
+      xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), center, rstd);
+    };
+    SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
+    const auto add = [&](acc_t g, acc_t xhat) {
+      if constexpr (kNorm == Norm::kLayer) sums.a += g;
+      sums.b += g * xhat;
+    };
+    if (valid) {
+      cuda_indexing::for_each_register_pack<kSlots>(s, 0, 1, [&](int, int e) {
+        acc_t g[kVec], xhat[kVec];
+        vector_terms(e, g, xhat);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) add(g[k], xhat[k]);
+      });
+      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, 0, 1, [&](int, int e) {
+        acc_t g, xhat;
+        element_terms(e, g, xhat);
+        add(g, xhat);
+      });
+    }
+    __syncthreads();  // every column of the span is read before dx overwrites x
+
+    if (valid) {
+      const acc_t mean_g = sums.a * inv_cols;
+      const acc_t mean_g_xhat = sums.b * inv_cols;
+      cuda_indexing::for_each_register_pack<kSlots>(s, 0, 1, [&](int, int e) {
+        acc_t g[kVec], xhat[kVec];
+        vector_terms(e, g, xhat);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          g[k] = math::input_grad<kNorm>(g[k], xhat[k], rstd, mean_g, mean_g_xhat);
+        }
+        store_vector<kVec, true>(xr + e, g);
+      });
+      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, 0, 1, [&](int, int e) {
+        acc_t g, xhat;
+        element_terms(e, g, xhat);
+        xr[e] = static_cast<T>(math::input_grad<kNorm>(g, xhat, rstd, mean_g, mean_g_xhat));
+      });
+    }
+    __syncthreads();  // every row's dx is in the x tile
+    copy_span<false>(static_cast<const T*>(staged_x), a.dx + first * a.cols, span, layout, t,
+                     kRows);
+  }
+
+  if (column.active()) {
+    acc_t* const partial_dgamma =
+        a.partial +
+        (int64_t(blockIdx.x) * column.phases + column.phase) * kParamGrads<kNorm> * a.cols;
+    partial_dgamma[column.col] = dgamma;
+    if constexpr (kNorm == Norm::kLayer) partial_dgamma[a.cols + column.col] = dbeta;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Backward, streaming: any row length, in two kernels (cuda_config::kColumnBlockThreads).
 // First a block per row reduces it to the two row means dx needs, mean(g) (LayerNorm
 // only) and mean(g * xhat), into a.row_means.

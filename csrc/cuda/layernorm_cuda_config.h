@@ -12,6 +12,11 @@
 //                                 needs fewer than kRowBlockThreads threads; a thread
 //                                 alone on its row reads it from a shared-memory tile
 //                                 (kStageRowsPerThread).
+//   backward, a row per thread    rows of at most 128 bytes, 128 rows a block: dy's and
+//                                 x's span copied into shared memory as in the forward;
+//                                 a thread takes its row's sums and dx there, and adds
+//                                 dgamma/dbeta of one column over a share of the rows
+//                                 (kStageBackwardRowsPerThread).
 //   backward, rows in registers   kElemsBackward (16) elements per thread, dgamma/dbeta
 //                                 accumulated in registers over every row of a slot;
 //                                 kElemsBackwardLong (32) for rows up to 16384, which
@@ -88,6 +93,27 @@ constexpr int kElemsBackward = 16;  // rows up to 16 * 512 = 8192 elements
 // registers leave no room to keep the row too. (These rows streamed before 2026-12-02,
 // adding every row into a partial row in global memory: 8% of the copy roof on an H100.)
 constexpr int kElemsBackwardLong = 32;
+// Backward, rows of at most a large slice (128 bytes: float32 D <= 32, 2-byte D <= 64): a
+// thread each, 128 rows a block, the block's span of dy and x copied into two tiles like
+// the forward's (coalesced 16-byte vectors, 80-128 bytes a thread at once). In row groups
+// of 4 (float32) or 8 (2-byte) threads (until 2026-12-04) a thread loaded one or two
+// vectors, or one 2-byte head or tail element (bf16 D = 20: 8 threads for 20 elements,
+// every other row starting mid-vector), and the H200 (2026-12-04) ran D = 20 at 49%
+// (float32) and 16% (bfloat16) of the copy roof. dgamma/dbeta: thread t adds column
+// t % D over the rows t / D, t / D + J, ... of each span (J = staged_column_phases(D),
+// 128 / D): a block writes J partial rows, rather than keep 2 D registers a thread (128
+// at bf16 D = 64).
+// (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the row groups.)
+constexpr bool kStageBackwardRowsPerThread = true;
+// Its __launch_bounds__ floor: the two tiles take 37 KiB of shared memory a block.
+constexpr int kStagedBackwardMinBlocksPerSM = 4;
+// Spans of 128 rows a block at least before the grid grows (each block writes J partial
+// rows; at most kBackwardThreads / 128 blocks, a function of M and D only, as the slots).
+constexpr int64_t kStagedBackwardMinSpans = 2;
+LN_HOST_DEVICE constexpr int staged_column_phases(int64_t n) {
+  return static_cast<int>(kRowBlockThreads / n);
+}
+
 // Backward: 16-byte packs of dy and x a thread loads together, before it uses any
 // (layernorm_cuda_backward.cuh). More put more bytes in flight, but each takes 8
 // registers of the 128 a 512-thread block allows, where dgamma/dbeta take 32 or 64 and
@@ -204,6 +230,10 @@ LN_HOST_DEVICE constexpr LaunchConfig backward_config(int64_t n, int elem_bytes,
   if (!vectorized || elem_bytes > 4 || n > int64_t(kElemsBackwardLong) * kMaxBlockThreads) {
     return streaming_config(n, elem_bytes);
   }
+  // (D = 0 has no backward launch, and no column for a thread.)
+  if (kStageBackwardRowsPerThread && n >= 1 && n <= kLargeSliceBytes / elem_bytes) {
+    return with_rows_per_block(Kind::kRegisters, kLargeSliceBytes / elem_bytes, 1);
+  }
   const int elems = n <= int64_t(kElemsBackward) * kMaxBlockThreads ? kElemsBackward
                                                                      : kElemsBackwardLong;
   // Short rows: as few threads as the head and tail allow (D = 20 float32: 4 threads, each
@@ -255,6 +285,14 @@ LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, const LaunchConfig& c
       (by_threads > kBackwardBlocks ? by_threads : kBackwardBlocks) * c.rows_per_block;
   return round_slots(ceil_div(m, kMinRowsPerSlot), cap,
                      c.rows_per_block > period ? c.rows_per_block : period);
+}
+
+// The row-per-thread backward's blocks for m rows (its partial rows: blocks x
+// staged_column_phases).
+LN_HOST_DEVICE constexpr int64_t staged_backward_blocks(int64_t m) {
+  const int64_t blocks = ceil_div(ceil_div(m, kRowBlockThreads), kStagedBackwardMinSpans);
+  const int64_t cap = kBackwardThreads / kRowBlockThreads;
+  return blocks < 1 ? 1 : blocks > cap ? cap : blocks;
 }
 
 LN_HOST_DEVICE constexpr int64_t column_slots(int64_t m, int64_t column_block_count,

@@ -33,29 +33,6 @@ constexpr int kForwardMinBlocks = kRowPerThread ? cuda_config::kRowPerThreadMinB
                                       ? cuda_config::kHugeSliceMinBlocksPerSM
                                       : 1;
 
-// Copies a staged block's span of rows (cuda_indexing::span_split) between global memory
-// and the tile (element e at layout.at(e)), which start at the same offset from a 16-byte
-// boundary: thread t of `threads` its packs and edge elements, all loads before any store.
-template <bool kToShared, typename T>
-__device__ __forceinline__ void copy_span(const T* from, T* to, const RowSplit& span,
-                                          const cuda_indexing::TileLayout& layout, int t,
-                                          int threads) {
-  constexpr int kSlots = cuda_indexing::kRowTileSlots;
-  const auto from_at = [&](int e) { return kToShared ? e : layout.at(e); };
-  const auto to_at = [&](int e) { return kToShared ? layout.at(e) : e; };
-  uint4 packs[kSlots];
-  T edge[2];
-  cuda_indexing::for_each_register_pack<kSlots>(
-      span, t, threads, [&](int i, int e) { packs[i] = load_raw(from + from_at(e)); });
-  cuda_indexing::for_each_register_edge(span, t, threads,
-                                        [&](int i, int e) { edge[i] = from[from_at(e)]; });
-  cuda_indexing::for_each_register_pack<kSlots>(span, t, threads, [&](int i, int e) {
-    store_16_bytes<kToShared>(to + to_at(e), packs[i]);
-  });
-  cuda_indexing::for_each_register_edge(span, t, threads,
-                                        [&](int i, int e) { to[to_at(e)] = edge[i]; });
-}
-
 // The register forward's vector i of its row, at p: kept in registers (packs), or, for a
 // staged block of rows, read from the tile.
 template <bool kStaged, int kN, typename T>

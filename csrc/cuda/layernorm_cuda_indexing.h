@@ -138,6 +138,27 @@ LN_HOST_DEVICE TileLayout tile_layout(int64_t n, int vec, int64_t misalign) {
   return {vec, shift};
 }
 
+// The row-per-thread backward's dgamma/dbeta: thread t of a staged block of
+// kRowBlockThreads rows of n elements adds column t % n over rows phase, phase + phases,
+// ... of each span (phase = t / n, phases = cuda_config::staged_column_phases(n)); the
+// threads from phases * n on add none. Consecutive threads read consecutive elements of
+// the tile. The block's partial rows are its phases, in order.
+struct StagedColumn {
+  int col, phase, phases;
+
+  LN_HOST_DEVICE bool active() const { return phase < phases; }
+  // Rows [0, rows) of a span, each once over the block's active threads.
+  template <typename F>
+  LN_HOST_DEVICE void for_each_row(int rows, F&& f) const {
+    for (int r = phase; r < rows; r += phases) f(r);
+  }
+};
+
+LN_HOST_DEVICE StagedColumn staged_column(int t, int64_t n) {
+  const int cols = static_cast<int>(n);
+  return {t % cols, t / cols, cuda_config::staged_column_phases(n)};
+}
+
 // Streaming rows: thread t of G visits the packs t, t + G, ... (pack(first element)),
 // then the head and tail elements t, t + G, ... (element(index)). Any row length.
 template <typename FPack, typename FElement>

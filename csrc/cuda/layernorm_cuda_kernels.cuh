@@ -24,7 +24,10 @@
 // a thread per 16-byte column pack (or per head or tail element, or per element when
 // the tensors disagree on alignment) runs down a slot's rows, reading dy and x again,
 // writing dx and keeping its dgamma/dbeta in registers. Each slot
-// writes its partial rows; a small kernel adds the partial rows in a fixed order. No
+// writes its partial rows; a small kernel adds the partial rows in a fixed order. Rows of
+// at most 128 bytes have a thread each, their block's span of dy and x copied through
+// shared memory as in the forward; there a thread adds one column's dgamma/dbeta over a
+// share of the span's rows. No
 // atomics anywhere: results are bitwise reproducible, on every GPU model.
 //
 // RMSNorm runs the same kernels with the template flag Norm::kRms (../layernorm_math.h):
@@ -195,8 +198,13 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
   const int period = a.vectorized ? cuda_config::row_alignment_period(cols, kVecOf<T>) : 1;
   const int64_t units = cuda_config::column_units(cols, kVecOf<T>, a.vectorized);
   const int64_t blocks_per_slot = cuda_config::column_blocks(units);  // streaming only
+  // A row per thread: a block's partial rows are its column phases (staged_column).
+  const bool row_per_thread = c.kind == Kind::kRegisters && c.threads_per_row == 1;
+  const int64_t staged_blocks = cuda_config::staged_backward_blocks(rows);
   const int64_t slots = c.kind == Kind::kStreaming
                             ? cuda_config::column_slots(rows, blocks_per_slot, period)
+                        : row_per_thread
+                            ? staged_blocks * cuda_config::staged_column_phases(cols)
                             : cuda_config::backward_slots(rows, c, period);
   TORCH_CHECK(c.kind != Kind::kStreaming || blocks_per_slot * slots < (int64_t(1) << 31),
               "layernorm_ext: rows of ", cols, " elements are too long for the CUDA backward");
@@ -212,7 +220,10 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
            dim3(static_cast<unsigned>(cuda_config::column_block_threads(units))), a);
   } else if constexpr (kHasRegisterKernels<T>) {
     const dim3 grid = grid_of(slots / c.rows_per_block);
-    if (c.elems_per_thread == cuda_config::kElemsBackward) {
+    if (row_per_thread) {
+      TORCH_INTERNAL_ASSERT(c.rows_per_block == cuda_config::kRowBlockThreads);
+      launch(backward_staged_rows_kernel<kNorm, T, P>, grid_of(staged_blocks), block_of(c), a);
+    } else if (c.elems_per_thread == cuda_config::kElemsBackward) {
       launch(backward_registers_kernel<kNorm, T, P, cuda_config::kElemsBackward>, grid,
              block_of(c), a);
     } else {

@@ -141,8 +141,8 @@ void check_config(const cfg::LaunchConfig& c, const RowCase& rc, int vec) {
   if (c.kind == cfg::Kind::kRegisters) {
     EXPECT(rc.vectorized && rc.elem_bytes <= 4, "register kernel for an unvectorized/fp64 row");
     // Groups narrower than a vector hold a head or tail element in more than one edge slot:
-    // only the forward's thread alone on its row (kRowPerThread) has the slots for that.
-    EXPECT(g >= vec || (g == 1 && rc.direction[0] == 'f'),
+    // only a thread alone on its row (kRegisterEdgeSlots<vec, true>) has the slots for that.
+    EXPECT(g >= vec || g == 1,
            "%s register group of %d threads < vector width %d", rc.direction, g, vec);
     EXPECT(c.elems_per_thread % vec == 0, "elems_per_thread %d", c.elems_per_thread);
     if (rc.direction[0] == 'f' && c.elems_per_thread * rc.elem_bytes == cfg::kSmallSliceBytes) {
@@ -164,13 +164,13 @@ void check_config(const cfg::LaunchConfig& c, const RowCase& rc, int vec) {
 // Number of kernel variants each direction reached (to report coverage of the table).
 std::set<std::pair<int, int>> variants_seen[2];
 
-// A register kernel's row with the kernel's own edge slots (kRegisterEdgeSlots): the
-// forward's thread alone on its row (g = 1) holds 8 vectors; other groups, and every
-// backward group, one edge slot of each, which needs g >= vec.
+// A register kernel's row with the kernel's own edge slots (kRegisterEdgeSlots): a
+// thread alone on its row (g = 1; forward or backward) holds 8 vectors; other groups one
+// edge slot of each, which needs g >= vec.
 template <int kVec>
 void cover_register_kernel_row(const idx::RowSplit& s, const RowCase& rc, int g, int slots,
                                bool backward) {
-  if (g == 1 && !backward) {
+  if (g == 1) {
     EXPECT(slots == 8, "no replay for a thread alone on its row with %d vectors", slots);
     return cover_register_row<8, idx::kRegisterEdgeSlots<kVec, true>>(s, rc, g);
   }
@@ -224,7 +224,12 @@ void cover_row(const cfg::LaunchConfig& c, const RowCase& rc) {
 
 // Backward slots: whole blocks, and every row of a slot split like the slot's first row
 // (the kernels keep a thread's dgamma/dbeta columns in registers across those rows).
+void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes);
+
 void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes, bool vectorized) {
+  if (c.kind == cfg::Kind::kRegisters && c.threads_per_row == 1) {
+    return check_staged_backward(c, n, elem_bytes);
+  }
   const int vec = cfg::vector_width(elem_bytes);
   const int period = vectorized ? cfg::row_alignment_period(n, vec) : 1;
   const bool streaming = c.kind == cfg::Kind::kStreaming;
@@ -265,7 +270,12 @@ void cover_row_tiles() {
     const int vec = cfg::vector_width(elem_bytes);
     for (int64_t n = 1; n <= 256; ++n) {
       const cfg::LaunchConfig c = cfg::forward_config(n, elem_bytes, true);
-      if (c.kind != cfg::Kind::kRegisters || c.threads_per_row != 1) continue;
+      const cfg::LaunchConfig bwd = cfg::backward_config(n, elem_bytes, true);
+      const bool alone = c.kind == cfg::Kind::kRegisters && c.threads_per_row == 1;
+      // Both directions stage the same rows (the backward, dy's and x's span alike).
+      EXPECT(alone == (bwd.kind == cfg::Kind::kRegisters && bwd.threads_per_row == 1),
+             "n=%lld: the forward and the backward stage different rows", (long long)n);
+      if (!alone) continue;
       EXPECT(c.rows_per_block == cfg::kRowBlockThreads, "n=%lld: %d rows a block", (long long)n,
              c.rows_per_block);
       for (int64_t rows : {1, 2, 3, 31, 127, 128}) {
@@ -326,6 +336,64 @@ void cover_row_tiles() {
   std::printf("coverage: %d staged spans of rows copied, %d with padded rows\n", spans, padded);
 }
 
+// The row-per-thread backward (cfg::kStageBackwardRowsPerThread): blocks of 128 rows,
+// a grid that depends on m alone; every thread's rows split alike (spans 128 rows apart);
+// the column threads (cuda_indexing::staged_column) add each element of a span of any
+// row count exactly once, each (block, phase) its own partial row, and consecutive
+// threads read consecutive elements of the span.
+int staged_backward_cases = 0;
+
+void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes) {
+  const int vec = cfg::vector_width(elem_bytes);
+  EXPECT(c.rows_per_block == cfg::kRowBlockThreads && n >= 1 &&
+             n * elem_bytes <= cfg::kLargeSliceBytes,
+         "n=%lld: a row per thread in blocks of %d rows", (long long)n, c.rows_per_block);
+  const int phases = cfg::staged_column_phases(n);
+  EXPECT(phases >= 1 && phases * n <= cfg::kRowBlockThreads, "n=%lld: %d phases", (long long)n,
+         phases);
+  for (int64_t m : {1, 2, 127, 128, 129, 700, 100000, 10000000}) {
+    const int64_t blocks = cfg::staged_backward_blocks(m);
+    EXPECT(blocks >= 1 && blocks <= cfg::kBackwardThreads / cfg::kRowBlockThreads &&
+               (blocks - 1) * cfg::kRowBlockThreads < m,
+           "m=%lld: %lld blocks", (long long)m, (long long)blocks);
+    for (int64_t base = 0; base < vec; ++base) {
+      for (int64_t b : {int64_t(0), blocks - 1}) {
+        for (int t = 0; t < cfg::kRowBlockThreads; t += 7) {
+          const int64_t row0 = b * cfg::kRowBlockThreads + t;
+          const int64_t row1 = row0 + blocks * cfg::kRowBlockThreads;
+          EXPECT(idx::row_misalign(base, row0, n, vec) == idx::row_misalign(base, row1, n, vec),
+                 "n=%lld: thread %d's rows split unalike", (long long)n, t);
+        }
+      }
+    }
+  }
+  for (int rows : {1, 2, 5, 31, 127, 128}) {
+    std::vector<int> counts(rows * n, 0);
+    std::set<int> partial_rows;
+    for (int t = 0; t < cfg::kRowBlockThreads; ++t) {
+      const idx::StagedColumn col = idx::staged_column(t, n);
+      EXPECT(col.phases == phases, "n=%lld: thread %d has %d phases", (long long)n, t, col.phases);
+      if (!col.active()) continue;
+      EXPECT(col.col >= 0 && col.col < n && col.phase >= 0, "n=%lld: thread %d at column %d",
+             (long long)n, t, col.col);
+      // Its row r's element: t + (r - phase) * n, the element a thread t reads in turn.
+      col.for_each_row(rows, [&](int r) {
+        EXPECT(r * n + col.col == t + (r - col.phase) * n, "n=%lld: thread %d row %d",
+               (long long)n, t, r);
+        counts.at(r * n + col.col) += 1;
+      });
+      partial_rows.insert(col.phase * static_cast<int>(n) + col.col);
+    }
+    for (size_t e = 0; e < counts.size(); ++e) {
+      EXPECT(counts[e] == 1, "n=%lld rows=%d: element %zu added %d times", (long long)n, rows, e,
+             counts[e]);
+    }
+    EXPECT(partial_rows.size() == size_t(phases) * n, "n=%lld: %zu partial entries written",
+           (long long)n, partial_rows.size());
+  }
+  ++staged_backward_cases;
+}
+
 void replay_coverage() {
   const int64_t lengths[] = {0,    1,    2,    3,    4,    5,    7,     8,     9,     15,   16,
                              17,   20,   31,   63,   64,   65,   96,    127,   128,   129,  255,
@@ -351,6 +419,7 @@ void replay_coverage() {
   }
   std::printf("coverage: %zu forward and %zu backward kernel variants replayed\n",
               variants_seen[0].size(), variants_seen[1].size());
+  std::printf("coverage: %d row-per-thread backward configurations\n", staged_backward_cases);
 }
 
 // ---------------------------------------------------------------------------------------
