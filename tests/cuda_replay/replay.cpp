@@ -273,7 +273,8 @@ void cover_row_tiles() {
       const cfg::LaunchConfig bwd = cfg::backward_config(n, elem_bytes, true);
       const bool alone = c.kind == cfg::Kind::kRegisters && c.threads_per_row == 1;
       // Both directions stage the same rows (the backward, dy's and x's span alike).
-      EXPECT(alone == (bwd.kind == cfg::Kind::kRegisters && bwd.threads_per_row == 1),
+      EXPECT(!cfg::kStageBackwardRowsPerThread ||
+                 alone == (bwd.kind == cfg::Kind::kRegisters && bwd.threads_per_row == 1),
              "n=%lld: the forward and the backward stage different rows", (long long)n);
       if (!alone) continue;
       EXPECT(c.rows_per_block == cfg::kRowBlockThreads, "n=%lld: %d rows a block", (long long)n,
