@@ -117,9 +117,9 @@ def test_row_kernels_use_128_bit_global_accesses():
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     row_kernels = {name: body for name, body in functions.items() if family(name) in ROW_KERNELS}
     # Per norm (LayerNorm, RMSNorm) and dtype pair (5, and float64's 6th for streaming):
-    # forward 3 register kernels (and float32's huge slices) + streaming, backward 2 +
-    # streaming's 2.
-    per_norm = (3 * 5 + 1 + 6) + (2 * 5 + 2 * 6)
+    # forward 3 register kernels (and float32's huge slices) + streaming, backward 3 (a row
+    # per thread, 16 and 32 elements a thread) + streaming's 2.
+    per_norm = (3 * 5 + 1 + 6) + (3 * 5 + 2 * 6)
     assert len(row_kernels) == 2 * per_norm, sorted(row_kernels)
     for norm in (0, 1):  # the Norm template argument, as mangled: LNS_4NormE0E / ...E1E
         assert sum(f"NormE{norm}E" in name for name in row_kernels) == per_norm
