@@ -199,7 +199,8 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 //     the span's rows, in registers across the block's spans;
 //   - takes its row's two sums from the tiles, and after a barrier writes dx over its
 //     row of the x tile;
-// and the block copies dx's span out. The block's partial rows are its column phases.
+// and the block copies dx's span out. At the end the block adds its columns' phases into
+// its one partial row.
 
 template <Norm kNorm, typename T, typename P>
 __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
@@ -322,12 +323,21 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
                      kRows);
   }
 
-  if (column.active()) {
-    acc_t* const partial_dgamma =
-        a.partial +
-        (int64_t(blockIdx.x) * column.phases + column.phase) * kParamGrads<kNorm> * a.cols;
-    partial_dgamma[column.col] = dgamma;
-    if constexpr (kNorm == Norm::kLayer) partial_dgamma[a.cols + column.col] = dbeta;
+  // The block's one partial row: its column phases added in order (a partial row each
+  // would leave the finalize kernel 128 / D times as many to add). dy's tile holds them:
+  // its last reads came before the loop's last barrier.
+  SumPair<acc_t>* const phase_sums = reinterpret_cast<SumPair<acc_t>*>(dy_tile);
+  static_assert(kRows * sizeof(SumPair<acc_t>) <= sizeof(dy_tile), "phase sums fit the tile");
+  if (column.active()) phase_sums[column.phase * n + column.col] = {dgamma, dbeta};
+  __syncthreads();
+  if (t < n) {
+    SumPair<acc_t> sum = phase_sums[t];
+    for (int phase = 1; phase < column.phases; ++phase) {
+      sum = SumCombine{}(sum, phase_sums[phase * n + t]);
+    }
+    acc_t* const partial_dgamma = a.partial + int64_t(blockIdx.x) * kParamGrads<kNorm> * a.cols;
+    partial_dgamma[t] = sum.a;
+    if constexpr (kNorm == Norm::kLayer) partial_dgamma[a.cols + t] = sum.b;
   }
 }
 

@@ -101,14 +101,14 @@ constexpr int kElemsBackwardLong = 32;
 // every other row starting mid-vector), and the H200 (2026-12-04) ran D = 20 at 49%
 // (float32) and 16% (bfloat16) of the copy roof. dgamma/dbeta: thread t adds column
 // t % D over the rows t / D, t / D + J, ... of each span (J = staged_column_phases(D),
-// 128 / D): a block writes J partial rows, rather than keep 2 D registers a thread (128
-// at bf16 D = 64).
+// 128 / D), rather than keep 2 D registers a thread (128 at bf16 D = 64), and a block
+// adds its J phases into one partial row at the end.
 // (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the row groups.)
 constexpr bool kStageBackwardRowsPerThread = true;
 // Its __launch_bounds__ floor: the two tiles take 37 KiB of shared memory a block.
 constexpr int kStagedBackwardMinBlocksPerSM = 4;
-// Spans of 128 rows a block at least before the grid grows (each block writes J partial
-// rows; at most kBackwardThreads / 128 blocks, a function of M and D only, as the slots).
+// Spans of 128 rows a block at least before the grid grows (each block writes a partial
+// row; at most kBackwardThreads / 128 blocks, a function of M only, as the slots).
 constexpr int64_t kStagedBackwardMinSpans = 2;
 LN_HOST_DEVICE constexpr int staged_column_phases(int64_t n) {
   return static_cast<int>(kRowBlockThreads / n);
@@ -287,8 +287,7 @@ LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, const LaunchConfig& c
                      c.rows_per_block > period ? c.rows_per_block : period);
 }
 
-// The row-per-thread backward's blocks for m rows (its partial rows: blocks x
-// staged_column_phases).
+// The row-per-thread backward's blocks for m rows, a partial row each.
 LN_HOST_DEVICE constexpr int64_t staged_backward_blocks(int64_t m) {
   const int64_t blocks = ceil_div(ceil_div(m, kRowBlockThreads), kStagedBackwardMinSpans);
   const int64_t cap = kBackwardThreads / kRowBlockThreads;

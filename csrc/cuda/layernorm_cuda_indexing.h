@@ -142,7 +142,8 @@ LN_HOST_DEVICE TileLayout tile_layout(int64_t n, int vec, int64_t misalign) {
 // kRowBlockThreads rows of n elements adds column t % n over rows phase, phase + phases,
 // ... of each span (phase = t / n, phases = cuda_config::staged_column_phases(n)); the
 // threads from phases * n on add none. Consecutive threads read consecutive elements of
-// the tile. The block's partial rows are its phases, in order.
+// the tile. Entry t = phase * n + col of the block's phase sums is thread t's; thread
+// col < n adds the phases of its column in order.
 struct StagedColumn {
   int col, phase, phases;
 

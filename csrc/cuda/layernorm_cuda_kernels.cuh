@@ -198,14 +198,12 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
   const int period = a.vectorized ? cuda_config::row_alignment_period(cols, kVecOf<T>) : 1;
   const int64_t units = cuda_config::column_units(cols, kVecOf<T>, a.vectorized);
   const int64_t blocks_per_slot = cuda_config::column_blocks(units);  // streaming only
-  // A row per thread: a block's partial rows are its column phases (staged_column).
+  // A row per thread: a partial row a block.
   const bool row_per_thread = c.kind == Kind::kRegisters && c.threads_per_row == 1;
-  const int64_t staged_blocks = cuda_config::staged_backward_blocks(rows);
   const int64_t slots = c.kind == Kind::kStreaming
                             ? cuda_config::column_slots(rows, blocks_per_slot, period)
-                        : row_per_thread
-                            ? staged_blocks * cuda_config::staged_column_phases(cols)
-                            : cuda_config::backward_slots(rows, c, period);
+                        : row_per_thread ? cuda_config::staged_backward_blocks(rows)
+                                         : cuda_config::backward_slots(rows, c, period);
   TORCH_CHECK(c.kind != Kind::kStreaming || blocks_per_slot * slots < (int64_t(1) << 31),
               "layernorm_ext: rows of ", cols, " elements are too long for the CUDA backward");
   at::Tensor partial = at::empty({slots, kParamGrads<kNorm>, cols}, args.rstd.options());
@@ -222,7 +220,7 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
     const dim3 grid = grid_of(slots / c.rows_per_block);
     if (row_per_thread) {
       TORCH_INTERNAL_ASSERT(c.rows_per_block == cuda_config::kRowBlockThreads);
-      launch(backward_staged_rows_kernel<kNorm, T, P>, grid_of(staged_blocks), block_of(c), a);
+      launch(backward_staged_rows_kernel<kNorm, T, P>, grid_of(slots), block_of(c), a);
     } else if (c.elems_per_thread == cuda_config::kElemsBackward) {
       launch(backward_registers_kernel<kNorm, T, P, cuda_config::kElemsBackward>, grid,
              block_of(c), a);

@@ -340,8 +340,8 @@ void cover_row_tiles() {
 // The row-per-thread backward (cfg::kStageBackwardRowsPerThread): blocks of 128 rows,
 // a grid that depends on m alone; every thread's rows split alike (spans 128 rows apart);
 // the column threads (cuda_indexing::staged_column) add each element of a span of any
-// row count exactly once, each (block, phase) its own partial row, and consecutive
-// threads read consecutive elements of the span.
+// row count exactly once, consecutive threads reading consecutive elements of the span,
+// and the block adds every thread's column sums into its partial row once.
 int staged_backward_cases = 0;
 
 void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes) {
@@ -370,7 +370,7 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
   }
   for (int rows : {1, 2, 5, 31, 127, 128}) {
     std::vector<int> counts(rows * n, 0);
-    std::set<int> partial_rows;
+    std::set<int> phase_sums;
     for (int t = 0; t < cfg::kRowBlockThreads; ++t) {
       const idx::StagedColumn col = idx::staged_column(t, n);
       EXPECT(col.phases == phases, "n=%lld: thread %d has %d phases", (long long)n, t, col.phases);
@@ -383,14 +383,24 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
                (long long)n, t, r);
         counts.at(r * n + col.col) += 1;
       });
-      partial_rows.insert(col.phase * static_cast<int>(n) + col.col);
+      // The entry of the block's phase sums it writes (its own: no two threads share one).
+      EXPECT(col.phase * n + col.col == t, "n=%lld: thread %d writes phase sum %lld",
+             (long long)n, t, (long long)(col.phase * n + col.col));
+      phase_sums.insert(t);
     }
     for (size_t e = 0; e < counts.size(); ++e) {
       EXPECT(counts[e] == 1, "n=%lld rows=%d: element %zu added %d times", (long long)n, rows, e,
              counts[e]);
     }
-    EXPECT(partial_rows.size() == size_t(phases) * n, "n=%lld: %zu partial entries written",
-           (long long)n, partial_rows.size());
+    // Threads 0 .. n-1 each add their column's phases: every entry written is read once.
+    std::vector<int> reads(cfg::kRowBlockThreads, 0);
+    for (int c = 0; c < n; ++c) {
+      for (int p = 0; p < phases; ++p) reads.at(p * n + c) += 1;
+    }
+    for (int e = 0; e < cfg::kRowBlockThreads; ++e) {
+      EXPECT(reads[e] == int(phase_sums.count(e)), "n=%lld: phase sum %d read %d times",
+             (long long)n, e, reads[e]);
+    }
   }
   ++staged_backward_cases;
 }
