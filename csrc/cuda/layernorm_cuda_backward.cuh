@@ -12,6 +12,7 @@ namespace cuda_kernels {
 // Backward, rows in registers. blockDim = (G, rows per block); slot = blockIdx.x *
 // blockDim.y + threadIdx.y handles rows slot, slot + slots, ... with slots = gridDim.x *
 // blockDim.y, a multiple of the rows' alignment period (cuda_config::backward_slots).
+// At the end a block adds its slots' dgamma/dbeta into one partial row.
 // kElemsBackward per thread: the row's g and xhat stay in registers for dx.
 // kElemsBackwardLong (rows up to 16384): only dgamma/dbeta stay; dx reads the row again.
 //
@@ -31,6 +32,9 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
   constexpr int kKeptSlots = kKeepRow ? kSlots : 1;
   constexpr int kBatch = cuda_config::backward_batch_packs(kSlots);
   __shared__ SumPair<acc_t> scratch[cuda_indexing::kReduceScratch];
+  // The slots' partial rows of a block of several (cuda_config::kSlotPartialEntries): only
+  // groups of fewer than kRowBlockThreads threads, which hold kElemsBackward each, share one.
+  __shared__ acc_t slot_partials[kKeepRow ? cuda_config::kSlotPartialEntries : 1];
   const int t = threadIdx.x;
   const int group = blockDim.x;
   const int64_t rows_per_block = blockDim.y;
@@ -173,8 +177,14 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     });
   }
 
-  // This slot's partial rows, every column (zeros for a slot without rows).
-  acc_t* partial_dgamma = a.partial + slot * kParamGrads<kNorm> * a.cols;
+  // This slot's partial rows, every column (zeros for a slot without rows): the block's
+  // own in a.partial when it is the block's one slot, else in slot_partials, which the
+  // block then adds up in order into its partial rows. (A partial row a slot gave the
+  // finalize kernel 16 times as many rows to add at D = 128, from 4 blocks.)
+  const int64_t entries = kParamGrads<kNorm> * a.cols;
+  const bool shared_rows = kKeepRow && rows_per_block > 1;  // the same in the whole block
+  acc_t* partial_dgamma = shared_rows ? slot_partials + threadIdx.y * entries
+                                      : a.partial + int64_t(blockIdx.x) * entries;
   acc_t* partial_dbeta = partial_dgamma + a.cols;  // LayerNorm only
   cuda_indexing::for_each_register_pack<kSlots>(s, t, group, [&](int i, int e) {
 #pragma unroll
@@ -187,6 +197,16 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
     partial_dgamma[e] = dgamma_edge[i];
     if constexpr (kNorm == Norm::kLayer) partial_dbeta[e] = dbeta_edge[i];
   });
+  if (shared_rows) {
+    __syncthreads();
+    acc_t* const partial = a.partial + int64_t(blockIdx.x) * entries;
+    const int threads = group * static_cast<int>(rows_per_block);
+    for (int c = static_cast<int>(threadIdx.y) * group + t; c < entries; c += threads) {
+      acc_t sum = slot_partials[c];
+      for (int y = 1; y < rows_per_block; ++y) sum += slot_partials[y * entries + c];
+      partial[c] = sum;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------

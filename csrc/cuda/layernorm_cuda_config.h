@@ -124,10 +124,12 @@ LN_HOST_DEVICE constexpr int backward_batch_packs(int slots) {
 }
 
 // Backward: a "slot" is one row group that accumulates dgamma/dbeta over the rows
-// slot, slot + slots, slot + 2 * slots, ... and writes its partial rows (dgamma, and
-// dbeta for LayerNorm; fp32, fp64 for float64). Fewer slots mean less partial traffic,
-// more slots more parallelism; the count depends on M, N, the dtype and the tensors'
-// alignment, never on the GPU, so the result is bitwise the same on every GPU model.
+// slot, slot + slots, slot + 2 * slots, ... into partial rows (dgamma, and dbeta for
+// LayerNorm; fp32, fp64 for float64): the register kernel's blocks add their slots'
+// into one (through shared memory), the streaming kernel's slots write theirs. Fewer
+// slots mean less partial traffic, more slots more parallelism; the count depends on M,
+// N, the dtype and the tensors' alignment, never on the GPU, so the result is bitwise
+// the same on every GPU model.
 constexpr int64_t kMinRowsPerSlot = 16;
 // At most max(kBackwardBlocks, kBackwardThreads / threads per block) blocks. Each block
 // loops over its slots' rows, so more blocks than fit on the GPU at once cost a second
@@ -139,6 +141,11 @@ constexpr int64_t kMinRowsPerSlot = 16;
 // the streaming backward has its own count (column_slots).
 constexpr int64_t kBackwardBlocks = 256;
 constexpr int64_t kBackwardThreads = 65536;
+// The register backward's blocks of several slots (groups of fewer than kRowBlockThreads
+// threads, kRowBlockThreads / G rows a block, kElemsBackward elements a thread) hold at
+// most kRowBlockThreads * kElemsBackward columns of slots' partial rows, twice for
+// LayerNorm: 16 KiB of shared memory in float32.
+constexpr int kSlotPartialEntries = 2 * kRowBlockThreads * kElemsBackward;
 
 // Backward, streaming (rows too long for registers, float64, tensors of differing
 // alignment): dy and x read twice from DRAM. First a block per row reduces it to the two

@@ -18,17 +18,17 @@
 // dtype and the alignment, never of the GPU).
 // A slot's rows are slot, slot + slots, ...; they all split into head/vectors/tail the same
 // way, so a thread owns the same columns in each of them and keeps its dgamma/dbeta
-// contributions in registers across rows. Per row: dy and x read once from DRAM, two
-// row sums, dx written once. Longer rows, float64 and tensors whose alignment differs
-// stream, in two kernels: a block per row reduces it to the two row means dx needs, then
-// a thread per 16-byte column pack (or per head or tail element, or per element when
-// the tensors disagree on alignment) runs down a slot's rows, reading dy and x again,
-// writing dx and keeping its dgamma/dbeta in registers. Each slot
-// writes its partial rows; a small kernel adds the partial rows in a fixed order. Rows of
-// at most 128 bytes have a thread each, their block's span of dy and x copied through
-// shared memory as in the forward; there a thread adds one column's dgamma/dbeta over a
-// share of the span's rows. No
-// atomics anywhere: results are bitwise reproducible, on every GPU model.
+// contributions in registers across rows. Per row: dy and x read once from DRAM, two row
+// sums, dx written once; at the end a block adds its slots' dgamma/dbeta into its partial
+// row. Rows of at most 128 bytes have a thread each, their block's span of dy and x
+// copied through shared memory as in the forward; there a thread adds one column's
+// dgamma/dbeta over a share of the span's rows. Longer rows, float64 and tensors whose
+// alignment differs stream, in two kernels: a block per row reduces it to the two row
+// means dx needs, then a thread per 16-byte column pack (or per head or tail element, or
+// per element when the tensors disagree on alignment) runs down a slot's rows, reading
+// dy and x again, writing dx and keeping its dgamma/dbeta in registers; each slot writes
+// its partial row. A small kernel adds the partial rows in a fixed order. No atomics
+// anywhere: results are bitwise reproducible, on every GPU model.
 //
 // RMSNorm runs the same kernels with the template flag Norm::kRms (../layernorm_math.h):
 // the statistic is the sum of x^2 instead of Welford moments, there is no mean, no bias
@@ -198,15 +198,17 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
   const int period = a.vectorized ? cuda_config::row_alignment_period(cols, kVecOf<T>) : 1;
   const int64_t units = cuda_config::column_units(cols, kVecOf<T>, a.vectorized);
   const int64_t blocks_per_slot = cuda_config::column_blocks(units);  // streaming only
-  // A row per thread: a partial row a block.
+  // Partial rows: the streaming kernel's a slot, the register kernels' a block.
   const bool row_per_thread = c.kind == Kind::kRegisters && c.threads_per_row == 1;
   const int64_t slots = c.kind == Kind::kStreaming
                             ? cuda_config::column_slots(rows, blocks_per_slot, period)
                         : row_per_thread ? cuda_config::staged_backward_blocks(rows)
                                          : cuda_config::backward_slots(rows, c, period);
+  const int64_t partial_rows =
+      c.kind == Kind::kStreaming || row_per_thread ? slots : slots / c.rows_per_block;
   TORCH_CHECK(c.kind != Kind::kStreaming || blocks_per_slot * slots < (int64_t(1) << 31),
               "layernorm_ext: rows of ", cols, " elements are too long for the CUDA backward");
-  at::Tensor partial = at::empty({slots, kParamGrads<kNorm>, cols}, args.rstd.options());
+  at::Tensor partial = at::empty({partial_rows, kParamGrads<kNorm>, cols}, args.rstd.options());
   a.partial = partial.mutable_data_ptr<acc_t>();
   a.row_means = nullptr;
   if (c.kind == Kind::kStreaming) {
@@ -217,7 +219,12 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
     launch(backward_columns_kernel<kNorm, T, P>, grid_of(blocks_per_slot * slots),
            dim3(static_cast<unsigned>(cuda_config::column_block_threads(units))), a);
   } else if constexpr (kHasRegisterKernels<T>) {
-    const dim3 grid = grid_of(slots / c.rows_per_block);
+    const dim3 grid = grid_of(partial_rows);
+    // Several slots a block only where the block can add them up (kSlotPartialEntries).
+    TORCH_INTERNAL_ASSERT(row_per_thread || c.rows_per_block == 1 ||
+                          (c.elems_per_thread == cuda_config::kElemsBackward &&
+                           c.rows_per_block * kParamGrads<kNorm> * cols <=
+                               cuda_config::kSlotPartialEntries));
     if (row_per_thread) {
       TORCH_INTERNAL_ASSERT(c.rows_per_block == cuda_config::kRowBlockThreads);
       launch(backward_staged_rows_kernel<kNorm, T, P>, grid_of(slots), block_of(c), a);
@@ -236,7 +243,8 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
   launch(finalize_param_grads_kernel<kNorm, acc_t, P>,
          grid_of(at::ceil_div<int64_t>(cols, cuda_config::kFinalizeColumns)),
          dim3(cuda_config::kFinalizeColumns, cuda_config::kFinalizeLanes),
-         partial.const_data_ptr<acc_t>(), slots, cols, args.grad_weight.mutable_data_ptr<P>(),
+         partial.const_data_ptr<acc_t>(), partial_rows, cols,
+         args.grad_weight.mutable_data_ptr<P>(),
          args.grad_bias.defined() ? args.grad_bias.mutable_data_ptr<P>() : nullptr);
 }
 

@@ -233,6 +233,13 @@ void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes,
   const int vec = cfg::vector_width(elem_bytes);
   const int period = vectorized ? cfg::row_alignment_period(n, vec) : 1;
   const bool streaming = c.kind == cfg::Kind::kStreaming;
+  // A register block of several slots adds their partial rows (LayerNorm: two) in shared
+  // memory, kSlotPartialEntries of them.
+  EXPECT(streaming || c.rows_per_block == 1 ||
+             (c.elems_per_thread == cfg::kElemsBackward &&
+              c.rows_per_block * 2 * n <= cfg::kSlotPartialEntries),
+         "n=%lld: %d slots a block of %d elements a thread, %lld partial entries", (long long)n,
+         c.rows_per_block, c.elems_per_thread, (long long)(c.rows_per_block * 2 * n));
   for (int64_t m : {1, 2, 7, 33, 300, 1000, 4096, 100000}) {
     // As the launcher counts them (layernorm_cuda_kernels.cuh, launch_backward).
     const int64_t slots =
