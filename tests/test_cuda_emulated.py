@@ -207,13 +207,27 @@ STAGED_ROWS = 700  # 6 blocks of 128 rows, the last partial, on 3 resident block
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_staged_rows(emulated, n, dtype, norm):
     """Rows a thread each go through shared memory a block of rows at a time, forward and
-    backward (cuda_config::kStage{,Backward}RowsPerThread): blocks that loop over several
-    (the backward's dgamma/dbeta columns add up across them), a partial last block, a
-    column's dgamma/dbeta over 128 threads (D = 1) or 2 (bf16 D = 33, 64), rows that start
-    mid-vector (D = 7, 20, 33), padded rows in the tile (D = 16 and 32 float32, 64 bf16).
-    A block's span always starts on a vector boundary here (fresh outputs, 128 rows a
-    block); spans that start mid-vector are the host replay's."""
+    backward (cuda_config::kStage{,Backward}RowsPerThread): forward blocks that loop over
+    several, a partial last block, a column's dgamma/dbeta over 128 threads (D = 1), 3
+    (bf16 D = 33) or 2 (64), rows that start mid-vector (D = 7, 20, 33), padded rows in
+    the tile (D = 16 and 32 float32, 64 bf16). A block's span always starts on a vector
+    boundary here (fresh outputs, 128 rows a block); spans that start mid-vector are the
+    host replay's."""
     check_emulated(emulated, n, dtype, dtype, "aligned", norm, rows=STAGED_ROWS)
+
+
+# More spans of 128 rows than the row-per-thread backward has blocks (512, by
+# kBackwardThreads): each block takes two, its dgamma/dbeta columns kept across them,
+# the last span partial.
+LOOPING_STAGED_ROWS = 2 * 512 * 128 - 700
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("n,dtype", [(7, torch.float32), (32, torch.float32),
+                                     (20, torch.bfloat16), (64, torch.bfloat16)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_staged_backward_blocks_loop(emulated, n, dtype, norm):
+    check_emulated(emulated, n, dtype, dtype, "aligned", norm, rows=LOOPING_STAGED_ROWS)
 
 
 def test_without_bias_and_offset_rows(emulated):
@@ -379,12 +393,14 @@ def check_thread_order(emulated, schedule, n, dtype, norm, rows):
         assert a is None or torch.equal(a, b), f"{name} differs under the {schedule} schedule"
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
                          ids=lambda d: str(d).replace("torch.", ""))
-def test_staged_rows_do_not_depend_on_thread_order(emulated, schedule, dtype):
-    """The staged rows' tile is copied in, normalized in place and copied out, then
-    reused by the block's next rows: every step needs its barrier."""
-    check_thread_order(emulated, schedule, 20, dtype, "layer", STAGED_ROWS)
+def test_staged_rows_do_not_depend_on_thread_order(emulated, schedule, dtype, norm):
+    """The staged rows' tiles are copied in, read by rows and (backward) by columns,
+    written in place and copied out, then reused by the block's next rows; the backward's
+    column sums go through shared memory at the end: every step needs its barrier."""
+    check_thread_order(emulated, schedule, 20, dtype, norm, STAGED_ROWS)
 
 
 def test_emulator_schedules_expose_a_race(emulated):
@@ -407,3 +423,4 @@ def test_emulator_reports_divergent_barrier(emulated):
 def test_emulator_reports_divergent_shuffle(emulated):
     with pytest.raises(RuntimeError, match="different kinds or widths"):
         emulated.divergent_shuffle()
+

@@ -230,33 +230,38 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   constexpr int kVec = kVecOf<T>;
   constexpr int kRows = cuda_config::kRowBlockThreads;
   constexpr int kSlots = cuda_config::kLargeSliceVectors;  // a row's vectors at most
-  constexpr int kEdgeSlots = cuda_indexing::kRegisterEdgeSlots<kVec, true>;
   // A span may start up to 15 bytes into a tile (see the forward's).
   constexpr int kTileVectors = cuda_config::kRowTileBytes / 16 + 1;
   __shared__ __align__(16) uint4 dy_tile[kTileVectors];
   __shared__ __align__(16) uint4 x_tile[kTileVectors];
-  __shared__ acc_t rows_rstd[kRows], rows_center[kRows];
+  __shared__ SumPair<acc_t> rows_stats[kRows];  // of the span's rows: center, rstd
+  // The weight as acc_t (1 where absent), read once a block: a thread's vector of it then
+  // costs kVec shared loads, where load_param issued a vector load and a scalar fallback.
+  __shared__ acc_t weight[cuda_config::kLargeSliceBytes / 2];
   const int t = threadIdx.y;
   const int n = static_cast<int>(a.cols);
   const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
   const cuda_indexing::StagedColumn column = cuda_indexing::staged_column(t, a.cols);
   acc_t dgamma = 0, dbeta = 0;
-  // Spans start kRows rows apart, a multiple of the vector width: every row of this
-  // thread splits alike (in global memory and, a span keeping its offset, in the tile).
+  if (t < n) weight[t] = load_param(a.weight, t, acc_t(1));  // the first barrier publishes it
+  // Spans start a multiple of kRows rows apart, and kRows is a multiple of the vector
+  // width: every span starts a.x_misalign elements past a vector boundary (the tiles'
+  // layout is the same for all), and every row of this thread splits alike. (backward_config
+  // gives a thread its own row only in vectorized tensors.)
+  const cuda_indexing::TileLayout layout = cuda_indexing::tile_layout(a.cols, kVec, a.x_misalign);
+  T* const staged_dy = reinterpret_cast<T*>(dy_tile) + a.x_misalign;
+  T* const staged_x = reinterpret_cast<T*>(x_tile) + a.x_misalign;
   const RowSplit s = row_split(a, int64_t(blockIdx.x) * kRows + t, kVec);
-  const bool weight_vectors = a.weight.vectors_at(s.head);
+  const T* const dyr = staged_dy + layout.row_start(t, n);  // the thread's row in the tiles
+  T* const xr = staged_x + layout.row_start(t, n);
+  const int tail_begin = static_cast<int>(s.tail_begin());
 
   for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;
        first += int64_t(gridDim.x) * kRows) {
     const int64_t row = first + t;
     const int rows = static_cast<int>(a.rows - first < kRows ? a.rows - first : kRows);
     const bool valid = t < rows;
-    // backward_config gives a thread its own row only in vectorized tensors.
-    const int64_t misalign = cuda_indexing::row_misalign(a.x_misalign, first, a.cols, kVec);
     const RowSplit span = cuda_indexing::span_split(rows, a.cols, kVec, a.x_misalign, first);
-    const cuda_indexing::TileLayout layout = cuda_indexing::tile_layout(a.cols, kVec, misalign);
-    T* const staged_dy = reinterpret_cast<T*>(dy_tile) + misalign;
-    T* const staged_x = reinterpret_cast<T*>(x_tile) + misalign;
     acc_t rstd = 0, center = 0;
     if (valid) {  // read with the copy's loads, not after them
       rstd = a.rstd[row];
@@ -267,38 +272,38 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     // spilled 200-360 bytes at the 128 registers of 4 blocks an SM.
     copy_span<true>(a.dy + first * a.cols, staged_dy, span, layout, t, kRows);
     copy_span<true>(a.x + first * a.cols, staged_x, span, layout, t, kRows);
-    rows_rstd[t] = rstd;
-    rows_center[t] = center;
+    rows_stats[t] = {center, rstd};
     __syncthreads();
 
     if (column.active()) {
-      column.for_each_row(rows, [&](int r) {
-        const int at = layout.at(r * n + column.col);
+      column.for_each_row(rows, layout.row_start(1, n), [&](int r, int at) {
+        const SumPair<acc_t> stats = rows_stats[r];
         const acc_t dy = static_cast<acc_t>(staged_dy[at]);
-        const acc_t xhat = math::normalize<kNorm>(static_cast<acc_t>(staged_x[at]),
-                                                  rows_center[r], rows_rstd[r]);
+        const acc_t xhat =
+            math::normalize<kNorm>(static_cast<acc_t>(staged_x[at]), stats.a, stats.b);
         dgamma += dy * xhat;
         if constexpr (kNorm == Norm::kLayer) dbeta += dy;
       });
     }
 
     // The thread's row: g = dy * w and xhat of its vector at e, or of one element.
-    const T* const dyr = staged_dy + layout.row_start(t, n);
-    T* const xr = staged_x + layout.row_start(t, n);
     const auto vector_terms = [&](int e, acc_t(&g)[kVec], acc_t(&xhat)[kVec]) {
-      acc_t w[kVec];
-      load_param(a.weight, e, weight_vectors, acc_t(1), w);
       unpack<T>(load_shared_16_bytes(dyr + e), g);
       unpack<T>(load_shared_16_bytes(xr + e), xhat);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        g[k] *= w[k];
+        g[k] *= weight[e + k];
         xhat[k] = math::normalize<kNorm>(xhat[k], center, rstd);
       }
     };
     const auto element_terms = [&](int e, acc_t& g, acc_t& xhat) {
-      g = static_cast<acc_t>(dyr[e]) * load_param(a.weight, e, acc_t(1));
+      g = static_cast<acc_t>(dyr[e]) * weight[e];
       xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), center, rstd);
+    };
+    // Head and tail elements, read from the tiles (no register slots to fill).
+    const auto for_each_edge = [&](auto&& f) {
+      for (int e = 0; e < s.head; ++e) f(e);
+      for (int e = tail_begin; e < n; ++e) f(e);
     };
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     const auto add = [&](acc_t g, acc_t xhat) {
@@ -312,7 +317,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
 #pragma unroll
         for (int k = 0; k < kVec; ++k) add(g[k], xhat[k]);
       });
-      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, 0, 1, [&](int, int e) {
+      for_each_edge([&](int e) {
         acc_t g, xhat;
         element_terms(e, g, xhat);
         add(g, xhat);
@@ -332,7 +337,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
         }
         store_vector<kVec, true>(xr + e, g);
       });
-      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, 0, 1, [&](int, int e) {
+      for_each_edge([&](int e) {
         acc_t g, xhat;
         element_terms(e, g, xhat);
         xr[e] = static_cast<T>(math::input_grad<kNorm>(g, xhat, rstd, mean_g, mean_g_xhat));

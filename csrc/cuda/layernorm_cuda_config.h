@@ -105,11 +105,9 @@ constexpr int kElemsBackwardLong = 32;
 // adds its J phases into one partial row at the end.
 // (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the row groups.)
 constexpr bool kStageBackwardRowsPerThread = true;
-// Its __launch_bounds__ floor: the two tiles take 37 KiB of shared memory a block.
+// Its __launch_bounds__ floor: 128 registers a thread. The two tiles take 37 KiB of shared
+// memory a block: 4 blocks fit an A100's 164 KiB, 6 an H100's 228 KiB.
 constexpr int kStagedBackwardMinBlocksPerSM = 4;
-// Spans of 128 rows a block at least before the grid grows (each block writes a partial
-// row; at most kBackwardThreads / 128 blocks, a function of M only, as the slots).
-constexpr int64_t kStagedBackwardMinSpans = 2;
 LN_HOST_DEVICE constexpr int staged_column_phases(int64_t n) {
   return static_cast<int>(kRowBlockThreads / n);
 }
@@ -294,9 +292,10 @@ LN_HOST_DEVICE constexpr int64_t backward_slots(int64_t m, const LaunchConfig& c
                      c.rows_per_block > period ? c.rows_per_block : period);
 }
 
-// The row-per-thread backward's blocks for m rows, a partial row each.
+// The row-per-thread backward's blocks for m rows, a partial row each: a block per span
+// of 128 rows, at most kBackwardThreads / 128 (a function of m only, as the slots).
 LN_HOST_DEVICE constexpr int64_t staged_backward_blocks(int64_t m) {
-  const int64_t blocks = ceil_div(ceil_div(m, kRowBlockThreads), kStagedBackwardMinSpans);
+  const int64_t blocks = ceil_div(m, kRowBlockThreads);
   const int64_t cap = kBackwardThreads / kRowBlockThreads;
   return blocks < 1 ? 1 : blocks > cap ? cap : blocks;
 }

@@ -148,10 +148,15 @@ struct StagedColumn {
   int col, phase, phases;
 
   LN_HOST_DEVICE bool active() const { return phase < phases; }
-  // Rows [0, rows) of a span, each once over the block's active threads.
+  // Rows [0, rows) of a span, each once over the block's active threads: f(row, offset of
+  // its element col in a tile whose rows start row_stride elements apart).
   template <typename F>
-  LN_HOST_DEVICE void for_each_row(int rows, F&& f) const {
-    for (int r = phase; r < rows; r += phases) f(r);
+  LN_HOST_DEVICE void for_each_row(int rows, int row_stride, F&& f) const {
+    int at = phase * row_stride + col;
+#if defined(__CUDACC__)
+#pragma unroll 4
+#endif
+    for (int r = phase; r < rows; r += phases, at += phases * row_stride) f(r, at);
   }
 };
 

@@ -347,8 +347,8 @@ void cover_row_tiles() {
 // The row-per-thread backward (cfg::kStageBackwardRowsPerThread): blocks of 128 rows,
 // a grid that depends on m alone; every thread's rows split alike (spans 128 rows apart);
 // the column threads (cuda_indexing::staged_column) add each element of a span of any
-// row count exactly once, consecutive threads reading consecutive elements of the span,
-// and the block adds every thread's column sums into its partial row once.
+// row count exactly once, reading it where the tile holds it (padded or not), and the
+// block adds every thread's column sums into its partial row once.
 int staged_backward_cases = 0;
 
 void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes) {
@@ -375,6 +375,10 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
       }
     }
   }
+  std::vector<idx::TileLayout> layouts;  // every misalignment's
+  for (int64_t misalign = 0; misalign < vec; ++misalign) {
+    layouts.push_back(idx::tile_layout(n, vec, misalign));
+  }
   for (int rows : {1, 2, 5, 31, 127, 128}) {
     std::vector<int> counts(rows * n, 0);
     std::set<int> phase_sums;
@@ -384,12 +388,17 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
       if (!col.active()) continue;
       EXPECT(col.col >= 0 && col.col < n && col.phase >= 0, "n=%lld: thread %d at column %d",
              (long long)n, t, col.col);
-      // Its row r's element: t + (r - phase) * n, the element a thread t reads in turn.
-      col.for_each_row(rows, [&](int r) {
-        EXPECT(r * n + col.col == t + (r - col.phase) * n, "n=%lld: thread %d row %d",
-               (long long)n, t, r);
+      col.for_each_row(rows, static_cast<int>(n), [&](int r, int) {
         counts.at(r * n + col.col) += 1;
       });
+      // Where each tile layout of this n holds the element (the kernel's row stride).
+      for (const idx::TileLayout& layout : layouts) {
+        col.for_each_row(rows, layout.row_start(1, static_cast<int>(n)), [&](int r, int at) {
+          EXPECT(at == layout.at(static_cast<int>(r * n + col.col)),
+                 "n=%lld: thread %d reads row %d at tile element %d (pad %d)", (long long)n, t,
+                 r, at, layout.pad);
+        });
+      }
       // The entry of the block's phase sums it writes (its own: no two threads share one).
       EXPECT(col.phase * n + col.col == t, "n=%lld: thread %d writes phase sum %lld",
              (long long)n, t, (long long)(col.phase * n + col.col));
