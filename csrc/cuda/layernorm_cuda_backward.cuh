@@ -229,7 +229,6 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   using acc_t = at::opmath_type<T>;
   constexpr int kVec = kVecOf<T>;
   constexpr int kRows = cuda_config::kRowBlockThreads;
-  constexpr int kSlots = cuda_config::kLargeSliceVectors;  // a row's vectors at most
   // A span may start up to 15 bytes into a tile (see the forward's).
   constexpr int kTileVectors = cuda_config::kRowTileBytes / 16 + 1;
   __shared__ __align__(16) uint4 dy_tile[kTileVectors];
@@ -268,11 +267,12 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
       center = math::row_center<kNorm>(a.mean, row, rstd);
     }
     __syncthreads();  // the previous span's tiles and statistics are no longer read
-    // One tensor after the other: with both in flight (16 vectors a thread), nvcc 13.0
-    // spilled 200-360 bytes at the 128 registers of 4 blocks an SM.
+    // Through registers (without kAsyncStagedCopy) one tensor after the other: both at
+    // once (16 vectors a thread) spilled 200-360 bytes at 128 registers (nvcc 13.0).
     copy_span<true>(a.dy + first * a.cols, staged_dy, span, layout, t, kRows);
     copy_span<true>(a.x + first * a.cols, staged_x, span, layout, t, kRows);
     rows_stats[t] = {center, rstd};
+    wait_async_copies();
     __syncthreads();
 
     if (column.active()) {
@@ -300,7 +300,13 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
       g = static_cast<acc_t>(dyr[e]) * weight[e];
       xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), center, rstd);
     };
-    // Head and tail elements, read from the tiles (no register slots to fill).
+    // The row's vectors, and its head and tail elements: loops over the tiles, not the
+    // register kernels' slots (unrolled and predicated, all 8 vector slots and 14 edge
+    // slots of a bf16 row took their issue slots, and nvcc 13.0 spilled on sm_80).
+    const auto for_each_vector = [&](auto&& f) {
+#pragma unroll 2
+      for (int e = static_cast<int>(s.head); e < tail_begin; e += kVec) f(e);
+    };
     const auto for_each_edge = [&](auto&& f) {
       for (int e = 0; e < s.head; ++e) f(e);
       for (int e = tail_begin; e < n; ++e) f(e);
@@ -311,7 +317,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
       sums.b += g * xhat;
     };
     if (valid) {
-      cuda_indexing::for_each_register_pack<kSlots>(s, 0, 1, [&](int, int e) {
+      for_each_vector([&](int e) {
         acc_t g[kVec], xhat[kVec];
         vector_terms(e, g, xhat);
 #pragma unroll
@@ -328,7 +334,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     if (valid) {
       const acc_t mean_g = sums.a * inv_cols;
       const acc_t mean_g_xhat = sums.b * inv_cols;
-      cuda_indexing::for_each_register_pack<kSlots>(s, 0, 1, [&](int, int e) {
+      for_each_vector([&](int e) {
         acc_t g[kVec], xhat[kVec];
         vector_terms(e, g, xhat);
 #pragma unroll

@@ -72,6 +72,15 @@ constexpr int kRowPerThreadMinBlocksPerSM = 4;
 // H200 (2026-12-04), where torch.compile's coalesced kernel reached 94-101%.
 // (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the direct reads.)
 constexpr bool kStageRowsPerThread = true;
+// Staged blocks (forward and backward) copy their spans into the tiles with cp.async
+// (sm_80 and later): 16 bytes from global to shared memory without a register, one
+// instruction a vector, where a copy through registers takes a load, a store and their
+// address arithmetic for each of a thread's 8 vector slots (about a fifth of the
+// backward's instructions at bf16 D = 20, by a count of its sm_90 SASS), and the backward
+// can have dy's and x's vectors in flight together (through registers both at once
+// spilled). (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the copy
+// through registers.)
+constexpr bool kAsyncStagedCopy = true;
 // The tile: 128 rows of up to 128 bytes, each padded by up to 16 (cuda_indexing::TileLayout).
 constexpr int kRowTileBytes = kRowBlockThreads * (kLargeSliceBytes + 16);
 constexpr int kLargeSliceVectors = kLargeSliceBytes / 16;
@@ -105,9 +114,10 @@ constexpr int kElemsBackwardLong = 32;
 // adds its J phases into one partial row at the end.
 // (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the row groups.)
 constexpr bool kStageBackwardRowsPerThread = true;
-// Its __launch_bounds__ floor: 128 registers a thread. The two tiles take 37 KiB of shared
-// memory a block: 4 blocks fit an A100's 164 KiB, 6 an H100's 228 KiB.
-constexpr int kStagedBackwardMinBlocksPerSM = 4;
+// Its __launch_bounds__ floor, 96 registers a thread (no spills, sm_80 and sm_90, nvcc
+// 13.0; 6 blocks, 80 registers, spilled): the two tiles take 37 KiB of shared memory a
+// block, and 5 blocks fit an H100's 228 KiB (an A100's 164 KiB holds 4).
+constexpr int kStagedBackwardMinBlocksPerSM = 5;
 LN_HOST_DEVICE constexpr int staged_column_phases(int64_t n) {
   return static_cast<int>(kRowBlockThreads / n);
 }

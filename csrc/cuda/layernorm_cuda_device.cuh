@@ -141,14 +141,49 @@ __device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in
   }
 }
 
+// 16 bytes from global to shared memory without a register: cp.async on sm_80 and later
+// (cuda_config::kAsyncStagedCopy), a load and a store elsewhere and in the emulator.
+// The thread sees them after wait_async_copies(), the block after that and a barrier.
+__device__ __forceinline__ void copy_16_bytes_async(void* shared, const void* global) {
+#if defined(LN_CUDA_EMULATION)
+  memcpy(shared, global, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)),
+               "l"(global)
+               : "memory");
+#else
+  store_16_bytes<true>(shared, load_raw(static_cast<const uint4*>(global)));
+#endif
+}
+
+__device__ __forceinline__ void wait_async_copies() {
+#if !defined(LN_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 // Copies a staged block's span of rows (cuda_indexing::span_split) between global memory
 // and the tile (element e at layout.at(e)), which start at the same offset from a 16-byte
 // boundary: thread t of `threads` its packs and edge elements, all loads before any store.
+// Into the tile with kAsyncStagedCopy, the packs may still be in flight on return: the
+// caller calls wait_async_copies() before the barrier that hands the tile to the block.
 template <bool kToShared, typename T>
 __device__ __forceinline__ void copy_span(const T* from, T* to, const RowSplit& span,
                                           const cuda_indexing::TileLayout& layout, int t,
                                           int threads) {
   constexpr int kSlots = cuda_indexing::kRowTileSlots;
+  if constexpr (kToShared && cuda_config::kAsyncStagedCopy) {
+    // A loop, not register slots: a copy's issue waits for nothing. (Unrolled over the
+    // slots, the backward's address arithmetic spilled at 128 registers, nvcc 13.0.)
+    cuda_indexing::for_each_streamed(
+        span, t, threads,
+        [&](int64_t e) {
+          const int at = layout.at(static_cast<int>(e));
+          copy_16_bytes_async(to + at, from + e);
+        },
+        [&](int64_t e) { to[layout.at(static_cast<int>(e))] = from[e]; });
+    return;
+  }
   const auto from_at = [&](int e) { return kToShared ? e : layout.at(e); };
   const auto to_at = [&](int e) { return kToShared ? layout.at(e) : e; };
   uint4 packs[kSlots];

@@ -95,6 +95,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       staged = reinterpret_cast<T*>(tile) + misalign;
       __syncthreads();  // the previous rows' copy out of the tile is done
       copy_span<true>(a.x + first * a.cols, staged, span, layout, threadIdx.y, rows_per_block);
+      wait_async_copies();
       __syncthreads();
       xr = staged + layout.row_start(threadIdx.y, static_cast<int>(a.cols));
       yr = staged + layout.row_start(threadIdx.y, static_cast<int>(a.cols));

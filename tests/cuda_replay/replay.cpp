@@ -292,15 +292,23 @@ void cover_row_tiles() {
             const idx::RowSplit span = idx::span_split(rows, n, vec, base, first);
             const int64_t misalign = idx::row_misalign(base, first, n, vec);
             const idx::TileLayout layout = idx::tile_layout(n, vec, misalign);
+            // The copy through registers (out of the tile, and in without
+            // kAsyncStagedCopy), and the asynchronous copy in (a loop over the packs).
             cover_register_row<idx::kRowTileSlots, 1>(
                 span, {"staged rows", elem_bytes, rows * n, true, misalign},
                 cfg::kRowBlockThreads);
+            cover_streamed_row(span, {"staged rows (async)", elem_bytes, rows * n, true, misalign},
+                               cfg::kRowBlockThreads);
             for (int t = 0; t < cfg::kRowBlockThreads; ++t) {
+              const auto aligned_in_tile = [&](int64_t e) {
+                EXPECT((misalign + layout.at(static_cast<int>(e))) % vec == 0,
+                       "n=%lld: a pack at tile element %d", (long long)n,
+                       layout.at(static_cast<int>(e)));
+              };
               idx::for_each_register_pack<idx::kRowTileSlots>(
-                  span, t, cfg::kRowBlockThreads, [&](int, int e) {
-                    EXPECT((misalign + layout.at(e)) % vec == 0,
-                           "n=%lld: a pack at tile element %d", (long long)n, layout.at(e));
-                  });
+                  span, t, cfg::kRowBlockThreads, [&](int, int e) { aligned_in_tile(e); });
+              idx::for_each_streamed(span, t, cfg::kRowBlockThreads, aligned_in_tile,
+                                     [](int64_t) {});
             }
             for (int64_t r = 0; r < rows; ++r) {
               // The row's thread reads its vectors where its split (as in global memory)
