@@ -124,7 +124,9 @@ def test_row_kernels_use_128_bit_global_accesses():
     for norm in (0, 1):  # the Norm template argument, as mangled: LNS_4NormE0E / ...E1E
         assert sum(f"NormE{norm}E" in name for name in row_kernels) == per_norm
     for name, body in row_kernels.items():
-        assert re.search(r"\bLDG\.E\.128\b", body), f"{name}: no 128-bit global load"
+        # A plain load, or (staged blocks, kAsyncStagedCopy) a cp.async into shared memory.
+        assert re.search(r"\b(LDG\.E|LDGSTS\.E\.BYPASS)\.128\b", body), \
+            f"{name}: no 128-bit global load"
         if family(name) != "backward_row_means_kernel":  # it stores two floats a row
             assert re.search(r"\bSTG\.E\.128\b", body), f"{name}: no 128-bit global store"
 
@@ -140,6 +142,24 @@ def _registers(operand: str) -> set[int]:
     return regs
 
 
+# cp.async (global to shared memory, no register): the staged kernels' copies of their
+# spans into the tiles (kAsyncStagedCopy); DEPBAR waits for them.
+ASYNC_COPY = "LDGSTS"
+
+
+def async_copies_in_flight(body: str) -> int:
+    """The most 128-bit cp.async copies a kernel issues in a row, in the SASS's
+    straight-line order, before a wait for them (DEPBAR), a barrier or an exit."""
+    best = run = 0
+    for opcode, _ in _SASS_INSTRUCTION.findall(body):
+        if opcode.startswith(ASYNC_COPY) and ".128" in opcode:
+            run += 1
+            best = max(best, run)
+        elif opcode.startswith(("DEPBAR", "BAR", "EXIT", "RET")):
+            run = 0
+    return best
+
+
 def loads_in_flight(body: str) -> int:
     """The most 128-bit global loads a kernel issues before the first instruction that
     reads one of their results, over every starting load, in the SASS's straight-line
@@ -147,7 +167,7 @@ def loads_in_flight(body: str) -> int:
     instructions = _SASS_INSTRUCTION.findall(body)
     best = 0
     for start, (opcode, _) in enumerate(instructions):
-        if not (opcode.startswith("LDG") and ".128" in opcode):
+        if not (opcode.startswith("LDG") and ".128" in opcode) or opcode.startswith(ASYNC_COPY):
             continue
         pending: set[int] = set()
         loads = 0
@@ -155,7 +175,8 @@ def loads_in_flight(body: str) -> int:
             if opcode.startswith(("BAR", "EXIT", "RET")):
                 break
             parts = [p.strip() for p in operands.split(",")] if operands.strip() else []
-            writes_first = parts and not opcode.startswith(("ST", "BRA", "RED", "ATOM"))
+            writes_first = parts and not opcode.startswith(("ST", "BRA", "RED", "ATOM",
+                                                             ASYNC_COPY))
             sources = set().union(*(_registers(p) for p in parts[1 if writes_first else 0:]))
             if sources & pending:
                 break
@@ -176,6 +197,11 @@ def loads_in_flight(body: str) -> int:
 def config_constant(name: str) -> int:
     text = (ROOT / "csrc" / "cuda" / "layernorm_cuda_config.h").read_text()
     return int(re.search(rf"constexpr int {name} = (\d+);", text).group(1))
+
+
+def config_flag(name: str) -> bool:
+    text = (ROOT / "csrc" / "cuda" / "layernorm_cuda_config.h").read_text()
+    return re.search(rf"constexpr bool {name} = (true|false);", text).group(1) == "true"
 
 
 @needs_cuda_build
@@ -210,10 +236,28 @@ def test_register_forward_loads_its_slice_before_using_it():
     assert len(forward) == 2 * (3 * 5 + 1), sorted(forward)  # norms x (variants x dtypes + huge)
     short = {}
     for name, body in forward.items():
-        vectors = int(re.search(r"Li(\d+)ELb[01]E", name).group(1))  # kVectors, as mangled
-        if loads_in_flight(body) < min(vectors, 4):
-            short[name] = (vectors, loads_in_flight(body))
+        match = re.search(r"Li(\d+)ELb([01])E", name)  # kVectors, kRowPerThread as mangled
+        vectors = int(match.group(1))
+        # A thread alone on its row copies its share of the block's span into the tile,
+        # with cp.async where kAsyncStagedCopy: those copies are its loads.
+        async_copies = (match.group(2) == "1" and config_flag("kStageRowsPerThread")
+                        and config_flag("kAsyncStagedCopy"))
+        issued = async_copies_in_flight(body) if async_copies else loads_in_flight(body)
+        if issued < min(vectors, 4):
+            short[name] = (vectors, issued)
     assert not short, short
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not config_flag("kAsyncStagedCopy"), reason="staged copies through registers")
+def test_staged_backward_copies_dy_and_x_together():
+    """The row-per-thread backward issues its cp.async copies of dy's and x's spans before
+    it waits for any: at least an unrolled run of each tensor's loop (4 vectors)."""
+    functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
+    staged = {name: async_copies_in_flight(body) for name, body in functions.items()
+              if family(name) == "backward_staged_rows_kernel"}
+    assert len(staged) == 2 * 5, sorted(staged)  # norms x dtype pairs
+    assert all(n >= 8 for n in staged.values()), staged
 
 
 def find_cxx() -> str | None:
