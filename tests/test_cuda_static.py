@@ -260,6 +260,38 @@ def test_staged_backward_copies_dy_and_x_together():
     assert all(n >= 8 for n in staged.values()), staged
 
 
+def async_copies_unwaited_at_barrier(body: str) -> int:
+    """Barriers (BAR) a kernel reaches, in the SASS's straight-line order, with a cp.async
+    copy issued since its last wait (DEPBAR): each one hands the block a tile some of whose
+    16-byte vectors may not have landed. The emulator's copies are synchronous, so without
+    a GPU only this check sees a missing wait_async_copies()."""
+    unwaited = False
+    barriers = 0
+    for opcode, _ in _SASS_INSTRUCTION.findall(body):
+        if opcode.startswith(ASYNC_COPY):
+            unwaited = True
+        elif opcode.startswith("DEPBAR"):
+            unwaited = False
+        elif opcode.startswith("BAR"):
+            barriers += unwaited
+    return barriers
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not config_flag("kAsyncStagedCopy"), reason="staged copies through registers")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_staged_copies_are_waited_for_before_each_barrier(arch):
+    """Every staged kernel (the forward's and the backward's rows a thread each) waits for
+    its cp.async copies before the barrier that publishes the tiles."""
+    functions = split_functions(cuobjdump("-sass", "-arch", arch))
+    staged = {name: body for name, body in functions.items() if ASYNC_COPY in body}
+    # norms x dtype pairs, forward and backward
+    assert len(staged) == 2 * 5 * 2, sorted(staged)
+    unwaited = {name: n for name, body in staged.items()
+                if (n := async_copies_unwaited_at_barrier(body))}
+    assert not unwaited, unwaited
+
+
 def find_cxx() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):
