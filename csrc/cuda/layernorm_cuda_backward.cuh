@@ -253,7 +253,9 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   const RowSplit s = row_split(a, int64_t(blockIdx.x) * kRows + t, kVec);
   const T* const dyr = staged_dy + layout.row_start(t, n);  // the thread's row in the tiles
   T* const xr = staged_x + layout.row_start(t, n);
+  const int head = static_cast<int>(s.head);
   const int tail_begin = static_cast<int>(s.tail_begin());
+  const int edges = head + (n - tail_begin);  // the row's head and tail elements
 
   for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;
        first += int64_t(gridDim.x) * kRows) {
@@ -261,16 +263,19 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     const int rows = static_cast<int>(a.rows - first < kRows ? a.rows - first : kRows);
     const bool valid = t < rows;
     const RowSplit span = cuda_indexing::span_split(rows, a.cols, kVec, a.x_misalign, first);
-    acc_t rstd = 0, center = 0;
-    if (valid) {  // read with the copy's loads, not after them
+    acc_t rstd = 0, mean = 0;
+    if (valid) {  // loaded with the copies, used after them
       rstd = a.rstd[row];
-      center = math::row_center<kNorm>(a.mean, row, rstd);
+      if constexpr (kNorm == Norm::kLayer) mean = a.mean[row];
     }
     __syncthreads();  // the previous span's tiles and statistics are no longer read
     // Through registers (without kAsyncStagedCopy) one tensor after the other: both at
     // once (16 vectors a thread) spilled 200-360 bytes at 128 registers (nvcc 13.0).
     copy_span<true>(a.dy + first * a.cols, staged_dy, span, layout, t, kRows);
     copy_span<true>(a.x + first * a.cols, staged_x, span, layout, t, kRows);
+    // The center after the copies: before them, each warp waited for its mean and rstd
+    // to arrive before it issued a copy.
+    const acc_t center = kNorm == Norm::kLayer ? math::normalize_center(mean, rstd) : acc_t(0);
     rows_stats[t] = {center, rstd};
     wait_async_copies();
     __syncthreads();
@@ -302,14 +307,15 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     };
     // The row's vectors, and its head and tail elements: loops over the tiles, not the
     // register kernels' slots (unrolled and predicated, all 8 vector slots and 14 edge
-    // slots of a bf16 row took their issue slots, and nvcc 13.0 spilled on sm_80).
+    // slots of a bf16 row took their issue slots, and nvcc 13.0 spilled on sm_80). The
+    // edges are one loop: as many in every lane where rows differ only in their offset
+    // from a vector boundary (bf16 D = 20: 4 as head or as tail).
     const auto for_each_vector = [&](auto&& f) {
 #pragma unroll 2
-      for (int e = static_cast<int>(s.head); e < tail_begin; e += kVec) f(e);
+      for (int e = head; e < tail_begin; e += kVec) f(e);
     };
     const auto for_each_edge = [&](auto&& f) {
-      for (int e = 0; e < s.head; ++e) f(e);
-      for (int e = tail_begin; e < n; ++e) f(e);
+      for (int i = 0; i < edges; ++i) f(i < head ? i : i + (tail_begin - head));
     };
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     const auto add = [&](acc_t g, acc_t xhat) {

@@ -141,62 +141,78 @@ __device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in
   }
 }
 
-// 16 bytes from global to shared memory without a register: cp.async on sm_80 and later
-// (cuda_config::kAsyncStagedCopy), a load and a store elsewhere and in the emulator.
-// The thread sees them after wait_async_copies(), the block after that and a barrier.
+// cp.async (global to shared memory without a register) exists from sm_80 on; the
+// emulator stands in for it with a memcpy. Older GPUs copy staged spans through registers.
+#if defined(LN_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define LN_HAS_ASYNC_COPY 1
+#else
+#define LN_HAS_ASYNC_COPY 0
+#endif
+
+// 16 bytes from global to shared memory (cuda_config::kAsyncStagedCopy). The thread sees
+// them after wait_async_copies(), the block after that and a barrier.
 __device__ __forceinline__ void copy_16_bytes_async(void* shared, const void* global) {
 #if defined(LN_CUDA_EMULATION)
   memcpy(shared, global, 16);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#elif LN_HAS_ASYNC_COPY
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)),
                "l"(global)
                : "memory");
 #else
-  store_16_bytes<true>(shared, load_raw(static_cast<const uint4*>(global)));
+  (void)shared, (void)global;
+  __trap();  // not reached: copy_span copies through registers there
 #endif
 }
 
 __device__ __forceinline__ void wait_async_copies() {
-#if !defined(LN_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if !defined(LN_CUDA_EMULATION) && LN_HAS_ASYNC_COPY
   asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
 }
 
 // Copies a staged block's span of rows (cuda_indexing::span_split) between global memory
 // and the tile (element e at layout.at(e)), which start at the same offset from a 16-byte
-// boundary: thread t of `threads` its packs and edge elements, all loads before any store.
+// boundary: thread t of `threads` its packs and edge elements.
 // Into the tile with kAsyncStagedCopy, the packs may still be in flight on return: the
 // caller calls wait_async_copies() before the barrier that hands the tile to the block.
 template <bool kToShared, typename T>
 __device__ __forceinline__ void copy_span(const T* from, T* to, const RowSplit& span,
                                           const cuda_indexing::TileLayout& layout, int t,
                                           int threads) {
-  constexpr int kSlots = cuda_indexing::kRowTileSlots;
-  if constexpr (kToShared && cuda_config::kAsyncStagedCopy) {
-    // A loop, not register slots: a copy's issue waits for nothing. (Unrolled over the
-    // slots, the backward's address arithmetic spilled at 128 registers, nvcc 13.0.)
-    cuda_indexing::for_each_streamed(
+  constexpr bool kAsync = kToShared && cuda_config::kAsyncStagedCopy && LN_HAS_ASYNC_COPY;
+  if constexpr (!kToShared || kAsync) {
+    // A loop: an async copy's issue, or a store's, waits for no other vector's load.
+    cuda_indexing::for_each_span_part(
         span, t, threads,
-        [&](int64_t e) {
-          const int at = layout.at(static_cast<int>(e));
-          copy_16_bytes_async(to + at, from + e);
+        [&](int e) {
+          if constexpr (kAsync) {
+            copy_16_bytes_async(to + layout.at(e), from + e);
+          } else {
+            store_16_bytes(to + e, load_raw(from + layout.at(e)));
+          }
         },
-        [&](int64_t e) { to[layout.at(static_cast<int>(e))] = from[e]; });
+        [&](int e) {
+          if constexpr (kToShared) {
+            to[layout.at(e)] = from[e];
+          } else {
+            to[e] = from[layout.at(e)];
+          }
+        });
     return;
   }
-  const auto from_at = [&](int e) { return kToShared ? e : layout.at(e); };
-  const auto to_at = [&](int e) { return kToShared ? layout.at(e) : e; };
+  // Into the tile through registers: all loads before any store.
+  constexpr int kSlots = cuda_indexing::kRowTileSlots;
   uint4 packs[kSlots];
   T edge[2];
   cuda_indexing::for_each_register_pack<kSlots>(
-      span, t, threads, [&](int i, int e) { packs[i] = load_raw(from + from_at(e)); });
+      span, t, threads, [&](int i, int e) { packs[i] = load_raw(from + e); });
   cuda_indexing::for_each_register_edge(span, t, threads,
-                                        [&](int i, int e) { edge[i] = from[from_at(e)]; });
+                                        [&](int i, int e) { edge[i] = from[e]; });
   cuda_indexing::for_each_register_pack<kSlots>(span, t, threads, [&](int i, int e) {
-    store_16_bytes<kToShared>(to + to_at(e), packs[i]);
+    store_16_bytes<true>(to + layout.at(e), packs[i]);
   });
   cuda_indexing::for_each_register_edge(span, t, threads,
-                                        [&](int i, int e) { to[to_at(e)] = edge[i]; });
+                                        [&](int i, int e) { to[layout.at(e)] = edge[i]; });
 }
 
 // A weight or bias: absent (nullptr, read as `fill`), or a pointer whose first element

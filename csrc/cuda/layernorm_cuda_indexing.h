@@ -113,6 +113,24 @@ LN_HOST_DEVICE RowSplit span_split(int64_t rows, int64_t n, int vec, int64_t bas
 }
 inline constexpr int kRowTileSlots = cuda_config::kLargeSliceVectors;
 
+// A staged span's copy with a loop (not the register slots, whose unrolled predicates and
+// 64-bit addresses cost more issue slots than the copy): thread t of `threads` has the
+// span's packs t, t + threads, ... (pack(first element)), and its head and tail element t
+// (element(index)), since a span's head and tail are shorter than a vector and a block
+// has more threads than a vector has elements. Int indices: a span fits a tile.
+template <typename FPack, typename FElement>
+LN_HOST_DEVICE void for_each_span_part(const RowSplit& span, int t, int threads, FPack&& pack,
+                                       FElement&& element) {
+  const int head = static_cast<int>(span.head);
+  const int packs = static_cast<int>(span.packs);
+#if defined(__CUDACC__)
+#pragma unroll 4
+#endif
+  for (int p = t; p < packs; p += threads) pack(head + p * span.vec);
+  if (t < head) element(t);
+  if (t < span.tail) element(head + packs * span.vec + t);
+}
+
 // Where the tile holds element e of a staged span (the span starts `misalign` elements
 // into the tile, at its offset from a 16-byte boundary in global memory; 0 from the ops,
 // whose outputs are fresh, but the launcher takes any offset x and y share). A warp's

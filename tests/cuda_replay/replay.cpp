@@ -107,6 +107,29 @@ void cover_streamed_row(const idx::RowSplit& s, const RowCase& c, int group) {
   check_counts(counts, c, group);
 }
 
+// A staged span's copy loop (idx::for_each_span_part): the same coverage, each thread at
+// most one head and one tail element.
+void cover_span_parts(const idx::RowSplit& s, const RowCase& c, int threads) {
+  std::vector<int> counts(c.n, 0);
+  for (int t = 0; t < threads; ++t) {
+    int edges = 0;
+    idx::for_each_span_part(
+        s, t, threads,
+        [&](int e) {
+          EXPECT((c.misalign + e) % s.vec == 0, "%s n=%lld: pack at %d not 16-byte aligned",
+                 c.direction, (long long)c.n, e);
+          for (int k = 0; k < s.vec; ++k) counts.at(e + k) += 1;
+        },
+        [&](int e) {
+          counts.at(e) += 1;
+          ++edges;
+        });
+    EXPECT(edges <= 2, "%s n=%lld: thread %d copies %d edge elements", c.direction,
+           (long long)c.n, t, edges);
+  }
+  check_counts(counts, c, threads);
+}
+
 // The streaming backward's column kernel: the units of every thread of every column
 // block of a slot cover the row once, packs 16-byte aligned. `units` is what the
 // launcher sizes the grid by (cfg::column_units).
@@ -292,23 +315,22 @@ void cover_row_tiles() {
             const idx::RowSplit span = idx::span_split(rows, n, vec, base, first);
             const int64_t misalign = idx::row_misalign(base, first, n, vec);
             const idx::TileLayout layout = idx::tile_layout(n, vec, misalign);
-            // The copy through registers (out of the tile, and in without
-            // kAsyncStagedCopy), and the asynchronous copy in (a loop over the packs).
+            // The copy in through registers (without cp.async), and the loop of the
+            // asynchronous copy in and of the copy out.
             cover_register_row<idx::kRowTileSlots, 1>(
                 span, {"staged rows", elem_bytes, rows * n, true, misalign},
                 cfg::kRowBlockThreads);
-            cover_streamed_row(span, {"staged rows (async)", elem_bytes, rows * n, true, misalign},
-                               cfg::kRowBlockThreads);
+            cover_span_parts(span, {"staged rows (loop)", elem_bytes, rows * n, true, misalign},
+                             cfg::kRowBlockThreads);
             for (int t = 0; t < cfg::kRowBlockThreads; ++t) {
-              const auto aligned_in_tile = [&](int64_t e) {
-                EXPECT((misalign + layout.at(static_cast<int>(e))) % vec == 0,
-                       "n=%lld: a pack at tile element %d", (long long)n,
-                       layout.at(static_cast<int>(e)));
+              const auto aligned_in_tile = [&](int e) {
+                EXPECT((misalign + layout.at(e)) % vec == 0,
+                       "n=%lld: a pack at tile element %d", (long long)n, layout.at(e));
               };
               idx::for_each_register_pack<idx::kRowTileSlots>(
                   span, t, cfg::kRowBlockThreads, [&](int, int e) { aligned_in_tile(e); });
-              idx::for_each_streamed(span, t, cfg::kRowBlockThreads, aligned_in_tile,
-                                     [](int64_t) {});
+              idx::for_each_span_part(span, t, cfg::kRowBlockThreads, aligned_in_tile,
+                                      [](int) {});
             }
             for (int64_t r = 0; r < rows; ++r) {
               // The row's thread reads its vectors where its split (as in global memory)
