@@ -317,8 +317,9 @@ def test_host_replay_of_indexing_and_reductions(tmp_path):
     # row per thread; backward: the row kept, the row read twice, a row per thread in
     # float32 and in 2-byte dtypes), and the streaming ones.
     assert "coverage: 5 forward and 5 backward kernel variants replayed" in run.stdout
-    # Rows a thread each, backward: the float32 and 2-byte row lengths of the replay's list.
-    assert "coverage: 28 row-per-thread backward configurations" in run.stdout
+    # Rows a thread each, backward: the float32 and 2-byte row lengths of the replay's list;
+    # its column pass a column a thread, and (even 2-byte rows) a pair.
+    assert "coverage: 28 row-per-thread backward configurations, columns a thread: 1 2" in run.stdout
     # Rows a thread each in float32 (D <= 32) and 2-byte dtypes (D <= 64), 6 block row
     # counts, every base offset, three first rows: (32 * 4 + 64 * 8) * 6 * 3 spans.
     assert "coverage: 11520 staged spans of rows copied" in run.stdout

@@ -215,8 +215,8 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 // first + t of each span of 128 rows. dy's and x's spans are copied into shared-memory
 // tiles with coalesced 16-byte vectors (as the forward's rows per thread); then each
 // thread
-//   - adds dgamma/dbeta of its column (cuda_indexing::staged_column) over its share of
-//     the span's rows, in registers across the block's spans;
+//   - adds dgamma/dbeta of its column or pair of columns (cuda_indexing::staged_column)
+//     over its share of the span's rows, in registers across the block's spans;
 //   - takes its row's two sums from the tiles, and after a barrier writes dx over its
 //     row of the x tile;
 // and the block copies dx's span out. At the end the block adds its columns' phases into
@@ -240,8 +240,9 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   const int t = threadIdx.y;
   const int n = static_cast<int>(a.cols);
   const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
-  const cuda_indexing::StagedColumn column = cuda_indexing::staged_column(t, a.cols);
-  acc_t dgamma = 0, dbeta = 0;
+  const cuda_indexing::StagedColumn column = cuda_indexing::staged_column(
+      t, a.cols, cuda_config::staged_column_width(sizeof(T), a.cols, a.x_misalign));
+  acc_t dgamma[2] = {0, 0}, dbeta[2] = {0, 0};  // of the thread's columns
   if (t < n) weight[t] = load_param(a.weight, t, acc_t(1));  // the first barrier publishes it
   // Spans start a multiple of kRows rows apart, and kRows is a multiple of the vector
   // width: every span starts a.x_misalign elements past a vector boundary (the tiles'
@@ -281,14 +282,29 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     __syncthreads();
 
     if (column.active()) {
-      column.for_each_row(rows, layout.row_start(1, n), [&](int r, int at) {
-        const SumPair<acc_t> stats = rows_stats[r];
-        const acc_t dy = static_cast<acc_t>(staged_dy[at]);
-        const acc_t xhat =
-            math::normalize<kNorm>(static_cast<acc_t>(staged_x[at]), stats.a, stats.b);
-        dgamma += dy * xhat;
-        if constexpr (kNorm == Norm::kLayer) dbeta += dy;
-      });
+      const auto add_column = [&](int k, acc_t dy, acc_t x, const SumPair<acc_t>& stats) {
+        dgamma[k] += dy * math::normalize<kNorm>(x, stats.a, stats.b);
+        if constexpr (kNorm == Norm::kLayer) dbeta[k] += dy;
+      };
+      const int row_stride = layout.row_start(1, n);
+      if constexpr (sizeof(T) == 2) {
+        if (column.width == 2) {
+          column.for_each_row(rows, row_stride, [&](int r, int at) {
+            const SumPair<acc_t> stats = rows_stats[r];
+            acc_t dy[2], x[2];
+            unpack_word<T>(*reinterpret_cast<const uint32_t*>(staged_dy + at), dy);
+            unpack_word<T>(*reinterpret_cast<const uint32_t*>(staged_x + at), x);
+            add_column(0, dy[0], x[0], stats);
+            add_column(1, dy[1], x[1], stats);
+          });
+        }
+      }
+      if (column.width == 1) {
+        column.for_each_row(rows, row_stride, [&](int r, int at) {
+          add_column(0, static_cast<acc_t>(staged_dy[at]), static_cast<acc_t>(staged_x[at]),
+                     rows_stats[r]);
+        });
+      }
     }
 
     // The thread's row: g = dy * w and xhat of its vector at e, or of one element.
@@ -364,8 +380,13 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   // would leave the finalize kernel 128 / D times as many to add). dy's tile holds them:
   // its last reads came before the loop's last barrier.
   SumPair<acc_t>* const phase_sums = reinterpret_cast<SumPair<acc_t>*>(dy_tile);
-  static_assert(kRows * sizeof(SumPair<acc_t>) <= sizeof(dy_tile), "phase sums fit the tile");
-  if (column.active()) phase_sums[column.phase * n + column.col] = {dgamma, dbeta};
+  // Two a thread at most (a pair of columns).
+  static_assert(2 * kRows * sizeof(SumPair<acc_t>) <= sizeof(dy_tile), "phase sums fit the tile");
+  if (column.active()) {
+    SumPair<acc_t>* const sums = phase_sums + column.phase * n + column.col;
+    sums[0] = {dgamma[0], dbeta[0]};
+    if (column.width == 2) sums[1] = {dgamma[1], dbeta[1]};
+  }
   __syncthreads();
   if (t < n) {
     SumPair<acc_t> sum = phase_sums[t];

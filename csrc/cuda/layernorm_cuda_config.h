@@ -109,7 +109,7 @@ constexpr int kElemsBackwardLong = 32;
 // vectors, or one 2-byte head or tail element (bf16 D = 20: 8 threads for 20 elements,
 // every other row starting mid-vector), and the H200 (2026-12-04) ran D = 20 at 49%
 // (float32) and 16% (bfloat16) of the copy roof. dgamma/dbeta: thread t adds column
-// t % D over the rows t / D, t / D + J, ... of each span (J = staged_column_phases(D),
+// t % D over the rows t / D, t / D + J, ... of each span (J = staged_column_phases(D, 1),
 // 128 / D), rather than keep 2 D registers a thread (128 at bf16 D = 64), and a block
 // adds its J phases into one partial row at the end.
 // (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the row groups.)
@@ -118,8 +118,16 @@ constexpr bool kStageBackwardRowsPerThread = true;
 // 13.0; 6 blocks, 80 registers, spilled): the two tiles take 37 KiB of shared memory a
 // block, and 5 blocks fit an H100's 228 KiB (an A100's 164 KiB holds 4).
 constexpr int kStagedBackwardMinBlocksPerSM = 5;
-LN_HOST_DEVICE constexpr int staged_column_phases(int64_t n) {
-  return static_cast<int>(kRowBlockThreads / n);
+// Its column pass adds two adjacent columns a thread where the tiles hold 2-byte elements
+// in 4-byte pairs (even D, spans at an even offset): a pair's dy and x in one load each,
+// its rows' statistics loaded once for both (one column a thread issued 16 instructions
+// an element in bf16 at D = 20, a quarter of the kernel's). Not run on a GPU.
+constexpr bool kStagedColumnPairs = true;
+LN_HOST_DEVICE constexpr int staged_column_width(int elem_bytes, int64_t n, int64_t misalign) {
+  return kStagedColumnPairs && elem_bytes == 2 && n % 2 == 0 && misalign % 2 == 0 ? 2 : 1;
+}
+LN_HOST_DEVICE constexpr int staged_column_phases(int64_t n, int width) {
+  return static_cast<int>(kRowBlockThreads / (n / width));
 }
 
 // Backward: 16-byte packs of dy and x a thread loads together, before it uses any

@@ -46,17 +46,34 @@ __device__ __forceinline__ float float_from_bits(uint32_t bits) {
   return value;
 }
 
+// The two elements of a 32-bit word of a 2-byte dtype.
 template <typename T, typename acc_t>
-__device__ __forceinline__ void unpack(const uint4& raw, acc_t (&out)[kVecOf<T>]) {
+__device__ __forceinline__ void unpack_word(uint32_t word, acc_t (&out)[2]) {
+  static_assert(sizeof(T) == 2, "a word holds two 2-byte elements");
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float>) {
     // A bfloat16's bits are the high half of its float's: a word's first element takes
     // one shift, its second one mask (the generic conversion moves the second element's
     // half down first, then shifts it: two instructions).
+    out[0] = float_from_bits(word << 16);
+    out[1] = float_from_bits(word & 0xffff0000u);
+  } else {
+    T values[2];
+    memcpy(values, &word, sizeof(word));
+    out[0] = static_cast<acc_t>(values[0]);
+    out[1] = static_cast<acc_t>(values[1]);
+  }
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void unpack(const uint4& raw, acc_t (&out)[kVecOf<T>]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float>) {
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      out[2 * k] = float_from_bits(words[k] << 16);
-      out[2 * k + 1] = float_from_bits(words[k] & 0xffff0000u);
+      acc_t pair[2];
+      unpack_word<T>(words[k], pair);
+      out[2 * k] = pair[0];
+      out[2 * k + 1] = pair[1];
     }
   } else {
     T values[kVecOf<T>];

@@ -157,13 +157,15 @@ LN_HOST_DEVICE TileLayout tile_layout(int64_t n, int vec, int64_t misalign) {
 }
 
 // The row-per-thread backward's dgamma/dbeta: thread t of a staged block of
-// kRowBlockThreads rows of n elements adds column t % n over rows phase, phase + phases,
-// ... of each span (phase = t / n, phases = cuda_config::staged_column_phases(n)); the
-// threads from phases * n on add none. Consecutive threads read consecutive elements of
-// the tile. Entry t = phase * n + col of the block's phase sums is thread t's; thread
-// col < n adds the phases of its column in order.
+// kRowBlockThreads rows of n elements adds `width` adjacent columns (1, or a 2-byte pair:
+// cuda_config::staged_column_width), columns col .. col + width - 1 with col = (t % units)
+// * width for units = n / width, over rows phase, phase + phases, ... of each span (phase
+// = t / units, phases = cuda_config::staged_column_phases(n, width)); the threads from
+// phases * units on add none. Consecutive threads read consecutive elements of the tile.
+// Entries phase * n + col + k (= t * width + k) of the block's phase sums are thread t's;
+// thread c < n adds the phases of column c in order.
 struct StagedColumn {
-  int col, phase, phases;
+  int col, phase, phases, width;
 
   LN_HOST_DEVICE bool active() const { return phase < phases; }
   // Rows [0, rows) of a span, each once over the block's active threads: f(row, offset of
@@ -178,9 +180,9 @@ struct StagedColumn {
   }
 };
 
-LN_HOST_DEVICE StagedColumn staged_column(int t, int64_t n) {
-  const int cols = static_cast<int>(n);
-  return {t % cols, t / cols, cuda_config::staged_column_phases(n)};
+LN_HOST_DEVICE StagedColumn staged_column(int t, int64_t n, int width) {
+  const int units = static_cast<int>(n) / width;
+  return {t % units * width, t / units, cuda_config::staged_column_phases(n, width), width};
 }
 
 // Streaming rows: thread t of G visits the packs t, t + G, ... (pack(first element)),

@@ -380,15 +380,13 @@ void cover_row_tiles() {
 // row count exactly once, reading it where the tile holds it (padded or not), and the
 // block adds every thread's column sums into its partial row once.
 int staged_backward_cases = 0;
+std::set<int> widths;  // columns a thread, over the cases
 
 void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes) {
   const int vec = cfg::vector_width(elem_bytes);
   EXPECT(c.rows_per_block == cfg::kRowBlockThreads && n >= 1 &&
              n * elem_bytes <= cfg::kLargeSliceBytes,
          "n=%lld: a row per thread in blocks of %d rows", (long long)n, c.rows_per_block);
-  const int phases = cfg::staged_column_phases(n);
-  EXPECT(phases >= 1 && phases * n <= cfg::kRowBlockThreads, "n=%lld: %d phases", (long long)n,
-         phases);
   for (int64_t m : {1, 2, 127, 128, 129, 700, 100000, 10000000}) {
     const int64_t blocks = cfg::staged_backward_blocks(m);
     EXPECT(blocks >= 1 && blocks <= cfg::kBackwardThreads / cfg::kRowBlockThreads &&
@@ -405,47 +403,60 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
       }
     }
   }
-  std::vector<idx::TileLayout> layouts;  // every misalignment's
+  // Every offset of the spans from a vector boundary: its tile layout, and its column
+  // width (a pair of 2-byte columns where the tile holds them 4-byte aligned).
   for (int64_t misalign = 0; misalign < vec; ++misalign) {
-    layouts.push_back(idx::tile_layout(n, vec, misalign));
-  }
-  for (int rows : {1, 2, 5, 31, 127, 128}) {
-    std::vector<int> counts(rows * n, 0);
-    std::set<int> phase_sums;
-    for (int t = 0; t < cfg::kRowBlockThreads; ++t) {
-      const idx::StagedColumn col = idx::staged_column(t, n);
-      EXPECT(col.phases == phases, "n=%lld: thread %d has %d phases", (long long)n, t, col.phases);
-      if (!col.active()) continue;
-      EXPECT(col.col >= 0 && col.col < n && col.phase >= 0, "n=%lld: thread %d at column %d",
-             (long long)n, t, col.col);
-      col.for_each_row(rows, static_cast<int>(n), [&](int r, int) {
-        counts.at(r * n + col.col) += 1;
-      });
-      // Where each tile layout of this n holds the element (the kernel's row stride).
-      for (const idx::TileLayout& layout : layouts) {
+    const idx::TileLayout layout = idx::tile_layout(n, vec, misalign);
+    const int width = cfg::staged_column_width(elem_bytes, n, misalign);
+    EXPECT(width == 1 || (width == 2 && elem_bytes == 2 && n % 2 == 0),
+           "n=%lld: columns %d a thread", (long long)n, width);
+    const int phases = cfg::staged_column_phases(n, width);
+    EXPECT(phases >= 1 && phases * n <= width * cfg::kRowBlockThreads, "n=%lld: %d phases",
+           (long long)n, phases);
+    widths.insert(width);
+    for (int rows : {1, 2, 5, 31, 127, 128}) {
+      std::vector<int> counts(rows * n, 0);
+      std::set<int> phase_sums;
+      for (int t = 0; t < cfg::kRowBlockThreads; ++t) {
+        const idx::StagedColumn col = idx::staged_column(t, n, width);
+        EXPECT(col.phases == phases && col.width == width, "n=%lld: thread %d has %d phases",
+               (long long)n, t, col.phases);
+        if (!col.active()) continue;
+        EXPECT(col.col >= 0 && col.col + width <= n && col.phase >= 0,
+               "n=%lld: thread %d at column %d", (long long)n, t, col.col);
+        // Where the tile holds the row's element col (the kernel's row stride): a pair
+        // starts 4-byte aligned.
         col.for_each_row(rows, layout.row_start(1, static_cast<int>(n)), [&](int r, int at) {
           EXPECT(at == layout.at(static_cast<int>(r * n + col.col)),
                  "n=%lld: thread %d reads row %d at tile element %d (pad %d)", (long long)n, t,
                  r, at, layout.pad);
+          EXPECT(width == 1 || (misalign + at) % 2 == 0,
+                 "n=%lld misalign=%lld: a pair at tile element %d", (long long)n,
+                 (long long)misalign, at);
+          for (int k = 0; k < width; ++k) counts.at(r * n + col.col + k) += 1;
         });
+        // The entries of the block's phase sums it writes (its own: no two threads share
+        // one).
+        for (int k = 0; k < width; ++k) {
+          const int entry = col.phase * static_cast<int>(n) + col.col + k;
+          EXPECT(entry == t * width + k && !phase_sums.count(entry),
+                 "n=%lld: thread %d writes phase sum %d", (long long)n, t, entry);
+          phase_sums.insert(entry);
+        }
       }
-      // The entry of the block's phase sums it writes (its own: no two threads share one).
-      EXPECT(col.phase * n + col.col == t, "n=%lld: thread %d writes phase sum %lld",
-             (long long)n, t, (long long)(col.phase * n + col.col));
-      phase_sums.insert(t);
-    }
-    for (size_t e = 0; e < counts.size(); ++e) {
-      EXPECT(counts[e] == 1, "n=%lld rows=%d: element %zu added %d times", (long long)n, rows, e,
-             counts[e]);
-    }
-    // Threads 0 .. n-1 each add their column's phases: every entry written is read once.
-    std::vector<int> reads(cfg::kRowBlockThreads, 0);
-    for (int c = 0; c < n; ++c) {
-      for (int p = 0; p < phases; ++p) reads.at(p * n + c) += 1;
-    }
-    for (int e = 0; e < cfg::kRowBlockThreads; ++e) {
-      EXPECT(reads[e] == int(phase_sums.count(e)), "n=%lld: phase sum %d read %d times",
-             (long long)n, e, reads[e]);
+      for (size_t e = 0; e < counts.size(); ++e) {
+        EXPECT(counts[e] == 1, "n=%lld rows=%d: element %zu added %d times", (long long)n, rows,
+               e, counts[e]);
+      }
+      // Threads 0 .. n-1 each add their column's phases: every entry written is read once.
+      std::vector<int> reads(2 * cfg::kRowBlockThreads, 0);
+      for (int c = 0; c < n; ++c) {
+        for (int p = 0; p < phases; ++p) reads.at(p * n + c) += 1;
+      }
+      for (int e = 0; e < 2 * cfg::kRowBlockThreads; ++e) {
+        EXPECT(reads[e] == int(phase_sums.count(e)), "n=%lld: phase sum %d read %d times",
+               (long long)n, e, reads[e]);
+      }
     }
   }
   ++staged_backward_cases;
@@ -476,7 +487,10 @@ void replay_coverage() {
   }
   std::printf("coverage: %zu forward and %zu backward kernel variants replayed\n",
               variants_seen[0].size(), variants_seen[1].size());
-  std::printf("coverage: %d row-per-thread backward configurations\n", staged_backward_cases);
+  std::printf("coverage: %d row-per-thread backward configurations, columns a thread:",
+              staged_backward_cases);
+  for (int width : widths) std::printf(" %d", width);
+  std::printf("\n");
 }
 
 // ---------------------------------------------------------------------------------------
