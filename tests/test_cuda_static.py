@@ -29,8 +29,8 @@ import layernorm_ext
 ROOT = Path(__file__).resolve().parents[1]
 
 # Kernel families of csrc/cuda/layernorm_cuda.cu (as they appear in the mangled names).
-ROW_KERNELS = ("forward_registers_kernel", "forward_streaming_kernel",
-               "backward_staged_rows_kernel", "backward_registers_kernel",
+ROW_KERNELS = ("forward_registers_kernel", "forward_staged_rows_kernel",
+               "forward_streaming_kernel", "backward_staged_rows_kernel", "backward_registers_kernel",
                "backward_row_means_kernel", "backward_columns_kernel")
 ALL_KERNELS = ROW_KERNELS + ("finalize_param_grads_kernel",)
 
@@ -117,8 +117,9 @@ def test_row_kernels_use_128_bit_global_accesses():
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     row_kernels = {name: body for name, body in functions.items() if family(name) in ROW_KERNELS}
     # Per norm (LayerNorm, RMSNorm) and dtype pair (5, and float64's 6th for streaming):
-    # forward 3 register kernels (and float32's huge slices) + streaming, backward 3 (a row
-    # per thread, 16 and 32 elements a thread) + streaming's 2.
+    # forward 3 register kernels (small and large slices, a row per thread: staged, or
+    # kept in registers without kStageRowsPerThread; and float32's huge slices) +
+    # streaming, backward 3 (a row per thread, 16 and 32 elements a thread) + streaming's 2.
     per_norm = (3 * 5 + 1 + 6) + (3 * 5 + 2 * 6)
     assert len(row_kernels) == 2 * per_norm, sorted(row_kernels)
     for norm in (0, 1):  # the Norm template argument, as mangled: LNS_4NormE0E / ...E1E
@@ -233,16 +234,13 @@ def test_register_forward_loads_its_slice_before_using_it():
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     forward = {name: body for name, body in functions.items()
                if family(name) == "forward_registers_kernel"}
-    assert len(forward) == 2 * (3 * 5 + 1), sorted(forward)  # norms x (variants x dtypes + huge)
+    # norms x (variants x dtypes + huge); a row per thread is staged (its own kernel)
+    variants = 2 if config_flag("kStageRowsPerThread") else 3
+    assert len(forward) == 2 * (variants * 5 + 1), sorted(forward)
     short = {}
     for name, body in forward.items():
-        match = re.search(r"Li(\d+)ELb([01])E", name)  # kVectors, kRowPerThread as mangled
-        vectors = int(match.group(1))
-        # A thread alone on its row copies its share of the block's span into the tile,
-        # with cp.async where kAsyncStagedCopy: those copies are its loads.
-        async_copies = (match.group(2) == "1" and config_flag("kStageRowsPerThread")
-                        and config_flag("kAsyncStagedCopy"))
-        issued = async_copies_in_flight(body) if async_copies else loads_in_flight(body)
+        vectors = int(re.search(r"Li(\d+)ELb[01]E", name).group(1))  # kVectors as mangled
+        issued = loads_in_flight(body)
         if issued < min(vectors, 4):
             short[name] = (vectors, issued)
     assert not short, short
@@ -250,14 +248,23 @@ def test_register_forward_loads_its_slice_before_using_it():
 
 @needs_cuda_build
 @pytest.mark.skipif(not config_flag("kAsyncStagedCopy"), reason="staged copies through registers")
-def test_staged_backward_copies_dy_and_x_together():
-    """The row-per-thread backward issues its cp.async copies of dy's and x's spans before
-    it waits for any: at least an unrolled run of each tensor's loop (4 vectors)."""
+@pytest.mark.parametrize("kernel, copies", [
+    # the forward's x: an unrolled run of the copy loop (4 vectors)
+    ("forward_staged_rows_kernel", 4),
+    # the backward's dy and x together: a run of each tensor's loop
+    ("backward_staged_rows_kernel", 8),
+])
+def test_staged_kernels_issue_their_copies_before_waiting(kernel, copies):
+    """A staged block's threads issue their cp.async copies of a span before they wait
+    for any."""
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     staged = {name: async_copies_in_flight(body) for name, body in functions.items()
-              if family(name) == "backward_staged_rows_kernel"}
+              if family(name) == kernel}
+    if kernel.startswith("forward") and not config_flag("kStageRowsPerThread"):
+        assert not staged, sorted(staged)
+        return
     assert len(staged) == 2 * 5, sorted(staged)  # norms x dtype pairs
-    assert all(n >= 8 for n in staged.values()), staged
+    assert all(n >= copies for n in staged.values()), staged
 
 
 def async_copies_unwaited_at_barrier(body: str) -> int:

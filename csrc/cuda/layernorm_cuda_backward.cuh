@@ -254,9 +254,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   const RowSplit s = row_split(a, int64_t(blockIdx.x) * kRows + t, kVec);
   const T* const dyr = staged_dy + layout.row_start(t, n);  // the thread's row in the tiles
   T* const xr = staged_x + layout.row_start(t, n);
-  const int head = static_cast<int>(s.head);
-  const int tail_begin = static_cast<int>(s.tail_begin());
-  const int edges = head + (n - tail_begin);  // the row's head and tail elements
+  const cuda_indexing::StagedRow own = cuda_indexing::staged_row(s, n);
 
   for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;
        first += int64_t(gridDim.x) * kRows) {
@@ -321,31 +319,19 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
       g = static_cast<acc_t>(dyr[e]) * weight[e];
       xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), center, rstd);
     };
-    // The row's vectors, and its head and tail elements: loops over the tiles, not the
-    // register kernels' slots (unrolled and predicated, all 8 vector slots and 14 edge
-    // slots of a bf16 row took their issue slots, and nvcc 13.0 spilled on sm_80). The
-    // edges are one loop: as many in every lane where rows differ only in their offset
-    // from a vector boundary (bf16 D = 20: 4 as head or as tail).
-    const auto for_each_vector = [&](auto&& f) {
-#pragma unroll 2
-      for (int e = head; e < tail_begin; e += kVec) f(e);
-    };
-    const auto for_each_edge = [&](auto&& f) {
-      for (int i = 0; i < edges; ++i) f(i < head ? i : i + (tail_begin - head));
-    };
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     const auto add = [&](acc_t g, acc_t xhat) {
       if constexpr (kNorm == Norm::kLayer) sums.a += g;
       sums.b += g * xhat;
     };
     if (valid) {
-      for_each_vector([&](int e) {
+      own.for_each_vector([&](int e) {
         acc_t g[kVec], xhat[kVec];
         vector_terms(e, g, xhat);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) add(g[k], xhat[k]);
       });
-      for_each_edge([&](int e) {
+      own.for_each_edge([&](int e) {
         acc_t g, xhat;
         element_terms(e, g, xhat);
         add(g, xhat);
@@ -356,7 +342,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     if (valid) {
       const acc_t mean_g = sums.a * inv_cols;
       const acc_t mean_g_xhat = sums.b * inv_cols;
-      for_each_vector([&](int e) {
+      own.for_each_vector([&](int e) {
         acc_t g[kVec], xhat[kVec];
         vector_terms(e, g, xhat);
 #pragma unroll
@@ -365,7 +351,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
         }
         store_vector<kVec, true>(xr + e, g);
       });
-      for_each_edge([&](int e) {
+      own.for_each_edge([&](int e) {
         acc_t g, xhat;
         element_terms(e, g, xhat);
         xr[e] = static_cast<T>(math::input_grad<kNorm>(g, xhat, rstd, mean_g, mean_g_xhat));

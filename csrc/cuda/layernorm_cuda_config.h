@@ -9,13 +9,15 @@
 //                                 registers, whatever the dtype), `threads_per_row`
 //                                 threads per row (1, or 8 .. 512: a sub-warp group, a
 //                                 warp or a block), several rows per block when a row
-//                                 needs fewer than kRowBlockThreads threads; a thread
-//                                 alone on its row reads it from a shared-memory tile
+//                                 needs fewer than kRowBlockThreads threads.
+//   forward, a row per thread     rows of at most 128 bytes, 128 rows a block: x's span
+//                                 copied into a shared-memory tile, each thread's row
+//                                 normalized there, y's span copied out
 //                                 (kStageRowsPerThread).
-//   backward, a row per thread    rows of at most 128 bytes, 128 rows a block: dy's and
-//                                 x's span copied into shared memory as in the forward;
-//                                 a thread takes its row's sums and dx there, and adds
-//                                 dgamma/dbeta of one column over a share of the rows
+//   backward, a row per thread    the same rows: dy's and x's span copied into shared
+//                                 memory as in the forward; a thread takes its row's
+//                                 sums and dx there, and adds dgamma/dbeta of one column
+//                                 or a pair over a share of the rows
 //                                 (kStageBackwardRowsPerThread).
 //   backward, rows in registers   kElemsBackward (16) elements per thread, dgamma/dbeta
 //                                 accumulated in registers over every row of a slot;
@@ -57,19 +59,23 @@ constexpr int kSmallSliceVectors = kSmallSliceBytes / 16;
 // LayerNorm 72 registers, 28 resident warps an SM instead of 32. 9 blocks (56 registers)
 // made the float16 LayerNorm spill once its row statistics took two sums (2026-12-04).
 constexpr int kSmallSliceMinBlocksPerSM = 8;
-// The same for a row per thread (128 rows a block; 65536 / (4 * 128) = 128 registers):
-// its rows staged through shared memory (below) took 89-96 registers at 5 blocks an SM,
-// and the 2-byte RMSNorm spilled 8 bytes on sm_80; with 4, 96-128 (nvcc 13.0). A block
+// The same for a row per thread (128 rows a block; 65536 / (4 * 128) = 128 registers).
+// Staged (below), its kernel loops over the row in the tile and takes 52-58 registers
+// (nvcc 13.0, sm_80 and sm_90: 8 blocks an SM). As the register kernel's unrolled slots
+// (until 2026-12-05) it took 89-96 at 5 blocks an SM and the 2-byte RMSNorm spilled on
+// sm_80; read directly, without the tile (bench/ab/), 80-96 at 5, and 6 spilled. A block
 // copies its rows in at once (up to 16 KiB; 10 KiB at float32 D = 20), so 4 still keep
-// 40-64 KiB an SM in flight while they copy. (Read
-// directly, without the tile, these rows took 80-96 registers at 5 blocks, and 6 spilled.)
+// 40-64 KiB an SM in flight while they copy.
 constexpr int kRowPerThreadMinBlocksPerSM = 4;
 // A block of rows per thread moves its 128 rows (one span of memory) through shared
 // memory: every thread copies 16-byte vectors of the span in and y's span out, so a
 // warp's loads and stores cover whole lines. Read directly, thread t's vectors lie n
 // elements apart: at D = 20 a warp's 16-byte store touches 32 sectors, a 2-byte one (bf16
 // edges) 32 sectors for 64 bytes, and these rows ran at 26-46% of the copy roof on an
-// H200 (2026-12-04), where torch.compile's coalesced kernel reached 94-101%.
+// H200 (2026-12-04), where torch.compile's coalesced kernel reached 94-101%. Its own
+// kernel (forward_staged_rows_kernel) since 2026-12-05: the weight and bias read once a
+// block into shared memory, loops over the row's vectors and edges (1,333 sm_90
+// instructions in bf16, 3,802 as the register kernel's predicated slots).
 // (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the direct reads.)
 constexpr bool kStageRowsPerThread = true;
 // Staged blocks (forward and backward) copy their spans into the tiles with cp.async

@@ -505,6 +505,58 @@ __device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)
   return {mean, m2, kN};
 }
 
+// A row's mean (0 for RMSNorm) and rstd from its threads' passes over their elements:
+// the register forward's group of threads, or a staged row's thread alone.
+// for_each_x(f) calls f(x) on each of the thread's elements (as acc_t); total(value,
+// identity, combine) reduces a value over the row's threads and returns the row's;
+// first_x is the row's first element (RowShift; any value for RMSNorm).
+//
+// LayerNorm: two passes (all of scaled(x): see scaled() above), each a reduction over
+// the row: the threads' means (shifted sums, see RowShift) merged into the row's
+// (MeanCombine), then the sum of squared deviations from it, each thread's times 1 / D (a
+// weighted mean of values within max / 128: no partial sum overflows). A tree level
+// costs ~15 instructions for the means and ~7 for the sum, where Chan's combine of the
+// threads' moments took ~57 (a 64-bit count, its conversions, an IEEE division; sm_90
+// SASS): in a short row most of a thread's instructions (float32 D = 128: 16 threads, 8
+// elements each).
+template <typename acc_t>
+struct RowNormStats {
+  acc_t mean, rstd;
+};
+
+template <Norm kNorm, typename acc_t, typename ForEachX, typename Total>
+__device__ __forceinline__ RowNormStats<acc_t> row_norm_stats(acc_t first_x, int64_t cols,
+                                                              acc_t eps, ForEachX&& for_each_x,
+                                                              Total&& total) {
+  if constexpr (kNorm == Norm::kRms) {
+    acc_t sum = 0;  // of x^2
+    for_each_x([&](acc_t x) { sum += x * x; });
+    const RowSum<acc_t> row = total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{});
+    return {acc_t(0), math::rstd_from_mean_square(row.sum / static_cast<acc_t>(cols), eps)};
+  } else {
+    const RowShift<acc_t> shift = RowShift<acc_t>::at(first_x);
+    acc_t sum = 0;  // of shift.half_deviation(x)
+    int count = 0;
+    for_each_x([&](acc_t x) {
+      sum += shift.half_deviation(x);
+      ++count;
+    });
+    const WeightedMean<acc_t> thread_mean{count > 0 ? shift.mean(sum, count) : acc_t(0),
+                                          static_cast<acc_t>(count)};
+    const acc_t scaled_mean = total(thread_mean, WeightedMean<acc_t>{0, 0}, MeanCombine{}).mean;
+    acc_t m2 = 0;
+    for_each_x([&](acc_t x) {
+      const acc_t d = scaled(x) - scaled_mean;
+      m2 += d * d;
+    });
+    const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(cols);
+    const acc_t scaled_var =
+        total(RowSum<acc_t>{m2 * inv_cols}, RowSum<acc_t>{0}, SumCombine{}).sum;
+    const auto stats = math::rescue_unscaled(math::MeanVariance<acc_t>{scaled_mean, scaled_var});
+    return {stats.mean, math::rstd_from_variance(stats.var, eps)};
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Kernel arguments
 

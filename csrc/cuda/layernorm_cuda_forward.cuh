@@ -33,17 +33,6 @@ constexpr int kForwardMinBlocks = kRowPerThread ? cuda_config::kRowPerThreadMinB
                                       ? cuda_config::kHugeSliceMinBlocksPerSM
                                       : 1;
 
-// The register forward's vector i of its row, at p: kept in registers (packs), or, for a
-// staged block of rows, read from the tile.
-template <bool kStaged, int kN, typename T>
-__device__ __forceinline__ uint4 kept_or_staged(const uint4 (&packs)[kN], int i, const T* p) {
-  if constexpr (kStaged) {
-    return load_shared_16_bytes(p);
-  } else {
-    return packs[i];
-  }
-}
-
 template <Norm kNorm, typename T, typename P, int kVectors, bool kRowPerThread>
 __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
                                   kForwardMinBlocks<kVectors, kRowPerThread>)
@@ -53,23 +42,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
   constexpr int kEdgeSlots = cuda_indexing::kRegisterEdgeSlots<kVec, kRowPerThread>;
   __shared__ WeightedMean<acc_t> mean_scratch[cuda_indexing::kReduceScratch];
   __shared__ RowSum<acc_t> sum_scratch[cuda_indexing::kReduceScratch];
-  // A thread alone on its row reads and writes it in a staged block of rows (see
-  // cuda_config::kStageRowsPerThread); a span may start up to 15 bytes into the tile.
-  constexpr bool kStaged = kRowPerThread && cuda_config::kStageRowsPerThread;
-  __shared__ __align__(16) uint4 tile[kStaged ? cuda_config::kRowTileBytes / 16 + 1 : 1];
   const int t = kRowPerThread ? 0 : threadIdx.x;
   const int group = kRowPerThread ? 1 : blockDim.x;
   const int64_t rows_per_block = blockDim.y;
-  const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
-  // The row's total of this thread's partial statistics (kRowPerThread: they are it).
-  const auto row_total = [&](const auto& value, const auto& identity, auto combine,
-                             auto* scratch) {
-    if constexpr (kRowPerThread) {
-      return value;
-    } else {
-      return group_allreduce(value, identity, combine, scratch);
-    }
-  };
 
   // The loop bound is the block's first row, so every thread runs every iteration
   // (the reductions shuffle across rows and sync the block).
@@ -78,104 +53,44 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     const int64_t row = first + threadIdx.y;
     const bool valid = row < a.rows;
     const RowSplit s = row_split(a, row, kVec);
-    const T* xr = a.x + row * a.cols;
-    T* yr = a.y + row * a.cols;
-    RowSplit span{};
-    cuda_indexing::TileLayout layout{};
-    T* staged = nullptr;  // the span's first element in the tile
-    if constexpr (kStaged) {
-      // forward_config gives a thread its own row only in vectorized tensors, so the
-      // tile keeps the span's offset from a 16-byte boundary and a row splits there as
-      // in global memory (s).
-      const int64_t misalign = cuda_indexing::row_misalign(a.x_misalign, first, a.cols, kVec);
-      const int64_t rows_left = a.rows - first;
-      span = cuda_indexing::span_split(rows_left < rows_per_block ? rows_left : rows_per_block,
-                                       a.cols, kVec, a.x_misalign, first);
-      layout = cuda_indexing::tile_layout(a.cols, kVec, misalign);
-      staged = reinterpret_cast<T*>(tile) + misalign;
-      __syncthreads();  // the previous rows' copy out of the tile is done
-      copy_span<true>(a.x + first * a.cols, staged, span, layout, threadIdx.y, rows_per_block);
-      wait_async_copies();
-      __syncthreads();
-      xr = staged + layout.row_start(threadIdx.y, static_cast<int>(a.cols));
-      yr = staged + layout.row_start(threadIdx.y, static_cast<int>(a.cols));
-    }
-
+    const T* const xr = a.x + row * a.cols;
+    T* const yr = a.y + row * a.cols;
     uint4 packs[kVectors];
     acc_t edge[2 * kEdgeSlots];
-    acc_t sum = 0;  // of shift.half_deviation(x) (LayerNorm) or of x^2 (RMSNorm)
-    int count = 0;
-    RowShift<acc_t> shift{0};
-    const auto term = [&](acc_t x) {
-      return kNorm == Norm::kRms ? x * x : shift.half_deviation(x);
-    };
-    // The row's vector in slot i (at element e): as loaded into registers, or (staged)
-    // read from the tile at each use (through a function: a lambda that read `packs`
-    // itself made nvcc 13.0 warn that it was used before it was set).
-    const auto vector_at = [&](int i, int e) { return kept_or_staged<kStaged>(packs, i, xr + e); };
+    acc_t first_x = 0;
     if (valid) {
       // All loads first, then the sums: every vector of the slice is in flight at once.
-      if constexpr (!kStaged) {
-        cuda_indexing::for_each_register_pack<kVectors>(
-            s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
-      }
+      cuda_indexing::for_each_register_pack<kVectors>(
+          s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
       cuda_indexing::for_each_register_edge<kEdgeSlots>(
           s, t, group, [&](int i, int e) { edge[i] = static_cast<acc_t>(xr[e]); });
-      if constexpr (kNorm == Norm::kLayer) shift = RowShift<acc_t>::of(xr, a.cols);
-      cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
+      if (kNorm == Norm::kLayer && a.cols > 0) first_x = static_cast<acc_t>(xr[0]);
+    }
+    // The thread's elements, from its registers: its vectors', then its edge elements.
+    const auto for_each_x = [&](auto&& f) {
+      if (!valid) return;
+      cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int) {
         acc_t v[kVec];
-        unpack<T>(vector_at(i, e), v);
+        unpack<T>(packs[i], v);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) sum += term(v[k]);
-        count += kVec;
+        for (int k = 0; k < kVec; ++k) f(v[k]);
       });
-      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group, [&](int i, int) {
-        sum += term(edge[i]);
-        count += 1;
-      });
-    }
-    acc_t mean = 0, rstd;
-    if constexpr (kNorm == Norm::kRms) {
-      const RowSum<acc_t> total =
-          row_total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{}, sum_scratch);
-      rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
-    } else {
-      // Two passes over the registers (all of scaled(x): see scaled() in
-      // layernorm_cuda_device.cuh), each a reduction over the row: the threads' means
-      // (shifted sums, see RowShift) merged into the row's (MeanCombine), then the sum of
-      // squared deviations from it, each thread's times 1 / D (a weighted mean of values
-      // within max / 128: no partial sum overflows). A tree level costs ~15 instructions
-      // for the means and ~7 for the sum, where Chan's combine of the threads' moments
-      // took ~57 (a 64-bit count, its conversions, an IEEE division; sm_90 SASS): in a
-      // short row most of a thread's instructions (float32 D = 128: 16 threads, 8
-      // elements each).
-      const WeightedMean<acc_t> thread_mean{count > 0 ? shift.mean(sum, count) : acc_t(0),
-                                            static_cast<acc_t>(count)};
-      const acc_t scaled_mean =
-          row_total(thread_mean, WeightedMean<acc_t>{0, 0}, MeanCombine{}, mean_scratch).mean;
-      acc_t m2 = 0;
-      const auto add_deviation = [&](acc_t x) {
-        const acc_t d = scaled(x) - scaled_mean;
-        m2 += d * d;
-      };
-      if (valid) {
-        cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
-          acc_t v[kVec];
-          unpack<T>(vector_at(i, e), v);
-#pragma unroll
-          for (int k = 0; k < kVec; ++k) add_deviation(v[k]);
-        });
-        cuda_indexing::for_each_register_edge<kEdgeSlots>(
-            s, t, group, [&](int i, int) { add_deviation(edge[i]); });
+      cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group,
+                                                        [&](int i, int) { f(edge[i]); });
+    };
+    const auto row_total = [&](const auto& value, const auto& identity, auto combine) {
+      if constexpr (kRowPerThread) {
+        return value;
+      } else if constexpr (std::is_same_v<std::decay_t<decltype(value)>, WeightedMean<acc_t>>) {
+        return group_allreduce(value, identity, combine, mean_scratch);
+      } else {
+        return group_allreduce(value, identity, combine, sum_scratch);
       }
-      const acc_t scaled_var =
-          row_total(RowSum<acc_t>{m2 * inv_cols}, RowSum<acc_t>{0}, SumCombine{}, sum_scratch)
-              .sum;
-      const auto stats =
-          math::rescue_unscaled(math::MeanVariance<acc_t>{scaled_mean, scaled_var});
-      mean = stats.mean;
-      rstd = math::rstd_from_variance(stats.var, a.eps);
-    }
+    };
+    const RowNormStats<acc_t> stats =
+        row_norm_stats<kNorm>(first_x, a.cols, a.eps, for_each_x, row_total);
+    acc_t mean = stats.mean;
+    const acc_t rstd = stats.rstd;
     if (valid) {
       mean = save_row_stats<kNorm>(a, row, mean, rstd);
       const bool weight_vectors = a.weight.vectors_at(s.head);
@@ -183,8 +98,8 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       with_param_reads<kNorm>(a, s.head, [&](auto reads) {
         cuda_indexing::for_each_register_pack<kVectors>(s, t, group, [&](int i, int e) {
           acc_t v[kVec];
-          unpack<T>(vector_at(i, e), v);
-          write_normalized_vector<kNorm, decltype(reads), kStaged>(
+          unpack<T>(packs[i], v);
+          write_normalized_vector<kNorm, decltype(reads)>(
               a, yr, e, v, mean, rstd, weight_vectors, bias_vectors);
         });
       });
@@ -192,11 +107,84 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
         write_normalized_element<kNorm>(a, yr, e, edge[i], mean, rstd);
       });
     }
-    if constexpr (kStaged) {
-      __syncthreads();  // every row of the block is written to the tile
-      copy_span<false>(static_cast<const T*>(staged), a.y + first * a.cols, span, layout,
-                       threadIdx.y, rows_per_block);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, a row per thread staged through shared memory (rows of at most 128 bytes:
+// cuda_config's kStageRowsPerThread). blockDim = (1, kRowBlockThreads): thread t has row
+// first + t of each span of 128 rows. The block copies x's span into a tile with
+// coalesced 16-byte vectors; each thread takes its row's statistics and writes y over its
+// row there, by loops over the row (cuda_indexing::StagedRow); the block copies y's span
+// out. The weight and bias are read once a block, into shared memory as acc_t.
+
+template <Norm kNorm, typename T, typename P>
+__global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
+                                  cuda_config::kRowPerThreadMinBlocksPerSM)
+    forward_staged_rows_kernel(const ForwardParams<T, P> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int kRows = cuda_config::kRowBlockThreads;
+  // A span may start up to 15 bytes into the tile.
+  __shared__ __align__(16) uint4 tile[cuda_config::kRowTileBytes / 16 + 1];
+  constexpr int kMaxCols = cuda_config::kLargeSliceBytes / 2;
+  __shared__ acc_t weight[kMaxCols];  // 1 where absent
+  __shared__ acc_t bias[kMaxCols];    // 0 where absent (and for RMSNorm)
+  const int t = threadIdx.y;
+  const int n = static_cast<int>(a.cols);
+  if (t < n) {  // the first barrier publishes them
+    weight[t] = load_param(a.weight, t, acc_t(1));
+    bias[t] = kNorm == Norm::kLayer ? load_param(a.bias, t, acc_t(0)) : acc_t(0);
+  }
+  // Spans start a multiple of kRows rows apart: every span starts a.x_misalign elements
+  // past a vector boundary, and every row of this thread splits alike (forward_config
+  // gives a thread its own row only in vectorized tensors).
+  const cuda_indexing::TileLayout layout = cuda_indexing::tile_layout(a.cols, kVec, a.x_misalign);
+  T* const staged = reinterpret_cast<T*>(tile) + a.x_misalign;
+  T* const xr = staged + layout.row_start(t, n);  // the thread's row in the tile; y too
+  const cuda_indexing::StagedRow own =
+      cuda_indexing::staged_row(row_split(a, int64_t(blockIdx.x) * kRows + t, kVec), n);
+
+  for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;
+       first += int64_t(gridDim.x) * kRows) {
+    const int rows = static_cast<int>(a.rows - first < kRows ? a.rows - first : kRows);
+    const bool valid = t < rows;
+    const RowSplit span = cuda_indexing::span_split(rows, a.cols, kVec, a.x_misalign, first);
+    __syncthreads();  // the previous span's copy out of the tile is done
+    copy_span<true>(a.x + first * a.cols, staged, span, layout, t, kRows);
+    wait_async_copies();
+    __syncthreads();
+    if (valid) {
+      const auto for_each_x = [&](auto&& f) {
+        own.for_each_vector([&](int e) {
+          acc_t v[kVec];
+          unpack<T>(load_shared_16_bytes(xr + e), v);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) f(v[k]);
+        });
+        own.for_each_edge([&](int e) { f(static_cast<acc_t>(xr[e])); });
+      };
+      const acc_t first_x = kNorm == Norm::kLayer ? static_cast<acc_t>(xr[0]) : acc_t(0);
+      const RowNormStats<acc_t> stats = row_norm_stats<kNorm>(
+          first_x, a.cols, a.eps, for_each_x,
+          [](const auto& value, const auto&, auto) { return value; });  // the thread's row
+      const acc_t center = save_row_stats<kNorm>(a, first + t, stats.mean, stats.rstd);
+      const auto y_of = [&](acc_t x, int e) {
+        return math::affine<kNorm>(math::normalize<kNorm>(x, center, stats.rstd), weight[e],
+                                   bias[e]);
+      };
+      own.for_each_vector([&](int e) {
+        acc_t v[kVec];
+        unpack<T>(load_shared_16_bytes(xr + e), v);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) v[k] = y_of(v[k], e + k);
+        store_vector<kVec, true>(xr + e, v);
+      });
+      own.for_each_edge(
+          [&](int e) { xr[e] = static_cast<T>(y_of(static_cast<acc_t>(xr[e]), e)); });
     }
+    __syncthreads();  // every row of the span is written to the tile
+    copy_span<false>(static_cast<const T*>(staged), a.y + first * a.cols, span, layout, t, kRows);
   }
 }
 

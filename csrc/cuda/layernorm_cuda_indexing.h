@@ -131,6 +131,33 @@ LN_HOST_DEVICE void for_each_span_part(const RowSplit& span, int t, int threads,
   if (t < span.tail) element(head + packs * span.vec + t);
 }
 
+// A staged row's own elements, as its thread reads them from the tile: its vectors
+// (vector(first element)), and its head and tail elements as one loop (element(index)),
+// which runs as many times in every lane where rows differ only in their offset from a
+// vector boundary (bf16 D = 20: 4, as head or as tail). Loops, not the register kernels'
+// slots: unrolled and predicated, all 8 vector slots and 14 edge slots of a bf16 row took
+// their issue slots whatever the row's length.
+struct StagedRow {
+  int head, tail_begin, edges, vec;
+
+  template <typename F>
+  LN_HOST_DEVICE void for_each_vector(F&& f) const {
+#if defined(__CUDACC__)
+#pragma unroll 2
+#endif
+    for (int e = head; e < tail_begin; e += vec) f(e);
+  }
+  template <typename F>
+  LN_HOST_DEVICE void for_each_edge(F&& f) const {
+    for (int i = 0; i < edges; ++i) f(i < head ? i : i + (tail_begin - head));
+  }
+};
+
+LN_HOST_DEVICE StagedRow staged_row(const RowSplit& s, int n) {
+  const int head = static_cast<int>(s.head), tail_begin = static_cast<int>(s.tail_begin());
+  return {head, tail_begin, head + n - tail_begin, s.vec};
+}
+
 // Where the tile holds element e of a staged span (the span starts `misalign` elements
 // into the tile, at its offset from a 16-byte boundary in global memory; 0 from the ops,
 // whose outputs are fresh, but the launcher takes any offset x and y share). A warp's

@@ -8,11 +8,11 @@
 // over 32 KiB) 256 bytes kept as loaded, takes the row's mean and variance in two passes
 // over its registers, each a sum over the row in a fixed tree (the first of deviations
 // from the row's first element: exact for rows of one value), and writes y from the
-// same registers. A thread alone on its row reads it from shared memory instead: its
-// block's 128 rows are one span, copied in (and y's out) with coalesced 16-byte vectors.
-// Longer rows,
-// float64, and tensors whose 16-byte alignment differs stream: a block per row, a
-// Welford pass and a normalize pass (the second one reads the row back from L2).
+// same registers. Rows of at most 128 bytes have a thread each and go through shared
+// memory: a block's 128 rows are one span, copied in (and y's out) with coalesced 16-byte
+// vectors, each thread's row read there by loops. Longer rows, float64, and tensors whose
+// 16-byte alignment differs stream: a block per row, a Welford pass and a normalize pass
+// (the second one reads the row back from L2).
 //
 // Backward. A persistent grid of row groups ("slots", their count a function of M, N, the
 // dtype and the alignment, never of the GPU).
@@ -134,7 +134,13 @@ auto forward_kernel(const LaunchConfig& c) {
       TORCH_INTERNAL_ASSERT(!(small || alone) ||
                             c.threads_per_row * c.rows_per_block == cuda_config::kRowBlockThreads);
       if (small) return forward_registers_kernel<kNorm, T, P, kSmall, false>;
-      if (alone) return forward_registers_kernel<kNorm, T, P, kLarge, true>;
+      if (alone) {
+        if constexpr (cuda_config::kStageRowsPerThread) {
+          return forward_staged_rows_kernel<kNorm, T, P>;
+        } else {
+          return forward_registers_kernel<kNorm, T, P, kLarge, true>;
+        }
+      }
       return forward_registers_kernel<kNorm, T, P, kLarge, false>;
     }
   }

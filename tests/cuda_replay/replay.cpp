@@ -338,6 +338,21 @@ void cover_row_tiles() {
               const idx::RowSplit row_split =
                   idx::split_row(n, vec, idx::row_misalign(base, first + r, n, vec));
               const int start = layout.row_start(static_cast<int>(r), static_cast<int>(n));
+              // Its thread's loops over the row (the staged kernels' StagedRow): each
+              // element once, the vectors 16-byte aligned in the tile.
+              const idx::StagedRow own = idx::staged_row(row_split, static_cast<int>(n));
+              std::vector<int> row_counts(n, 0);
+              own.for_each_vector([&](int e) {
+                EXPECT((misalign + start + e) % vec == 0,
+                       "n=%lld: row %lld's loop reads a vector at %d", (long long)n,
+                       (long long)r, e);
+                for (int k = 0; k < vec; ++k) row_counts.at(e + k) += 1;
+              });
+              own.for_each_edge([&](int e) { row_counts.at(e) += 1; });
+              for (int64_t col = 0; col < n; ++col) {
+                EXPECT(row_counts[col] == 1, "n=%lld: row %lld's loops read element %lld %d times",
+                       (long long)n, (long long)r, (long long)col, row_counts[col]);
+              }
               idx::for_each_register_pack<cfg::kLargeSliceVectors>(row_split, 0, 1, [&](int,
                                                                                        int e) {
                 EXPECT((misalign + start + e) % vec == 0,
