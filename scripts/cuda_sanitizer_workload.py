@@ -59,6 +59,7 @@ CASES = [
     Case("scalar fallback (misaligned x), D=5000 fp16", torch.float16, 5000, 3, x_offset=3),
     Case("misaligned weight/bias, D=768 bf16", torch.bfloat16, 768, 6, param_offset=1),
     Case("no weight/bias, D=64 fp32", torch.float32, 64, 40, affine=False),
+    Case("no weight/bias, a row per thread, D=20 fp16", torch.float16, 20, 300, affine=False),
     Case("many rows per backward slot, D=256 bf16", torch.bfloat16, 256, 700),
     Case("no rows, D=16", torch.float32, 16, 0),
     # The forward grid is one wave of resident blocks; these take several row groups a

@@ -147,6 +147,8 @@ def test_forward_grid_stride_over_many_rows():
 
 # Which kernel the launch table picks (csrc/cuda/layernorm_cuda_config.h).
 EXPECTED_KERNELS = [
+    (torch.bfloat16, 20, "forward_staged_rows_kernel", "backward_staged_rows_kernel"),
+    (torch.float32, 32, "forward_staged_rows_kernel", "backward_staged_rows_kernel"),
     (torch.float32, 64, "forward_registers_kernel", "backward_registers_kernel"),
     (torch.bfloat16, 1000, "forward_registers_kernel", "backward_registers_kernel"),
     (torch.bfloat16, 12000, "forward_registers_kernel", "backward_registers_kernel"),
