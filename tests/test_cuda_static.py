@@ -299,6 +299,20 @@ def test_staged_copies_are_waited_for_before_each_barrier(arch):
     assert not unwaited, unwaited
 
 
+@needs_cuda_build
+@pytest.mark.skipif(not config_flag("kPrefetchNextRows"), reason="no L2 prefetch configured")
+def test_persistent_kernels_prefetch_their_next_rows():
+    """The kernels whose blocks loop over rows or spans ask L2 for the next ones
+    (prefetch.L2: CCTL.E.PF2 in sm_90 SASS)."""
+    persistent = ("forward_registers_kernel", "forward_staged_rows_kernel",
+                  "backward_registers_kernel", "backward_staged_rows_kernel")
+    functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
+    kernels = {name: body for name, body in functions.items() if family(name) in persistent}
+    assert len(kernels) == 2 * (2 * 5 + 1 + 5 + 2 * 5 + 5), sorted(kernels)
+    missing = [name for name, body in kernels.items() if not re.search(r"\bCCTL\.E\.PF2\b", body)]
+    assert not missing, missing
+
+
 def find_cxx() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):

@@ -121,6 +121,10 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
             });
             rstd = a.rstd[row];
             center = math::row_center<kNorm>(a.mean, row, rstd);
+            const int64_t next_row = row + slots;  // the slot's next
+            const int64_t next_count = next_row < a.rows ? a.cols : 0;
+            prefetch_next(a.dy, next_row * a.cols, next_count, t, group);
+            prefetch_next(a.x, next_row * a.cols, next_count, t, group);
           }
           for_each_batch_pack(b, [&](int i, int e) {
             const int kept = kKeepRow ? i : 0;
@@ -272,6 +276,10 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     // once (16 vectors a thread) spilled 200-360 bytes at 128 registers (nvcc 13.0).
     copy_span<true>(a.dy + first * a.cols, staged_dy, span, layout, t, kRows);
     copy_span<true>(a.x + first * a.cols, staged_x, span, layout, t, kRows);
+    const int64_t next = first + int64_t(gridDim.x) * kRows;  // the block's next span
+    const int64_t next_count = (a.rows - next < kRows ? a.rows - next : kRows) * a.cols;
+    prefetch_next(a.dy, next * a.cols, next_count, t, kRows);
+    prefetch_next(a.x, next * a.cols, next_count, t, kRows);
     // The center after the copies: before them, each warp waited for its mean and rstd
     // to arrive before it issued a copy.
     const acc_t center = kNorm == Norm::kLayer ? math::normalize_center(mean, rstd) : acc_t(0);

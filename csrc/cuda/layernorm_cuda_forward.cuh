@@ -55,6 +55,11 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     const RowSplit s = row_split(a, row, kVec);
     const T* const xr = a.x + row * a.cols;
     T* const yr = a.y + row * a.cols;
+    // The group's next row, before this one's loads, while the least is live (after
+    // them, the float32 RMSNorm of huge slices spilled on sm_80). From the second row on,
+    // this row's lines are in L2 or on their way: the order of the requests matters little.
+    const int64_t next_row = row + gridDim.x * rows_per_block;
+    prefetch_next(a.x, next_row * a.cols, next_row < a.rows ? a.cols : 0, t, group);
     uint4 packs[kVectors];
     acc_t edge[2 * kEdgeSlots];
     acc_t first_x = 0;
@@ -152,6 +157,9 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     const RowSplit span = cuda_indexing::span_split(rows, a.cols, kVec, a.x_misalign, first);
     __syncthreads();  // the previous span's copy out of the tile is done
     copy_span<true>(a.x + first * a.cols, staged, span, layout, t, kRows);
+    const int64_t next = first + int64_t(gridDim.x) * kRows;  // the block's next span
+    prefetch_next(a.x, next * a.cols, (a.rows - next < kRows ? a.rows - next : kRows) * a.cols,
+                  t, kRows);
     wait_async_copies();
     __syncthreads();
     if (valid) {
