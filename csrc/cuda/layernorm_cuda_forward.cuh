@@ -133,6 +133,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   // A span may start up to 15 bytes into the tile.
   __shared__ __align__(16) uint4 tile[cuda_config::kRowTileBytes / 16 + 1];
   constexpr int kMaxCols = cuda_config::kLargeSliceBytes / 2;
+  static_assert(sizeof(T) >= 2, "rows of at most kMaxCols elements");
   __shared__ acc_t weight[kMaxCols];  // 1 where absent
   __shared__ acc_t bias[kMaxCols];    // 0 where absent (and for RMSNorm)
   const int t = threadIdx.y;
@@ -172,7 +173,8 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
         });
         own.for_each_edge([&](int e) { f(static_cast<acc_t>(xr[e])); });
       };
-      const acc_t first_x = kNorm == Norm::kLayer ? static_cast<acc_t>(xr[0]) : acc_t(0);
+      const acc_t first_x =
+          kNorm == Norm::kLayer && n > 0 ? static_cast<acc_t>(xr[0]) : acc_t(0);
       const RowNormStats<acc_t> stats = row_norm_stats<kNorm>(
           first_x, a.cols, a.eps, for_each_x,
           [](const auto& value, const auto&, auto) { return value; });  // the thread's row
