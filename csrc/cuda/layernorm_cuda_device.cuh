@@ -500,10 +500,6 @@ struct RowShift {
   acc_t half;  // scaled(x) / 2 of the row's first element; 0 in a row of no elements
 
   __device__ __forceinline__ static RowShift at(acc_t x) { return {x * half_scale()}; }
-  template <typename T>
-  __device__ __forceinline__ static RowShift of(const T* row, int64_t cols) {
-    return at(cols > 0 ? static_cast<acc_t>(row[0]) : acc_t(0));
-  }
   // One multiply-add; x * half_scale() is exact but for subnormal results.
   __device__ __forceinline__ acc_t half_deviation(acc_t x) const {
     return x * half_scale() - half;
@@ -676,10 +672,9 @@ __device__ __forceinline__ void with_param_reads(const ForwardParams<T, P>& a, i
 // y for one 16-byte vector of a row's x at element e (v, converted), and for one head or
 // tail element: the writes of both forwards. center: save_row_stats's. Index: the
 // register kernel's int or the streaming kernel's int64_t. Reads: with_param_reads's
-// ParamReads; the general reads take the flags. kShared: yr is a staged block's shared
-// memory.
-template <Norm kNorm, typename Reads, bool kShared = false, typename T, typename P,
-          typename Index, typename acc_t, int kVec>
+// ParamReads; the general reads take the flags.
+template <Norm kNorm, typename Reads, typename T, typename P, typename Index, typename acc_t,
+          int kVec>
 __device__ __forceinline__ void write_normalized_vector(const ForwardParams<T, P>& a, T* yr,
                                                         Index e, acc_t (&v)[kVec],
                                                         acc_t center, acc_t rstd,
@@ -693,7 +688,7 @@ __device__ __forceinline__ void write_normalized_vector(const ForwardParams<T, P
   for (int k = 0; k < kVec; ++k) {
     v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], center, rstd), w[k], b[k]);
   }
-  store_vector<kVec, kShared>(yr + e, v);
+  store_vector<kVec>(yr + e, v);
 }
 
 template <Norm kNorm, typename T, typename P, typename Index, typename acc_t>

@@ -83,6 +83,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       cuda_indexing::for_each_register_edge<kEdgeSlots>(s, t, group,
                                                         [&](int i, int) { f(edge[i]); });
     };
+    // The row's total of this thread's partial statistics (kRowPerThread: they are it).
     const auto row_total = [&](const auto& value, const auto& identity, auto combine) {
       if constexpr (kRowPerThread) {
         return value;
