@@ -250,7 +250,8 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   if (t < n) weight[t] = load_param(a.weight, t, acc_t(1));  // the first barrier publishes it
   // Spans start a multiple of kRows rows apart, and kRows is a multiple of the vector
   // width: every span starts a.x_misalign elements past a vector boundary (the tiles'
-  // layout is the same for all), and every row of this thread splits alike. (backward_config
+  // layout is the same for all, all full spans split alike), and every row of this
+  // thread splits alike. (backward_config
   // gives a thread its own row only in vectorized tensors.)
   const cuda_indexing::TileLayout layout = cuda_indexing::tile_layout(a.cols, kVec, a.x_misalign);
   T* const staged_dy = reinterpret_cast<T*>(dy_tile) + a.x_misalign;
@@ -259,13 +260,16 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   const T* const dyr = staged_dy + layout.row_start(t, n);  // the thread's row in the tiles
   T* const xr = staged_x + layout.row_start(t, n);
   const cuda_indexing::StagedRow own = cuda_indexing::staged_row(s, n);
+  const RowSplit full_span = cuda_indexing::span_split(kRows, a.cols, kVec, a.x_misalign, 0);
 
   for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;
        first += int64_t(gridDim.x) * kRows) {
     const int64_t row = first + t;
     const int rows = static_cast<int>(a.rows - first < kRows ? a.rows - first : kRows);
     const bool valid = t < rows;
-    const RowSplit span = cuda_indexing::span_split(rows, a.cols, kVec, a.x_misalign, first);
+    const RowSplit span = rows == kRows ? full_span
+                                        : cuda_indexing::span_split(rows, a.cols, kVec,
+                                                                    a.x_misalign, first);
     acc_t rstd = 0, mean = 0;
     if (valid) {  // loaded with the copies, used after them
       rstd = a.rstd[row];

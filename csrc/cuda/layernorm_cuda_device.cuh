@@ -229,22 +229,26 @@ __device__ __forceinline__ void copy_span(const T* from, T* to, const RowSplit& 
   constexpr bool kAsync = kToShared && cuda_config::kAsyncStagedCopy && LN_HAS_ASYNC_COPY;
   if constexpr (!kToShared || kAsync) {
     // A loop: an async copy's issue, or a store's, waits for no other vector's load.
-    cuda_indexing::for_each_span_part(
-        span, t, threads,
-        [&](int e) {
-          if constexpr (kAsync) {
-            copy_16_bytes_async(to + layout.at(e), from + e);
-          } else {
-            store_16_bytes(to + e, load_raw(from + layout.at(e)));
-          }
-        },
-        [&](int e) {
-          if constexpr (kToShared) {
-            to[layout.at(e)] = from[e];
-          } else {
-            to[e] = from[layout.at(e)];
-          }
-        });
+    const cuda_indexing::SpanPacks own = cuda_indexing::span_packs(span, layout, t, threads);
+    const T* src = from + (kToShared ? own.first : own.tile_first);
+    T* dst = to + (kToShared ? own.tile_first : own.first);
+    const int src_stride = kToShared ? own.stride : own.tile_stride;
+    const int dst_stride = kToShared ? own.tile_stride : own.stride;
+#pragma unroll 4
+    for (int i = 0; i < own.count; ++i, src += src_stride, dst += dst_stride) {
+      if constexpr (kAsync) {
+        copy_16_bytes_async(dst, src);
+      } else {
+        store_16_bytes(dst, load_raw(src));
+      }
+    }
+    cuda_indexing::for_each_span_edge(span, t, [&](int e) {
+      if constexpr (kToShared) {
+        to[layout.at(e)] = from[e];
+      } else {
+        to[e] = from[layout.at(e)];
+      }
+    });
     return;
   }
   // Into the tile through registers: all loads before any store.

@@ -113,24 +113,6 @@ LN_HOST_DEVICE RowSplit span_split(int64_t rows, int64_t n, int vec, int64_t bas
 }
 inline constexpr int kRowTileSlots = cuda_config::kLargeSliceVectors;
 
-// A staged span's copy with a loop (not the register slots, whose unrolled predicates and
-// 64-bit addresses cost more issue slots than the copy): thread t of `threads` has the
-// span's packs t, t + threads, ... (pack(first element)), and its head and tail element t
-// (element(index)), since a span's head and tail are shorter than a vector and a block
-// has more threads than a vector has elements. Int indices: a span fits a tile.
-template <typename FPack, typename FElement>
-LN_HOST_DEVICE void for_each_span_part(const RowSplit& span, int t, int threads, FPack&& pack,
-                                       FElement&& element) {
-  const int head = static_cast<int>(span.head);
-  const int packs = static_cast<int>(span.packs);
-#if defined(__CUDACC__)
-#pragma unroll 4
-#endif
-  for (int p = t; p < packs; p += threads) pack(head + p * span.vec);
-  if (t < head) element(t);
-  if (t < span.tail) element(head + packs * span.vec + t);
-}
-
 // A staged row's own elements, as its thread reads them from the tile: its vectors
 // (vector(first element)), and its head and tail elements as one loop (element(index)),
 // which runs as many times in every lane where rows differ only in their offset from a
@@ -183,6 +165,34 @@ LN_HOST_DEVICE TileLayout tile_layout(int64_t n, int vec, int64_t misalign) {
   return {vec, shift};
 }
 
+// A staged span's copy with a loop (not the register slots, whose unrolled predicates and
+// 64-bit addresses cost more issue slots than the copy): thread t of `threads` has the
+// span's packs t, t + threads, ...: `count` packs, the first at element `first` (tile
+// offset `tile_first`), each next `stride` elements on (`tile_stride` in the tile); and
+// its head and tail element t (for_each_span_edge), since a span's head and tail are
+// shorter than a vector and a block has more threads than a vector has elements. The
+// copy steps its pointers by these constants: computed from each pack's index, its
+// 64-bit and layout arithmetic took ~14 instructions a pack. layout.at is linear over a
+// stride: a padded row is a power of two of at most a vector a thread (tile_layout; the
+// host replay checks every pack's offset). Int indices: a span fits a tile.
+struct SpanPacks {
+  int count, first, tile_first, stride, tile_stride;
+};
+
+LN_HOST_DEVICE SpanPacks span_packs(const RowSplit& span, const TileLayout& layout, int t,
+                                    int threads) {
+  const int first = static_cast<int>(span.head) + t * span.vec;
+  const int stride = threads * span.vec;
+  return {(static_cast<int>(span.packs) - t + threads - 1) / threads, first, layout.at(first),
+          stride, layout.at(stride)};
+}
+
+template <typename F>
+LN_HOST_DEVICE void for_each_span_edge(const RowSplit& span, int t, F&& element) {
+  if (t < span.head) element(t);
+  if (t < span.tail) element(static_cast<int>(span.tail_begin()) + t);
+}
+
 // The row-per-thread backward's dgamma/dbeta: thread t of a staged block of
 // kRowBlockThreads rows of n elements adds `width` adjacent columns (1, or a 2-byte pair:
 // cuda_config::staged_column_width), columns col .. col + width - 1 with col = (t % units)
@@ -193,23 +203,36 @@ LN_HOST_DEVICE TileLayout tile_layout(int64_t n, int vec, int64_t misalign) {
 // thread c < n adds the phases of column c in order.
 struct StagedColumn {
   int col, phase, phases, width;
+  int full_span_rows;  // rows it adds of a full span (kRowBlockThreads rows)
 
   LN_HOST_DEVICE bool active() const { return phase < phases; }
+  // Rows phase, phase + phases, ... below `rows`.
+  LN_HOST_DEVICE int count_rows(int rows) const {
+    return rows > phase ? (rows - phase + phases - 1) / phases : 0;
+  }
+  // The same, a full span's count kept: the loop's trip count took a division a span.
+  LN_HOST_DEVICE int rows_of(int rows) const {
+    return rows == cuda_config::kRowBlockThreads ? full_span_rows : count_rows(rows);
+  }
   // Rows [0, rows) of a span, each once over the block's active threads: f(row, offset of
   // its element col in a tile whose rows start row_stride elements apart).
   template <typename F>
   LN_HOST_DEVICE void for_each_row(int rows, int row_stride, F&& f) const {
-    int at = phase * row_stride + col;
+    const int count = rows_of(rows);
+    int r = phase, at = phase * row_stride + col;
 #if defined(__CUDACC__)
 #pragma unroll 4
 #endif
-    for (int r = phase; r < rows; r += phases, at += phases * row_stride) f(r, at);
+    for (int i = 0; i < count; ++i, r += phases, at += phases * row_stride) f(r, at);
   }
 };
 
 LN_HOST_DEVICE StagedColumn staged_column(int t, int64_t n, int width) {
   const int units = static_cast<int>(n) / width;
-  return {t % units * width, t / units, cuda_config::staged_column_phases(n, width), width};
+  StagedColumn column{t % units * width, t / units, cuda_config::staged_column_phases(n, width),
+                      width, 0};
+  column.full_span_rows = column.count_rows(cuda_config::kRowBlockThreads);
+  return column;
 }
 
 // Streaming rows: thread t of G visits the packs t, t + G, ... (pack(first element)),

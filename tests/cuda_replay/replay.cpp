@@ -107,23 +107,29 @@ void cover_streamed_row(const idx::RowSplit& s, const RowCase& c, int group) {
   check_counts(counts, c, group);
 }
 
-// A staged span's copy loop (idx::for_each_span_part): the same coverage, each thread at
-// most one head and one tail element.
-void cover_span_parts(const idx::RowSplit& s, const RowCase& c, int threads) {
+// A staged span's copy loop (idx::span_packs, idx::for_each_span_edge): the same
+// coverage, each pack's stepped tile offset its layout's, each thread at most one head and
+// one tail element.
+void cover_span_parts(const idx::RowSplit& s, const idx::TileLayout& layout, const RowCase& c,
+                      int threads) {
   std::vector<int> counts(c.n, 0);
   for (int t = 0; t < threads; ++t) {
+    const idx::SpanPacks own = idx::span_packs(s, layout, t, threads);
+    for (int i = 0; i < own.count; ++i) {
+      const int e = own.first + i * own.stride, at = own.tile_first + i * own.tile_stride;
+      EXPECT((c.misalign + e) % s.vec == 0, "%s n=%lld: pack at %d not 16-byte aligned",
+             c.direction, (long long)c.n, e);
+      EXPECT((c.misalign + at) % s.vec == 0, "%s n=%lld: pack at tile offset %d", c.direction,
+             (long long)c.n, at);
+      EXPECT(at == layout.at(e), "%s n=%lld: pack %d stepped to tile offset %d, not %d",
+             c.direction, (long long)c.n, e, at, layout.at(e));
+      for (int k = 0; k < s.vec; ++k) counts.at(e + k) += 1;
+    }
     int edges = 0;
-    idx::for_each_span_part(
-        s, t, threads,
-        [&](int e) {
-          EXPECT((c.misalign + e) % s.vec == 0, "%s n=%lld: pack at %d not 16-byte aligned",
-                 c.direction, (long long)c.n, e);
-          for (int k = 0; k < s.vec; ++k) counts.at(e + k) += 1;
-        },
-        [&](int e) {
-          counts.at(e) += 1;
-          ++edges;
-        });
+    idx::for_each_span_edge(s, t, [&](int e) {
+      counts.at(e) += 1;
+      ++edges;
+    });
     EXPECT(edges <= 2, "%s n=%lld: thread %d copies %d edge elements", c.direction,
            (long long)c.n, t, edges);
   }
@@ -311,6 +317,16 @@ void cover_row_tiles() {
              c.rows_per_block);
       for (int64_t rows : {1, 2, 3, 31, 127, 128}) {
         for (int64_t base = 0; base < vec; ++base) {
+          // A block's spans start a multiple of kRowBlockThreads rows in: the staged
+          // kernels split every full span as the first.
+          for (int64_t first : {1, 2, 3, 1000, 123456789}) {
+            const idx::RowSplit at_0 = idx::span_split(cfg::kRowBlockThreads, n, vec, base, 0);
+            const idx::RowSplit later = idx::span_split(cfg::kRowBlockThreads, n, vec, base,
+                                                        first * cfg::kRowBlockThreads);
+            EXPECT(at_0.head == later.head && at_0.packs == later.packs && at_0.tail == later.tail,
+                   "n=%lld: the span at row %lld splits unlike the first", (long long)n,
+                   (long long)(first * cfg::kRowBlockThreads));
+          }
           for (int64_t first : {0, 1, 129}) {
             const idx::RowSplit span = idx::span_split(rows, n, vec, base, first);
             const int64_t misalign = idx::row_misalign(base, first, n, vec);
@@ -320,7 +336,8 @@ void cover_row_tiles() {
             cover_register_row<idx::kRowTileSlots, 1>(
                 span, {"staged rows", elem_bytes, rows * n, true, misalign},
                 cfg::kRowBlockThreads);
-            cover_span_parts(span, {"staged rows (loop)", elem_bytes, rows * n, true, misalign},
+            cover_span_parts(span, layout,
+                             {"staged rows (loop)", elem_bytes, rows * n, true, misalign},
                              cfg::kRowBlockThreads);
             for (int t = 0; t < cfg::kRowBlockThreads; ++t) {
               const auto aligned_in_tile = [&](int e) {
@@ -329,8 +346,6 @@ void cover_row_tiles() {
               };
               idx::for_each_register_pack<idx::kRowTileSlots>(
                   span, t, cfg::kRowBlockThreads, [&](int, int e) { aligned_in_tile(e); });
-              idx::for_each_span_part(span, t, cfg::kRowBlockThreads, aligned_in_tile,
-                                      [](int) {});
             }
             for (int64_t r = 0; r < rows; ++r) {
               // The row's thread reads its vectors where its split (as in global memory)
