@@ -6,8 +6,10 @@ Steps, each with a time limit inside an overall budget (default 9.5 minutes):
   2. run the whole test suite (CUDA tests included; a CPU-only build fails);
   3. run compute-sanitizer memcheck, racecheck, synccheck and initcheck over
      scripts/cuda_sanitizer_workload.py (every CUDA kernel variant, small shapes);
-  4. run the benchmark sweep (bench/bench_layernorm.py --device cuda), which writes
-     bench/results/<gpu>.md, .csv and .png.
+  4. time the seed shape's host cost per call (bench/host_overhead.py, ~10 s:
+     bench/results/<gpu>-host-overhead.md), then run the benchmark sweep
+     (bench/bench_layernorm.py --device cuda), which writes bench/results/<gpu>.md, .csv
+     and .png.
 It writes bench/results/<gpu>-check.txt (a summary table, then every step's command and
 output) and exits 0 only when no step failed or was left out for want of time. Uses only
 the standard library here; the steps run under a Python with a CUDA build of torch:
@@ -42,6 +44,7 @@ WORKLOAD = ROOT / "scripts" / "cuda_sanitizer_workload.py"
 FUZZ_WORKLOAD = {"memcheck": ["--cases", "40"], "racecheck": ["--cases", "10"]}
 FUZZ_SCRIPT = ROOT / "tests" / "fuzz_cuda_cases.py"
 BENCH = ROOT / "bench" / "bench_layernorm.py"
+HOST_OVERHEAD = ROOT / "bench" / "host_overhead.py"
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 
 PROBE = """
@@ -367,6 +370,19 @@ def bench(check: Check, python: str, prefix: Path, quick: bool, extra: list) -> 
     return step
 
 
+def host_overhead(check: Check, python: str, out: Path) -> Step:
+    """The seed shape's host time per call, ours against eager's (bench/host_overhead.py):
+    on the GPUs so far 100x20 ran slower than eager, with the GPU waiting for the host."""
+    step = Step("host overhead")
+    cmd = [python, str(HOST_OVERHEAD), "--device", "cuda", "--out", str(out)]
+    rc = check.run(step, cmd, 60)
+    if step.out_of_time:
+        return step
+    step.status = "PASS" if rc == 0 else "FAIL"
+    step.summary = f"wrote {out.name}" if rc == 0 else f"exit status {rc}"
+    return step
+
+
 def write_report(path: Path, header: list, steps: list) -> None:
     lines = ["# layernorm_ext GPU check", ""] + header + ["", "| step | result | time | summary |",
                                                         "| --- | --- | --- | --- |"]
@@ -442,6 +458,7 @@ def main(argv: Optional[list] = None) -> int:
                 steps.append(sanitizer(check, python, tool, sanitizer_path, kernel_filter,
                                        fuzz_args))
         if not args.skip_bench:
+            steps.append(host_overhead(check, python, RESULTS_DIR / f"{slug}-host-overhead.md"))
             steps.append(bench(check, python, RESULTS_DIR / slug, args.quick,
                                shlex.split(args.bench_args)))
     unrun = [s.name for s in steps if s.out_of_time]

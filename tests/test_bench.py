@@ -142,3 +142,21 @@ def test_rms_rows_with_norms_option(tmp_path: Path):
         assert f"## {pass_name}, bfloat16" in text and f"## RMSNorm {pass_name}, bfloat16" in text
         assert f"| RMSNorm | {pass_name} | bfloat16 |" in text.split("## Summary")[1]
     assert "differs from torch eager" not in text and "failed" not in text
+
+
+def test_host_overhead_reports_every_call_and_where_ours_spends_its_time(tmp_path: Path):
+    """bench/host_overhead.py on the CPU: every call timed (finite, positive; the device
+    never returns before the host), and the profile of ours names our op."""
+    out = tmp_path / "host.md"
+    subprocess.run([sys.executable, str(REPO / "bench" / "host_overhead.py"), "--device", "cpu",
+                    "--calls", "50", "--rounds", "2", "--profile-calls", "20", "--out", str(out)],
+                   check=True, timeout=300, cwd=REPO, capture_output=True)
+    text = out.read_text()
+    for call in ("torch eager", "layernorm_ext", "torch.ops.layernorm_ext.forward",
+                 "torch.empty_like (floor)", "copy_ (the roof's call)"):
+        row = re.search(rf"^\| {re.escape(call)} \| ([0-9.]+) \| ([0-9.]+) \|$", text, re.MULTILINE)
+        assert row, f"no row for {call}:\n{text}"
+        host, wall = float(row[1]), float(row[2])
+        assert 0 < host <= wall < 1e6, (call, host, wall)
+    ours = text.split("## layernorm_ext: profiler")[1].split("## ")[0]
+    assert "`layernorm_ext::forward`" in ours, ours

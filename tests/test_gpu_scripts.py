@@ -41,11 +41,12 @@ def test_sanitizer_step_without_time_is_skipped_not_failed(gpu_check, tool):
     assert step.summary == "no time left in the budget"
 
 
-def test_test_and_bench_steps_without_time_are_skipped(gpu_check):
+def test_test_bench_and_host_steps_without_time_are_skipped(gpu_check):
     check = spent_check(gpu_check)
     tests = gpu_check.tests(check, sys.executable, 100, "", "cuda")
     bench = gpu_check.bench(check, sys.executable, Path("/nonexistent/prefix"), True, [])
-    assert [(s.status, s.out_of_time) for s in (tests, bench)] == [("SKIP", True)] * 2
+    host = gpu_check.host_overhead(check, sys.executable, Path("/nonexistent/host.md"))
+    assert [(s.status, s.out_of_time) for s in (tests, bench, host)] == [("SKIP", True)] * 3
 
 
 def test_a_step_that_runs_is_not_out_of_time(gpu_check):
