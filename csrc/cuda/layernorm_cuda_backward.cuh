@@ -260,6 +260,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   const T* const dyr = staged_dy + layout.row_start(t, n);  // the thread's row in the tiles
   T* const xr = staged_x + layout.row_start(t, n);
   const cuda_indexing::StagedRow own = cuda_indexing::staged_row(s, n);
+  // Kept (registers are not what limits this kernel's blocks: its tiles are).
   const RowSplit full_span = cuda_indexing::span_split(kRows, a.cols, kVec, a.x_misalign, 0);
 
   for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;

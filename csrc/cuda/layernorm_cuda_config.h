@@ -60,7 +60,7 @@ constexpr int kSmallSliceVectors = kSmallSliceBytes / 16;
 // made the float16 LayerNorm spill once its row statistics took two sums (2026-12-04).
 constexpr int kSmallSliceMinBlocksPerSM = 8;
 // The same for a row per thread (128 rows a block; 65536 / (4 * 128) = 128 registers).
-// Staged (below), its kernel loops over the row in the tile and takes 52-58 registers
+// Staged (below), its kernel loops over the row in the tile and takes 48-64 registers
 // (nvcc 13.0, sm_80 and sm_90: 8 blocks an SM). As the register kernel's unrolled slots
 // (until 2026-12-05) it took 89-96 at 5 blocks an SM and the 2-byte RMSNorm spilled on
 // sm_80; read directly, without the tile (bench/ab/), 80-96 at 5, and 6 spilled. A block
