@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   const int n = static_cast<int>(a.cols);
   const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
   const cuda_indexing::StagedColumn column = cuda_indexing::staged_column(
-      t, a.cols, cuda_config::staged_column_width(sizeof(T), a.cols, a.x_misalign));
+      t, a.cols, cuda_config::staged_pair_width(sizeof(T), a.cols, a.x_misalign));
   acc_t dgamma[2] = {0, 0}, dbeta[2] = {0, 0};  // of the thread's columns
   if (t < n) weight[t] = load_param(a.weight, t, acc_t(1));  // the first barrier publishes it
   // Spans start a multiple of kRows rows apart, and kRows is a multiple of the vector
@@ -293,29 +293,20 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     __syncthreads();
 
     if (column.active()) {
-      const auto add_column = [&](int k, acc_t dy, acc_t x, const SumPair<acc_t>& stats) {
-        dgamma[k] += dy * math::normalize<kNorm>(x, stats.a, stats.b);
-        if constexpr (kNorm == Norm::kLayer) dbeta[k] += dy;
-      };
-      const int row_stride = layout.row_start(1, n);
-      if constexpr (sizeof(T) == 2) {
-        if (column.width == 2) {
-          column.for_each_row(rows, row_stride, [&](int r, int at) {
-            const SumPair<acc_t> stats = rows_stats[r];
-            acc_t dy[2], x[2];
-            unpack_word<T>(*reinterpret_cast<const uint32_t*>(staged_dy + at), dy);
-            unpack_word<T>(*reinterpret_cast<const uint32_t*>(staged_x + at), x);
-            add_column(0, dy[0], x[0], stats);
-            add_column(1, dy[1], x[1], stats);
-          });
-        }
-      }
-      if (column.width == 1) {
-        column.for_each_row(rows, row_stride, [&](int r, int at) {
-          add_column(0, static_cast<acc_t>(staged_dy[at]), static_cast<acc_t>(staged_x[at]),
-                     rows_stats[r]);
+      with_staged_width<T>(column.width, [&](auto w) {
+        constexpr int kWidth = decltype(w)::value;
+        column.for_each_row(rows, layout.row_start(1, n), [&](int r, int at) {
+          const SumPair<acc_t> stats = rows_stats[r];  // once for the pair
+          acc_t dy[kWidth], x[kWidth];
+          load_tile_elements<kWidth>(staged_dy + at, dy);
+          load_tile_elements<kWidth>(staged_x + at, x);
+#pragma unroll
+          for (int k = 0; k < kWidth; ++k) {
+            dgamma[k] += dy[k] * math::normalize<kNorm>(x[k], stats.a, stats.b);
+            if constexpr (kNorm == Norm::kLayer) dbeta[k] += dy[k];
+          }
         });
-      }
+      });
     }
 
     // The thread's row: g = dy * w and xhat of its vector at e, or of one element.
@@ -328,9 +319,16 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
         xhat[k] = math::normalize<kNorm>(xhat[k], center, rstd);
       }
     };
-    const auto element_terms = [&](int e, acc_t& g, acc_t& xhat) {
-      g = static_cast<acc_t>(dyr[e]) * weight[e];
-      xhat = math::normalize<kNorm>(static_cast<acc_t>(xr[e]), center, rstd);
+    // The same of a head or tail element at e, or of a pair (kWidth 2).
+    const auto edge_terms = [&](int e, auto& g, auto& xhat) {
+      constexpr int kWidth = sizeof(g) / sizeof(acc_t);
+      load_tile_elements<kWidth>(dyr + e, g);
+      load_tile_elements<kWidth>(xr + e, xhat);
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) {
+        g[k] *= weight[e + k];
+        xhat[k] = math::normalize<kNorm>(xhat[k], center, rstd);
+      }
     };
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     const auto add = [&](acc_t g, acc_t xhat) {
@@ -344,10 +342,16 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
 #pragma unroll
         for (int k = 0; k < kVec; ++k) add(g[k], xhat[k]);
       });
-      own.for_each_edge([&](int e) {
-        acc_t g, xhat;
-        element_terms(e, g, xhat);
-        add(g, xhat);
+      with_staged_width<T>(column.width, [&](auto w) {
+        constexpr int kWidth = decltype(w)::value;
+        own.for_each_edge(
+            [&](int e) {
+              acc_t g[kWidth], xhat[kWidth];
+              edge_terms(e, g, xhat);
+#pragma unroll
+              for (int k = 0; k < kWidth; ++k) add(g[k], xhat[k]);
+            },
+            kWidth);
       });
     }
     __syncthreads();  // every column of the span is read before dx overwrites x
@@ -364,10 +368,19 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
         }
         store_vector<kVec, true>(xr + e, g);
       });
-      own.for_each_edge([&](int e) {
-        acc_t g, xhat;
-        element_terms(e, g, xhat);
-        xr[e] = static_cast<T>(math::input_grad<kNorm>(g, xhat, rstd, mean_g, mean_g_xhat));
+      with_staged_width<T>(column.width, [&](auto w) {
+        constexpr int kWidth = decltype(w)::value;
+        own.for_each_edge(
+            [&](int e) {
+              acc_t g[kWidth], xhat[kWidth];
+              edge_terms(e, g, xhat);
+#pragma unroll
+              for (int k = 0; k < kWidth; ++k) {
+                g[k] = math::input_grad<kNorm>(g[k], xhat[k], rstd, mean_g, mean_g_xhat);
+              }
+              store_tile_elements<kWidth>(xr + e, g);
+            },
+            kWidth);
       });
     }
     __syncthreads();  // every row's dx is in the x tile

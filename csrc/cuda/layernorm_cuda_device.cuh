@@ -97,6 +97,43 @@ __device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out
   }
 }
 
+// kWidth elements of a staged tile at p (1, or a 2-byte pair in one 4-byte access:
+// cuda_config::staged_pair_width) as acc_t, and back.
+template <int kWidth, typename T, typename acc_t>
+__device__ __forceinline__ void load_tile_elements(const T* p, acc_t (&out)[kWidth]) {
+  if constexpr (kWidth == 2) {
+    unpack_word<T>(*reinterpret_cast<const uint32_t*>(p), out);
+  } else {
+    out[0] = static_cast<acc_t>(*p);
+  }
+}
+
+template <int kWidth, typename T, typename acc_t>
+__device__ __forceinline__ void store_tile_elements(T* p, const acc_t (&in)[kWidth]) {
+  if constexpr (kWidth == 2) {
+    const T values[2] = {static_cast<T>(in[0]), static_cast<T>(in[1])};
+    uint32_t word;
+    memcpy(&word, values, sizeof(word));
+    *reinterpret_cast<uint32_t*>(p) = word;
+  } else {
+    *p = static_cast<T>(in[0]);
+  }
+}
+
+// f(std::integral_constant<int, 2>{}) where a staged tile holds pairs (width 2, the same
+// in the whole block), else f(std::integral_constant<int, 1>{}); for 4-byte dtypes only
+// the latter is compiled.
+template <typename T, typename F>
+__device__ __forceinline__ void with_staged_width(int width, F&& f) {
+  if constexpr (sizeof(T) == 2) {
+    if (width == 2) {
+      f(std::integral_constant<int, 2>{});
+      return;
+    }
+  }
+  f(std::integral_constant<int, 1>{});
+}
+
 #if !defined(LN_CUDA_EMULATION)
 __device__ __forceinline__ unsigned shared_address(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));

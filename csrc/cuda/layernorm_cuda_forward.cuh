@@ -153,6 +153,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   T* const xr = staged + layout.row_start(t, n);  // the thread's row in the tile; y too
   const cuda_indexing::StagedRow own =
       cuda_indexing::staged_row(row_split(a, int64_t(blockIdx.x) * kRows + t, kVec), n);
+  const int width = cuda_config::staged_pair_width(sizeof(T), a.cols, a.x_misalign);  // edges
 
   for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;
        first += int64_t(gridDim.x) * kRows) {
@@ -174,7 +175,17 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
 #pragma unroll
           for (int k = 0; k < kVec; ++k) f(v[k]);
         });
-        own.for_each_edge([&](int e) { f(static_cast<acc_t>(xr[e])); });
+        with_staged_width<T>(width, [&](auto w) {
+          constexpr int kWidth = decltype(w)::value;
+          own.for_each_edge(
+              [&](int e) {
+                acc_t v[kWidth];
+                load_tile_elements<kWidth>(xr + e, v);
+#pragma unroll
+                for (int k = 0; k < kWidth; ++k) f(v[k]);
+              },
+              kWidth);
+        });
       };
       const acc_t first_x =
           kNorm == Norm::kLayer && n > 0 ? static_cast<acc_t>(xr[0]) : acc_t(0);
@@ -193,8 +204,18 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
         for (int k = 0; k < kVec; ++k) v[k] = y_of(v[k], e + k);
         store_vector<kVec, true>(xr + e, v);
       });
-      own.for_each_edge(
-          [&](int e) { xr[e] = static_cast<T>(y_of(static_cast<acc_t>(xr[e]), e)); });
+      with_staged_width<T>(width, [&](auto w) {
+        constexpr int kWidth = decltype(w)::value;
+        own.for_each_edge(
+            [&](int e) {
+              acc_t v[kWidth];
+              load_tile_elements<kWidth>(xr + e, v);
+#pragma unroll
+              for (int k = 0; k < kWidth; ++k) v[k] = y_of(v[k], e + k);
+              store_tile_elements<kWidth>(xr + e, v);
+            },
+            kWidth);
+      });
     }
     __syncthreads();  // every row of the span is written to the tile
     copy_span<false>(static_cast<const T*>(staged), a.y + first * a.cols, span, layout, t, kRows);

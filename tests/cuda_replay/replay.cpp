@@ -294,6 +294,8 @@ void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes,
   }
 }
 
+int staged_edge_pair_rows = 0;  // rows whose head and tail were replayed as pairs too
+
 // A staged block of rows a thread each (cfg::kStageRowsPerThread): the block's
 // kRowBlockThreads threads, kRowTileSlots packs and one edge slot each, copy every element
 // of its span once, packs 16-byte aligned in global memory and in the tile; the tile
@@ -363,10 +365,28 @@ void cover_row_tiles() {
                        (long long)r, e);
                 for (int k = 0; k < vec; ++k) row_counts.at(e + k) += 1;
               });
+              std::vector<int> pair_counts = row_counts;  // the vectors', then edge pairs
               own.for_each_edge([&](int e) { row_counts.at(e) += 1; });
               for (int64_t col = 0; col < n; ++col) {
                 EXPECT(row_counts[col] == 1, "n=%lld: row %lld's loops read element %lld %d times",
                        (long long)n, (long long)r, (long long)col, row_counts[col]);
+              }
+              // Where the tile holds 2-byte pairs, the head and tail as pairs: the same
+              // elements, each pair 4-byte aligned in the tile and on one side of the vectors.
+              if (cfg::staged_pair_width(elem_bytes, n, misalign) == 2) {
+                ++staged_edge_pair_rows;
+                own.for_each_edge(
+                    [&](int e) {
+                      EXPECT((misalign + start + e) % 2 == 0 &&
+                                 (e + 1 < own.head || e >= own.tail_begin),
+                             "n=%lld: row %lld's edge pair at %d (head %d, tail from %d)",
+                             (long long)n, (long long)r, e, own.head, own.tail_begin);
+                      pair_counts.at(e) += 1;
+                      pair_counts.at(e + 1) += 1;
+                    },
+                    2);
+                EXPECT(pair_counts == row_counts, "n=%lld: row %lld's edge pairs miss elements",
+                       (long long)n, (long long)r);
               }
               idx::for_each_register_pack<cfg::kLargeSliceVectors>(row_split, 0, 1, [&](int,
                                                                                        int e) {
@@ -401,7 +421,9 @@ void cover_row_tiles() {
       }
     }
   }
-  std::printf("coverage: %d staged spans of rows copied, %d with padded rows\n", spans, padded);
+  std::printf("coverage: %d staged spans of rows copied, %d with padded rows, %d rows' edges "
+              "in pairs\n", spans, padded, staged_edge_pair_rows);
+  EXPECT(!cfg::kStagedPairs || staged_edge_pair_rows > 0, "no row's edges replayed as pairs");
 }
 
 // The row-per-thread backward (cfg::kStageBackwardRowsPerThread): blocks of 128 rows,
@@ -437,7 +459,7 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
   // width (a pair of 2-byte columns where the tile holds them 4-byte aligned).
   for (int64_t misalign = 0; misalign < vec; ++misalign) {
     const idx::TileLayout layout = idx::tile_layout(n, vec, misalign);
-    const int width = cfg::staged_column_width(elem_bytes, n, misalign);
+    const int width = cfg::staged_pair_width(elem_bytes, n, misalign);
     EXPECT(width == 1 || (width == 2 && elem_bytes == 2 && n % 2 == 0),
            "n=%lld: columns %d a thread", (long long)n, width);
     const int phases = cfg::staged_column_phases(n, width);
