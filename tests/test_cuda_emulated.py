@@ -203,14 +203,17 @@ STAGED_ROWS = 700  # 6 blocks of 128 rows, the last partial, on 3 resident block
 @pytest.mark.parametrize("n,dtype", [(1, torch.float32), (7, torch.float32), (16, torch.float32),
                                      (20, torch.float32), (32, torch.float32),
                                      (20, torch.bfloat16), (33, torch.bfloat16),
-                                     (64, torch.bfloat16)],
+                                     (64, torch.bfloat16), (18, torch.bfloat16),
+                                     (12, torch.float16)],
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_staged_rows(emulated, n, dtype, norm):
     """Rows a thread each go through shared memory a block of rows at a time, forward and
     backward (cuda_config::kStage{,Backward}RowsPerThread): forward blocks that loop over
     several, a partial last block, a column's dgamma/dbeta over 128 threads (D = 1), 3
     (bf16 D = 33) or 2 (64), rows that start mid-vector (D = 7, 20, 33), padded rows in
-    the tile (D = 16 and 32 float32, 64 bf16). A block's span always starts on a vector
+    the tile (D = 16 and 32 float32, 64 bf16), and each unit width the tiles are read in
+    (cuda_config::staged_unit_width: 1 at D = 1, 7, 33; 2 at float32 D = 16, 20, 32 and
+    bf16 D = 18; 4 at 2-byte D = 12, 20, 64). A block's span always starts on a vector
     boundary here (fresh outputs, 128 rows a block); spans that start mid-vector are the
     host replay's."""
     check_emulated(emulated, n, dtype, dtype, "aligned", norm, rows=STAGED_ROWS)

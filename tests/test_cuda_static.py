@@ -120,7 +120,9 @@ def test_row_kernels_use_128_bit_global_accesses():
     # forward 3 register kernels (small and large slices, a row per thread: staged, or
     # kept in registers without kStageRowsPerThread; and float32's huge slices) +
     # streaming, backward 3 (a row per thread, 16 and 32 elements a thread) + streaming's 2.
-    per_norm = (3 * 5 + 1 + 6) + (3 * 5 + 2 * 6)
+    # The staged kernels (rows a thread each) have an instance per unit width.
+    staged = staged_instances_per_norm() if config_flag("kStageRowsPerThread") else 5
+    per_norm = (2 * 5 + staged + 1 + 6) + (2 * 5 + staged_instances_per_norm() + 2 * 6)
     assert len(row_kernels) == 2 * per_norm, sorted(row_kernels)
     for norm in (0, 1):  # the Norm template argument, as mangled: LNS_4NormE0E / ...E1E
         assert sum(f"NormE{norm}E" in name for name in row_kernels) == per_norm
@@ -205,6 +207,15 @@ def config_flag(name: str) -> bool:
     return re.search(rf"constexpr bool {name} = (true|false);", text).group(1) == "true"
 
 
+def staged_instances_per_norm() -> int:
+    """Instances of a staged kernel (rows a thread each) for one norm: a dtype pair's for
+    each unit width (cuda_config::staged_unit_width: float32 1 or 2, 2-byte dtypes 1, 2
+    or 4; 1 alone without kStagedUnits). float64 has none."""
+    if not config_flag("kStagedUnits"):
+        return 5
+    return 2 + 4 * 3  # float32/float32, then bf16 and fp16 with their own or fp32 params
+
+
 @needs_cuda_build
 @pytest.mark.parametrize("kernel, count, constant", [
     # norms x row variants x dtype pairs; packs of a batch (dy and x each)
@@ -263,7 +274,7 @@ def test_staged_kernels_issue_their_copies_before_waiting(kernel, copies):
     if kernel.startswith("forward") and not config_flag("kStageRowsPerThread"):
         assert not staged, sorted(staged)
         return
-    assert len(staged) == 2 * 5, sorted(staged)  # norms x dtype pairs
+    assert len(staged) == 2 * staged_instances_per_norm(), sorted(staged)
     assert all(n >= copies for n in staged.values()), staged
 
 
@@ -292,8 +303,8 @@ def test_staged_copies_are_waited_for_before_each_barrier(arch):
     its cp.async copies before the barrier that publishes the tiles."""
     functions = split_functions(cuobjdump("-sass", "-arch", arch))
     staged = {name: body for name, body in functions.items() if ASYNC_COPY in body}
-    # norms x dtype pairs, forward and backward
-    assert len(staged) == 2 * 5 * 2, sorted(staged)
+    # norms, forward and backward
+    assert len(staged) == 2 * staged_instances_per_norm() * 2, sorted(staged)
     unwaited = {name: n for name, body in staged.items()
                 if (n := async_copies_unwaited_at_barrier(body))}
     assert not unwaited, unwaited
@@ -308,7 +319,8 @@ def test_persistent_kernels_prefetch_their_next_rows():
                   "backward_registers_kernel", "backward_staged_rows_kernel")
     functions = split_functions(cuobjdump("-sass", "-arch", "sm_90"))
     kernels = {name: body for name, body in functions.items() if family(name) in persistent}
-    assert len(kernels) == 2 * (2 * 5 + 1 + 5 + 2 * 5 + 5), sorted(kernels)
+    staged = staged_instances_per_norm()
+    assert len(kernels) == 2 * (2 * 5 + 1 + staged + 2 * 5 + staged), sorted(kernels)
     missing = [name for name, body in kernels.items() if not re.search(r"\bCCTL\.E\.PF2\b", body)]
     assert not missing, missing
 

@@ -219,14 +219,14 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
 // first + t of each span of 128 rows. dy's and x's spans are copied into shared-memory
 // tiles with coalesced 16-byte vectors (as the forward's rows per thread); then each
 // thread
-//   - adds dgamma/dbeta of its column or pair of columns (cuda_indexing::staged_column)
+//   - adds dgamma/dbeta of its unit of kUnit columns (cuda_indexing::staged_column)
 //     over its share of the span's rows, in registers across the block's spans;
 //   - takes its row's two sums from the tiles, and after a barrier writes dx over its
 //     row of the x tile;
 // and the block copies dx's span out. At the end the block adds its columns' phases into
-// its one partial row.
+// its one partial row. kUnit: cuda_config::staged_unit_width of the tensors.
 
-template <Norm kNorm, typename T, typename P>
+template <Norm kNorm, typename T, typename P, int kUnit>
 __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
                                   cuda_config::kStagedBackwardMinBlocksPerSM)
     backward_staged_rows_kernel(const BackwardParams<T, P> a) {
@@ -239,14 +239,14 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   __shared__ __align__(16) uint4 x_tile[kTileVectors];
   __shared__ SumPair<acc_t> rows_stats[kRows];  // of the span's rows: center, rstd
   // The weight as acc_t (1 where absent), read once a block: a thread's vector of it then
-  // costs kVec shared loads, where load_param issued a vector load and a scalar fallback.
-  __shared__ acc_t weight[cuda_config::kLargeSliceBytes / 2];
+  // costs kVec / kUnit shared loads, where load_param issued a vector load and a scalar
+  // fallback.
+  __shared__ __align__(16) acc_t weight[cuda_config::kLargeSliceBytes / 2];
   const int t = threadIdx.y;
   const int n = static_cast<int>(a.cols);
   const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(a.cols);
-  const cuda_indexing::StagedColumn column = cuda_indexing::staged_column(
-      t, a.cols, cuda_config::staged_pair_width(sizeof(T), a.cols, a.x_misalign));
-  acc_t dgamma[2] = {0, 0}, dbeta[2] = {0, 0};  // of the thread's columns
+  const cuda_indexing::StagedColumn column = cuda_indexing::staged_column(t, a.cols, kUnit);
+  acc_t dgamma[kUnit] = {}, dbeta[kUnit] = {};  // of the thread's columns
   if (t < n) weight[t] = load_param(a.weight, t, acc_t(1));  // the first barrier publishes it
   // Spans start a multiple of kRows rows apart, and kRows is a multiple of the vector
   // width: every span starts a.x_misalign elements past a vector boundary (the tiles'
@@ -293,42 +293,41 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
     __syncthreads();
 
     if (column.active()) {
-      with_staged_width<T>(column.width, [&](auto w) {
-        constexpr int kWidth = decltype(w)::value;
-        column.for_each_row(rows, layout.row_start(1, n), [&](int r, int at) {
-          const SumPair<acc_t> stats = rows_stats[r];  // once for the pair
-          acc_t dy[kWidth], x[kWidth];
-          load_tile_elements<kWidth>(staged_dy + at, dy);
-          load_tile_elements<kWidth>(staged_x + at, x);
+      column.for_each_row(rows, layout.row_start(1, n), [&](int r, int at) {
+        const SumPair<acc_t> stats = rows_stats[r];  // once for the unit
+        acc_t dy[kUnit], x[kUnit];
+        load_tile_unit<kUnit>(staged_dy + at, dy);
+        load_tile_unit<kUnit>(staged_x + at, x);
 #pragma unroll
-          for (int k = 0; k < kWidth; ++k) {
-            dgamma[k] += dy[k] * math::normalize<kNorm>(x[k], stats.a, stats.b);
-            if constexpr (kNorm == Norm::kLayer) dbeta[k] += dy[k];
-          }
-        });
+        for (int k = 0; k < kUnit; ++k) {
+          dgamma[k] += dy[k] * math::normalize<kNorm>(x[k], stats.a, stats.b);
+          if constexpr (kNorm == Norm::kLayer) dbeta[k] += dy[k];
+        }
       });
     }
 
-    // The thread's row: g = dy * w and xhat of its vector at e, or of one element.
-    const auto vector_terms = [&](int e, acc_t(&g)[kVec], acc_t(&xhat)[kVec]) {
-      unpack<T>(load_shared_16_bytes(dyr + e), g);
-      unpack<T>(load_shared_16_bytes(xr + e), xhat);
+    // The thread's row: g = dy * w and xhat of its vector at e, or of a unit of its head
+    // or tail. (Every row's vectors and edge units start a multiple of kUnit elements in,
+    // so the weight's units are aligned too.)
+    const auto scale_terms = [&](int e, auto& g, auto& xhat) {
+      constexpr int kN = sizeof(g) / sizeof(acc_t);
+      acc_t w[kN];
+      load_tile_units<kUnit>(weight + e, w);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        g[k] *= weight[e + k];
+      for (int k = 0; k < kN; ++k) {
+        g[k] *= w[k];
         xhat[k] = math::normalize<kNorm>(xhat[k], center, rstd);
       }
     };
-    // The same of a head or tail element at e, or of a pair (kWidth 2).
-    const auto edge_terms = [&](int e, auto& g, auto& xhat) {
-      constexpr int kWidth = sizeof(g) / sizeof(acc_t);
-      load_tile_elements<kWidth>(dyr + e, g);
-      load_tile_elements<kWidth>(xr + e, xhat);
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) {
-        g[k] *= weight[e + k];
-        xhat[k] = math::normalize<kNorm>(xhat[k], center, rstd);
-      }
+    const auto vector_terms = [&](int e, acc_t(&g)[kVec], acc_t(&xhat)[kVec]) {
+      unpack<T>(load_shared_16_bytes(dyr + e), g);
+      unpack<T>(load_shared_16_bytes(xr + e), xhat);
+      scale_terms(e, g, xhat);
+    };
+    const auto unit_terms = [&](int e, acc_t(&g)[kUnit], acc_t(&xhat)[kUnit]) {
+      load_tile_unit<kUnit>(dyr + e, g);
+      load_tile_unit<kUnit>(xr + e, xhat);
+      scale_terms(e, g, xhat);
     };
     SumPair<acc_t> sums{0, 0};  // of g (LayerNorm only) and of g * xhat
     const auto add = [&](acc_t g, acc_t xhat) {
@@ -342,17 +341,14 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
 #pragma unroll
         for (int k = 0; k < kVec; ++k) add(g[k], xhat[k]);
       });
-      with_staged_width<T>(column.width, [&](auto w) {
-        constexpr int kWidth = decltype(w)::value;
-        own.for_each_edge(
-            [&](int e) {
-              acc_t g[kWidth], xhat[kWidth];
-              edge_terms(e, g, xhat);
+      own.for_each_edge(
+          [&](int e) {
+            acc_t g[kUnit], xhat[kUnit];
+            unit_terms(e, g, xhat);
 #pragma unroll
-              for (int k = 0; k < kWidth; ++k) add(g[k], xhat[k]);
-            },
-            kWidth);
-      });
+            for (int k = 0; k < kUnit; ++k) add(g[k], xhat[k]);
+          },
+          kUnit);
     }
     __syncthreads();  // every column of the span is read before dx overwrites x
 
@@ -368,20 +364,17 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
         }
         store_vector<kVec, true>(xr + e, g);
       });
-      with_staged_width<T>(column.width, [&](auto w) {
-        constexpr int kWidth = decltype(w)::value;
-        own.for_each_edge(
-            [&](int e) {
-              acc_t g[kWidth], xhat[kWidth];
-              edge_terms(e, g, xhat);
+      own.for_each_edge(
+          [&](int e) {
+            acc_t g[kUnit], xhat[kUnit];
+            unit_terms(e, g, xhat);
 #pragma unroll
-              for (int k = 0; k < kWidth; ++k) {
-                g[k] = math::input_grad<kNorm>(g[k], xhat[k], rstd, mean_g, mean_g_xhat);
-              }
-              store_tile_elements<kWidth>(xr + e, g);
-            },
-            kWidth);
-      });
+            for (int k = 0; k < kUnit; ++k) {
+              g[k] = math::input_grad<kNorm>(g[k], xhat[k], rstd, mean_g, mean_g_xhat);
+            }
+            store_tile_unit<kUnit>(xr + e, g);
+          },
+          kUnit);
     }
     __syncthreads();  // every row's dx is in the x tile
     copy_span<false>(static_cast<const T*>(staged_x), a.dx + first * a.cols, span, layout, t,
@@ -392,12 +385,13 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   // would leave the finalize kernel 128 / D times as many to add). dy's tile holds them:
   // its last reads came before the loop's last barrier.
   SumPair<acc_t>* const phase_sums = reinterpret_cast<SumPair<acc_t>*>(dy_tile);
-  // Two a thread at most (a pair of columns).
-  static_assert(2 * kRows * sizeof(SumPair<acc_t>) <= sizeof(dy_tile), "phase sums fit the tile");
+  // kUnit a thread at most.
+  static_assert(kUnit * kRows * sizeof(SumPair<acc_t>) <= sizeof(dy_tile),
+                "phase sums fit the tile");
   if (column.active()) {
     SumPair<acc_t>* const sums = phase_sums + column.phase * n + column.col;
-    sums[0] = {dgamma[0], dbeta[0]};
-    if (column.width == 2) sums[1] = {dgamma[1], dbeta[1]};
+#pragma unroll
+    for (int k = 0; k < kUnit; ++k) sums[k] = {dgamma[k], dbeta[k]};
   }
   __syncthreads();
   if (t < n) {

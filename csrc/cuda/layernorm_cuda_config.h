@@ -60,8 +60,8 @@ constexpr int kSmallSliceVectors = kSmallSliceBytes / 16;
 // made the float16 LayerNorm spill once its row statistics took two sums (2026-12-04).
 constexpr int kSmallSliceMinBlocksPerSM = 8;
 // The same for a row per thread (128 rows a block; 65536 / (4 * 128) = 128 registers).
-// Staged (below), its kernel loops over the row in the tile and takes 48-72 registers
-// (nvcc 13.0, sm_80 and sm_90: 7-10 blocks an SM). As the register kernel's unrolled slots
+// Staged (below), its kernel loops over the row in the tile and takes 48-64 registers
+// (nvcc 13.0, sm_80 and sm_90: 8-10 blocks an SM). As the register kernel's unrolled slots
 // (until 2026-12-05) it took 89-96 at 5 blocks an SM and the 2-byte RMSNorm spilled on
 // sm_80; read directly, without the tile (bench/ab/), 80-96 at 5, and 6 spilled. A block
 // copies its rows in at once (up to 16 KiB; 10 KiB at float32 D = 20), so 4 still keep
@@ -133,16 +133,22 @@ constexpr bool kStageBackwardRowsPerThread = true;
 // 13.0; 6 blocks, 80 registers, spilled): the two tiles take 37 KiB of shared memory a
 // block, and 5 blocks fit an H100's 228 KiB (an A100's 164 KiB holds 4).
 constexpr int kStagedBackwardMinBlocksPerSM = 5;
-// Staged tiles of 2-byte elements in 4-byte pairs (even D, spans at an even offset: every
-// row starts at an even offset, its head and tail whole pairs) are read a pair at a time:
-// the backward's column pass adds two adjacent columns a thread, a pair's dy and x in one
-// load each and its rows' statistics loaded once for both (one column a thread issued 16
-// instructions an element in bf16 at D = 20, a quarter of the kernel's); both kernels'
-// row passes take a row's head and tail elements in pairs (bf16 D = 20: 4 of its 20
-// elements, ~40% of a row pass's instructions one at a time). Not run on a GPU.
-constexpr bool kStagedPairs = true;
-LN_HOST_DEVICE constexpr int staged_pair_width(int elem_bytes, int64_t n, int64_t misalign) {
-  return kStagedPairs && elem_bytes == 2 && n % 2 == 0 && misalign % 2 == 0 ? 2 : 1;
+// Staged tiles are read in units of `width` adjacent elements, up to 8 bytes (2-byte
+// dtypes: 4 or 2, float32: 2), where every row's elements lie at offsets that are
+// multiples of the width (D and the spans' offset both are): the backward's column pass
+// adds a unit of columns a thread (its dy and x in one load each, its rows' statistics
+// loaded once for the unit: one column a thread issued 16 instructions an element in
+// bf16 at D = 20, a quarter of the kernel's), both kernels' row passes take a row's head
+// and tail elements a unit at a time (bf16 D = 20: 4 of its 20 elements, ~40% of a row
+// pass's instructions one at a time), and the fp32 weight (and bias) in shared memory is
+// read a unit of floats at a time (8 loads a bf16 vector otherwise). The kernels take the
+// width as a template argument (launched by staged_unit_width). Not run on a GPU.
+constexpr bool kStagedUnits = true;
+constexpr int kStagedUnitBytes = 8;
+LN_HOST_DEVICE constexpr int staged_unit_width(int elem_bytes, int64_t n, int64_t misalign) {
+  int width = kStagedUnits ? kStagedUnitBytes / elem_bytes : 1;
+  while (width > 1 && (n % width != 0 || misalign % width != 0)) width /= 2;
+  return width < 1 ? 1 : width;
 }
 LN_HOST_DEVICE constexpr int staged_column_phases(int64_t n, int width) {
   return static_cast<int>(kRowBlockThreads / (n / width));

@@ -97,41 +97,48 @@ __device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out
   }
 }
 
-// kWidth elements of a staged tile at p (1, or a 2-byte pair in one 4-byte access:
-// cuda_config::staged_pair_width) as acc_t, and back.
-template <int kWidth, typename T, typename acc_t>
-__device__ __forceinline__ void load_tile_elements(const T* p, acc_t (&out)[kWidth]) {
-  if constexpr (kWidth == 2) {
-    unpack_word<T>(*reinterpret_cast<const uint32_t*>(p), out);
-  } else {
-    out[0] = static_cast<acc_t>(*p);
-  }
-}
+// kWidth adjacent elements of a staged tile, a unit (cuda_config::staged_unit_width) that
+// starts at a multiple of its size in bytes: one load or store, of up to 8 bytes.
+template <int kWidth, typename T>
+struct alignas(kWidth * sizeof(T)) TileUnit {
+  T values[kWidth];
+};
 
+// The unit at p as acc_t, into out[0 .. kWidth).
 template <int kWidth, typename T, typename acc_t>
-__device__ __forceinline__ void store_tile_elements(T* p, const acc_t (&in)[kWidth]) {
-  if constexpr (kWidth == 2) {
-    const T values[2] = {static_cast<T>(in[0]), static_cast<T>(in[1])};
-    uint32_t word;
-    memcpy(&word, values, sizeof(word));
-    *reinterpret_cast<uint32_t*>(p) = word;
-  } else {
-    *p = static_cast<T>(in[0]);
-  }
-}
-
-// f(std::integral_constant<int, 2>{}) where a staged tile holds pairs (width 2, the same
-// in the whole block), else f(std::integral_constant<int, 1>{}); for 4-byte dtypes only
-// the latter is compiled.
-template <typename T, typename F>
-__device__ __forceinline__ void with_staged_width(int width, F&& f) {
-  if constexpr (sizeof(T) == 2) {
-    if (width == 2) {
-      f(std::integral_constant<int, 2>{});
-      return;
+__device__ __forceinline__ void load_tile_unit(const T* p, acc_t* out) {
+  const TileUnit<kWidth, T> unit = *reinterpret_cast<const TileUnit<kWidth, T>*>(p);
+  if constexpr (sizeof(T) == 2 && kWidth % 2 == 0) {  // by words: unpack_word's conversion
+#pragma unroll
+    for (int w = 0; w < kWidth / 2; ++w) {
+      uint32_t word;
+      memcpy(&word, unit.values + 2 * w, sizeof(word));
+      acc_t pair[2];
+      unpack_word<T>(word, pair);
+      out[2 * w] = pair[0];
+      out[2 * w + 1] = pair[1];
     }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) out[k] = static_cast<acc_t>(unit.values[k]);
   }
-  f(std::integral_constant<int, 1>{});
+}
+
+template <int kWidth, typename T, typename acc_t>
+__device__ __forceinline__ void store_tile_unit(T* p, const acc_t* in) {
+  TileUnit<kWidth, T> unit;
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) unit.values[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<TileUnit<kWidth, T>*>(p) = unit;
+}
+
+// kN values at p (shared memory, p a unit's start) a unit of kWidth at a time: a staged
+// kernel's weight (and bias) for a vector of its row, as acc_t.
+template <int kWidth, int kN, typename V>
+__device__ __forceinline__ void load_tile_units(const V* p, V (&out)[kN]) {
+  static_assert(kN % kWidth == 0, "whole units");
+#pragma unroll
+  for (int k = 0; k < kN; k += kWidth) load_tile_unit<kWidth>(p + k, out + k);
 }
 
 #if !defined(LN_CUDA_EMULATION)

@@ -122,9 +122,11 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
 // first + t of each span of 128 rows. The block copies x's span into a tile with
 // coalesced 16-byte vectors; each thread takes its row's statistics and writes y over its
 // row there, by loops over the row (cuda_indexing::StagedRow); the block copies y's span
-// out. The weight and bias are read once a block, into shared memory as acc_t.
+// out. The weight and bias are read once a block, into shared memory as acc_t. kUnit:
+// cuda_config::staged_unit_width of the tensors (the row's head and tail, the weight
+// and the bias are read kUnit elements a load).
 
-template <Norm kNorm, typename T, typename P>
+template <Norm kNorm, typename T, typename P, int kUnit>
 __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
                                   cuda_config::kRowPerThreadMinBlocksPerSM)
     forward_staged_rows_kernel(const ForwardParams<T, P> a) {
@@ -135,8 +137,9 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   __shared__ __align__(16) uint4 tile[cuda_config::kRowTileBytes / 16 + 1];
   constexpr int kMaxCols = cuda_config::kLargeSliceBytes / 2;
   static_assert(sizeof(T) >= 2, "rows of at most kMaxCols elements");
-  __shared__ acc_t weight[kMaxCols];  // 1 where absent
-  __shared__ acc_t bias[kMaxCols];    // 0 where absent (and for RMSNorm)
+  // Read kUnit at a time: a row's vectors and edge units start a multiple of kUnit in.
+  __shared__ __align__(16) acc_t weight[kMaxCols];  // 1 where absent
+  __shared__ __align__(16) acc_t bias[kMaxCols];    // 0 where absent (and for RMSNorm)
   const int t = threadIdx.y;
   const int n = static_cast<int>(a.cols);
   if (t < n) {  // the first barrier publishes them
@@ -153,7 +156,6 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   T* const xr = staged + layout.row_start(t, n);  // the thread's row in the tile; y too
   const cuda_indexing::StagedRow own =
       cuda_indexing::staged_row(row_split(a, int64_t(blockIdx.x) * kRows + t, kVec), n);
-  const int width = cuda_config::staged_pair_width(sizeof(T), a.cols, a.x_misalign);  // edges
 
   for (int64_t first = int64_t(blockIdx.x) * kRows; first < a.rows;
        first += int64_t(gridDim.x) * kRows) {
@@ -175,17 +177,14 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
 #pragma unroll
           for (int k = 0; k < kVec; ++k) f(v[k]);
         });
-        with_staged_width<T>(width, [&](auto w) {
-          constexpr int kWidth = decltype(w)::value;
-          own.for_each_edge(
-              [&](int e) {
-                acc_t v[kWidth];
-                load_tile_elements<kWidth>(xr + e, v);
+        own.for_each_edge(
+            [&](int e) {
+              acc_t v[kUnit];
+              load_tile_unit<kUnit>(xr + e, v);
 #pragma unroll
-                for (int k = 0; k < kWidth; ++k) f(v[k]);
-              },
-              kWidth);
-        });
+              for (int k = 0; k < kUnit; ++k) f(v[k]);
+            },
+            kUnit);
       };
       const acc_t first_x =
           kNorm == Norm::kLayer && n > 0 ? static_cast<acc_t>(xr[0]) : acc_t(0);
@@ -193,29 +192,31 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
           first_x, a.cols, a.eps, for_each_x,
           [](const auto& value, const auto&, auto) { return value; });  // the thread's row
       const acc_t center = save_row_stats<kNorm>(a, first + t, stats.mean, stats.rstd);
-      const auto y_of = [&](acc_t x, int e) {
-        return math::affine<kNorm>(math::normalize<kNorm>(x, center, stats.rstd), weight[e],
-                                   bias[e]);
+      // y of the kN elements v at e (a vector, or a unit of the head or tail).
+      const auto to_y = [&](int e, auto& v) {
+        constexpr int kN = sizeof(v) / sizeof(acc_t);
+        acc_t w[kN], b[kN];
+        load_tile_units<kUnit>(weight + e, w);
+        load_tile_units<kUnit>(bias + e, b);
+#pragma unroll
+        for (int k = 0; k < kN; ++k) {
+          v[k] = math::affine<kNorm>(math::normalize<kNorm>(v[k], center, stats.rstd), w[k], b[k]);
+        }
       };
       own.for_each_vector([&](int e) {
         acc_t v[kVec];
         unpack<T>(load_shared_16_bytes(xr + e), v);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) v[k] = y_of(v[k], e + k);
+        to_y(e, v);
         store_vector<kVec, true>(xr + e, v);
       });
-      with_staged_width<T>(width, [&](auto w) {
-        constexpr int kWidth = decltype(w)::value;
-        own.for_each_edge(
-            [&](int e) {
-              acc_t v[kWidth];
-              load_tile_elements<kWidth>(xr + e, v);
-#pragma unroll
-              for (int k = 0; k < kWidth; ++k) v[k] = y_of(v[k], e + k);
-              store_tile_elements<kWidth>(xr + e, v);
-            },
-            kWidth);
-      });
+      own.for_each_edge(
+          [&](int e) {
+            acc_t v[kUnit];
+            load_tile_unit<kUnit>(xr + e, v);
+            to_y(e, v);
+            store_tile_unit<kUnit>(xr + e, v);
+          },
+          kUnit);
     }
     __syncthreads();  // every row of the span is written to the tile
     copy_span<false>(static_cast<const T*>(staged), a.y + first * a.cols, span, layout, t, kRows);

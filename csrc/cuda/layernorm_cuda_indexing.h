@@ -129,8 +129,8 @@ struct StagedRow {
 #endif
     for (int e = head; e < tail_begin; e += vec) f(e);
   }
-  // width 2: in pairs (f(first element of each)), where the head and tail are whole
-  // pairs (cuda_config::staged_pair_width).
+  // In units of `width` elements (f(first element of each)), where the head and tail are
+  // whole units (cuda_config::staged_unit_width).
   template <typename F>
   LN_HOST_DEVICE void for_each_edge(F&& f, int width = 1) const {
     for (int i = 0; i < edges; i += width) f(i < head ? i : i + (tail_begin - head));
@@ -196,8 +196,8 @@ LN_HOST_DEVICE void for_each_span_edge(const RowSplit& span, int t, F&& element)
 }
 
 // The row-per-thread backward's dgamma/dbeta: thread t of a staged block of
-// kRowBlockThreads rows of n elements adds `width` adjacent columns (1, or a 2-byte pair:
-// cuda_config::staged_pair_width), columns col .. col + width - 1 with col = (t % units)
+// kRowBlockThreads rows of n elements adds `width` adjacent columns (a unit:
+// cuda_config::staged_unit_width), columns col .. col + width - 1 with col = (t % units)
 // * width for units = n / width, over rows phase, phase + phases, ... of each span (phase
 // = t / units, phases = cuda_config::staged_column_phases(n, width)); the threads from
 // phases * units on add none. Consecutive threads read consecutive elements of the tile.

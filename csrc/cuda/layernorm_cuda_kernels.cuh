@@ -109,10 +109,25 @@ inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned>(blocks))
 // in the tests (tests/cuda_emulator/). `launch.resident_blocks(kernel, block)` is how
 // many blocks of that kernel the device runs at once.
 
+// f(std::integral_constant<int, kUnit>{}) for width = cuda_config::staged_unit_width of
+// the staged kernels' tensors: the kernel instance to launch.
+template <typename T, typename F>
+auto with_staged_unit(int width, F&& f) {
+  constexpr int kMaxUnit = std::max<int>(cuda_config::kStagedUnitBytes / int(sizeof(T)), 1);
+  if constexpr (kMaxUnit >= 4) {
+    if (width == 4) return f(std::integral_constant<int, 4>{});
+  }
+  if constexpr (kMaxUnit >= 2) {
+    if (width == 2) return f(std::integral_constant<int, 2>{});
+  }
+  TORCH_INTERNAL_ASSERT(width == 1, "layernorm_ext: no staged kernel of units of ", width);
+  return f(std::integral_constant<int, 1>{});
+}
+
 // The forward kernel for a launch configuration (c.kind, c.elems_per_thread,
-// c.threads_per_row == 1).
+// c.threads_per_row == 1) and, for the staged kernel, its unit width.
 template <Norm kNorm, typename T, typename P>
-auto forward_kernel(const LaunchConfig& c) {
+auto forward_kernel(const LaunchConfig& c, int staged_unit) {
   if constexpr (kHasRegisterKernels<T>) {
     constexpr int kVec = kVecOf<T>;
     constexpr int kSmall = cuda_config::kSmallSliceVectors;
@@ -136,7 +151,9 @@ auto forward_kernel(const LaunchConfig& c) {
       if (small) return forward_registers_kernel<kNorm, T, P, kSmall, false>;
       if (alone) {
         if constexpr (cuda_config::kStageRowsPerThread) {
-          return forward_staged_rows_kernel<kNorm, T, P>;
+          return with_staged_unit<T>(staged_unit, [](auto unit) {
+            return forward_staged_rows_kernel<kNorm, T, P, decltype(unit)::value>;
+          });
         } else {
           return forward_registers_kernel<kNorm, T, P, kLarge, true>;
         }
@@ -167,7 +184,8 @@ void launch_forward(const ForwardArgs& args, const Launch& launch) {
   a.x_misalign = a.vectorized ? misalign : 0;
 
   const LaunchConfig c = cuda_config::forward_config(a.cols, sizeof(T), a.vectorized);
-  const auto kernel = forward_kernel<kNorm, T, P>(c);
+  const auto kernel = forward_kernel<kNorm, T, P>(
+      c, cuda_config::staged_unit_width(sizeof(T), a.cols, a.x_misalign));
   // One wave of resident blocks, each looping over row groups, rather than a block per
   // row group: on an H100 (2026-11-25) the forwards of short rows cost a near-constant
   // 2.2-3 ns per block (fp32 D = 128 and bf16 D = 20 / 128), whatever the bytes a block
@@ -233,7 +251,11 @@ void launch_backward(const BackwardArgs& args, const Launch& launch) {
                                cuda_config::kSlotPartialEntries));
     if (row_per_thread) {
       TORCH_INTERNAL_ASSERT(c.rows_per_block == cuda_config::kRowBlockThreads);
-      launch(backward_staged_rows_kernel<kNorm, T, P>, grid_of(slots), block_of(c), a);
+      const int unit_width = cuda_config::staged_unit_width(sizeof(T), cols, a.x_misalign);
+      with_staged_unit<T>(unit_width, [&](auto unit) {
+        constexpr int kUnit = decltype(unit)::value;
+        launch(backward_staged_rows_kernel<kNorm, T, P, kUnit>, grid_of(slots), block_of(c), a);
+      });
     } else if (c.elems_per_thread == cuda_config::kElemsBackward) {
       launch(backward_registers_kernel<kNorm, T, P, cuda_config::kElemsBackward>, grid,
              block_of(c), a);

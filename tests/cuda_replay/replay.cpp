@@ -294,7 +294,7 @@ void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes,
   }
 }
 
-int staged_edge_pair_rows = 0;  // rows whose head and tail were replayed as pairs too
+int staged_edge_unit_rows = 0;  // rows whose head and tail were replayed in units too
 
 // A staged block of rows a thread each (cfg::kStageRowsPerThread): the block's
 // kRowBlockThreads threads, kRowTileSlots packs and one edge slot each, copy every element
@@ -365,28 +365,33 @@ void cover_row_tiles() {
                        (long long)r, e);
                 for (int k = 0; k < vec; ++k) row_counts.at(e + k) += 1;
               });
-              std::vector<int> pair_counts = row_counts;  // the vectors', then edge pairs
+              std::vector<int> unit_counts = row_counts;  // the vectors', then edge units
               own.for_each_edge([&](int e) { row_counts.at(e) += 1; });
               for (int64_t col = 0; col < n; ++col) {
                 EXPECT(row_counts[col] == 1, "n=%lld: row %lld's loops read element %lld %d times",
                        (long long)n, (long long)r, (long long)col, row_counts[col]);
               }
-              // Where the tile holds 2-byte pairs, the head and tail as pairs: the same
-              // elements, each pair 4-byte aligned in the tile and on one side of the vectors.
-              if (cfg::staged_pair_width(elem_bytes, n, misalign) == 2) {
-                ++staged_edge_pair_rows;
+              // The head and tail in units (cuda_config::staged_unit_width): the same
+              // elements, each unit aligned to its bytes in the tile and on one side of the
+              // vectors, and the vectors a whole number of units in (the weight's loads).
+              const int unit = cfg::staged_unit_width(elem_bytes, n, misalign);
+              if (unit > 1) {
+                ++staged_edge_unit_rows;
                 own.for_each_edge(
                     [&](int e) {
-                      EXPECT((misalign + start + e) % 2 == 0 &&
-                                 (e + 1 < own.head || e >= own.tail_begin),
-                             "n=%lld: row %lld's edge pair at %d (head %d, tail from %d)",
-                             (long long)n, (long long)r, e, own.head, own.tail_begin);
-                      pair_counts.at(e) += 1;
-                      pair_counts.at(e + 1) += 1;
+                      EXPECT((misalign + start + e) % unit == 0 &&
+                                 (e + unit <= own.head || e >= own.tail_begin),
+                             "n=%lld: row %lld's edge unit of %d at %d (head %d, tail from %d)",
+                             (long long)n, (long long)r, unit, e, own.head, own.tail_begin);
+                      for (int k = 0; k < unit; ++k) unit_counts.at(e + k) += 1;
                     },
-                    2);
-                EXPECT(pair_counts == row_counts, "n=%lld: row %lld's edge pairs miss elements",
+                    unit);
+                EXPECT(unit_counts == row_counts, "n=%lld: row %lld's edge units miss elements",
                        (long long)n, (long long)r);
+                own.for_each_vector([&](int e) {
+                  EXPECT(e % unit == 0, "n=%lld: row %lld's vector at %d, units of %d",
+                         (long long)n, (long long)r, e, unit);
+                });
               }
               idx::for_each_register_pack<cfg::kLargeSliceVectors>(row_split, 0, 1, [&](int,
                                                                                        int e) {
@@ -422,8 +427,8 @@ void cover_row_tiles() {
     }
   }
   std::printf("coverage: %d staged spans of rows copied, %d with padded rows, %d rows' edges "
-              "in pairs\n", spans, padded, staged_edge_pair_rows);
-  EXPECT(!cfg::kStagedPairs || staged_edge_pair_rows > 0, "no row's edges replayed as pairs");
+              "in units\n", spans, padded, staged_edge_unit_rows);
+  EXPECT(!cfg::kStagedUnits || staged_edge_unit_rows > 0, "no row's edges replayed in units");
 }
 
 // The row-per-thread backward (cfg::kStageBackwardRowsPerThread): blocks of 128 rows,
@@ -456,11 +461,12 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
     }
   }
   // Every offset of the spans from a vector boundary: its tile layout, and its column
-  // width (a pair of 2-byte columns where the tile holds them 4-byte aligned).
+  // width (a unit of columns where the tile holds them aligned to the unit's bytes).
   for (int64_t misalign = 0; misalign < vec; ++misalign) {
     const idx::TileLayout layout = idx::tile_layout(n, vec, misalign);
-    const int width = cfg::staged_pair_width(elem_bytes, n, misalign);
-    EXPECT(width == 1 || (width == 2 && elem_bytes == 2 && n % 2 == 0),
+    const int width = cfg::staged_unit_width(elem_bytes, n, misalign);
+    EXPECT(width >= 1 && width * elem_bytes <= cfg::kStagedUnitBytes && n % width == 0 &&
+               misalign % width == 0,
            "n=%lld: columns %d a thread", (long long)n, width);
     const int phases = cfg::staged_column_phases(n, width);
     EXPECT(phases >= 1 && phases * n <= width * cfg::kRowBlockThreads, "n=%lld: %d phases",
@@ -476,14 +482,14 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
         if (!col.active()) continue;
         EXPECT(col.col >= 0 && col.col + width <= n && col.phase >= 0,
                "n=%lld: thread %d at column %d", (long long)n, t, col.col);
-        // Where the tile holds the row's element col (the kernel's row stride): a pair
-        // starts 4-byte aligned.
+        // Where the tile holds the row's element col (the kernel's row stride): a unit
+        // starts aligned to its bytes.
         col.for_each_row(rows, layout.row_start(1, static_cast<int>(n)), [&](int r, int at) {
           EXPECT(at == layout.at(static_cast<int>(r * n + col.col)),
                  "n=%lld: thread %d reads row %d at tile element %d (pad %d)", (long long)n, t,
                  r, at, layout.pad);
-          EXPECT(width == 1 || (misalign + at) % 2 == 0,
-                 "n=%lld misalign=%lld: a pair at tile element %d", (long long)n,
+          EXPECT((misalign + at) % width == 0,
+                 "n=%lld misalign=%lld: a unit at tile element %d", (long long)n,
                  (long long)misalign, at);
           for (int k = 0; k < width; ++k) counts.at(r * n + col.col + k) += 1;
         });
@@ -501,11 +507,13 @@ void check_staged_backward(const cfg::LaunchConfig& c, int64_t n, int elem_bytes
                e, counts[e]);
       }
       // Threads 0 .. n-1 each add their column's phases: every entry written is read once.
-      std::vector<int> reads(2 * cfg::kRowBlockThreads, 0);
+      // (The kernel's phase sums hold width * kRowBlockThreads entries.)
+      const int entries = width * cfg::kRowBlockThreads;
+      std::vector<int> reads(entries, 0);
       for (int c = 0; c < n; ++c) {
         for (int p = 0; p < phases; ++p) reads.at(p * n + c) += 1;
       }
-      for (int e = 0; e < 2 * cfg::kRowBlockThreads; ++e) {
+      for (int e = 0; e < entries; ++e) {
         EXPECT(reads[e] == int(phase_sums.count(e)), "n=%lld: phase sum %d read %d times",
                (long long)n, e, reads[e]);
       }
