@@ -58,18 +58,22 @@ def emulated():
 
 
 def emulated_results(emu, x, normalized_shape, weight, bias, grad_out, eps,
-                     input_requires_grad=True, norm="layer"):
+                     input_requires_grad=True, norm="layer", outputs_like_input=False):
     """[output, grad_input, grad_weight, grad_bias] from the emulated CUDA operators,
     None where torch's autograd gives none (an absent parameter, an input that does not
-    require grad); a layernorm_cases.OursFn once `emu` is bound."""
+    require grad); a layernorm_cases.OursFn once `emu` is bound. outputs_like_input: the
+    kernels write y and dx at x's misalignment (emulated_ops.cpp)."""
     shape = list(normalized_shape)
+    suffix = "_outputs_like_input" if outputs_like_input else ""
     if norm == "rms":
-        output, rstd = emu.rms_norm_forward(x, shape, weight, eps)
-        grad_input, grad_weight = emu.rms_norm_backward(grad_out, x, shape, rstd, weight)
+        output, rstd = getattr(emu, "rms_norm_forward" + suffix)(x, shape, weight, eps)
+        grad_input, grad_weight = getattr(emu, "rms_norm_backward" + suffix)(
+            grad_out, x, shape, rstd, weight)
         grad_bias = None
     else:
-        output, mean, rstd = emu.layer_norm_forward(x, shape, weight, bias, eps)
-        grad_input, grad_weight, grad_bias = emu.layer_norm_backward(
+        output, mean, rstd = getattr(emu, "layer_norm_forward" + suffix)(
+            x, shape, weight, bias, eps)
+        grad_input, grad_weight, grad_bias = getattr(emu, "layer_norm_backward" + suffix)(
             grad_out, x, shape, mean, rstd, weight, bias)
     return [output, grad_input if input_requires_grad else None,
             grad_weight if weight is not None else None, grad_bias if bias is not None else None]
@@ -104,25 +108,39 @@ def rows_for(n: int) -> int:
     return 37 if n <= 1000 else 3
 
 
+def past_a_vector(values: torch.Tensor, elements: int) -> torch.Tensor:
+    """values, contiguous, starting `elements` elements past a 16-byte boundary."""
+    storage = values.new_empty(values.numel() + elements)
+    assert storage.data_ptr() % 16 == 0  # CPU allocations are 64-byte aligned
+    storage[elements:] = values.reshape(-1)
+    return storage[elements:].view(values.shape)
+
+
 def check_emulated(emu, n, dtype, param_dtype, layout, norm, seed=0, rows=None, scale=1.0,
                    offset=0.0, weight_layout="contiguous", bias_layout="contiguous"):
     """The emulated kernels against torch on rows of n; a parameter laid out as None is
-    absent (RMSNorm has no bias)."""
+    absent (RMSNorm has no bias). A layout ("misaligned", k): x and grad_out start k
+    elements past a 16-byte boundary, and the kernels write y and dx there too."""
     gen = torch.Generator().manual_seed(seed)
     rows = rows_for(n) if rows is None else rows
+    misalign = layout[1] if isinstance(layout, tuple) else None
 
     def randn(size, how, dt, scale=1.0, offset=0.0):
         values = torch.randn(size, generator=gen, dtype=torch.float64) * scale + offset
+        if how == "misaligned":
+            return past_a_vector(values.to(dt), misalign)
         return laid_out(values.to(dt), how)
 
-    x_layout, grad_layout = LAYOUTS[layout]
+    x_layout, grad_layout = ("misaligned",) * 2 if misalign is not None else LAYOUTS[layout]
     x = randn((rows, n), x_layout, dtype, scale, offset)
     weight = randn((n,), weight_layout, param_dtype, 1.0, 1.0) if weight_layout else None
     bias = randn((n,), bias_layout, param_dtype) if bias_layout and norm == "layer" else None
     grad_out = randn((rows, n), grad_layout, dtype)
     eps = 1e-5
     ours, theirs, reference = run_all(x, (n,), weight, bias, grad_out, eps, norm=norm,
-                                      ours_fn=functools.partial(emulated_results, emu))
+                                      ours_fn=functools.partial(
+                                          emulated_results, emu,
+                                          outputs_like_input=misalign is not None))
     conditioning = 0.0 if norm == "rms" else distance_from_zero(x, 1, eps)
     atol = ATOL[dtype] * max(1.0, conditioning / WELL_CONDITIONED)
     problems = reference_errors(ours, theirs, reference, dtype, atol=atol)
@@ -213,10 +231,40 @@ def test_staged_rows(emulated, n, dtype, norm):
     (bf16 D = 33) or 2 (64), rows that start mid-vector (D = 7, 20, 33), padded rows in
     the tile (D = 16 and 32 float32, 64 bf16), and each unit width the tiles are read in
     (cuda_config::staged_unit_width: 1 at D = 1, 7, 33; 2 at float32 D = 16, 20, 32 and
-    bf16 D = 18; 4 at 2-byte D = 12, 20, 64). A block's span always starts on a vector
-    boundary here (fresh outputs, 128 rows a block); spans that start mid-vector are the
-    host replay's."""
+    bf16 D = 18; 4 at 2-byte D = 12, 20, 64). Every span starts on a vector boundary here
+    (fresh outputs, 128 rows a block); test_staged_rows_start_mid_vector has spans that
+    start mid-vector, the host replay the indexing of each span start there can be."""
     check_emulated(emulated, n, dtype, dtype, "aligned", norm, rows=STAGED_ROWS)
+
+
+# (D, dtype, misalignment in elements): the unit widths (cuda_config::staged_unit_width)
+# with tensors that start mid-vector: 4 (bf16 D = 20 at 4, fp16 D = 12 at 4), 2 (bf16
+# D = 20 at 2 and 6, D = 18 at 4, float32 D = 20 at 2), 1 (bf16 D = 20 at 1, D = 64 at 3,
+# float32 D = 7 at 3).
+MID_VECTOR_STAGED = [(20, torch.bfloat16, 1), (20, torch.bfloat16, 2), (20, torch.bfloat16, 4),
+                     (20, torch.bfloat16, 6), (18, torch.bfloat16, 4), (64, torch.bfloat16, 3),
+                     (12, torch.float16, 4), (20, torch.float32, 2), (7, torch.float32, 3)]
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("n,dtype,misalign", MID_VECTOR_STAGED,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_staged_rows_start_mid_vector(emulated, n, dtype, misalign, norm):
+    """x, dy, y and dx all k elements past a 16-byte boundary: the staged kernels, still
+    vectorized, place their first span k elements into the tile and read it in the units
+    that misalignment allows (a unit too wide for it: a misaligned access, which the
+    emulator reports as a GPU would)."""
+    check_emulated(emulated, n, dtype, dtype, ("misaligned", misalign), norm, rows=STAGED_ROWS)
+
+
+def test_mid_vector_cases_reach_every_unit_width(emulated):
+    elem_bytes = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+    widths = {(elem_bytes[dtype], emulated.staged_unit_of(elem_bytes[dtype], n, misalign))
+              for n, dtype, misalign in MID_VECTOR_STAGED}
+    if emulated.staged_units:
+        assert widths == {(2, 1), (2, 2), (2, 4), (4, 1), (4, 2)}
+    else:
+        assert widths == {(2, 1), (4, 1)}
 
 
 # More spans of 128 rows than the row-per-thread backward has blocks (512, by
@@ -426,4 +474,10 @@ def test_emulator_reports_divergent_barrier(emulated):
 def test_emulator_reports_divergent_shuffle(emulated):
     with pytest.raises(RuntimeError, match="different kinds or widths"):
         emulated.divergent_shuffle()
+
+
+def test_emulator_reports_misaligned_vector_access(emulated):
+    assert emulated.vector_load_at(4) == 5.0
+    with pytest.raises(RuntimeError, match="misaligned address: a 16-byte access"):
+        emulated.vector_load_at(1)
 

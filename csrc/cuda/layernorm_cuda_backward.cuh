@@ -251,8 +251,8 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
   // Spans start a multiple of kRows rows apart, and kRows is a multiple of the vector
   // width: every span starts a.x_misalign elements past a vector boundary (the tiles'
   // layout is the same for all, all full spans split alike), and every row of this
-  // thread splits alike. (backward_config
-  // gives a thread its own row only in vectorized tensors.)
+  // thread splits alike. (backward_config gives a thread its own row only in vectorized
+  // tensors.)
   const cuda_indexing::TileLayout layout = cuda_indexing::tile_layout(a.cols, kVec, a.x_misalign);
   T* const staged_dy = reinterpret_cast<T*>(dy_tile) + a.x_misalign;
   T* const staged_x = reinterpret_cast<T*>(x_tile) + a.x_misalign;
@@ -490,8 +490,8 @@ __device__ __forceinline__ void backward_column_unit(const BackwardParams<T, P>&
     for (int j = 0; j < kRows; ++j) {
       const int64_t row = first + j * slots;
       if (row < a.rows) {
-        dy_bits[j] = *reinterpret_cast<const UnitBits<T, kWidth>*>(a.dy + row * a.cols + col);
-        x_bits[j] = *reinterpret_cast<const UnitBits<T, kWidth>*>(a.x + row * a.cols + col);
+        dy_bits[j] = load_aligned<UnitBits<T, kWidth>>(a.dy + row * a.cols + col);
+        x_bits[j] = load_aligned<UnitBits<T, kWidth>>(a.x + row * a.cols + col);
       }
     }
 #pragma unroll

@@ -126,7 +126,8 @@ constexpr int kElemsBackwardLong = 32;
 // (float32) and 16% (bfloat16) of the copy roof. dgamma/dbeta: thread t adds column
 // t % D over the rows t / D, t / D + J, ... of each span (J = staged_column_phases(D, 1),
 // 128 / D), rather than keep 2 D registers a thread (128 at bf16 D = 64), and a block
-// adds its J phases into one partial row at the end.
+// adds its J phases into one partial row at the end; with kStagedUnits a unit of `width`
+// columns (staged_column) over J = staged_column_phases(D, width) phases.
 // (Compiled and emulator-tested, not run on a GPU: bench/ab/ has the row groups.)
 constexpr bool kStageBackwardRowsPerThread = true;
 // Its __launch_bounds__ floor, 96 registers a thread (no spills, sm_80 and sm_90, nvcc

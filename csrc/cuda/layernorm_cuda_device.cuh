@@ -32,12 +32,30 @@ constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
 // ---------------------------------------------------------------------------------------
 // 16-byte vector I/O
 
+// p is a multiple of kBytes, as a vector access of kBytes needs: a GPU faults otherwise
+// ("misaligned address"); x86 would not, so the emulator checks each access.
+template <size_t kBytes>
+__device__ __forceinline__ void expect_aligned(const void* p) {
+#if defined(LN_CUDA_EMULATION)
+  emu::check_aligned(p, kBytes);
+#else
+  (void)p;
+#endif
+}
+
+// *p read as a V (a vector of sizeof(V) bytes): one load.
+template <typename V>
+__device__ __forceinline__ V load_aligned(const void* p) {
+  expect_aligned<sizeof(V)>(p);
+  return *reinterpret_cast<const V*>(p);
+}
+
 // A 16-byte vector as loaded (a uint4), and its elements as acc_t. The register forward
 // keeps rows this way and converts where it uses them: a thread then holds the same bytes
 // of a row in the same registers whatever the dtype (a bf16 conversion is one shift).
 template <typename T>
 __device__ __forceinline__ uint4 load_raw(const T* __restrict__ p) {
-  return *reinterpret_cast<const uint4*>(p);
+  return load_aligned<uint4>(p);
 }
 
 __device__ __forceinline__ float float_from_bits(uint32_t bits) {
@@ -97,8 +115,9 @@ __device__ __forceinline__ void load_vector(const T* __restrict__ p, acc_t (&out
   }
 }
 
-// kWidth adjacent elements of a staged tile, a unit (cuda_config::staged_unit_width) that
-// starts at a multiple of its size in bytes: one load or store, of up to 8 bytes.
+// kWidth adjacent elements that start at a multiple of their size in bytes: one load or
+// store. A staged tile's unit (cuda_config::staged_unit_width, up to 8 bytes), or kWidth
+// floats of a staged kernel's weight or bias (up to 16 bytes).
 template <int kWidth, typename T>
 struct alignas(kWidth * sizeof(T)) TileUnit {
   T values[kWidth];
@@ -107,7 +126,7 @@ struct alignas(kWidth * sizeof(T)) TileUnit {
 // The unit at p as acc_t, into out[0 .. kWidth).
 template <int kWidth, typename T, typename acc_t>
 __device__ __forceinline__ void load_tile_unit(const T* p, acc_t* out) {
-  const TileUnit<kWidth, T> unit = *reinterpret_cast<const TileUnit<kWidth, T>*>(p);
+  const auto unit = load_aligned<TileUnit<kWidth, T>>(p);
   if constexpr (sizeof(T) == 2 && kWidth % 2 == 0) {  // by words: unpack_word's conversion
 #pragma unroll
     for (int w = 0; w < kWidth / 2; ++w) {
@@ -129,6 +148,7 @@ __device__ __forceinline__ void store_tile_unit(T* p, const acc_t* in) {
   TileUnit<kWidth, T> unit;
 #pragma unroll
   for (int k = 0; k < kWidth; ++k) unit.values[k] = static_cast<T>(in[k]);
+  expect_aligned<sizeof(unit)>(p);
   *reinterpret_cast<TileUnit<kWidth, T>*>(p) = unit;
 }
 
@@ -155,6 +175,7 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
 __device__ __forceinline__ uint4 load_shared_16_bytes(const void* p) {
   uint4 v;
 #if defined(LN_CUDA_EMULATION)
+  expect_aligned<sizeof(v)>(p);
   memcpy(&v, p, sizeof(v));
 #else
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
@@ -173,6 +194,7 @@ __device__ __forceinline__ uint4 load_shared_16_bytes(const void* p) {
 template <bool kShared = false>
 __device__ __forceinline__ void store_16_bytes(void* p, const uint4& v) {
 #if defined(LN_CUDA_EMULATION)
+  expect_aligned<sizeof(v)>(p);
   memcpy(p, &v, sizeof(v));
 #else
   if constexpr (kShared) {
@@ -214,6 +236,8 @@ __device__ __forceinline__ void store_vector(T* __restrict__ p, const acc_t (&in
 // them after wait_async_copies(), the block after that and a barrier.
 __device__ __forceinline__ void copy_16_bytes_async(void* shared, const void* global) {
 #if defined(LN_CUDA_EMULATION)
+  expect_aligned<16>(shared);
+  expect_aligned<16>(global);
   memcpy(shared, global, 16);
 #elif LN_HAS_ASYNC_COPY
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)),

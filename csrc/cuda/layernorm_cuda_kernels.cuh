@@ -21,8 +21,9 @@
 // contributions in registers across rows. Per row: dy and x read once from DRAM, two row
 // sums, dx written once; at the end a block adds its slots' dgamma/dbeta into its partial
 // row. Rows of at most 128 bytes have a thread each, their block's span of dy and x
-// copied through shared memory as in the forward; there a thread adds one column's
-// dgamma/dbeta over a share of the span's rows. Longer rows, float64 and tensors whose
+// copied through shared memory as in the forward; there a thread adds a unit of columns'
+// dgamma/dbeta (one, or up to 8 bytes of adjacent columns: cuda_config::kStagedUnits)
+// over a share of the span's rows. Longer rows, float64 and tensors whose
 // alignment differs stream, in two kernels: a block per row reduces it to the two row
 // means dx needs, then a thread per 16-byte column pack (or per head or tail element, or
 // per element when the tensors disagree on alignment) runs down a slot's rows, reading
@@ -113,7 +114,11 @@ inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned>(blocks))
 // the staged kernels' tensors: the kernel instance to launch.
 template <typename T, typename F>
 auto with_staged_unit(int width, F&& f) {
-  constexpr int kMaxUnit = std::max<int>(cuda_config::kStagedUnitBytes / int(sizeof(T)), 1);
+  // Without kStagedUnits staged_unit_width is 1: build no wider instances.
+  constexpr int kMaxUnit =
+      cuda_config::kStagedUnits
+          ? std::max<int>(cuda_config::kStagedUnitBytes / int(sizeof(T)), 1)
+          : 1;
   if constexpr (kMaxUnit >= 4) {
     if (width == 4) return f(std::integral_constant<int, 4>{});
   }

@@ -64,6 +64,10 @@ uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask, ShuffleKind k
 enum class Schedule { kInOrder, kReverse, kShuffled };
 void set_schedule(Schedule schedule, uint64_t seed = 0);
 
+// A vector access of `bytes` bytes at p: a GPU faults ("misaligned address") unless p is
+// a multiple of `bytes`, where x86 would read or write on. Throws std::runtime_error then.
+void check_aligned(const void* p, size_t bytes);
+
 // Runs body() as every thread of every block of the grid, one block at a time. Throws
 // std::runtime_error on a deadlock (threads of a block waiting at different barriers,
 // or for threads that have exited) and on an exception thrown by a thread.

@@ -30,19 +30,43 @@ struct EmulatedLaunch {
   }
 };
 
+// A tensor of out's shape and dtype whose start is as far past a 16-byte boundary as
+// like's. The ops allocate their outputs on one, so through them the vectorized kernels
+// only see tensors that all start on one; the *_outputs_like_input entry points below
+// run them on tensors that all start mid-vector, as a caller with such outputs would.
+at::Tensor at_misalignment_of(const at::Tensor& like, const at::Tensor& out) {
+  const int64_t elem = like.element_size(), vec = 16 / elem;
+  const auto misalign = [&](const at::Tensor& t) {
+    return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr()) / elem % vec);
+  };
+  at::Tensor storage = at::empty({out.numel() + vec}, out.options());
+  const int64_t shift = (misalign(like) - misalign(storage) + vec) % vec;
+  return storage.narrow(0, shift, out.numel()).view(out.sizes());
+}
+
+// kOutputsLikeInput: the kernels write y (dx) at the input's misalignment, copied into
+// the op's output afterwards.
+template <bool kOutputsLikeInput>
 struct ForwardKernel {
   template <typename NormTag, typename InputTag, typename ParamTag>
   void operator()(NormTag, InputTag, ParamTag, const ForwardArgs& args) const {
+    ForwardArgs launched = args;
+    if (kOutputsLikeInput) launched.output = at_misalignment_of(args.input, args.output);
     cuda_kernels::launch_forward<NormTag::value, typename InputTag::type, typename ParamTag::type>(
-        args, EmulatedLaunch{});
+        launched, EmulatedLaunch{});
+    if (kOutputsLikeInput) args.output.copy_(launched.output);
   }
 };
 
+template <bool kOutputsLikeInput>
 struct BackwardKernel {
   template <typename NormTag, typename InputTag, typename ParamTag>
   void operator()(NormTag, InputTag, ParamTag, const BackwardArgs& args) const {
+    BackwardArgs launched = args;
+    if (kOutputsLikeInput) launched.grad_input = at_misalignment_of(args.input, args.grad_input);
     cuda_kernels::launch_backward<NormTag::value, typename InputTag::type, typename ParamTag::type>(
-        args, EmulatedLaunch{});
+        launched, EmulatedLaunch{});
+    if (kOutputsLikeInput) args.grad_input.copy_(launched.grad_input);
   }
 };
 
@@ -54,6 +78,12 @@ std::tuple<std::string, int, int, int> config_of(bool backward, int64_t cols, in
                           : cuda_config::forward_config(cols, elem_bytes, vectorized);
   return {c.kind == cuda_config::Kind::kStreaming ? "streaming" : "registers", c.elems_per_thread,
           c.threads_per_row, c.rows_per_block};
+}
+
+// The unit width the staged kernels read their tiles in, for rows of cols elements whose
+// tensors start `misalign` elements past a 16-byte boundary.
+int staged_unit_of(int elem_bytes, int64_t cols, int64_t misalign) {
+  return cuda_config::staged_unit_width(elem_bytes, cols, misalign);
 }
 
 // The emulator's own checks, so that they are known to fire. Lane i's value after one
@@ -91,6 +121,18 @@ int64_t racy_read() {
   return read;
 }
 
+// A 16-byte load `elements` floats past a 16-byte boundary: a fault on a GPU unless 0
+// (or 4), an error here. Returns the first float loaded.
+float vector_load_at(int elements) {
+  alignas(16) float values[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  float first = 0;
+  emu::launch(dim3(1), dim3(emu::kWarpSize), [&] {
+    const uint4 v = cuda_kernels::load_raw(values + elements);
+    if (threadIdx.x == 0) memcpy(&first, &v.x, sizeof(first));
+  });
+  return first;
+}
+
 void set_schedule(const std::string& name, int64_t seed) {
   emu::Schedule s;
   if (name == "in_order") {
@@ -118,15 +160,22 @@ void divergent_barrier() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace layernorm_ext;
   m.doc() = "layernorm_ext's CUDA kernels run on a CPU emulator (tests only)";
-  m.def("layer_norm_forward", &layer_norm_forward<ForwardKernel>);
-  m.def("layer_norm_backward", &layer_norm_backward<BackwardKernel>);
-  m.def("rms_norm_forward", &rms_norm_forward<ForwardKernel>);
-  m.def("rms_norm_backward", &rms_norm_backward<BackwardKernel>);
+  m.def("layer_norm_forward", &layer_norm_forward<ForwardKernel<false>>);
+  m.def("layer_norm_backward", &layer_norm_backward<BackwardKernel<false>>);
+  m.def("rms_norm_forward", &rms_norm_forward<ForwardKernel<false>>);
+  m.def("rms_norm_backward", &rms_norm_backward<BackwardKernel<false>>);
+  m.def("layer_norm_forward_outputs_like_input", &layer_norm_forward<ForwardKernel<true>>);
+  m.def("layer_norm_backward_outputs_like_input", &layer_norm_backward<BackwardKernel<true>>);
+  m.def("rms_norm_forward_outputs_like_input", &rms_norm_forward<ForwardKernel<true>>);
+  m.def("rms_norm_backward_outputs_like_input", &rms_norm_backward<BackwardKernel<true>>);
   m.def("config_of", &config_of);
+  m.def("staged_unit_of", &staged_unit_of);
+  m.attr("staged_units") = cuda_config::kStagedUnits;
   m.def("shuffled_lanes", &shuffled_lanes, pybind11::arg("indexed"), pybind11::arg("arg"),
         pybind11::arg("width"));
   m.def("divergent_barrier", &divergent_barrier);
   m.def("divergent_shuffle", &divergent_shuffle);
   m.def("racy_read", &racy_read);
+  m.def("vector_load_at", &vector_load_at);
   m.def("set_schedule", &set_schedule, pybind11::arg("name"), pybind11::arg("seed") = 0);
 }

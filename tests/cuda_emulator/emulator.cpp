@@ -185,6 +185,14 @@ uint64_t warp_exchange(uint64_t bits, int src_lane, unsigned mask, ShuffleKind k
   return running().received;
 }
 
+void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    std::ostringstream message;
+    message << "cuda emulator: misaligned address: a " << bytes << "-byte access at " << p;
+    throw std::runtime_error(message.str());
+  }
+}
+
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   const size_t threads = size_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || threads % kWarpSize != 0) {
