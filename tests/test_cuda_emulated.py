@@ -3,10 +3,12 @@
 Almost every machine that builds this project has no GPU, so the CUDA kernels would
 otherwise be checked only by their compiled form (tests/test_cuda_static.py) and the
 host replay of their indexing. Here the kernel sources themselves
-(csrc/cuda/layernorm_cuda_{device,forward,backward}.cuh), with the launch logic of
-layernorm_cuda_kernels.cuh that picks a variant, slots and grid, are compiled as host C++ (tests/cuda_emulator/cuda_emulation.h) and run
-with every thread of a block as a coroutine that meets the others at each
-__syncthreads and warp shuffle (tests/cuda_emulator/emulator.cpp). The cases reach every
+(csrc/cuda/layernorm_cuda_{memory,device,forward,backward}.cuh), with the launch logic
+of layernorm_cuda_kernels.cuh that picks a variant, slots and grid, are compiled as host
+C++ (tests/cuda_emulator/cuda_emulation.h) and run with every thread of a block as a
+coroutine that meets the others at each __syncthreads and warp shuffle
+(tests/cuda_emulator/emulator.cpp); a vector access at an address a GPU would fault on
+is an error there too. The cases reach every
 kernel variant: forward in registers (slices of 32, 128 and 256 bytes, a thread per row
 to 512-thread groups), backward in registers (a thread per row, the row kept, or read
 twice), the

@@ -40,9 +40,9 @@
 // The math (Welford/Chan, normalize, affine, input gradient): ../layernorm_math.h,
 // shared with the CPU kernels.
 //
-// Files: layernorm_cuda_device.cuh (vector I/O, reductions, arguments),
-// layernorm_cuda_forward.cuh and layernorm_cuda_backward.cuh (the kernels); this one
-// holds their host-side launch.
+// Files: layernorm_cuda_memory.cuh (vector I/O, tiles, copies), layernorm_cuda_device.cuh
+// (parameter reads, reductions, arguments), layernorm_cuda_forward.cuh and
+// layernorm_cuda_backward.cuh (the kernels); this one holds their host-side launch.
 #pragma once
 
 #include <ATen/ceil_div.h>
