@@ -260,7 +260,13 @@ def test_staged_rows_start_mid_vector(emulated, n, dtype, misalign, norm):
 
 
 def test_mid_vector_cases_reach_every_unit_width(emulated):
+    """The cases above take the staged kernels, forward and backward, in each unit width
+    there is (1 alone without kStagedUnits)."""
     elem_bytes = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+    for n, dtype, _ in MID_VECTOR_STAGED:
+        for backward in (False, True):
+            kind, _, threads_per_row, _ = emulated.config_of(backward, n, elem_bytes[dtype], True)
+            assert (kind, threads_per_row) == ("registers", 1), (n, dtype, backward)
     widths = {(elem_bytes[dtype], emulated.staged_unit_of(elem_bytes[dtype], n, misalign))
               for n, dtype, misalign in MID_VECTOR_STAGED}
     if emulated.staged_units:
@@ -281,6 +287,19 @@ LOOPING_STAGED_ROWS = 2 * 512 * 128 - 700
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_staged_backward_blocks_loop(emulated, n, dtype, norm):
     check_emulated(emulated, n, dtype, dtype, "aligned", norm, rows=LOOPING_STAGED_ROWS)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("n,dtype,misalign", [
+    (130, torch.float16, 6), (200, torch.float32, 1), (1000, torch.bfloat16, 3),
+    (1024, torch.bfloat16, 5), (5000, torch.float32, 2), (12289, torch.float32, 3),
+    (20000, torch.float32, 1), (20000, torch.bfloat16, 7)],
+    ids=lambda v: str(v).replace("torch.", ""))
+def test_vectorized_tensors_start_mid_vector(emulated, n, dtype, misalign, norm):
+    """The other kernels with x, dy, y and dx all k elements past a 16-byte boundary, still
+    vectorized: forwards in registers (small, large and huge slices), backwards in
+    registers (the row kept or read twice), and the streaming kernels (D = 20000)."""
+    check_emulated(emulated, n, dtype, dtype, ("misaligned", misalign), norm)
 
 
 def test_without_bias_and_offset_rows(emulated):

@@ -7,7 +7,6 @@
 
 #include <ATen/OpMathType.h>
 
-#include <cstring>
 #include <type_traits>
 
 #include "../layernorm_math.h"
@@ -17,6 +16,8 @@
 
 namespace layernorm_ext {
 namespace cuda_kernels {
+
+using cuda_indexing::RowSplit;
 
 // The parameter gradients a norm has: dgamma and dbeta (LayerNorm), dgamma (RMSNorm).
 // Also the number of partial rows per backward slot.

@@ -114,11 +114,12 @@ LN_HOST_DEVICE RowSplit span_split(int64_t rows, int64_t n, int vec, int64_t bas
 inline constexpr int kRowTileSlots = cuda_config::kLargeSliceVectors;
 
 // A staged row's own elements, as its thread reads them from the tile: its vectors
-// (for_each_vector), and its head and tail elements as one loop of units (for_each_edge),
-// which runs as many times in every lane where rows differ only in their offset from a
-// vector boundary (bf16 D = 20: 4 edge elements, as head or as tail, one unit of 4 or two
-// of 2 or four of 1 by the tensors' alignment). Loops, not the register kernels' slots: unrolled and predicated, all 8 vector slots and 14 edge slots of a bf16 row took
-// their issue slots whatever the row's length.
+// (for_each_vector), and its head and tail elements as one loop of units (for_each_edge).
+// Rows of a warp often have as many edge elements (bf16 D = 20 on a vector boundary or 4
+// past one: 4 each, as head or as tail, one unit of 4); where they do not (bf16 D = 20 at
+// other offsets: 12 and 4, alternately, in units of 2 or 1), a warp runs the longest
+// loop. Loops, not the register kernels' slots: unrolled and predicated, all 8 vector
+// slots and 14 edge slots of a bf16 row took their issue slots whatever the row's length.
 struct StagedRow {
   int head, tail_begin, edges, vec;
 
@@ -175,8 +176,8 @@ LN_HOST_DEVICE TileLayout tile_layout(int64_t n, int vec, int64_t misalign) {
 // shorter than a vector and a block has more threads than a vector has elements. The
 // copy steps its pointers by these constants: computed from each pack's index, its
 // 64-bit and layout arithmetic took ~14 instructions a pack. layout.at is linear over a
-// stride: a padded row's n is a power of two of at most 8 vectors (tile_layout), so it
-// divides the stride, `threads` vectors, and a stride holds whole rows (the host replay
+// stride: a padded row's n is a power of two (tile_layout) of at most 8 vectors (a staged
+// row's 128 bytes), so it divides the stride, `threads` vectors: a stride holds whole rows (the host replay
 // checks every pack's offset). Int indices: a span fits a tile.
 struct SpanPacks {
   int count, first, tile_first, stride, tile_stride;

@@ -119,6 +119,7 @@ auto with_staged_unit(int width, F&& f) {
       cuda_config::kStagedUnits
           ? std::max<int>(cuda_config::kStagedUnitBytes / int(sizeof(T)), 1)
           : 1;
+  static_assert(kMaxUnit <= 4, "staged kernels have units of 1, 2 or 4 elements");
   if constexpr (kMaxUnit >= 4) {
     if (width == 4) return f(std::integral_constant<int, 4>{});
   }

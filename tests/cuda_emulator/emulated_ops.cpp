@@ -121,9 +121,10 @@ int64_t racy_read() {
   return read;
 }
 
-// A 16-byte load `elements` floats past a 16-byte boundary: a fault on a GPU unless 0
-// (or 4), an error here. Returns the first float loaded.
+// A 16-byte load `elements` (0 to 4) floats past a 16-byte boundary: a fault on a GPU
+// unless 0 or 4, an error here. Returns the first float loaded.
 float vector_load_at(int elements) {
+  if (elements < 0 || elements > 4) throw std::invalid_argument("vector_load_at: 0 to 4");
   alignas(16) float values[8] = {1, 2, 3, 4, 5, 6, 7, 8};
   float first = 0;
   emu::launch(dim3(1), dim3(emu::kWarpSize), [&] {
