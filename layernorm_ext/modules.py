@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import layer_norm, rms_norm
+from .ops import _kernel_weight, layer_norm, rms_norm
 
 
 class LayerNorm(nn.LayerNorm):
@@ -21,6 +21,10 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript compiles only this branch; it cannot compile layer_norm's Python.
+            return torch.ops.layernorm_ext.forward(input, list(self.normalized_shape),
+                                                   self.weight, self.bias, self.eps)[0]
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -36,4 +40,9 @@ class RMSNorm(nn.RMSNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # As LayerNorm's, with rms_norm's cast of a weight the kernels don't pair with x.
+            return torch.ops.layernorm_ext.rms_forward(x, list(self.normalized_shape),
+                                                       _kernel_weight(x, self.weight),
+                                                       self.eps)[0]
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)

@@ -217,14 +217,32 @@ def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Seq
     return sizes
 
 
-def _check_argument_types(input: object, weight: object, bias: object, eps: object) -> None:
+def _as_eps(eps: object, position: int, function: str) -> Union[float, torch.SymFloat]:
+    """eps as the float the op takes, from whatever torch's argument parser takes for a
+    float: Python and numpy numbers (bool included; a complex one's real part, as numpy
+    casts it) and 0-dim tensors that do not require grad."""
+    if isinstance(eps, torch.SymFloat):
+        return eps
+    if isinstance(eps, (float, int)):  # bool is an int
+        return float(eps)
+    if type(eps).__module__ == "numpy":
+        import numpy  # the value is numpy's, so numpy is there
+
+        if isinstance(eps, (numpy.number, numpy.bool_)):
+            return float(eps)
+    if isinstance(eps, torch.Tensor) and eps.dim() == 0 and not eps.requires_grad:
+        return float((eps.real if eps.is_complex() else eps).item())
+    raise _type_error("eps", position, "float", eps, function)
+
+
+def _check_argument_types(input: object, weight: object, bias: object, eps: object) -> float:
+    """torch's argument checks of layer_norm's tensors; returns eps as a float (_as_eps)."""
     if not isinstance(input, torch.Tensor):
         raise _type_error("input", 1, "Tensor", input)
     for name, position, param in (("weight", 3, weight), ("bias", 4, bias)):
         if param is not None and not isinstance(param, torch.Tensor):
             raise _type_error(name, position, "Tensor", param)
-    if isinstance(eps, bool) or not isinstance(eps, (float, int, torch.SymFloat)):
-        raise _type_error("eps", 5, "float", eps)
+    return _as_eps(eps, 5, "layer_norm")
 
 
 def _jagged_layer_norm(input: torch.Tensor, normalized_shape: list[int],
@@ -275,7 +293,7 @@ def layer_norm(
             except (TypeError, RuntimeError):
                 _check_argument_types(input, weight, bias, eps)
                 raise
-    _check_argument_types(input, weight, bias, eps)
+    eps = _check_argument_types(input, weight, bias, eps)
     if input.is_nested:
         return _jagged_layer_norm(input, shape, weight, bias, eps)
     if transforms_active():
@@ -292,7 +310,6 @@ def layer_norm(
 # LayerNorm with the Norm::kRms template flag (csrc/layernorm_math.h).
 
 _rms_forward = torch.ops.layernorm_ext.rms_forward.default
-_REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_rms_fake_shape(input, normalized_shape) -> None:
@@ -360,14 +377,14 @@ def _kernel_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optio
     the cast is differentiable, so weight.grad still comes back in weight's dtype.
     Non-floating weights go through unchanged, for the op's checks to reject.
     """
+    # Written for TorchScript too (RMSNorm.forward calls it when scripted).
     if weight is None or weight.dtype == input.dtype or not weight.is_floating_point():
         return weight
-    reduced = input.dtype in _REDUCED_DTYPES
-    if reduced and weight.dtype == torch.float32:
-        return weight
-    if input.dtype not in _FLOAT_DTYPES:
-        return weight
-    return weight.to(torch.float32 if reduced else input.dtype)
+    if input.dtype == torch.float16 or input.dtype == torch.bfloat16:
+        return weight if weight.dtype == torch.float32 else weight.to(torch.float32)
+    if input.dtype == torch.float32 or input.dtype == torch.float64:
+        return weight.to(input.dtype)
+    return weight
 
 
 def _on_jagged_values(input: torch.Tensor, normalized_shape: list[int], function: str,
@@ -412,10 +429,8 @@ def rms_norm(
         raise _type_error("input", 1, "Tensor", input, "rms_norm")
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise _type_error("weight", 3, "Tensor", weight, "rms_norm")
-    if eps is not None and not isinstance(eps, (float, int, torch.SymFloat)):
-        raise _type_error("eps", 4, "float", eps, "rms_norm")
-    if eps is not None and not isinstance(eps, torch.SymFloat):
-        eps = float(eps)
+    if eps is not None:
+        eps = _as_eps(eps, 4, "rms_norm")
     if input.is_nested:
         return _on_jagged_values(input, shape, "rms_norm",
                                  lambda values: rms_norm(values, shape, weight, eps))

@@ -161,6 +161,20 @@ CASES: dict[str, BadCall] = {
     "bias_int": BadCall(lambda f, d: f(x_on(d), [8], None, 2)),
     "eps_str": BadCall(lambda f, d: f(x_on(d), [8], None, None, "1e-5")),
     "eps_none": BadCall(lambda f, d: f(x_on(d), [8], None, None, None)),
+    "eps_complex": BadCall(lambda f, d: f(x_on(d), [8], None, None, 1e-5 + 0j),
+                           same_message=True),
+    "eps_numpy_array": BadCall(lambda f, d: f(x_on(d), [8], None, None, np.array(1e-5)),
+                               same_message=True),
+    "eps_one_dim_tensor": BadCall(lambda f, d: f(x_on(d), [8], None, None, torch.tensor([1e-5])),
+                                  same_message=True),
+    "eps_tensor_requiring_grad": BadCall(
+        lambda f, d: f(x_on(d), [8], None, None, torch.tensor(1e-5, requires_grad=True)),
+        same_message=True),
+    # What torch's parser takes for a float: the call returns (tests/test_ops.py checks
+    # that the value is used).
+    "eps_bool": BadCall(lambda f, d: f(x_on(d), [8], None, None, True)),
+    "eps_numpy_float32": BadCall(lambda f, d: f(x_on(d), [8], None, None, np.float32(1e-5))),
+    "eps_zero_dim_tensor": BadCall(lambda f, d: f(x_on(d), [8], None, None, torch.tensor(1e-5))),
     # Not test cases: they kill or hang the process, for the runner's own test.
     "_abort": BadCall(lambda f, d: os.abort(), devices=()),
     "_hang": BadCall(lambda f, d: time.sleep(3600), devices=()),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -59,6 +61,38 @@ def test_state_dict_interchange_both_directions(device, norm, kwargs):
     fresh = torch_module(12, device=device, **kwargs)
     fresh.load_state_dict(ours.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x), ours(x))
+
+
+@pytest.mark.parametrize("norm,kwargs,weight_dtype", [
+    ("layer", {}, None), ("layer", {"bias": False}, None),
+    ("layer", {"elementwise_affine": False}, None), ("rms", {}, None),
+    ("rms", {"elementwise_affine": False}, None), ("rms", {}, torch.float64)],
+    ids=["layer", "layer_no_bias", "layer_no_affine", "rms", "rms_no_affine",
+         "rms_float64_weight"])
+def test_torchscript_runs_the_fused_op(device, norm, kwargs, weight_dtype):
+    """torch.jit.script compiles a model holding our modules, as it does torch's, and the
+    scripted model calls the op: its output is torch's, its gradients bitwise the
+    unscripted module's (an RMSNorm weight of another dtype cast as rms_norm does)."""
+    torch_module, our_module = MODULE_PAIRS[norm]
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(8, 8), our_module(8, **kwargs)).to(device)
+    theirs = nn.Sequential(nn.Linear(8, 8), torch_module(8, **kwargs)).to(device)
+    if weight_dtype is not None:
+        ours[1].to(weight_dtype)
+        theirs[1].to(weight_dtype)
+    theirs.load_state_dict(ours.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(ours)
+        graph = str(torch.jit.script(ours[1]).graph)
+    assert ("layernorm_ext::rms_forward" if norm == "rms" else "layernorm_ext::forward") in graph
+    x = torch.randn(3, 8, device=device, requires_grad=True)
+    y = scripted(x)
+    torch.testing.assert_close(y, theirs(x))
+    grads = torch.autograd.grad(y.square().sum(), [x, *ours.parameters()])
+    unscripted_grads = torch.autograd.grad(ours(x).square().sum(), [x, *ours.parameters()])
+    for grad, unscripted_grad in zip(grads, unscripted_grads):
+        assert grad.dtype == unscripted_grad.dtype and torch.equal(grad, unscripted_grad)
 
 
 def test_module_forward_backward_matches_torch(device):

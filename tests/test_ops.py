@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,22 @@ def test_eps_zero_and_negative_as_torch(device, eps):
     theirs = F.layer_norm(x, [3], eps=eps)
     assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("eps", [True, np.float32(0.5), np.int64(2), np.bool_(True),
+                                 torch.tensor(0.5), torch.tensor(2, dtype=torch.int32)],
+                         ids=["bool", "numpy_float32", "numpy_int64", "numpy_bool",
+                              "zero_dim_tensor", "zero_dim_int_tensor"])
+@pytest.mark.parametrize("ours,theirs", [(layer_norm, F.layer_norm),
+                                         (layernorm_ext.rms_norm, F.rms_norm)],
+                         ids=["layer_norm", "rms_norm"])
+def test_eps_of_any_type_torch_takes_for_a_float(device, eps, ours, theirs):
+    """eps as torch's parser reads a float, and its value used (an eps of 0.5 or 2 moves
+    every output of rows with variance ~1)."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    expected = theirs(x, (8,), eps=eps)
+    assert not torch.allclose(expected, theirs(x, (8,), eps=1e-5))
+    torch.testing.assert_close(ours(x, (8,), eps=eps), expected)
 
 
 def test_nan_and_inf_propagate(device):
