@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable as a p
 import torch
 
 from bench import machine
-from bench.contenders import NORMS
+from bench.contenders import CONTENDER_KEYS, NORMS
 from bench.sweep import (DTYPES, PASSES, QUICK_SHAPES, RESULTS_DIR, SEED_SHAPE, SWEEP_DIMS,
                          SweepConfig, SweepResult, run_sweep)
 
@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated MxN shapes instead of the default sweep "
                              f"({SEED_SHAPE[0]}x{SEED_SHAPE[1]} plus D in "
                              f"{','.join(map(str, SWEEP_DIMS))} at a size that leaves the caches)")
+    parser.add_argument("--contenders",
+                        type=lambda s: _parse_list(s, tuple(CONTENDER_KEYS), "contender"),
+                        default=None,
+                        help="comma-separated subset of " + ",".join(CONTENDER_KEYS)
+                             + " (default: all that can run; the copy roof is always measured)")
     parser.add_argument("--quick", action="store_true",
                         help=f"small shapes {', '.join(f'{m}x{n}' for m, n in QUICK_SHAPES)} and "
                              "few repetitions: a smoke run of under a minute")
@@ -114,7 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         quick=args.quick,
         reps=args.reps if args.reps is not None else (5 if args.quick else 15),
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
-        min_sample_s=args.min_sample_ms / 1e3, progress=not args.no_progress)
+        min_sample_s=args.min_sample_ms / 1e3, progress=not args.no_progress,
+        contenders=(None if args.contenders is None
+                    else [CONTENDER_KEYS[key] for key in args.contenders]))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if config.reps < 1:

@@ -8,7 +8,7 @@ shape and dtype: that is where ``torch.compile`` gets a fresh, shape-specialized
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -91,17 +91,32 @@ def _importable(make: Callable[[], LayerNormFn]) -> str | None:
     return None
 
 
-def select_contenders(device: str) -> tuple[list[Contender], dict[str, str]]:
-    """The contenders that can run on ``device``, and the skipped ones with the reason."""
+# The benchmark's --contenders keys.
+CONTENDER_KEYS = {"ext": EXT, "eager": EAGER, "compile": COMPILED, "liger": LIGER, "apex": APEX}
+
+
+def reference(norm: str) -> LayerNormFn:
+    """torch eager, which every contender's output is checked against."""
+    return _make_eager() if norm == "layer" else _make_eager_rms()
+
+
+def select_contenders(device: str, wanted: Optional[Sequence[str]] = None
+                      ) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders that can run on ``device`` (of ``wanted``, names of CONTENDER_KEYS'
+    values, when given), and the skipped ones with the reason."""
     contenders = [Contender(EXT, _make_ext, _make_ext_rms),
                   Contender(EAGER, _make_eager, _make_eager_rms),
                   Contender(COMPILED, _make_compiled, _make_compiled_rms)]
     skipped: dict[str, str] = {}
     for name, make in ((LIGER, _make_liger), (APEX, _make_apex)):
+        if wanted is not None and name not in wanted:
+            continue
         if device != "cuda":
             skipped[name] = "CUDA only"
         elif (reason := _importable(make)) is not None:
             skipped[name] = reason
         else:
             contenders.append(Contender(name, make))
+    if wanted is not None:
+        contenders = [c for c in contenders if c.name in wanted]
     return contenders, skipped

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import layernorm_ext
 from bench import machine
-from bench.contenders import EAGER, EXT, NORMS, LayerNormFn, select_contenders
+from bench.contenders import EXT, NORMS, LayerNormFn, reference, select_contenders
 from bench.timing import Measurement, Runner, measure_interleaved
 
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -56,6 +56,7 @@ class SweepConfig:
     warmup: int = 2
     min_sample_s: float = 2e-3
     progress: bool = True
+    contenders: Optional[Sequence[str]] = None  # names (contenders.CONTENDER_KEYS); None: all
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,11 @@ _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def _check_outputs(fns: dict[str, LayerNormFn], x: torch.Tensor, weight: torch.Tensor,
-                   bias: Optional[torch.Tensor]) -> list[str]:
+                   bias: Optional[torch.Tensor], norm: str = "layer") -> list[str]:
     """Compare every contender's forward with torch eager on ~256 sampled rows."""
     rows = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], 256), device=x.device).long()
     sample = x.index_select(0, rows)
-    expected = fns[EAGER](sample, weight, bias).float()
+    expected = reference(norm)(sample, weight, bias).float()
     tol = _TOLERANCE[x.dtype]
     problems = []
     for name, fn in fns.items():
@@ -240,7 +241,7 @@ def run_sweep(config: SweepConfig,
     unknown = set(config.norms) - set(NORMS)
     if unknown or not config.norms:
         raise ValueError(f"norms must be a non-empty subset of {NORMS}, got {config.norms}")
-    contenders, skipped = select_contenders(config.device)
+    contenders, skipped = select_contenders(config.device, config.contenders)
     result = SweepResult(config, describe_run(config), [c.name for c in contenders], skipped)
     for c in contenders:
         missing = [n for n in config.norms if c.maker(n) is None]
@@ -264,7 +265,7 @@ def run_sweep(config: SweepConfig,
         grad_out = torch.randn(rows, cols, generator=generator, **make)
         # torch.compile: once per norm, shape and dtype.
         fns = {c.name: c.maker(norm)() for c in contenders if c.maker(norm) is not None}
-        for problem in _check_outputs(fns, x, weight, bias):
+        for problem in _check_outputs(fns, x, weight, bias, norm):
             result.notes.append(f"{label}: {problem}")
         for pass_name in config.passes:
             progress.set_postfix_str(f"{pass_name} {label}")

@@ -7,11 +7,14 @@ Each variant is a copy of the tree under --work (the repository itself is not to
 built in place for the GPU's compute capability alone. The benchmark runs in every
 variant's copy and writes OUT/<variant>.{md,csv,png}; the last lines printed are a table
 of layernorm_ext's median time and % of the copy roof per shape and variant (the roof is
-measured in each variant's own run, so the % columns compare across runs). Uses only the
-standard library here; the steps run under --python (default python3).
+measured in each variant's own run, so the % columns compare across runs; the other
+contenders are left out: --contenders ext). The sweeps that fit the budget after the
+builds are chosen up front: the baseline first, then the patches in the order given.
+OUT/ab.md is rewritten after every sweep. Uses only the standard library here; the steps
+run under --python (default python3).
 
     python3 scripts/gpu_ab.py --out /tmp/ab-out \\
-        --bench-args "--norms layer --passes fwd --dtypes float32 --shapes 524288x128"
+        --bench-args "--contenders ext --passes fwd --dtypes float32 --shapes 524288x128"
     python3 scripts/gpu_ab.py --patches bench/ab/forward-no-huge-slices.patch ...
 """
 
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported from elsewhere
-from gpu_check import probe_python  # noqa: E402
+from gpu_check import build_compilers, probe_python  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "as-is"
@@ -105,16 +108,35 @@ def table(names: list, results: dict) -> str:
     for key in keys:
         cells = list(key)
         for n in names:
-            us_pct = results[n].get(key)
+            us_pct = results.get(n, {}).get(key)
             cells.append(f"{us_pct[0]:.1f} ({us_pct[1]:.0f})" if us_pct else "-")
-        base = results[BASELINE].get(key)
+        base = results.get(BASELINE, {}).get(key)
         for n in names:
             if n == BASELINE:
                 continue
-            other = results[n].get(key)
+            other = results.get(n, {}).get(key)
             cells.append(f"{other[0] / base[0]:.2f}" if base and other else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+MIN_SWEEP_SECONDS = 30
+
+
+def sweeps_that_fit(runnable: list, seconds: float) -> list:
+    """The variants to sweep in `seconds`: as many as get MIN_SWEEP_SECONDS each, the
+    first ones (the baseline, then the patches in their order)."""
+    return runnable[:max(0, int(seconds // MIN_SWEEP_SECONDS))]
+
+
+def write_summary(args: argparse.Namespace, names: list, results: dict, status: dict) -> str:
+    """ab.md: each variant's status (those not run yet: pending), then the table."""
+    summary = table(names, results)
+    (args.out / "ab.md").write_text(
+        f"# A/B: {', '.join(names)}\n\nbench args: `{args.bench_args}`, device {args.device}\n\n"
+        + "\n".join(f"- {n}: {status.get(n, 'pending')}" for n in names) + "\n\n"
+        + summary + "\n")
+    return summary
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -125,8 +147,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--patches", nargs="*", type=Path,
                         default=sorted((ROOT / "bench" / "ab").glob("*.patch")),
                         help="patches to compare against the tree (default: bench/ab/*.patch)")
-    parser.add_argument("--bench-args", default="--norms layer --passes fwd,bwd "
-                        "--dtypes float32,bfloat16 --reps 7 --warmup 1",
+    parser.add_argument("--bench-args", default="--contenders ext --norms layer --passes "
+                        "fwd,bwd --dtypes float32,bfloat16 --reps 7 --warmup 1",
                         help="arguments for bench/bench_layernorm.py (default: %(default)s)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a CPU-only build and sweep, to try this script without a "
@@ -154,6 +176,7 @@ def main(argv: Optional[list] = None) -> int:
         dirs[patch.stem] = prepare(patch.stem, patch.resolve(), args.work)
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.update(build_compilers())  # as gpu_check's build: a CXX setup.py would refuse
     if args.device == "cuda":
         info = probe_python(args.python)
         if not (info and info.get("gpu")):
@@ -176,17 +199,21 @@ def main(argv: Optional[list] = None) -> int:
           + ", ".join(f"{n} {'ok' if rc == 0 else f'FAILED ({rc})'}" for n, rc in built.items()),
           flush=True)
 
-    # Each sweep gets an equal share of the time left, so that a long one cannot leave the
-    # others none (a sweep stopped at its share keeps the shapes it finished).
+    # The sweeps that fit, decided once: the baseline first, then the patches in the order
+    # given, each with an equal share of the time left (a sweep stopped at its share keeps
+    # the shapes it finished).
+    runnable = [n for n in names if built[n] == 0]
+    left = args.budget - (time.monotonic() - started)
+    chosen = sweeps_that_fit(runnable, left)
     results, status = {}, {}
-    for index, name in enumerate(names):
-        left = args.budget - (time.monotonic() - started)
-        share = left / (len(names) - index)
+    for name in names:
         if built[name] != 0:
             status[name] = "build failed: " + str(args.out / f"{name}-build.log")
-        elif share < 30:
+        elif name not in chosen:
             status[name] = "no time left in the budget"
         else:
+            todo = len(chosen) - chosen.index(name)
+            share = (args.budget - (time.monotonic() - started)) / todo
             cmd = [args.python, "bench/bench_layernorm.py", "--device", args.device,
                    "--no-progress", "--out", args.out / name, *shlex.split(args.bench_args)]
             rc = run(cmd, dirs[name], dict(env, PYTHONPATH=str(dirs[name])), share,
@@ -194,12 +221,9 @@ def main(argv: Optional[list] = None) -> int:
             status[name] = "ok" if rc == 0 else f"sweep exit status {rc} (partial results kept)"
         results[name] = ext_rows(args.out / f"{name}.csv")
         print(f"{name}: {status[name]}", flush=True)
+        write_summary(args, names, results, status)  # after each: a stopped run keeps it
 
-    summary = table(names, results)
-    (args.out / "ab.md").write_text(
-        f"# A/B: {', '.join(names)}\n\nbench args: `{args.bench_args}`, device {args.device}\n\n"
-        + "\n".join(f"- {n}: {status[n]}" for n in names) + "\n\n" + summary + "\n")
-    print(summary)
+    print(write_summary(args, names, results, status))
     print(f"wrote {args.out / 'ab.md'} ({time.monotonic() - started:.0f} s in all)")
     return 0 if all(s == "ok" for s in status.values()) else 1
 

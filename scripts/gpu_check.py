@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,11 +70,16 @@ class Step:
     output: str = ""
 
 
+class Interrupted(Exception):
+    """The check was stopped from outside (SIGTERM)."""
+
+
 @dataclass
 class Check:
     deadline: float
     env: dict = field(default_factory=dict)
     steps: list = field(default_factory=list)
+    running: Optional[Step] = None  # the step whose command runs now
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -89,6 +95,7 @@ class Check:
             step.out_of_time = True
             return 124
         start = time.monotonic()
+        self.running = step
         proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", start_new_session=True)
@@ -104,11 +111,18 @@ class Check:
         timer = threading.Timer(timeout, stop)
         timer.start()
         lines = []
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            lines.append(line)
-        rc = proc.wait()
-        timer.cancel()
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                lines.append(line)
+            rc = proc.wait()
+        except BaseException:  # Interrupted (SIGTERM) or Ctrl-C: leave nothing running
+            stop()
+            step.seconds = time.monotonic() - start
+            step.output = "".join(lines) + "\n[interrupted]\n"
+            raise
+        finally:
+            timer.cancel()
         step.seconds = time.monotonic() - start
         step.output = "".join(lines)
         if timed_out.is_set():
@@ -212,19 +226,53 @@ def system_compilers() -> Optional[dict]:
     return {"CC": cc, "CXX": cxx}
 
 
+LIBSTDCXX_PROBE = '#include <stdexcept>\nvoid probe() { throw std::runtime_error("probe"); }\n'
+
+
+def links_libstdcxx_statically(cxx: str) -> bool:
+    """Whether a shared library linked by `cxx` carries its own libstdc++ (setup.py then
+    refuses the extension, after the whole build): a second or two to ask first."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        source, library = Path(tmp, "probe.cpp"), Path(tmp, "probe.so")
+        source.write_text(LIBSTDCXX_PROBE)
+        try:
+            built = subprocess.run([cxx, "-shared", "-fPIC", str(source), "-o", str(library)],
+                                   capture_output=True, timeout=60).returncode == 0
+            dynamic = subprocess.run([readelf, "-d", str(library)], capture_output=True,
+                                     text=True, timeout=60).stdout if built else ""
+        except (OSError, subprocess.SubprocessError):
+            return False
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    return bool(needed) and not any(name.startswith("libstdc++.so") for name in needed)
+
+
+def build_compilers() -> dict:
+    """CC/CXX for the build: the distribution's gcc when the environment's CXX links
+    libstdc++ statically (as on the H200 image of 2026-12-04), else nothing to change."""
+    fallback = system_compilers()
+    if fallback and links_libstdcxx_statically(os.environ["CXX"]):
+        return fallback
+    return {}
+
+
 def build(check: Check, python: str, info: dict) -> Step:
     step = Step("build")
     archs = ["8.0", "9.0"] + ([info["capability"]] if info["capability"] not in ("8.0", "9.0")
                               else [])
     env = dict(check.env, TORCH_CUDA_ARCH_LIST=";".join(archs), MAX_JOBS=str(os.cpu_count() or 4))
     env.pop("LAYERNORM_EXT_CPU_ONLY", None)
+    env.update(build_compilers())
     # In place: nothing is installed, and the repository root is on the steps' PYTHONPATH.
     cmd = [python, "setup.py", "build_ext", "--inplace"]
     rc = check.run(step, cmd, 480, env)
     if step.out_of_time:
         return step
     fallback = system_compilers()
-    if rc != 0 and "links libstdc++ statically" in step.output and fallback:
+    if (rc != 0 and "links libstdc++ statically" in step.output and fallback
+            and env.get("CXX") != fallback["CXX"]):
         # setup.py refused a compiler that links the C++ runtime in (see setup.py).
         first = step.output
         shutil.rmtree(ROOT / "build", ignore_errors=True)
@@ -363,6 +411,10 @@ def bench(check: Check, python: str, prefix: Path, quick: bool, extra: list) -> 
     rc = check.run(step, cmd, 420)
     if step.out_of_time:
         return step
+    if rc == 124:  # stopped at its limit: the sweep rewrites its report after every shape
+        step.status, step.out_of_time = "SKIP", True
+        step.summary = "stopped at its time limit; its report holds the shapes it finished"
+        return step
     written = re.findall(r"^wrote (\S+)", step.output, re.MULTILINE)
     step.status = "PASS" if rc == 0 else "FAIL"
     step.summary = ("wrote " + ", ".join(Path(p).name for p in written)) if written else (
@@ -443,36 +495,62 @@ def main(argv: Optional[list] = None) -> int:
     ]
     print("\n".join(header), flush=True)
 
+    def save(note: str = "") -> list:
+        """The report as it stands: rewritten after every step, so that a check stopped
+        from outside (SIGTERM, e.g. by `timeout`) keeps what it did."""
+        unrun = [s.name for s in check.steps if s.out_of_time]
+        lines = ([f"- INCOMPLETE: no time left in the budget for {', '.join(unrun)}"]
+                 if unrun else []) + ([f"- {note}"] if note else [])
+        write_report(report, header + [f"- total: {time.monotonic() - started:.0f} s"] + lines,
+                     check.steps)
+        return lines
+
+    def add(step: Step) -> Step:
+        check.steps.append(step)
+        save("in progress")
+        return step
+
+    def interrupted(signum, frame):
+        raise Interrupted(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    note = ""
+    try:
+        run_steps(check, args, python, info, add, sanitizer_path, kernel_filter, slug)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        note = f"INTERRUPTED: {stop or 'Ctrl-C'}"
+        if check.running is not None and check.running not in check.steps:
+            check.running.status, check.running.out_of_time = "SKIP", True
+            check.running.summary = "interrupted while it ran (its output so far below)"
+            check.steps.append(check.running)
     steps = check.steps
-    if not args.skip_build:
-        steps.append(build(check, python, info))
-    if steps and steps[-1].status != "PASS":
-        print("\nno build: the remaining steps need it", flush=True)
-    else:
-        if not args.skip_tests:
-            steps.append(tests(check, python, args.tests_limit, args.tests_marker, args.tests_k))
-        if not args.skip_sanitizer:
-            for tool in SANITIZER_TOOLS:
-                steps.append(sanitizer(check, python, tool, sanitizer_path, kernel_filter))
-            for tool, fuzz_args in FUZZ_WORKLOAD.items():
-                steps.append(sanitizer(check, python, tool, sanitizer_path, kernel_filter,
-                                       fuzz_args))
-        if not args.skip_bench:
-            steps.append(host_overhead(check, python, RESULTS_DIR / f"{slug}-host-overhead.md"))
-            steps.append(bench(check, python, RESULTS_DIR / slug, args.quick,
-                               shlex.split(args.bench_args)))
-    unrun = [s.name for s in steps if s.out_of_time]
-    incomplete = ([f"- INCOMPLETE: no time left in the budget for {', '.join(unrun)}"]
-                  if unrun else [])
-    write_report(report, header + [f"- total: {time.monotonic() - started:.0f} s"] + incomplete,
-                 steps)
+    incomplete = save(note)
 
     print("\n=== summary")
     for s in steps:
         print(f"{s.status:4}  {s.name:28} {s.seconds:5.0f} s  {s.summary}")
     print("\n".join(incomplete))
-    print(f"wrote {report.relative_to(ROOT)} ({time.monotonic() - started:.0f} s in all)")
-    return 1 if unrun or any(s.status == "FAIL" for s in steps) else 0
+    print(f"wrote {report} ({time.monotonic() - started:.0f} s in all)")
+    return 1 if incomplete or any(s.status == "FAIL" for s in steps) else 0
+
+
+
+def run_steps(check: Check, args: argparse.Namespace, python: str, info: dict, add,
+              sanitizer_path: Optional[str], kernel_filter: bool, slug: str) -> None:
+    """The steps in order, each passed to add() as it ends."""
+    if not args.skip_build and add(build(check, python, info)).status != "PASS":
+        print("\nno build: the remaining steps need it", flush=True)
+        return
+    if not args.skip_tests:
+        add(tests(check, python, args.tests_limit, args.tests_marker, args.tests_k))
+    if not args.skip_sanitizer:
+        for tool in SANITIZER_TOOLS:
+            add(sanitizer(check, python, tool, sanitizer_path, kernel_filter))
+        for tool, fuzz_args in FUZZ_WORKLOAD.items():
+            add(sanitizer(check, python, tool, sanitizer_path, kernel_filter, fuzz_args))
+    if not args.skip_bench:
+        add(host_overhead(check, python, RESULTS_DIR / f"{slug}-host-overhead.md"))
+        add(bench(check, python, RESULTS_DIR / slug, args.quick, shlex.split(args.bench_args)))
 
 
 if __name__ == "__main__":

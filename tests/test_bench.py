@@ -108,7 +108,7 @@ def test_a_contender_that_fails_is_reported_and_the_sweep_goes_on(monkeypatch, t
     picked = [contenders.Contender(contenders.EXT, contenders._make_ext),
               contenders.Contender(contenders.EAGER, contenders._make_eager),
               contenders.Contender("broken", broken)]
-    monkeypatch.setattr(sweep, "select_contenders", lambda device: (picked, {}))
+    monkeypatch.setattr(sweep, "select_contenders", lambda device, wanted: (picked, {}))
     result = sweep.run_sweep(sweep.SweepConfig(shapes=[(8, 16)], dtypes=["float32"], reps=2,
                                                warmup=1, progress=False))
     assert {row.contender for row in result.rows} == {"layernorm_ext", "torch eager", "copy (roof)"}
@@ -117,6 +117,31 @@ def test_a_contender_that_fails_is_reported_and_the_sweep_goes_on(monkeypatch, t
     assert len(failures) == 4  # the forward check, then each of the three passes
     md, _, _ = write_reports(result, tmp_path / "broken")
     assert "| broken µs |" in md.read_text() and "n/a" in md.read_text()
+
+
+def test_contenders_option_limits_the_sweep(monkeypatch):
+    """--contenders ext times layernorm_ext and the roof alone (as scripts/gpu_ab.py runs
+    it); its output is still checked against torch eager."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import torch
+
+    from bench import contenders, sweep
+    from bench.bench_layernorm import build_parser
+
+    assert build_parser().parse_args(["--contenders", "ext,compile"]).contenders == [
+        "ext", "compile"]
+    configs = [sweep.SweepConfig(norms=[norm], passes=["fwd"], shapes=[(8, 16)],
+                                 dtypes=["float32"], reps=1, warmup=0, progress=False,
+                                 contenders=[contenders.EXT]) for norm in ("layer", "rms")]
+    for config in configs:
+        result = sweep.run_sweep(config)
+        assert result.contenders == [contenders.EXT]
+        assert {row.contender for row in result.rows} == {contenders.EXT, sweep.ROOF}
+        assert result.notes == []
+    monkeypatch.setattr(sweep, "reference",
+                        lambda norm: lambda x, weight, bias: torch.zeros_like(x))
+    for config in configs:
+        assert any("differs from torch eager" in note for note in sweep.run_sweep(config).notes)
 
 
 def test_rms_rows_with_norms_option(tmp_path: Path):

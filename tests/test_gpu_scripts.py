@@ -1,6 +1,8 @@
 """The GPU scripts' parts that run without a GPU: scripts/gpu_check.py reports a step that
 its time budget leaves out as left out (SKIP, the check incomplete), not as a failed
-step; the patches scripts/gpu_ab.py compares against still apply to the tree.
+step, keeps its report when stopped from outside, and picks its compiler before the
+build; scripts/gpu_ab.py plans its sweeps within the budget, and the patches it compares
+against still apply to the tree.
 
 On an H200 (2026-12-04) the sanitizer steps found no time left in a short budget and were
 reported as "FAIL ... the workload did not pass", though none had run.
@@ -9,8 +11,11 @@ reported as "FAIL ... the workload did not pass", though none had run.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,3 +90,86 @@ def test_ab_patches_exist():
     assert {p.stem for p in AB_PATCHES} >= {"forward-block-per-row-group",
                                             "forward-no-huge-slices",
                                             "backward-one-pack-a-batch"}
+
+
+def test_ab_sweeps_that_fit_the_budget_start_with_the_baseline(gpu_ab):
+    """Chosen once, after the builds: a short budget drops the last patches, never the
+    baseline (a share of the time left per sweep had skipped the first variants and given
+    their time to the last ones)."""
+    variants = [gpu_ab.BASELINE, "a", "b", "c"]
+    assert gpu_ab.sweeps_that_fit(variants, 3 * gpu_ab.MIN_SWEEP_SECONDS - 1) == variants[:2]
+    assert gpu_ab.sweeps_that_fit(variants, 10 * gpu_ab.MIN_SWEEP_SECONDS) == variants
+    assert gpu_ab.sweeps_that_fit(variants, gpu_ab.MIN_SWEEP_SECONDS - 1) == []
+
+
+def test_ab_summary_lists_variants_not_run_yet(gpu_ab, tmp_path):
+    """ab.md is rewritten after each sweep: with the later variants' results missing."""
+    args = gpu_ab.argparse.Namespace(out=tmp_path, bench_args="--contenders ext", device="cuda")
+    key = ("layer", "fwd", "float32", "1024x768")
+    table = gpu_ab.write_summary(args, [gpu_ab.BASELINE, "a"], {gpu_ab.BASELINE: {key: (9.5, 80)}},
+                                 {gpu_ab.BASELINE: "ok"})
+    text = (tmp_path / "ab.md").read_text()
+    assert "- a: pending" in text and "| 9.5 (80) | - | - |" in table
+
+
+requires_gcc = pytest.mark.skipif(not (shutil.which("g++") and shutil.which("readelf")),
+                                  reason="needs g++ and readelf")
+
+
+@requires_gcc
+def test_a_compiler_that_links_libstdcxx_statically_is_replaced_before_the_build(
+        gpu_check, tmp_path, monkeypatch):
+    """The H200 image's CXX linked libstdc++ into the extension, and setup.py refused it
+    only after the whole build; the scripts now ask the compiler first."""
+    static_cxx = tmp_path / "static-g++"
+    static_cxx.write_text(f'#!/bin/sh\nexec {shutil.which("g++")} -static-libstdc++ "$@"\n')
+    static_cxx.chmod(0o755)
+    assert gpu_check.links_libstdcxx_statically(str(static_cxx))
+    assert not gpu_check.links_libstdcxx_statically(shutil.which("g++"))
+    monkeypatch.setenv("CXX", str(static_cxx))
+    fallback = gpu_check.system_compilers()
+    assert gpu_check.build_compilers() == (fallback or {})
+    if fallback:
+        assert not gpu_check.links_libstdcxx_statically(fallback["CXX"])
+    monkeypatch.setenv("CXX", shutil.which("g++"))
+    assert gpu_check.build_compilers() == {}
+
+
+def test_a_stopped_check_keeps_its_report_and_ends_the_running_command(
+        gpu_check, tmp_path, monkeypatch):
+    """SIGTERM (from `timeout`, or a device call's limit) during a step: the command's
+    process group is killed, and the report lists the steps done and the interrupted one
+    with its output so far."""
+    info = {"name": "Test GPU", "capability": "9.0", "torch": "test", "cuda": "13.0"}
+    monkeypatch.setattr(gpu_check, "choose_python", lambda explicit: (sys.executable, info))
+    monkeypatch.setattr(gpu_check, "find_tool", lambda name: None)
+    monkeypatch.setattr(gpu_check, "RESULTS_DIR", tmp_path)
+    pid_file = tmp_path / "pid"
+    sleeper = ("import os, time; open(%r, 'w').write(str(os.getpid())); print('working', "
+               "flush=True); time.sleep(60)" % str(pid_file))
+
+    def run_steps(check, args, python, info, add, *rest):
+        done = gpu_check.Step("first", status="PASS", summary="done")
+        add(done)
+        threading.Timer(2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        check.run(gpu_check.Step("second"), [sys.executable, "-c", sleeper], 50)
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr(gpu_check, "run_steps", run_steps)
+    previous = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        assert gpu_check.main([]) == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert time.monotonic() - started < 30
+    report = (tmp_path / "test-gpu-check.txt").read_text()
+    assert "INTERRUPTED: stopped by signal" in report
+    assert "| first | PASS |" in report and "| second | SKIP |" in report
+    assert "working" in report and "[interrupted]" in report
+    pid = int(pid_file.read_text())
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the interrupted command still runs"
+        time.sleep(0.1)
