@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers the operators)
+from .sharding import register_if_dtensor
 from .transforms import transformed_layer_norm, transformed_rms_norm, transforms_active
 
 __all__ = ["layer_norm", "rms_norm", "has_cuda_kernels"]
@@ -302,6 +303,7 @@ def layer_norm(
         _check_same_device(input, weight, bias)
         _check_fake_inputs(input, shape, weight, bias)
         return transformed_layer_norm(input, shape, weight, bias, eps)
+    register_if_dtensor(input, weight, bias)
     return _forward(input, shape, weight, bias, eps)[0]
 
 
@@ -441,4 +443,6 @@ def rms_norm(
         _check_rms_fake_shape(input, shape)
         _check_fake_inputs(input, shape, weight, None)
         return transformed_rms_norm(input, shape, weight, eps)
+    if type(input) is not torch.Tensor or type(weight) not in (torch.Tensor, type(None)):
+        register_if_dtensor(input, weight)
     return _rms_forward(input, shape, weight, eps)[0]

@@ -1,0 +1,73 @@
+"""DTensor inputs (tensor and sequence parallelism): layer_norm and rms_norm on a 2-rank
+CPU mesh (gloo) against torch's functions on the whole tensors, for inputs sharded along
+a row dim (each rank runs the kernels on its rows: the output stays sharded, the
+parameters' gradients are partial sums) and along the normalized dim (redistributed
+first; torch's own rms_norm fails there in torch 2.14)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch without torch.distributed")
+
+WORLD_SIZE = 2
+
+
+def forward_backward(fn, x, w, b) -> list:
+    """[y, x.grad, w.grad, b.grad] of fn(x, w, b) under the loss sum(y²)."""
+    y = fn(x, w, b)
+    (y * y).sum().backward()
+    return [y.detach(), x.grad, w.grad, b.grad]
+
+
+def _check_rank(rank: int, store_path: str) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import layernorm_ext
+
+    store = dist.FileStore(store_path, WORLD_SIZE)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, store=store)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        generator = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+        full_x = torch.randn(4, 6, 8, generator=generator)
+        full_w = torch.randn(8, generator=generator)
+        full_b = torch.randn(8, generator=generator)
+        norms = {
+            "layer": (lambda x, w, b: layernorm_ext.layer_norm(x, (8,), w, b),
+                      lambda x, w, b: F.layer_norm(x, (8,), w, b)),
+            "rms": (lambda x, w, b: layernorm_ext.rms_norm(x, (8,), w),
+                    lambda x, w, b: F.rms_norm(x, (8,), w)),
+        }
+        for norm, (ours, theirs) in norms.items():
+            leaves = [t.clone().requires_grad_() for t in (full_x, full_w, full_b)]
+            expected = forward_backward(theirs, *leaves)
+            for dim in (0, 1, 2):
+                x = distribute_tensor(full_x, mesh, [Shard(dim)]).requires_grad_()
+                w = distribute_tensor(full_w, mesh, [Replicate()]).requires_grad_()
+                b = distribute_tensor(full_b, mesh, [Replicate()]).requires_grad_()
+                got = forward_backward(ours, x, w, b)
+                where = f"{norm} norm, input sharded along dim {dim}"
+                if dim < 2:  # a row dim: the kernels ran on each rank's rows
+                    assert got[0].placements == (Shard(dim),), f"{where}: {got[0].placements}"
+                for name, tensor, reference in zip(("y", "dx", "dw", "db"), got, expected):
+                    if reference is not None:
+                        torch.testing.assert_close(tensor.full_tensor(), reference,
+                                                   msg=lambda m: f"{where}, {name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_sharded_rows_as_torch():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_check_rank, args=(os.path.join(tmp, "store"),), nprocs=WORLD_SIZE,
+                 join=True)
