@@ -8,9 +8,15 @@
   the dispatcher operators.
 """
 
+import sys
+
+from . import sharding
 from .modules import LayerNorm, RMSNorm
 from .ops import has_cuda_kernels, layer_norm, rms_norm
 from .patch import replace_layernorm, replace_rmsnorm
+
+if "torch.distributed.tensor" in sys.modules:  # else on the first DTensor (sharding.py)
+    sharding.register()
 
 __all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "has_cuda_kernels",
            "replace_layernorm", "replace_rmsnorm"]

@@ -7,8 +7,11 @@ which DTensor adds up when they are redistributed. An input sharded along a norm
 dim is first redistributed by DTensor (to ``Replicate()``), as for torch's own
 layer_norm when no rule fits.
 
-The rules are registered the first time :func:`layer_norm` or :func:`rms_norm` sees a
-DTensor, not on import: importing ``torch.distributed.tensor`` takes about a second.
+The rules are registered on import when ``torch.distributed.tensor`` is already
+imported, else the first time :func:`layer_norm` or :func:`rms_norm` sees a DTensor
+(importing it takes about a second, too much for every import of this package). Under
+``torch.compile(fullgraph=True)`` that first time cannot be traced: call
+:func:`register` before compiling (or import ``torch.distributed.tensor`` first).
 """
 
 from __future__ import annotations
@@ -22,20 +25,24 @@ _lock = threading.Lock()
 _registered = False
 
 
-def register_if_dtensor(*tensors: object) -> None:
-    """Registers the rules once, when one of ``tensors`` is a DTensor."""
+def register() -> None:
+    """Registers the operators' DTensor sharding rules (once; later calls do nothing)."""
     global _registered
+    with _lock:
+        if not _registered:
+            _register()
+            _registered = True
+
+
+def register_if_dtensor(*tensors: object) -> None:
+    """Registers the rules when one of ``tensors`` is a DTensor."""
     if _registered:
         return
     dtensor_module = sys.modules.get("torch.distributed.tensor")
     if dtensor_module is None:  # no DTensor can exist yet
         return
-    if not any(isinstance(t, dtensor_module.DTensor) for t in tensors):
-        return
-    with _lock:
-        if not _registered:
-            _register()
-            _registered = True
+    if any(isinstance(t, dtensor_module.DTensor) for t in tensors):
+        register()
 
 
 def _register() -> None:

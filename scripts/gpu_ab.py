@@ -171,6 +171,10 @@ def main(argv: Optional[list] = None) -> int:
         raise SystemExit("gpu_ab: two variants with one name")
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    for name in names:  # an earlier run's files must not pass for this run's
+        for suffix in (".csv", ".md", ".png", "-build.log", "-bench.log"):
+            (args.out / f"{name}{suffix}").unlink(missing_ok=True)
+    (args.out / "ab.md").unlink(missing_ok=True)
     dirs = {BASELINE: prepare(BASELINE, None, args.work)}
     for patch in args.patches:
         dirs[patch.stem] = prepare(patch.stem, patch.resolve(), args.work)

@@ -96,22 +96,25 @@ class Check:
             return 124
         start = time.monotonic()
         self.running = step
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True)
+        proc = None
         timed_out = threading.Event()
 
         def stop() -> None:
             timed_out.set()
+            if proc is None:
+                return
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the whole process group it started
             except ProcessLookupError:
                 pass
 
         timer = threading.Timer(timeout, stop)
-        timer.start()
         lines = []
         try:
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace", start_new_session=True)
+            timer.start()
             for line in proc.stdout:
                 sys.stdout.write(line)
                 lines.append(line)
@@ -265,34 +268,40 @@ def build(check: Check, python: str, info: dict) -> Step:
     env = dict(check.env, TORCH_CUDA_ARCH_LIST=";".join(archs), MAX_JOBS=str(os.cpu_count() or 4))
     env.pop("LAYERNORM_EXT_CPU_ONLY", None)
     env.update(build_compilers())
+
+    def run_part(name: str, cmd: list, limit: float, part_env: Optional[dict] = None) -> int:
+        """One part of the step (the build, a retry, a probe), its output added to the
+        step's, also when it is interrupted (the report then shows the build's output)."""
+        part = Step(name)
+        try:
+            return check.run(part, cmd, limit, part_env)
+        finally:
+            step.command = step.command or part.command
+            step.output += part.output
+            step.seconds += part.seconds
+            if part.out_of_time:
+                step.status, step.summary, step.out_of_time = part.status, part.summary, True
+            check.running = step
+
     # In place: nothing is installed, and the repository root is on the steps' PYTHONPATH.
     cmd = [python, "setup.py", "build_ext", "--inplace"]
-    rc = check.run(step, cmd, 480, env)
-    if step.out_of_time:
-        return step
+    rc = run_part("build", cmd, 480, env)
     fallback = system_compilers()
-    if (rc != 0 and "links libstdc++ statically" in step.output and fallback
-            and env.get("CXX") != fallback["CXX"]):
+    if (rc != 0 and not step.out_of_time and "links libstdc++ statically" in step.output
+            and fallback and env.get("CXX") != fallback["CXX"]):
         # setup.py refused a compiler that links the C++ runtime in (see setup.py).
-        first = step.output
         shutil.rmtree(ROOT / "build", ignore_errors=True)
         env.update(fallback)
-        rc = check.run(step, cmd, 480, env)
-        step.output = (first + f"\n[retried with CC={fallback['CC']} CXX={fallback['CXX']}]\n"
-                       + step.output)
-        if step.out_of_time:
-            return step
+        step.output += f"\n[retried with CC={fallback['CC']} CXX={fallback['CXX']}]\n"
+        rc = run_part("build, retried", cmd, 480, env)
     for name, code in (("build check", "import layernorm_ext, sys; sys.exit(0 if "
                         "layernorm_ext.has_cuda_kernels() else 'no CUDA kernels')"),
                        ("error path check", ERROR_PATH_PROBE)):
-        if rc != 0:
+        if rc != 0 or step.out_of_time:
             break
-        probe = Step(name)
-        rc = check.run(probe, [python, "-c", code], 120)
-        step.output += probe.output
-        if probe.out_of_time:
-            step.status, step.summary, step.out_of_time = probe.status, probe.summary, True
-            return step
+        rc = run_part(name, [python, "-c", code], 120)
+    if step.out_of_time:
+        return step
     step.status = "PASS" if rc == 0 else "FAIL"
     step.summary = f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}" + (
         f", CXX={env['CXX']}" if env.get("CXX") else "") + (
@@ -518,6 +527,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         run_steps(check, args, python, info, add, sanitizer_path, kernel_filter, slug)
     except (Interrupted, KeyboardInterrupt) as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the report
         note = f"INTERRUPTED: {stop or 'Ctrl-C'}"
         if check.running is not None and check.running not in check.steps:
             check.running.status, check.running.out_of_time = "SKIP", True
@@ -532,7 +542,6 @@ def main(argv: Optional[list] = None) -> int:
     print("\n".join(incomplete))
     print(f"wrote {report} ({time.monotonic() - started:.0f} s in all)")
     return 1 if incomplete or any(s.status == "FAIL" for s in steps) else 0
-
 
 
 def run_steps(check: Check, args: argparse.Namespace, python: str, info: dict, add,

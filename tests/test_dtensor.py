@@ -7,6 +7,8 @@ first; torch's own rms_norm fails there in torch 2.14)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -27,12 +29,13 @@ def forward_backward(fn, x, w, b) -> list:
 
 
 def _check_rank(rank: int, store_path: str) -> None:
-    import torch.distributed as dist
     import torch.nn.functional as F
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    import layernorm_ext
+    import layernorm_ext  # before torch.distributed.tensor: the rules come on first use
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
     store = dist.FileStore(store_path, WORLD_SIZE)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, store=store)
@@ -48,17 +51,24 @@ def _check_rank(rank: int, store_path: str) -> None:
             "rms": (lambda x, w, b: layernorm_ext.rms_norm(x, (8,), w),
                     lambda x, w, b: F.rms_norm(x, (8,), w)),
         }
+        assert not layernorm_ext.sharding._registered
         for norm, (ours, theirs) in norms.items():
             leaves = [t.clone().requires_grad_() for t in (full_x, full_w, full_b)]
             expected = forward_backward(theirs, *leaves)
-            for dim in (0, 1, 2):
+            # Compiled (fullgraph: the rules registered by the eager calls before it).
+            compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+            for dim, fn in ((0, ours), (1, ours), (2, ours), (0, compiled)):
                 x = distribute_tensor(full_x, mesh, [Shard(dim)]).requires_grad_()
                 w = distribute_tensor(full_w, mesh, [Replicate()]).requires_grad_()
                 b = distribute_tensor(full_b, mesh, [Replicate()]).requires_grad_()
-                got = forward_backward(ours, x, w, b)
-                where = f"{norm} norm, input sharded along dim {dim}"
-                if dim < 2:  # a row dim: the kernels ran on each rank's rows
+                got = forward_backward(fn, x, w, b)
+                where = (f"{norm} norm{', compiled' if fn is compiled else ''}, input sharded "
+                         f"along dim {dim}")
+                if dim < 2:  # a row dim: each rank ran the kernels on its rows
                     assert got[0].placements == (Shard(dim),), f"{where}: {got[0].placements}"
+                    # ... and its parameter gradients are partial sums until reduced
+                    assert all(grad.placements == (Partial(),) for grad in got[2:]
+                               if grad is not None), f"{where}: {got[2].placements}"
                 for name, tensor, reference in zip(("y", "dx", "dw", "db"), got, expected):
                     if reference is not None:
                         torch.testing.assert_close(tensor.full_tensor(), reference,
@@ -71,3 +81,11 @@ def test_dtensor_sharded_rows_as_torch():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_check_rank, args=(os.path.join(tmp, "store"),), nprocs=WORLD_SIZE,
                  join=True)
+
+
+def test_rules_registered_on_import_after_torch_distributed_tensor():
+    """Imported after torch.distributed.tensor, the package registers the rules at once
+    (torch.compile(fullgraph=True) cannot trace the registration on first use)."""
+    code = ("import torch.distributed.tensor, layernorm_ext, sys; "
+            "sys.exit(0 if layernorm_ext.sharding._registered else 1)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

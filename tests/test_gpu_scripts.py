@@ -126,13 +126,14 @@ def test_a_compiler_that_links_libstdcxx_statically_is_replaced_before_the_build
     static_cxx.chmod(0o755)
     assert gpu_check.links_libstdcxx_statically(str(static_cxx))
     assert not gpu_check.links_libstdcxx_statically(shutil.which("g++"))
-    monkeypatch.setenv("CXX", str(static_cxx))
-    fallback = gpu_check.system_compilers()
-    assert gpu_check.build_compilers() == (fallback or {})
-    if fallback:
-        assert not gpu_check.links_libstdcxx_statically(fallback["CXX"])
     monkeypatch.setenv("CXX", shutil.which("g++"))
     assert gpu_check.build_compilers() == {}
+    monkeypatch.setenv("CXX", str(static_cxx))
+    fallback = gpu_check.system_compilers()
+    if fallback is None:
+        pytest.skip("no /usr/bin/gcc and /usr/bin/g++ to fall back to")
+    assert gpu_check.build_compilers() == fallback
+    assert not gpu_check.links_libstdcxx_statically(fallback["CXX"])
 
 
 def test_a_stopped_check_keeps_its_report_and_ends_the_running_command(
@@ -173,3 +174,27 @@ def test_a_stopped_check_keeps_its_report_and_ends_the_running_command(
     while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
         assert time.monotonic() < deadline, "the interrupted command still runs"
         time.sleep(0.1)
+
+
+def test_a_build_stopped_in_its_probe_is_reported_with_the_build_output(
+        gpu_check, tmp_path, monkeypatch):
+    """The build step runs parts (the build, a retry, probes of the result): stopped in
+    one, the report shows the build step with every part's output so far."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo probing; sleep 60; '
+                           'else echo compiling; fi\n')
+    fake_python.chmod(0o755)
+    info = {"name": "Test GPU", "capability": "9.0", "torch": "test", "cuda": "13.0"}
+    monkeypatch.setattr(gpu_check, "choose_python", lambda explicit: (str(fake_python), info))
+    monkeypatch.setattr(gpu_check, "find_tool", lambda name: None)
+    monkeypatch.setattr(gpu_check, "RESULTS_DIR", tmp_path)
+    monkeypatch.delenv("CXX", raising=False)
+    previous = signal.getsignal(signal.SIGTERM)
+    threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        assert gpu_check.main(["--skip-tests", "--skip-sanitizer", "--skip-bench"]) == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = (tmp_path / "test-gpu-check.txt").read_text()
+    assert "| build | SKIP |" in report and "build check" not in report
+    assert "compiling" in report and "probing" in report and "[interrupted]" in report
