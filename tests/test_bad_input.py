@@ -167,6 +167,8 @@ CASES: dict[str, BadCall] = {
                                same_message=True),
     "eps_one_dim_tensor": BadCall(lambda f, d: f(x_on(d), [8], None, None, torch.tensor([1e-5])),
                                   same_message=True),
+    "eps_complex_tensor": BadCall(lambda f, d: f(x_on(d), [8], None, None, torch.tensor(1 + 1j)),
+                                  same_message=True),
     "eps_tensor_requiring_grad": BadCall(
         lambda f, d: f(x_on(d), [8], None, None, torch.tensor(1e-5, requires_grad=True)),
         same_message=True),

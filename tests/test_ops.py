@@ -167,6 +167,18 @@ def test_eps_of_any_type_torch_takes_for_a_float(device, eps, ours, theirs):
     torch.testing.assert_close(ours(x, (8,), eps=eps), expected)
 
 
+@pytest.mark.parametrize("ours,theirs", [(layer_norm, F.layer_norm),
+                                         (layernorm_ext.rms_norm, F.rms_norm)],
+                         ids=["layer_norm", "rms_norm"])
+def test_eps_a_symbolic_int_as_torch(device, ours, theirs):
+    """eps from a symbolic size (make_fx's symbolic tracing), as torch's parser takes it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(3, 8, device=device)
+    graph = make_fx(lambda x: ours(x, (8,), eps=x.shape[0]), tracing_mode="symbolic")(x)
+    torch.testing.assert_close(graph(x), theirs(x, (8,), eps=3.0))
+
+
 def test_nan_and_inf_propagate(device):
     x = torch.randn(3, 16, device=device)
     x[0, 3] = float("nan")
