@@ -26,6 +26,7 @@ import csv
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,14 +44,18 @@ IGNORED = shutil.ignore_patterns(".git", ".venv*", "build", "*.so", "__pycache__
 
 
 def run(cmd: list, cwd: Path, env: dict, timeout: float, log: Path) -> int:
-    """cmd in cwd, its output in log; the exit status (124 when stopped at timeout)."""
+    """cmd in cwd, its output in log; the exit status (124 when stopped at timeout, with
+    every process it started: compilers left running would slow the later sweeps)."""
     with open(log, "w") as out:
         out.write(f"$ {shlex.join(str(c) for c in cmd)}\n")
         out.flush()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=timeout).returncode
+            return proc.wait(timeout=max(timeout, 0))
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             out.write(f"\n[stopped after {timeout:.0f} s]\n")
             return 124
 

@@ -34,6 +34,15 @@ def gpu_check():
     del sys.modules["gpu_check"]
 
 
+def assert_ends(pid: int, seconds: float = 10) -> None:
+    """The process ends (or is a zombie, killed and not yet reaped) within `seconds`."""
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + seconds
+    while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.1)
+
+
 def spent_check(gpu_check):
     return gpu_check.Check(deadline=time.monotonic())  # no time left
 
@@ -168,12 +177,7 @@ def test_a_stopped_check_keeps_its_report_and_ends_the_running_command(
     assert "INTERRUPTED: stopped by signal" in report
     assert "| first | PASS |" in report and "| second | SKIP |" in report
     assert "working" in report and "[interrupted]" in report
-    pid = int(pid_file.read_text())
-    stat = Path(f"/proc/{pid}/stat")
-    deadline = time.monotonic() + 10
-    while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
-        assert time.monotonic() < deadline, "the interrupted command still runs"
-        time.sleep(0.1)
+    assert_ends(int(pid_file.read_text()))
 
 
 def test_a_build_stopped_in_its_probe_is_reported_with_the_build_output(
@@ -198,3 +202,18 @@ def test_a_build_stopped_in_its_probe_is_reported_with_the_build_output(
     report = (tmp_path / "test-gpu-check.txt").read_text()
     assert "| build | SKIP |" in report and "build check" not in report
     assert "compiling" in report and "probing" in report and "[interrupted]" in report
+
+
+def test_ab_command_stopped_at_its_limit_takes_its_children_along(gpu_ab, tmp_path):
+    """A build or sweep stopped at its share: the compilers it started must not run on
+    into the next variant's timings."""
+    pid_file = tmp_path / "child"
+    code = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); open(%r, 'w').write(str(child.pid)); "
+            "time.sleep(60)" % str(pid_file))
+    started = time.monotonic()
+    rc = gpu_ab.run([sys.executable, "-c", code], tmp_path, dict(os.environ), 3,
+                    tmp_path / "log")
+    assert rc == 124 and time.monotonic() - started < 30
+    assert "[stopped after 3 s]" in (tmp_path / "log").read_text()
+    assert_ends(int(pid_file.read_text()))
