@@ -2,7 +2,8 @@
 CPU mesh (gloo) against torch's functions on the whole tensors, for inputs sharded along
 a row dim (each rank runs the kernels on its rows: the output stays sharded, the
 parameters' gradients are partial sums) and along the normalized dim (redistributed
-first; torch's own rms_norm fails there in torch 2.14)."""
+first; torch's own rms_norm fails there in torch 2.14), and the modules under torch's
+SequenceParallel style."""
 
 from __future__ import annotations
 
@@ -73,8 +74,33 @@ def _check_rank(rank: int, store_path: str) -> None:
                     if reference is not None:
                         torch.testing.assert_close(tensor.full_tensor(), reference,
                                                    msg=lambda m: f"{where}, {name}: {m}")
+        check_sequence_parallel(mesh, rank)
     finally:
         dist.destroy_process_group()
+
+
+def check_sequence_parallel(mesh, rank: int) -> None:
+    """Our modules under torch's SequenceParallel style (replicated parameters, each rank
+    given its part of the sequence) as torch's modules."""
+    from torch import nn
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    import layernorm_ext
+
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(rank))  # this rank's
+    for ours, theirs in ((layernorm_ext.LayerNorm, nn.LayerNorm),
+                         (layernorm_ext.RMSNorm, nn.RMSNorm)):
+        results = []
+        for cls in (ours, theirs):
+            norm = cls(8)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(8, generator=torch.Generator().manual_seed(1)))
+            parallelize_module(norm, mesh, SequenceParallel())
+            y = norm(x)
+            (y * y).sum().backward()
+            results.append([y.full_tensor(), norm.weight.grad.full_tensor()])
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, msg=lambda m: f"{ours.__name__}: {m}")
 
 
 def test_dtensor_sharded_rows_as_torch():
