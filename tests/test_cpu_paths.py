@@ -104,3 +104,25 @@ def test_short_rows_give_the_same_bits_in_a_group_as_alone(dtype, norm, rows):
                 summed = torch.stack([a[1][k].double() for a in alone]).sum(0)
                 tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
                 torch.testing.assert_close(grads[k].double(), summed, rtol=tol, atol=tol * D)
+
+
+PARTIALS_SCRIPT = r"""
+import resource, torch, layernorm_ext
+torch.set_num_threads(64)  # more threads than rows allow chunks for
+x = torch.randn(64, 1 << 20, dtype=torch.bfloat16)
+dy = torch.randn_like(x)
+y, mean, rstd = torch.ops.layernorm_ext.forward(x, [1 << 20], None, None, 1e-5)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+torch.ops.layernorm_ext.backward(dy, x, [1 << 20], mean, rstd, None, None)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_backward_partials_stay_below_the_input_with_many_threads():
+    """A few long rows over many threads: the dgamma/dbeta partial rows (a chunk's) stay
+    within half a chunk's input. A chunk a thread took 64 partial rows of 8 MiB each here,
+    four times the 128 MiB input."""
+    out = subprocess.run([sys.executable, "-c", PARTIALS_SCRIPT], capture_output=True,
+                         text=True, timeout=300, check=True)
+    growth_mib = int(out.stdout.split()[-1])
+    assert growth_mib < 128 + 128, out.stdout  # dx and the partials

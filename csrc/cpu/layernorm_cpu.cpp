@@ -4,10 +4,12 @@
 // Backward: rows are cut into a fixed number of contiguous chunks, each adding its
 // dgamma/dbeta terms to its own fp32 (fp64 for fp64) partial row; the partial rows are
 // then summed in chunk order. The result never depends on thread scheduling: it is
-// bitwise reproducible for a given thread count.
+// bitwise reproducible for a given thread count (the chunks follow it, as torch's own
+// CPU kernel's per-thread buffers do) and instruction set (the vector width).
 #include <ATen/Version.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -130,8 +132,12 @@ void backward_kernel(const BackwardArgs& a) {
   const auto backward = row_kernels<kNorm, T, P>().backward;
   constexpr int64_t kGrads = kParamGrads<kNorm>;
 
+  // A task's worth of rows a chunk, at most a chunk a thread, and rows enough that the
+  // partial rows (kGrads acc_t rows a chunk) stay within half the chunk's input: a few
+  // long rows over many threads would otherwise need partials several times the input.
+  const int64_t partial_rows = at::ceil_div<int64_t>(2 * kGrads * sizeof(acc_t), sizeof(T));
   const int64_t chunk_rows =
-      std::max(rows_per_task(N), at::ceil_div<int64_t>(M, at::get_num_threads()));
+      std::max({rows_per_task(N), at::ceil_div<int64_t>(M, at::get_num_threads()), partial_rows});
   const int64_t chunks = at::ceil_div<int64_t>(M, chunk_rows);
   at::Tensor partials =
       at::zeros({chunks, kGrads, N}, a.input.options().dtype(a.rstd.scalar_type()));

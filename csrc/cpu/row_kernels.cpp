@@ -213,10 +213,10 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     // While the group's outputs are written, the next group's input is prefetched into
     // L2 (the same offset, one group ahead): the hardware prefetcher restarts at every
     // group's first pass, which cost ~15% at D = 16384 in bf16.
-    const bool prefetch = first + rows < end;
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = a.x + (first + r) * N;
       T* y = a.y + (first + r) * N;
+      const bool prefetch = first + r + rows < end;  // (no pointer past the rows)
       const Vec rstd_v = rstds.broadcast(r);
       const Vec mean_v(math::normalize_center(means[r], first_lane(rstd_v)));
       const bool stream = a.stream_output && can_stream(y);
@@ -236,8 +236,23 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   if (a.stream_output) stream_fence();
 }
 
+// x of a row's chunk for the backward's row sums: the lanes past the row's end (n) set
+// to the row's center, so that their xhat is 0. Loaded as zeros, their xhat would be
+// -center * rstd, which overflows to inf in a row far from 0 with a tiny spread (1e33
+// with eps 1e-12), and g * xhat = 0 * inf would make the row's sums, and its dx, NaN.
+// Free for whole chunks (n a compile-time kSize).
+template <typename T, typename Parts, typename Vec, typename Count>
+Parts with_centered_tail(Parts xv, Count n, const Vec& center) {
+  if (n < Chunk<T>::kSize) {
+    const auto valid = valid_lanes<T>(n);
+    for (size_t k = 0; k < xv.size(); ++k) xv[k] = Vec::blendv(center, xv[k], valid[k]);
+  }
+  return xv;
+}
+
 // One chunk of the backward, shared by both row paths below. Pass 1 adds the chunk's
-// g = dy * w and g * xhat to the row sums (zero-filled tail lanes have g = 0).
+// g = dy * w and g * xhat to the row sums (tail lanes: g = 0 and, by
+// with_centered_tail, xhat = 0).
 template <Norm kNorm, typename Parts, typename Vec>
 void add_row_sums(const Parts& dyv, const Parts& xv, const Parts& wv, const Vec& mean_v,
                   const Vec& rstd_v, Vec& sum_g, Vec& sum_g_xhat) {
@@ -308,11 +323,12 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
         prefetch_short_row(a.dy + (row + ahead) * N, N);
         prefetch_short_row(a.x + (row + ahead) * N, N);
       }
-      // lanes past N are zero, so g = 0 there
+      // lanes past N: dy is zero, so g = 0 there, and x the center
+      const Vec center = centers.broadcast(r);
       const auto dyv = C::load(a.dy + row * N, N);
-      const auto xv = C::load(a.x + row * N, N);
+      const auto xv = with_centered_tail<T>(C::load(a.x + row * N, N), N, center);
       g_terms[r] = Vec(0), g_xhat_terms[r] = Vec(0);
-      add_row_sums<kNorm>(dyv, xv, wv, centers.broadcast(r), rstds.broadcast(r), g_terms[r],
+      add_row_sums<kNorm>(dyv, xv, wv, center, rstds.broadcast(r), g_terms[r],
                           g_xhat_terms[r]);
     }
     const auto mean_gs = lane_sums(g_terms, rows).map([&](const Vec& sum) { return sum / n_v; });
@@ -400,7 +416,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       Vec sum_g(0), sum_g_xhat(0);
       for_each_chunk<T>(N, [&](int64_t j, auto n) {
         const auto dyv = C::load(dy + j, n);
-        const auto xv = C::load(x + j, n);
+        const auto xv = with_centered_tail<T>(C::load(x + j, n), n, mean_v);
         const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
         add_row_sums<kNorm>(dyv, xv, wv, mean_v, rstd_v, sum_g, sum_g_xhat);
       });
@@ -412,7 +428,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
     // prefetched as in forward_rows, but only for rows of at least 512 bytes: for
     // shorter ones it made the backward slower (131072x128 bf16 on a Zen 4, A/B in one
     // process: 1.2-1.8x the time without), where for longer ones it gains 10-25%.
-    const bool prefetch = first + rows < end && N * int64_t(sizeof(T)) >= 512;
+    const bool prefetch = N * int64_t(sizeof(T)) >= 512;
     for_each_chunk<T>(N, [&](int64_t j, auto n) {
       const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
       auto dgv = AC::load(dgamma + j, n);
@@ -420,7 +436,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       if constexpr (kNorm == Norm::kLayer) dbv = AC::load(dbeta + j, n);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (first + r) * N + j;
-        if (prefetch) {  // the next group's rows, as in forward_rows
+        if (prefetch && first + r + rows < end) {  // the next group's rows, as in forward_rows
           prefetch_chunk(a.dy + offset + rows * N);
           prefetch_chunk(a.x + offset + rows * N);
         }
