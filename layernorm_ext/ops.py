@@ -112,7 +112,7 @@ def _forward_vmap(info, in_dims, input, normalized_shape, weight, bias, eps):
     """vmap maps onto the op itself: the batch dim becomes one more leading dim.
 
     Per-sample weight/bias (batched parameters) are applied after an unweighted call,
-    with the batch dim broadcast over the leading dims.
+    with the batch dim broadcast over the leading dims, and the result rounded once.
     """
     input_dim, _, weight_dim, bias_dim, _ = in_dims
     if input_dim is None:
@@ -122,7 +122,10 @@ def _forward_vmap(info, in_dims, input, normalized_shape, weight, bias, eps):
     if weight_dim is None and bias_dim is None:
         return _forward(input, normalized_shape, weight, bias, eps), (0, 0, 0)
 
-    output, mean, rstd = _forward(input, normalized_shape, None, None, eps)
+    # Normalized in the kernels' accumulation type, the weight and bias applied there,
+    # and rounded to the input's dtype once, as the unbatched kernel does.
+    output, mean, rstd = _forward(_in_accumulation_type(input), normalized_shape, None, None,
+                                  eps)
     # [B, *normalized_shape] -> [B, 1 (per leading dim), *normalized_shape]
     ones = (1,) * (input.dim() - 1 - len(normalized_shape))
 
@@ -134,13 +137,28 @@ def _forward_vmap(info, in_dims, input, normalized_shape, weight, bias, eps):
         return param.movedim(dim, 0).reshape(param.shape[dim], *ones, *normalized_shape)
 
     w, b = per_sample(weight, weight_dim), per_sample(bias, bias_dim)
-    param_dtype = _param_dtype(input, weight, bias)
-    output = output.to(param_dtype)
-    if w is not None:
-        output = output * w
-    if b is not None:
-        output = output + b
+    output = _apply_per_sample(output, w, b)
     return (output.to(input.dtype), mean, rstd), (0, 0, 0)
+
+
+def _in_accumulation_type(input: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 input as float32 (what the kernels compute in), else input."""
+    return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+
+
+def _apply_per_sample(output: torch.Tensor, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """output * weight + bias in output's dtype, or a wider parameter's."""
+    dtype = output.dtype
+    for param in (weight, bias):
+        if param is not None:
+            dtype = torch.promote_types(dtype, param.dtype)
+    output = output.to(dtype)
+    if weight is not None:
+        output = output * weight.to(dtype)
+    if bias is not None:
+        output = output + bias.to(dtype)
+    return output
 
 
 if not _BUILT_WITH_CUDA:
@@ -360,7 +378,7 @@ def _rms_backward_fake(grad_out, input, normalized_shape, rstd, weight):
 @torch.library.register_vmap("layernorm_ext::rms_forward")
 def _rms_forward_vmap(info, in_dims, input, normalized_shape, weight, eps):
     """As LayerNorm's rule: the batch dim becomes one more leading dim of the op's input; a
-    per-sample weight is applied after an unweighted call."""
+    per-sample weight is applied after an unweighted call, rounded once."""
     input_dim, _, weight_dim, _ = in_dims
     if input_dim is None:
         input = input.expand(info.batch_size, *input.shape)
@@ -368,11 +386,11 @@ def _rms_forward_vmap(info, in_dims, input, normalized_shape, weight, eps):
         input = input.movedim(input_dim, 0)
     if weight_dim is None:
         return _rms_forward(input, normalized_shape, weight, eps), (0, 0)
-    output, rstd = _rms_forward(input, normalized_shape, None, eps)
+    # (eps=None: float32's machine epsilon for float16/bfloat16 input and its float32 copy)
+    output, rstd = _rms_forward(_in_accumulation_type(input), normalized_shape, None, eps)
     ones = (1,) * (input.dim() - 1 - len(normalized_shape))
     w = weight.movedim(weight_dim, 0).reshape(weight.shape[weight_dim], *ones, *normalized_shape)
-    output = output.to(_param_dtype(input, weight, None)) * w
-    return (output.to(input.dtype), rstd), (0, 0)
+    return (_apply_per_sample(output, w, None).to(input.dtype), rstd), (0, 0)
 
 
 if not _BUILT_WITH_CUDA:

@@ -11,11 +11,12 @@ forward is the same fused op, so vmap still maps onto the op's own batching rule
 ``vmap`` alone (no gradient transform) the op is called as in plain eager: functorch keeps
 autograd out of a vmap level, and the op's batching rule is cheaper than the Function.
 
-Two cases are computed from differentiable ATen ops instead of the op: nested
+Three cases are computed from differentiable ATen ops instead of the op: nested
 forward-mode AD (``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``: torch runs an
 autograd.Function's ``jvp`` with forward AD off, so the outer level's derivative of the
-tangent would silently be zero, pytorch/pytorch#197867), and transforms traced by
-``torch.compile``.
+tangent would silently be zero, pytorch/pytorch#197867), transforms traced by
+``torch.compile``, and gradients under ``torch.func.functionalize`` (it has no rule for
+an autograd.Function).
 
 The two norms differ only in their fused op and in whether rows are centered (LayerNorm
 subtracts the row mean, RMSNorm does not); :class:`Norm` holds that, and every formula
@@ -211,6 +212,12 @@ def _differentiating_transform_active() -> bool:
                for interpreter in stack)
 
 
+def _functionalize_active() -> bool:
+    """torch.func.functionalize is active: it has no rule for an autograd.Function."""
+    stack = get_interpreter_stack() or []
+    return any(interpreter.key() == TransformType.Functionalize for interpreter in stack)
+
+
 def _composite_norm(norm: Norm, input: torch.Tensor, num_normalized_dims: int,
                     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     eps: float) -> torch.Tensor:
@@ -232,6 +239,8 @@ def _transformed_norm(norm: Norm, input: torch.Tensor, normalized_shape: list[in
         return _composite_norm(norm, input, num_normalized_dims, weight, bias, eps)
     if forward_ad._current_level < 0 and not _differentiating_transform_active():
         return norm.fused_forward(input, normalized_shape, weight, bias, eps)
+    if _functionalize_active():
+        return _composite_norm(norm, input, num_normalized_dims, weight, bias, eps)
     return NormFunction.apply(input, num_normalized_dims, weight, bias, eps, norm)
 
 

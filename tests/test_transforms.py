@@ -152,6 +152,30 @@ def test_func_jvp(device, norm, affine):
                        func.jvp(as_function(theirs, affine), args, tangents))
 
 
+@pytest.mark.parametrize("order", ["functionalize_of_grad", "grad_of_functionalize",
+                                   "jvp_of_functionalize", "make_fx_of_functionalize_of_grad"])
+@NORM
+def test_func_functionalize_with_gradients(device, norm, order):
+    """functionalize around or inside grad and jvp, as torch's functions (an
+    autograd.Function has no functionalize rule: these run the composite formulas)."""
+    affine = ALL_PARAMS[norm]
+    args = make_args(device, affine)
+
+    def run(which):
+        loss, fn = scalar_loss(which, affine), as_function(which, affine)
+        if order == "functionalize_of_grad":
+            return func.functionalize(func.grad(loss))(*args)
+        if order == "grad_of_functionalize":
+            return func.grad(func.functionalize(loss))(*args)
+        if order == "jvp_of_functionalize":
+            return func.jvp(func.functionalize(fn), args, tangents_like(args))
+        from torch.fx.experimental.proxy_tensor import make_fx
+        return make_fx(func.functionalize(func.grad(loss)))(*args)(*args)
+
+    ours, theirs = NORMS[norm]
+    assert_trees_close(run(ours), run(theirs))
+
+
 @pytest.mark.parametrize("norm,wrt", [("layer_norm", "input"), ("layer_norm", "weight"),
                                       ("layer_norm", "bias"), ("rms_norm", "input"),
                                       ("rms_norm", "weight")])
@@ -508,3 +532,27 @@ def test_vmap_alone_keeps_the_cpp_node_and_backpropagates(device, norm, batched_
     assert_trees_close(ours, theirs)
     if not batched_weight:
         assert ours[0].grad_fn.name().startswith("layernorm_ext::")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("param_dtype", [None, torch.float32], ids=["same", "float32"])
+@NORM
+def test_vmap_per_sample_parameters_round_once_as_a_loop(device, norm, dtype, param_dtype):
+    """Per-sample weight/bias in float16/bfloat16: the batching rule applies them in
+    float32 and rounds once, as the unbatched kernel does: within an ulp of a loop
+    (applied to a rounded unweighted output, LayerNorm was off by up to 239 ulps)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 64, generator=g).to(device, dtype)
+    params = [(torch.randn(4, 64, generator=g) * 3).to(device, param_dtype or dtype),
+              torch.randn(4, 64, generator=g).to(device, param_dtype or dtype)]
+    params = params[:len([p for p in ALL_PARAMS[norm] if p])]
+    ours = NORMS[norm][0]
+
+    def call(x, *p):
+        return ours(x, (64,), *p)
+
+    looped = torch.stack([call(x[i], *(p[i] for p in params)) for i in range(4)]).double()
+    mapped = func.vmap(call)(x, *params).double()
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    ulp = torch.pow(2.0, torch.floor(torch.log2(looped.abs().clamp_min(1e-30))) - mantissa_bits)
+    assert ((mapped - looped).abs() <= ulp).all()
