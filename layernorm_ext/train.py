@@ -28,6 +28,7 @@ from .training.config import DATASETS, DTYPES, OPTIMIZERS, resume_conflicts
 from .training.data import check_data_config
 from .training.distributed import check_torchrun_environment, is_main_process
 from .training.loop import autocast_factory
+from .training.plot import check_plot_path
 from .training.progress import PROGRESS_MODES
 
 __all__ = ["MLP", "NORMS", "TrainConfig", "EpochResult", "train", "format_epoch",
@@ -189,6 +190,13 @@ def _check(parser: argparse.ArgumentParser, options: CliOptions) -> None:
     for option, path in (("--save", options.save), ("--plot", options.plot)):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"{option} {path}: the folder does not exist")
+        if path is not None and os.path.isdir(path):
+            parser.error(f"{option} {path}: a folder; give a file name")
+    if options.plot is not None:
+        try:
+            check_plot_path(options.plot)
+        except (ImportError, ValueError) as error:
+            parser.error(f"--plot {options.plot}: {error}")
 
 
 def _columns(result: EpochResult) -> str:
@@ -254,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(line)
     if options.plot is not None:
         plot_history(histories, options.plot)
-        print(f"Saved plot to {options.plot}")
+        print(f"Saved plot to {check_plot_path(options.plot)}")
 
 
 if __name__ == "__main__":

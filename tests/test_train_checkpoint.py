@@ -113,3 +113,11 @@ def test_resume_of_something_else_is_refused(capsys, tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     assert "is not a layernorm_ext.train checkpoint" in cli_error(capsys, "--resume", str(path))
     assert "No such file" in cli_error(capsys, "--resume", str(tmp_path / "missing.pt"))
+    # Files torch.load cannot read, or a dict of the format without the run's state: a
+    # usage error too, not a traceback.
+    (tmp_path / "text.pt").write_text("epoch 3\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"format": 1, "epoch": 2}, tmp_path / "partial.pt")
+    for name in ("text.pt", "empty.pt", "partial.pt"):
+        message = cli_error(capsys, "--resume", str(tmp_path / name))
+        assert "is not a layernorm_ext.train checkpoint" in message, name

@@ -36,6 +36,17 @@ def test_plot_writes_a_png(capsys, tmp_path):
     assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_plot_path_is_checked_before_training_and_reported_as_written(capsys, tmp_path):
+    """matplotlib adds .png to a name without a suffix: the line says so; a suffix it
+    cannot write, or a folder, is refused before any epoch runs."""
+    lines = run_cli(capsys, "--epochs", "1", "--plot", str(tmp_path / "curves"))
+    assert lines[-1] == f"Saved plot to {tmp_path / 'curves.png'}"
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "cannot write .xyz files" in cli_error(capsys, "--plot", str(tmp_path / "run.xyz"))
+    assert "a folder" in cli_error(capsys, "--plot", str(tmp_path))
+    assert "a folder" in cli_error(capsys, "--save", str(tmp_path))
+
+
 def test_plot_draws_each_runs_curves(tmp_path):
     config = defaults_for("digits")
     config.epochs, config.samples = 2, 300

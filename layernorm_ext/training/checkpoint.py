@@ -42,12 +42,25 @@ def save_checkpoint(path: PathLike, config: TrainConfig, epoch: int,
     os.replace(temporary, path)
 
 
+_KEYS = ("epoch", "config", "rng", "runs")
+
+
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Reads a checkpoint onto the CPU (``load_state_dict`` moves tensors where they belong)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)} is not a layernorm_ext.train checkpoint "
-                         f"(format {FORMAT})")
+    """Reads a checkpoint onto the CPU (``load_state_dict`` moves tensors where they belong).
+
+    Raises ValueError for anything but a checkpoint of this format, OSError when the file
+    cannot be read."""
+    not_ours = ValueError(f"{os.fspath(path)} is not a layernorm_ext.train checkpoint "
+                          f"(format {FORMAT})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # unpickling fails in many ways on a file of another kind
+        raise not_ours from error
+    if (not isinstance(state, dict) or state.get("format") != FORMAT
+            or not all(key in state for key in _KEYS)):
+        raise not_ours
     return state
 
 

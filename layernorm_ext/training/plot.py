@@ -14,6 +14,26 @@ if TYPE_CHECKING:
 LINE_STYLES = ("-", "--", ":", "-.")  # the torch curve dashed over the fused one
 
 
+def check_plot_path(path: Union[str, "os.PathLike[str]"]) -> str:
+    """The file :func:`plot_history` writes for ``path``: matplotlib adds its default
+    format's suffix (.png) to a name without one. Raises ImportError without matplotlib
+    and ValueError for a suffix it cannot write, so a run can fail before it trains."""
+    try:
+        from matplotlib import rcParams
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as error:
+        raise ImportError("--plot needs matplotlib (pip install matplotlib)") from error
+    name = os.fspath(path)
+    suffix = os.path.splitext(name)[1][1:].lower()
+    if not suffix:
+        return f"{name}.{rcParams['savefig.format']}"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(f"matplotlib cannot write .{suffix} files (it writes "
+                         f"{', '.join('.' + f for f in sorted(formats))})")
+    return name
+
+
 def plot_history(histories: Mapping[str, Sequence[EpochResult]],
                  path: Union[str, "os.PathLike[str]"]) -> "Figure":
     """Draws loss (left) and accuracy (right) per epoch into ``path`` (e.g. a .png).
