@@ -552,3 +552,25 @@ def check_whole_range_rows(forward: Callable, backward: Callable, dtype: torch.d
     assert torch.equal(dx, torch.zeros_like(dx))
     assert torch.equal(dweight, torch.zeros_like(dweight))
     torch.testing.assert_close(dbias, grad_out.double().sum(0).to(dtype))
+
+
+def check_constant_rows_far_from_zero_backward(forward: Callable, backward: Callable,
+                                               dtype: torch.dtype, D: int, value: str,
+                                               device: str = "cpu") -> None:
+    """Constant rows of 1e33 (eps 1e-12, BERT's) or of the largest value (eps 1e-5), given
+    the forward and backward operators: xhat = 0, so dx = rstd * (dy - mean(dy)), finite,
+    and exactly 0 for one-element rows. The CPU's row sums once saw the zero-filled lanes
+    past a row's end as x = 0, whose xhat (-mean * rstd) overflowed: NaN whenever D was
+    no multiple of the vector chunk."""
+    eps = 1e-12 if value == "1e33" else 1e-5
+    fill = 1e33 if value == "1e33" else torch.finfo(dtype).max
+    x = torch.full((3, D), fill, dtype=dtype).to(device)
+    dy = torch.randn(3, D, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    y, mean, rstd = forward(x, [D], None, None, eps)
+    dx, _, _ = backward(dy, x, [D], mean, rstd, None, None)
+    expected = rstd.cpu().double()[:, None] * (dy.cpu().double()
+                                               - dy.cpu().double().mean(-1, keepdim=True))
+    assert torch.isfinite(dx).all()
+    torch.testing.assert_close(dx.cpu().double(), expected.to(dtype).double(), rtol=1e-2, atol=0)
+    if D == 1:
+        assert (dx == 0).all()

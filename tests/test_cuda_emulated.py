@@ -36,6 +36,7 @@ import torch
 
 from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
                              check_constant_largest_rows, check_constant_rows,
+                             check_constant_rows_far_from_zero_backward,
                              check_whole_range_rows, check_wide_spread_rows, distance_from_zero,
                              laid_out, random_case, reference_errors, run_all, WELL_CONDITIONED)
 
@@ -380,6 +381,17 @@ def test_constant_largest_rows(emulated, dtype, D):
     64), fp32 huge slices (16383: up to 66 with a head and a tail), fp32 streaming
     (32767)."""
     check_constant_largest_rows(emulated.layer_norm_forward, dtype, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [1, 20, 33, 200, 1023, 9000, 20000])
+@pytest.mark.parametrize("value", ["1e33", "largest"])
+def test_backward_of_constant_rows_far_from_zero(emulated, dtype, D, value):
+    """Constant rows far from 0 (tests/test_extreme_values.py on CPU/CUDA) through the
+    backward variants: a thread per row (fp32 1, 20; bf16 1, 20, 33), registers (fp32
+    33; 200, 1023; 9000 with the row read twice), streaming (20000, float64)."""
+    check_constant_rows_far_from_zero_backward(emulated.layer_norm_forward,
+                                               emulated.layer_norm_backward, dtype, D, value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
