@@ -241,13 +241,14 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
 // -center * rstd, which overflows to inf in a row far from 0 with a tiny spread (1e33
 // with eps 1e-12), and g * xhat = 0 * inf would make the row's sums, and its dx, NaN.
 // Free for whole chunks (n a compile-time kSize).
+template <typename Parts, typename Vec>
+Parts with_centered_tail(Parts xv, const Parts& valid, const Vec& center) {
+  for (size_t k = 0; k < xv.size(); ++k) xv[k] = Vec::blendv(center, xv[k], valid[k]);
+  return xv;
+}
 template <typename T, typename Parts, typename Vec, typename Count>
 Parts with_centered_tail(Parts xv, Count n, const Vec& center) {
-  if (n < Chunk<T>::kSize) {
-    const auto valid = valid_lanes<T>(n);
-    for (size_t k = 0; k < xv.size(); ++k) xv[k] = Vec::blendv(center, xv[k], valid[k]);
-  }
-  return xv;
+  return n < Chunk<T>::kSize ? with_centered_tail(xv, valid_lanes<T>(n), center) : xv;
 }
 
 // One chunk of the backward, shared by both row paths below. Pass 1 adds the chunk's
@@ -309,6 +310,7 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
 #endif
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
   const Vec n_v(static_cast<acc_t>(N));
+  const auto valid = valid_lanes<T>(N);
   std::array<Vec, kGroupRows> g_terms, g_xhat_terms;
   for (int64_t first = begin; first < end; first += kGroupRows) {
     const int64_t rows = std::min(kGroupRows, end - first);
@@ -326,7 +328,7 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
       // lanes past N: dy is zero, so g = 0 there, and x the center
       const Vec center = centers.broadcast(r);
       const auto dyv = C::load(a.dy + row * N, N);
-      const auto xv = with_centered_tail<T>(C::load(a.x + row * N, N), N, center);
+      const auto xv = with_centered_tail(C::load(a.x + row * N, N), valid, center);
       g_terms[r] = Vec(0), g_xhat_terms[r] = Vec(0);
       add_row_sums<kNorm>(dyv, xv, wv, center, rstds.broadcast(r), g_terms[r],
                           g_xhat_terms[r]);
