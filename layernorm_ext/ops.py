@@ -60,6 +60,11 @@ def _check_same_device(input: torch.Tensor, *others: Optional[torch.Tensor]) -> 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _scalar_type_name(dtype: torch.dtype) -> str:
+    """dtype as the C++ checks print it (c10's ScalarType name: "Long" for torch.int64)."""
+    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+
+
 def _check_fake_inputs(input, normalized_shape, weight, bias) -> None:
     """The shape and dtype checks of csrc/layernorm.cpp, for fake and meta tensors.
 
@@ -77,7 +82,8 @@ def _check_fake_inputs(input, normalized_shape, weight, bias) -> None:
     for name, tensor in (("input", input), ("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.dtype not in _FLOAT_DTYPES:
             raise NotImplementedError(f"layernorm_ext: {name} must be float32, float64, "
-                                      f"float16 or bfloat16, but got {tensor.dtype}")
+                                      f"float16 or bfloat16, but got "
+                                      f"{_scalar_type_name(tensor.dtype)}")
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and list(param.shape) != shape:
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but "

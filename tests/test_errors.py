@@ -36,9 +36,18 @@ def test_shape_errors_match_torch(device, case):
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64],
                          ids=str)
 def test_non_float_input_rejected(device, dtype):
+    """The same message from the kernels' checks, the fake kernels' (meta tensors) and
+    the checks under torch.func transforms, which name the dtype as the C++ does."""
     x = torch.ones(4, 8, device=device).to(dtype)
-    with pytest.raises(NotImplementedError, match="must be float32, float64, float16 or bfloat16"):
-        layer_norm(x, [8])
+    messages = []
+    weight = torch.ones(8, device=device)
+    for call in (lambda: layer_norm(x, [8]), lambda: layer_norm(x.to("meta"), [8]),
+                 lambda: torch.func.grad(lambda w: layer_norm(x, [8], w).sum())(weight)):
+        with pytest.raises(NotImplementedError,
+                           match="must be float32, float64, float16 or bfloat16") as error:
+            call()
+        messages.append(str(error.value))
+    assert len(set(messages)) == 1, messages
 
 
 def test_non_float_weight_rejected(device):
