@@ -36,9 +36,14 @@ def gpu_check():
 
 def assert_ends(pid: int, seconds: float = 10) -> None:
     """The process ends (or is a zombie, killed and not yet reaped) within `seconds`."""
-    stat = Path(f"/proc/{pid}/stat")
     deadline = time.monotonic() + seconds
-    while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):  # reaped, even between two reads
+            return
+        if state == "Z":
+            return
         assert time.monotonic() < deadline, f"process {pid} still runs"
         time.sleep(0.1)
 
