@@ -34,6 +34,19 @@ def gpu_check():
     del sys.modules["gpu_check"]
 
 
+def terminate_once_exists(path: Path, seconds: float = 60) -> None:
+    """SIGTERM to this process, from a thread, once `path` exists (the command that
+    writes it has started and printed), as `timeout` would send it."""
+    def wait_and_terminate() -> None:
+        deadline = time.monotonic() + seconds
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # its output on the way
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait_and_terminate, daemon=True).start()
+
+
 def assert_ends(pid: int, seconds: float = 10) -> None:
     """The process ends (or is a zombie, killed and not yet reaped) within `seconds`."""
     deadline = time.monotonic() + seconds
@@ -166,7 +179,7 @@ def test_a_stopped_check_keeps_its_report_and_ends_the_running_command(
     def run_steps(check, args, python, info, add, *rest):
         done = gpu_check.Step("first", status="PASS", summary="done")
         add(done)
-        threading.Timer(2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        terminate_once_exists(pid_file)
         check.run(gpu_check.Step("second"), [sys.executable, "-c", sleeper], 50)
         raise AssertionError("not interrupted")
 
@@ -190,8 +203,9 @@ def test_a_build_stopped_in_its_probe_is_reported_with_the_build_output(
     """The build step runs parts (the build, a retry, probes of the result): stopped in
     one, the report shows the build step with every part's output so far."""
     fake_python = tmp_path / "python"
-    fake_python.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo probing; sleep 60; '
-                           'else echo compiling; fi\n')
+    started = tmp_path / "probing"
+    fake_python.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo probing; '
+                           f'touch {started}; sleep 60; else echo compiling; fi\n')
     fake_python.chmod(0o755)
     info = {"name": "Test GPU", "capability": "9.0", "torch": "test", "cuda": "13.0"}
     monkeypatch.setattr(gpu_check, "choose_python", lambda explicit: (str(fake_python), info))
@@ -199,7 +213,7 @@ def test_a_build_stopped_in_its_probe_is_reported_with_the_build_output(
     monkeypatch.setattr(gpu_check, "RESULTS_DIR", tmp_path)
     monkeypatch.delenv("CXX", raising=False)
     previous = signal.getsignal(signal.SIGTERM)
-    threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    terminate_once_exists(started)
     try:
         assert gpu_check.main(["--skip-tests", "--skip-sanitizer", "--skip-bench"]) == 1
     finally:
