@@ -476,5 +476,6 @@ def rms_norm(
         _check_rms_fake_shape(input, shape)
         _check_fake_inputs(input, shape, weight, None)
         return transformed_rms_norm(input, shape, weight, eps)
-    register_if_dtensor(input, weight)  # ~0.1 us: a flag, then a dict lookup
+    if type(input) is not torch.Tensor:  # as layer_norm's: not for plain tensors' calls
+        register_if_dtensor(input, weight)
     return _rms_forward(input, shape, weight, eps)[0]

@@ -205,17 +205,11 @@ def _nested_forward_ad() -> bool:
     return eager_transforms.JVP_NESTING > 1
 
 
-def _differentiating_transform_active() -> bool:
-    """A functorch grad/vjp/jvp transform (or a jacobian built on them) is active."""
-    stack = get_interpreter_stack() or []
-    return any(interpreter.key() in (TransformType.Grad, TransformType.Jvp)
-               for interpreter in stack)
-
-
-def _functionalize_active() -> bool:
-    """torch.func.functionalize is active: it has no rule for an autograd.Function."""
-    stack = get_interpreter_stack() or []
-    return any(interpreter.key() == TransformType.Functionalize for interpreter in stack)
+def _transform_active(*kinds: TransformType) -> bool:
+    """A functorch transform of one of these kinds is active (Grad and Jvp: grad/vjp/jvp
+    and the jacobians built on them; Functionalize: it has no rule for an
+    autograd.Function)."""
+    return any(interpreter.key() in kinds for interpreter in get_interpreter_stack() or [])
 
 
 def _composite_norm(norm: Norm, input: torch.Tensor, num_normalized_dims: int,
@@ -237,9 +231,10 @@ def _transformed_norm(norm: Norm, input: torch.Tensor, normalized_shape: list[in
     # compile, and Inductor fuses them.
     if torch.compiler.is_compiling() or _nested_forward_ad():
         return _composite_norm(norm, input, num_normalized_dims, weight, bias, eps)
-    if forward_ad._current_level < 0 and not _differentiating_transform_active():
+    if forward_ad._current_level < 0 and not _transform_active(TransformType.Grad,
+                                                                TransformType.Jvp):
         return norm.fused_forward(input, normalized_shape, weight, bias, eps)
-    if _functionalize_active():
+    if _transform_active(TransformType.Functionalize):
         return _composite_norm(norm, input, num_normalized_dims, weight, bias, eps)
     return NormFunction.apply(input, num_normalized_dims, weight, bias, eps, norm)
 
