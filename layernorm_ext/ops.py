@@ -455,9 +455,11 @@ def rms_norm(
     Computed by the LayerNorm kernels of this package compiled for RMSNorm
     (``torch.ops.layernorm_ext.rms_forward``). The output has the input's dtype; ``weight``
     may have any floating dtype, as with torch (float16/bfloat16 input with float32 weight
-    runs natively, other mixes cast the weight). ``normalized_shape`` may also be an int,
-    and jagged nested tensors are normalized row by row. It works under ``torch.func``
-    transforms and ``torch.autograd.forward_ad`` as :func:`layer_norm` does.
+    runs natively, other mixes cast the weight). Complex input and non-floating weights,
+    which the kernels do not take, are computed by torch's own rms_norm.
+    ``normalized_shape`` may also be an int, and jagged nested tensors are normalized row
+    by row. It works under ``torch.func`` transforms and ``torch.autograd.forward_ad`` as
+    :func:`layer_norm` does.
     """
     shape = _as_shape(normalized_shape, "rms_norm")
     if not isinstance(input, torch.Tensor):
@@ -469,6 +471,10 @@ def rms_norm(
     if input.is_nested:
         return _on_jagged_values(input, shape, "rms_norm",
                                  lambda values: rms_norm(values, shape, weight, eps))
+    if input.is_complex() or (weight is not None and not weight.is_floating_point()):
+        # torch's composite rms_norm computes these (complex input; integer, bool or
+        # complex weight); the kernels are real floating point only, so torch's own does.
+        return torch.rms_norm(input, shape, weight, eps)
     weight = _kernel_weight(input, weight)
     if transforms_active():
         # As in layer_norm: the op's checks run here, for the autograd.Function.

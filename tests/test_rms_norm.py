@@ -406,10 +406,35 @@ def test_bad_input_raises_torchs_error(device, case, meta):
             or with_kernel_name(expected_message, "rms_norm") in message), message
 
 
-def test_non_float_weight_rejected(device):
+def test_the_op_rejects_a_non_float_weight(device):
     x = torch.ones(4, 8, device=device)
     with pytest.raises(NotImplementedError, match="weight must be float32"):
-        rms_norm(x, [8], torch.ones(8, dtype=torch.int64, device=device))
+        RMS_FORWARD(x, [8], torch.ones(8, dtype=torch.int64, device=device), None)
+
+
+@pytest.mark.parametrize("input_dtype,weight_dtype", [
+    (torch.complex64, None), (torch.complex64, torch.float32), (torch.float32, torch.int64),
+    (torch.float16, torch.int64), (torch.float32, torch.bool), (torch.float32, torch.complex64),
+], ids=lambda d: str(d).replace("torch.", ""))
+def test_what_the_kernels_do_not_take_is_computed_as_torch(device, input_dtype, weight_dtype):
+    """Complex input and non-floating weights: torch's composite computes them, and so
+    rms_norm hands them to it (the same values, dtype and input gradient)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, generator=gen, dtype=input_dtype).to(device).requires_grad_()
+    w = None if weight_dtype is None else (torch.randn(
+        8, generator=gen, dtype=torch.complex64 if weight_dtype.is_complex else None) * 3
+    ).to(device, weight_dtype)
+    results = []
+    for function in (rms_norm, F.rms_norm):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warnings on discarded imaginary parts
+            y = function(x, [8], w)
+            (grad,) = torch.autograd.grad(y.abs().sum(), x)
+        results.append((y, grad))
+    (ours, our_grad), (theirs, their_grad) = results
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(our_grad, their_grad, rtol=0, atol=0)
 
 
 def test_weight_on_another_device_rejected(device):
