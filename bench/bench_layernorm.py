@@ -10,8 +10,9 @@ Liger-Kernel and apex), each against the memory roof measured in the same run; w
 
 LayerNorm is memory-bound, so each contender is judged by its effective bandwidth under the
 byte model (forward 2*M*N*s, backward 3*M*N*s, forward+backward 5*M*N*s for s bytes per
-element) against the bandwidth of an in-place copy of the same byte count. The sweep logic is
-importable (``bench.sweep.run_sweep``, ``bench.report.write_reports``).
+element) against the bandwidth of a copy of the same byte count between preallocated
+buffers. The sweep logic is importable (``bench.sweep.run_sweep``,
+``bench.report.write_reports``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, default=None,
                         help="timed rounds per case (default 15, 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed rounds per case (default 2, 1 with --quick)")
+                        help="untimed rounds per case, at least 1 (default 2, 1 with --quick)")
     parser.add_argument("--min-sample-ms", type=float, default=2.0,
                         help="a timed sample repeats a fast call until it lasts this long "
                              "(default: %(default)s)")

@@ -47,6 +47,13 @@ def _us(seconds: float) -> str:
     return f"{micro:,.0f}" if micro >= 100 else f"{micro:.3g}"
 
 
+NOISY_IQR = 0.25  # a median whose samples' interquartile range exceeds this share of it
+
+
+def _noisy(row: Row) -> bool:
+    return row.iqr_s > NOISY_IQR * row.median_s
+
+
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -56,11 +63,16 @@ def markdown(result: SweepResult) -> str:
     lines = [f"# {_title(result)} microbenchmark: {result.header['machine'].split(' ')[0]}", "",
              "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in result.header.items()]
+    noisy = sum(_noisy(row) for row in result.rows)
     lines += ["", "Effective bandwidth by the byte model: fwd 2·M·N·s, bwd 3·M·N·s, fwd+bwd "
-              "5·M·N·s bytes (s = bytes per element); the roof is an in-place copy "
+              "5·M·N·s bytes (s = bytes per element; the row statistics and the parameters "
+              "are not counted); the roof is a copy between two preallocated buffers "
               "(`dst.copy_(src)`) of the same byte count, measured in the same rounds. "
               "`ext ×` is the speedup of layernorm_ext over that contender (time ratio; > 1: "
-              "layernorm_ext is faster). bwd times the backward alone, on a graph built once.", ""]
+              "layernorm_ext is faster). bwd times the backward alone, on a graph built once. "
+              f"A time (or roof) marked * is noisy: its samples' interquartile range is over "
+              f"{NOISY_IQR:.0%} of the median ({noisy} of {len(result.rows)} measurements).",
+              ""]
     if result.skipped:
         lines.append("Skipped contenders: " + "; ".join(
             f"{name}: {reason}" for name, reason in result.skipped.items()) + ".")
@@ -76,13 +88,15 @@ def markdown(result: SweepResult) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for (rows, cols), by_name in shapes.items():
             roof = next(iter(by_name.values())).roof_gbps
-            cells = [f"{rows}×{cols}", f"{roof:.1f}"]
+            roof_noisy = ROOF in by_name and _noisy(by_name[ROOF])
+            cells = [f"{rows}×{cols}", f"{roof:.1f}" + ("*" if roof_noisy else "")]
             for name in [EXT] + others:
                 row = by_name.get(name)
                 if row is None:
                     cells += ["n/a"] * (3 if name == EXT else 4)
                     continue
-                cells += [_us(row.median_s), f"{row.gbps:.1f}", f"{row.pct_roof:.0f}"]
+                cells += [_us(row.median_s) + ("*" if _noisy(row) else ""), f"{row.gbps:.1f}",
+                          f"{row.pct_roof:.0f}"]
                 if name != EXT:
                     cells.append(f"{row.ext_speedup:.2f}" if row.ext_speedup else "n/a")
             lines.append("| " + " | ".join(cells) + " |")

@@ -2,9 +2,10 @@
 
 LayerNorm is memory-bound, so each contender is judged by its effective bandwidth under the
 byte model (forward 2*M*N*s, backward 3*M*N*s, forward+backward 5*M*N*s for s bytes per
-element) against the bandwidth of an in-place copy of the same byte count, timed in the same
-rounds. ``bench/bench_layernorm.py`` is the command line; a GPU check can call
-``run_sweep(SweepConfig(device="cuda", ...))`` and ``bench.report.write_reports`` directly.
+element) against the bandwidth of a copy of the same byte count between preallocated
+buffers, timed in the same rounds. ``bench/bench_layernorm.py`` is the command line; a GPU
+check can call ``run_sweep(SweepConfig(device="cuda", ...))`` and
+``bench.report.write_reports`` directly.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def _raiser(error: Exception) -> Runner:
 
 
 def _roof_runner(pass_name: str, x: torch.Tensor) -> Runner:
-    """An in-place copy that reads and writes the pass's byte count (in preallocated tensors)."""
+    """A copy between two preallocated tensors that reads and writes the pass's byte count."""
     numel = PASS_TRAFFIC[pass_name] * x.numel() // 2
     src = torch.empty(numel, dtype=x.dtype, device=x.device).normal_()
     dst = torch.empty_like(src)
@@ -218,10 +219,11 @@ def describe_run(config: SweepConfig) -> dict[str, str]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load average (before)": " ".join(f"{v:.2f}" for v in os.getloadavg()),
         "command": "python " + shlex.join(sys.argv),
-        "method": (f"median of {config.reps} rounds after {config.warmup} warm-up rounds; each "
-                   f"round times every contender once, in rotating order; a sample averages as "
-                   f"many calls as fill {config.min_sample_s * 1e3:g} ms"
-                   + ("; CUDA events" if device == "cuda" else "; wall clock")),
+        "method": (f"median of {config.reps} rounds after {max(config.warmup, 1)} warm-up "
+                   f"rounds; each round times every contender once, in rotating order; a "
+                   f"sample averages as many calls as fill {config.min_sample_s * 1e3:g} ms"
+                   + ("; CUDA events, one untimed call ahead of each sample" if device == "cuda"
+                      else "; wall clock")),
         "shapes": ("custom (--shapes)" if config.shapes else
                    "quick" if config.quick else f"{SEED_SHAPE[0]}x{SEED_SHAPE[1]} plus D sweep, "
                    + size_rule),

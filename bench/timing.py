@@ -48,11 +48,18 @@ class _CpuClock:
 
 
 class _CudaClock:
-    """CUDA events around the calls on the current stream; read after the round's synchronize."""
+    """CUDA events around the calls on the current stream; read after the round's synchronize.
+
+    One untimed call leads each sample: after a synchronize the GPU is idle, so a start
+    event recorded at once would also time the host's path to the first kernel. With the
+    lead call's kernels queued first, the GPU is still busy when the timed calls come,
+    unless the host is the bottleneck, which is then what the sample measures.
+    """
 
     def time(self, runner: Runner, inner: int) -> Callable[[], float]:
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
+        runner()
         start.record()
         for _ in range(inner):
             runner()
@@ -77,21 +84,25 @@ def measure_interleaved(
 ) -> tuple[dict[str, Measurement], dict[str, str]]:
     """Time every runner ``reps`` times, one sample of each per round, in rotating order.
 
-    ``warmup`` untimed rounds come first (they include any compilation). Fast runners are
-    called ``inner`` times per sample so one sample lasts about ``min_sample_s``; big
-    shapes take one call per sample. A runner that raises is dropped and its error returned
-    instead of a measurement.
+    ``warmup`` untimed rounds come first, at least one (they include any compilation, and
+    find the runners that fail). Fast runners are called ``inner`` times per sample so one
+    sample lasts about ``min_sample_s``; big shapes take one call per sample. A runner that
+    raises, in any round, is dropped and its error returned instead of a measurement.
     """
     clock = _clock(device)
     failures: dict[str, str] = {}
     live = dict(runners)
+
+    def failed(name: str, error: Exception) -> None:
+        failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        del live[name]
+
     for _ in range(max(warmup, 1)):
         for name, runner in list(live.items()):
             try:
                 runner()
             except Exception as error:  # a contender that cannot run this case is reported
-                failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                del live[name]
+                failed(name, error)
         clock.synchronize()
 
     inner = {}
@@ -104,10 +115,15 @@ def measure_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(reps):
         shift = round_index % max(len(names), 1)
-        order = names[shift:] + names[:shift]
-        pending = [(name, clock.time(live[name], inner[name])) for name in order]
+        order = [name for name in names[shift:] + names[:shift] if name in live]
+        pending = []
+        for name in order:
+            try:
+                pending.append((name, clock.time(live[name], inner[name])))
+            except Exception as error:  # e.g. out of memory in a later round
+                failed(name, error)
         clock.synchronize()
         for name, elapsed in pending:
             samples[name].append(elapsed() / inner[name])
-    measurements = {name: Measurement(tuple(samples[name]), inner[name]) for name in names}
+    measurements = {name: Measurement(tuple(samples[name]), inner[name]) for name in live}
     return measurements, failures

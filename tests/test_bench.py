@@ -185,3 +185,62 @@ def test_host_overhead_reports_every_call_and_where_ours_spends_its_time(tmp_pat
         assert 0 < host <= wall < 1e6, (call, host, wall)
     ours = text.split("## layernorm_ext: profiler")[1].split("## ")[0]
     assert "`layernorm_ext::forward`" in ours, ours
+
+
+def test_a_runner_that_fails_in_a_timed_round_is_dropped_and_reported(monkeypatch):
+    """Out of memory (say) in the third call, after the warm-up: the others are still timed."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.timing import measure_interleaved
+
+    calls = {"flaky": 0}
+
+    def flaky() -> None:
+        calls["flaky"] += 1
+        if calls["flaky"] == 3:  # warm-up, calibration, then the first timed sample
+            raise MemoryError("out of memory")
+
+    measured, failures = measure_interleaved({"steady": lambda: None, "flaky": flaky}, "cpu",
+                                             reps=3, warmup=1, min_sample_s=0, max_inner=1)
+    assert set(measured) == {"steady"} and len(measured["steady"].samples_s) == 3
+    assert failures == {"flaky": "MemoryError: out of memory"}
+
+
+def test_noisy_measurements_are_marked_in_the_markdown(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import dataclasses
+
+    from bench import sweep
+    from bench.report import markdown
+
+    result = sweep.run_sweep(sweep.SweepConfig(passes=["fwd"], shapes=[(8, 16)],
+                                               dtypes=["float32"], reps=1, progress=False,
+                                               contenders=[sweep.EXT]))
+    quiet = markdown(result)
+    assert "(0 of 2 measurements)" in quiet and "*" not in quiet.split("## fwd")[1]
+    result.rows = [dataclasses.replace(row, iqr_s=row.median_s) for row in result.rows]
+    noisy = markdown(result).split("## fwd")[1]
+    assert "(2 of 2 measurements)" in markdown(result)
+    ext_cell, roof_cell = noisy.split("\n")[4].split(" | ")[2], noisy.split("\n")[4].split(" | ")[1]
+    assert ext_cell.endswith("*") and roof_cell.endswith("*")
+
+
+def test_cuda_samples_start_after_an_untimed_lead_call(monkeypatch):
+    """The start event is queued behind one call's kernels, so a sample does not time the
+    host's path to its first kernel on an idle GPU (recorded order, with fake events)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import torch
+
+    from bench import timing
+
+    log, names = [], iter(["start", "end"])
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool):
+            self.name = next(names)  # created in this order
+
+        def record(self) -> None:
+            log.append(self.name)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timing._CudaClock().time(lambda: log.append("call"), inner=2)
+    assert log == ["call", "start", "call", "call", "end"]
