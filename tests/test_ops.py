@@ -307,6 +307,49 @@ def test_torch_compile_dynamic_shapes(device):
         torch.testing.assert_close(compiled(x), model(x))
 
 
+NORMS = {"layer": (layer_norm, F.layer_norm), "rms": (layernorm_ext.rms_norm, F.rms_norm)}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_symbolic_normalized_shape_stays_symbolic(device, norm):
+    """normalized_shape taken from the input's size (the ops' schemas say SymInt[], as
+    torch's): one graph for every hidden size under torch.compile(dynamic=True), forward
+    and backward, and torch.export with a dynamic hidden dim, strict and not."""
+    ours, theirs = NORMS[norm]
+
+    def f(x, weight):
+        return ours(x, x.shape[-1:], weight)
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    for hidden in (8, 16, 24):
+        x = torch.randn(3, hidden, device=device, requires_grad=True)
+        weight = torch.randn(hidden, device=device, requires_grad=True)
+        got = compiled(x, weight)
+        got_grads = torch.autograd.grad(got.square().sum(), (x, weight))
+        want = theirs(x, (hidden,), weight)
+        want_grads = torch.autograd.grad(want.square().sum(), (x, weight))
+        torch.testing.assert_close(got, want)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w)
+    assert counters["stats"]["unique_graphs"] == 1
+
+    class Model(torch.nn.Module):
+        def forward(self, x, weight):
+            return f(x, weight)
+
+    hidden = torch.export.Dim("hidden")
+    dims = {"x": {0: torch.export.Dim("batch"), 1: hidden}, "weight": {0: hidden}}
+    for strict in (True, False):
+        program = torch.export.export(Model(), (torch.randn(3, 16, device=device),
+                                                torch.randn(16, device=device)),
+                                      dynamic_shapes=dims, strict=strict)
+        x, weight = torch.randn(5, 40, device=device), torch.randn(40, device=device)
+        torch.testing.assert_close(program.module()(x, weight), theirs(x, (40,), weight))
+
+
 @pytest.mark.parametrize("grads", ["none", "input", "weight", "bias", "no_grad", "inference"])
 def test_autograd_recorded_exactly_when_torch_records_it(device, grads):
     # The forward skips its autograd Function when nothing needs a gradient
