@@ -154,12 +154,15 @@ if with_cuda:
 
     if "TORCH_CUDA_ARCH_LIST" not in os.environ:
         # Ampere and Hopper always (tests/test_cuda_static.py checks both), plus the
-        # visible GPUs' own architectures.
+        # visible GPUs' own architectures; and PTX of the newest, which the driver
+        # compiles for GPUs newer than any of them (Blackwell, for a build without one).
         archs = ["8.0", "9.0"]
         for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
             arch = "{}.{}".format(*torch.cuda.get_device_capability(i))
             if arch not in archs:
                 archs.append(arch)
+        archs.sort(key=lambda arch: tuple(map(int, arch.split("."))))
+        archs[-1] += "+PTX"
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
     sources.append("csrc/cuda/layernorm_cuda.cu")
     # -lineinfo: source lines in compute-sanitizer and profiler reports, no run-time cost.

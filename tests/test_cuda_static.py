@@ -1,6 +1,6 @@
 """Checks of the CUDA kernels that need no GPU.
 
-- The built extension carries sm_80 and sm_90 machine code.
+- The built extension carries sm_80 and sm_90 machine code, and sm_90 PTX.
 - No kernel spills registers or uses local memory (resource report and SASS).
 - The vectorized kernels issue 128-bit global loads and stores (sm_90 SASS).
 - The backward kernels have a batch of loads in flight before they use any (sm_90 SASS).
@@ -88,6 +88,14 @@ def family(name: str) -> str | None:
 def test_fatbin_has_sm80_and_sm90():
     elfs = set(re.findall(r"\.(sm_\d+a?)\.cubin", cuobjdump("--list-elf")))
     assert {"sm_80", "sm_90"} <= elfs, f"machine code for {sorted(elfs)} only"
+
+
+@needs_cuda_build
+def test_fatbin_has_ptx_for_newer_gpus():
+    """PTX of the newest architecture built: the driver compiles it for a newer GPU
+    (Blackwell), which sm_90 machine code does not run on."""
+    ptx = set(re.findall(r"\.(sm_\d+a?)\.ptx", cuobjdump("--list-ptx")))
+    assert "sm_90" in ptx, f"PTX for {sorted(ptx)} only"
 
 
 @needs_cuda_build
