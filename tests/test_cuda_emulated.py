@@ -201,6 +201,17 @@ def test_streaming_backward_slots(emulated, n, dtype, layout, norm):
     check_emulated(emulated, n, dtype, dtype, layout, norm, rows=STREAMING_BACKWARD_ROWS)
 
 
+@pytest.mark.parametrize("rows", (1, 3, 7))
+@pytest.mark.parametrize("layout", ["aligned", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_streaming_backward_fewer_rows_than_the_period(emulated, dtype, layout, rows):
+    """Fewer rows than the alignment period (8 for bfloat16 rows of odd length): a slot a
+    row, each split as its own row (cuda_config::column_slots)."""
+    assert emulated.config_of(True, 20001, dtype.itemsize, True)[0] == "streaming"
+    check_emulated(emulated, 20001, dtype, dtype, layout, "layer", rows=rows)
+
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("n", (1, 20, 1000))
 def test_float64_streams(emulated, n, norm):

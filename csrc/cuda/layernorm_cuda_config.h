@@ -320,7 +320,8 @@ LN_HOST_DEVICE constexpr int64_t column_blocks(int64_t units) {
 // so every row of a slot splits into head / vectors / tail the same way, and a thread
 // owns the same columns in all of them. Register kernels: also a multiple of
 // rows_per_block (whole blocks), at most the block budget above. Streaming: enough for
-// kColumnBlocks blocks, or kMinColumnSlots, at most one per kMinRowsPerSlot rows.
+// kColumnBlocks blocks, or kMinColumnSlots, at most one per kMinRowsPerSlot rows, and at
+// most one a row.
 LN_HOST_DEVICE constexpr int64_t round_slots(int64_t slots, int64_t cap, int64_t unit) {
   if (slots > cap) slots = cap;
   if (slots < 1) slots = 1;
@@ -346,8 +347,13 @@ LN_HOST_DEVICE constexpr int64_t staged_backward_blocks(int64_t m) {
 LN_HOST_DEVICE constexpr int64_t column_slots(int64_t m, int64_t column_block_count,
                                               int period) {
   const int64_t by_blocks = ceil_div(kColumnBlocks, column_block_count);
-  return round_slots(ceil_div(m, kMinRowsPerSlot),
-                     by_blocks > kMinColumnSlots ? by_blocks : kMinColumnSlots, period);
+  const int64_t slots = round_slots(ceil_div(m, kMinRowsPerSlot),
+                                    by_blocks > kMinColumnSlots ? by_blocks : kMinColumnSlots,
+                                    period);
+  // Fewer rows than that: a slot a row, each split like itself. Rounded up to the period,
+  // the empty slots' partial rows of zeros would make the workspace up to 32 times the
+  // input (one odd bfloat16 row of 2^26 elements: 8 slots, 4 GiB).
+  return m >= 1 && slots > m ? m : slots;
 }
 
 }  // namespace cuda_config

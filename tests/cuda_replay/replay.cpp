@@ -281,6 +281,9 @@ void check_backward_slots(const cfg::LaunchConfig& c, int64_t n, int elem_bytes,
            (long long)m);
     EXPECT(slots >= 1 && slots % c.rows_per_block == 0, "slots %lld for rows_per_block %d",
            (long long)slots, c.rows_per_block);
+    // The streaming workspace, a partial row a slot, is bounded by the rows' own size.
+    EXPECT(!streaming || slots <= m, "n=%lld m=%lld: %lld streaming slots", (long long)n,
+           (long long)m, (long long)slots);
     if (!vectorized) continue;  // scalar rows: one split for all
     for (int64_t base = 0; base < vec; ++base) {
       for (int64_t row = 0; row < std::min<int64_t>(m, 3 * slots + 9); ++row) {
