@@ -298,6 +298,27 @@ def test_export_contains_the_op_and_runs(device):
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
+def test_a_saved_program_loads_where_layernorm_ext_is_imported(device, tmp_path):
+    """torch.export.save, then torch.export.load in a fresh process: the program calls the
+    op by name, which `import layernorm_ext` registers (as the README says)."""
+    import subprocess
+    import sys
+
+    model = torch.nn.Sequential(layernorm_ext.LayerNorm(16), torch.nn.ReLU()).to(device)
+    x = torch.randn(5, 16, device=device)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "program.pt2")
+    torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
+    load = ("import sys, torch\n"
+            "if sys.argv[1] == 'import': import layernorm_ext\n"
+            f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+            f"program = torch.export.load({str(tmp_path / 'program.pt2')!r})\n"
+            "torch.testing.assert_close(program.module()(io['x']), io['y'])\n")
+    run = [subprocess.run([sys.executable, "-c", load, how], capture_output=True, text=True,
+                          timeout=300) for how in ("import", "no import")]
+    assert run[0].returncode == 0, run[0].stderr
+    assert run[1].returncode != 0 and "layernorm_ext" in run[1].stderr, run[1].stderr
+
+
 def test_torch_compile_dynamic_shapes(device):
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), layernorm_ext.LayerNorm(16)).to(device)
