@@ -313,8 +313,13 @@ def test_a_saved_program_loads_where_layernorm_ext_is_imported(device, tmp_path)
             f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
             f"program = torch.export.load({str(tmp_path / 'program.pt2')!r})\n"
             "torch.testing.assert_close(program.module()(io['x']), io['y'])\n")
+    # The layernorm_ext this process imported (a build outside the tree, in CI's CPU-torch
+    # run), not the source tree's.
+    package_root = os.path.dirname(os.path.dirname(layernorm_ext.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     run = [subprocess.run([sys.executable, "-c", load, how], capture_output=True, text=True,
-                          timeout=300) for how in ("import", "no import")]
+                          timeout=300, cwd=tmp_path, env=env) for how in ("import", "no import")]
     assert run[0].returncode == 0, run[0].stderr
     assert run[1].returncode != 0 and "layernorm_ext" in run[1].stderr, run[1].stderr
 
