@@ -95,6 +95,16 @@ def test_torchscript_runs_the_fused_op(device, norm, kwargs, weight_dtype):
         assert grad.dtype == unscripted_grad.dtype and torch.equal(grad, unscripted_grad)
 
 
+def test_scripted_rmsnorm_computes_complex_input_as_torch(device):
+    """What the kernels don't take goes to torch's rms_norm in the scripted forward too."""
+    ours, theirs = RMSNorm(8, device=device), nn.RMSNorm(8, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(ours)
+    x = torch.randn(3, 8, dtype=torch.complex64, device=device)
+    torch.testing.assert_close(scripted(x), theirs(x), rtol=0, atol=0)
+
+
 def test_module_forward_backward_matches_torch(device):
     torch.manual_seed(0)
     ours = LayerNorm((3, 8), device=device)
