@@ -106,8 +106,12 @@ def measure_interleaved(
         clock.synchronize()
 
     inner = {}
-    for name, runner in live.items():
-        one_call = clock.time(runner, 1)
+    for name, runner in list(live.items()):
+        try:
+            one_call = clock.time(runner, 1)
+        except Exception as error:
+            failed(name, error)
+            continue
         clock.synchronize()
         inner[name] = max(1, min(max_inner, math.ceil(min_sample_s / max(one_call(), 1e-9))))
 

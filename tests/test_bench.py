@@ -188,21 +188,25 @@ def test_host_overhead_reports_every_call_and_where_ours_spends_its_time(tmp_pat
 
 
 def test_a_runner_that_fails_in_a_timed_round_is_dropped_and_reported(monkeypatch):
-    """Out of memory (say) in the third call, after the warm-up: the others are still timed."""
+    """Out of memory (say) after the warm-up, in the calibration or a timed round: the
+    others are still timed."""
     monkeypatch.syspath_prepend(str(REPO))
     from bench.timing import measure_interleaved
 
-    calls = {"flaky": 0}
+    calls = {"flaky": 0, "fails": 0}
 
-    def flaky() -> None:
+    def flaky() -> None:  # called for the warm-up, the calibration, then the samples
         calls["flaky"] += 1
-        if calls["flaky"] == 3:  # warm-up, calibration, then the first timed sample
+        if calls["flaky"] == calls["fails"]:
             raise MemoryError("out of memory")
 
-    measured, failures = measure_interleaved({"steady": lambda: None, "flaky": flaky}, "cpu",
-                                             reps=3, warmup=1, min_sample_s=0, max_inner=1)
-    assert set(measured) == {"steady"} and len(measured["steady"].samples_s) == 3
-    assert failures == {"flaky": "MemoryError: out of memory"}
+    for failing_call in (2, 3):  # the calibration's call, the first timed sample's
+        calls["flaky"], calls["fails"] = 0, failing_call
+        measured, failures = measure_interleaved({"steady": lambda: None, "flaky": flaky},
+                                                 "cpu", reps=3, warmup=1, min_sample_s=0,
+                                                 max_inner=1)
+        assert set(measured) == {"steady"} and len(measured["steady"].samples_s) == 3
+        assert failures == {"flaky": "MemoryError: out of memory"}
 
 
 def test_noisy_measurements_are_marked_in_the_markdown(monkeypatch):

@@ -352,7 +352,7 @@ LN_HOST_DEVICE constexpr int64_t column_slots(int64_t m, int64_t column_block_co
                                     period);
   // Fewer rows than that: a slot a row, each split like itself. Rounded up to the period,
   // the empty slots' partial rows of zeros would make the workspace up to 32 times the
-  // input (one odd bfloat16 row of 2^26 elements: 8 slots, 4 GiB).
+  // input (one bfloat16 row of 2^26 + 1 elements: 8 slots, 4 GiB).
   return m >= 1 && slots > m ? m : slots;
 }
 
