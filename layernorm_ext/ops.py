@@ -217,11 +217,8 @@ def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Seq
     # The usual case, a tuple/list/Size of plain ints, returned as it is: this function
     # runs on every call, and at the seed's 100x20 a call takes only ~5 us.
     if type(normalized_shape) in _PLAIN_SHAPE_TYPES:
-        # Dynamo traces a symbolic size as an int; a range check would then guard it below
-        # 2**63, which torch.export refuses for a dynamic dim (its range is unbounded).
-        check_range = not torch.compiler.is_compiling()
         for size in normalized_shape:
-            if type(size) is not int or (check_range and not _INT64_MIN <= size <= _INT64_MAX):
+            if type(size) is not int or not _INT64_MIN <= size <= _INT64_MAX:
                 break
         else:
             # The op parses a torch.Size ~0.7 us slower than a tuple of the same ints.
@@ -474,17 +471,27 @@ def rms_norm(
     if input.is_nested:
         return _on_jagged_values(input, shape, "rms_norm",
                                  lambda values: rms_norm(values, shape, weight, eps))
-    if input.is_complex() or (weight is not None and not weight.is_floating_point()):
-        # torch's composite rms_norm computes these (complex input; integer, bool or
-        # complex weight); the kernels are real floating point only, so torch's own does.
-        return torch.rms_norm(input, shape, weight, eps)
-    weight = _kernel_weight(input, weight)
+    kernel_weight = _kernel_weight(input, weight)
     if transforms_active():
+        if _torch_computes_only(input, weight):
+            return torch.rms_norm(input, shape, weight, eps)
         # As in layer_norm: the op's checks run here, for the autograd.Function.
+        weight = kernel_weight
         _check_same_device(input, weight)
         _check_rms_fake_shape(input, shape)
         _check_fake_inputs(input, shape, weight, None)
         return transformed_rms_norm(input, shape, weight, eps)
     if type(input) is not torch.Tensor:  # as layer_norm's: not for plain tensors' calls
-        register_if_dtensor(input, weight)
-    return _rms_forward(input, shape, weight, eps)[0]
+        register_if_dtensor(input, kernel_weight)
+    try:
+        return _rms_forward(input, shape, kernel_weight, eps)[0]
+    except NotImplementedError:  # checked only then: the checks cost ~0.4 us a call
+        if _torch_computes_only(input, weight):
+            return torch.rms_norm(input, shape, weight, eps)
+        raise
+
+
+def _torch_computes_only(input: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    """Whether torch's composite rms_norm computes what the kernels, real floating point
+    only, do not take: complex input, or an integer, bool or complex weight."""
+    return input.is_complex() or (weight is not None and not weight.is_floating_point())

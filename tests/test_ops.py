@@ -336,11 +336,15 @@ def test_torch_compile_dynamic_shapes(device):
 NORMS = {"layer": (layer_norm, F.layer_norm), "rms": (layernorm_ext.rms_norm, F.rms_norm)}
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "normalized_shape is int[] in the ops' schemas (torch's: SymInt[]), so a hidden size "
+    "from a dynamic dim is specialized: a graph per hidden size, and torch.export refuses "
+    "a dynamic hidden dim. SymInt[] cost ~0.4 us a call at 100x20 (README, the API section)"))
 @pytest.mark.parametrize("norm", NORMS)
 def test_a_symbolic_normalized_shape_stays_symbolic(device, norm):
-    """normalized_shape taken from the input's size (the ops' schemas say SymInt[], as
-    torch's): one graph for every hidden size under torch.compile(dynamic=True), forward
-    and backward, and torch.export with a dynamic hidden dim, strict and not."""
+    """normalized_shape taken from the input's size: one graph for every hidden size under
+    torch.compile(dynamic=True), forward and backward, and torch.export with a dynamic
+    hidden dim, strict and not, as torch's layer_norm and rms_norm."""
     ours, theirs = NORMS[norm]
 
     def f(x, weight):
