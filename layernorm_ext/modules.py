@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import _kernel_weight, layer_norm, rms_norm
+from .ops import _kernel_weight, _torch_computes_only, layer_norm, rms_norm
 
 
 class LayerNorm(nn.LayerNorm):
@@ -43,12 +43,8 @@ class RMSNorm(nn.RMSNorm):
         if torch.jit.is_scripting():
             # As LayerNorm's, with rms_norm's cast of a weight the kernels don't pair with x,
             # and its hand-off to torch of what the kernels don't take.
-            weight = self.weight
-            if x.is_complex():
-                return torch.rms_norm(x, list(self.normalized_shape), weight, self.eps)
-            if weight is not None:  # (a None weight's branch is not compiled)
-                if not weight.is_floating_point():
-                    return torch.rms_norm(x, list(self.normalized_shape), weight, self.eps)
+            if _torch_computes_only(x, self.weight):
+                return torch.rms_norm(x, list(self.normalized_shape), self.weight, self.eps)
             return torch.ops.layernorm_ext.rms_forward(x, list(self.normalized_shape),
                                                        _kernel_weight(x, self.weight),
                                                        self.eps)[0]
