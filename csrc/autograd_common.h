@@ -13,12 +13,16 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/version.h>
 
+#include <array>
 #include <initializer_list>
 #include <memory>
 #include <optional>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 namespace layernorm_ext {
 
@@ -85,19 +89,130 @@ inline void attach_grad_fn(const at::Tensor& output,
 #endif
 }
 
-// A node's result: grads[i] for each next edge i the engine wants a gradient for, an
-// undefined tensor for the others (trimmed by autograd.grad's inputs, or not requiring
-// grad).
-inline torch::autograd::variable_list wanted_gradients(torch::autograd::Node& node,
-                                                       torch::autograd::variable_list grads) {
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (!node.task_should_compute_output(i)) grads[i] = at::Tensor();
-  }
-  return grads;
-}
-
 inline std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
+
+// The base of the two backward nodes: a node that saves kSaved tensors and the
+// normalized shape and eps of its forward call, and returns kGradients gradients (input,
+// weight[, bias]). NodeT has
+//   kSavedIsOutput: which saved tensors are outputs of the forward (statistics), saved
+//     with the node as torch's nodes save theirs;
+//   gradients(grad_out, saved, normalized_shape, eps): every gradient, from the defined
+//     grad_out and the unpacked saved tensors;
+// and gets from the base the node's apply, its release of the saved tensors, and support
+// for compiled autograd (torch._dynamo.compiled_autograd), which captures a backward graph
+// from the nodes' compiled_args and apply_with_saved.
+template <class NodeT, size_t kSaved, size_t kGradients>
+struct NormBackwardNode : public torch::autograd::Node {
+  using SavedTensors = std::array<at::Tensor, kSaved>;
+  using variable_list = torch::autograd::variable_list;
+
+  // Saves a forward call's tensors, in NodeT's order (an undefined one for a missing
+  // weight or bias). Call it before attach_grad_fn.
+  void save(const SavedTensors& tensors, at::IntArrayRef normalized_shape, double eps) {
+    for (size_t i = 0; i < kSaved; ++i) {
+      saved_[i] = torch::autograd::SavedVariable(tensors[i], NodeT::kSavedIsOutput[i]);
+    }
+    normalized_shape_ = normalized_shape.vec();
+    eps_ = eps;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return variable_list(kGradients);
+    SavedTensors saved;
+    for (size_t i = 0; i < kSaved; ++i) {
+      saved[i] = NodeT::kSavedIsOutput[i] ? saved_[i].unpack(getptr()) : saved_[i].unpack();
+    }
+    return only_wanted(NodeT::gradients(grads[0], saved, normalized_shape_, eps_),
+                       wanted_gradients());
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& saved : saved_) saved.reset_data();
+  }
+
+  // Compiled autograd, capturing: what keys the captured graph (the constants) and what
+  // becomes its inputs (the saved tensors).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(name());
+    for (size_t i = 0; i < kSaved; ++i) args.collect(saved_[i], NodeT::kSavedIsOutput[i]);
+    args.collect(normalized_shape_);
+    args.collect(eps_);
+  }
+
+  // Compiled autograd, capturing: puts a call of apply_functional into the graph, with the
+  // tracer's proxies for the saved tensors. The graph's compiler then traces that call
+  // with fake tensors of the real shapes (the ops have fake kernels), as torch lifts its
+  // own nodes. Running apply here instead would see placeholders for tensors that
+  // saved-tensor hooks unpack.
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& swap) override {
+    for (auto& saved : saved_) swap.before(saved);
+    torch::dynamo::autograd::PackedArgs packed;
+    for (const auto& saved : saved_) packed.pack(defined_or_none(saved.unpack()));
+    packed.pack(normalized_shape_);
+    packed.pack(eps_);
+    packed.pack(wanted_gradients());
+    const auto& args = packed.vec();
+    std::vector<at::TypePtr> schema;
+    for (const auto& arg : args) {
+      schema.push_back(arg.isTensor() ? at::TensorType::get() : arg.type());
+    }
+    namespace ca = torch::dynamo::autograd;
+    const auto& compiler = ca::getPyCompilerInterface();
+    // A name Python can hold as an attribute; bound anew (and numbered) per capture.
+    std::string fn_name = name();
+    fn_name.replace(fn_name.find("::"), 2, "_");
+    fn_name = compiler->bind_function(swap.get_py_compiler(), fn_name, &apply_functional,
+                                      schema, /*is_custom_function=*/true,
+                                      /*is_traceable=*/true);
+    auto grads = compiler->call_function(
+        swap.get_py_compiler(), "apply_functional", fn_name, inputs, args,
+        ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            ca::get_input_metadata(next_edges())));
+    for (auto& saved : saved_) swap.after(saved);
+    return grads;
+  }
+
+  // The node's apply as a function of its inputs and apply_with_saved's packed arguments.
+  static variable_list apply_functional(const variable_list& grads,
+                                        const std::vector<c10::IValue>& args) {
+    torch::dynamo::autograd::PackedArgs packed(args);
+    SavedTensors saved;
+    for (auto& tensor : saved) {
+      tensor = packed.unpack<std::optional<at::Tensor>>().value_or(at::Tensor());
+    }
+    const auto normalized_shape = packed.unpack<std::vector<int64_t>>();
+    const auto eps = packed.unpack<double>();
+    const auto wanted = packed.unpack<std::array<bool, kGradients>>();
+    if (!grads[0].defined()) return variable_list(kGradients);
+    return only_wanted(NodeT::gradients(grads[0], saved, normalized_shape, eps), wanted);
+  }
+
+ private:
+  // Which gradients the engine wants: those of next edges that autograd.grad's inputs
+  // did not trim and that require grad.
+  std::array<bool, kGradients> wanted_gradients() const {
+    std::array<bool, kGradients> wanted;
+    for (size_t i = 0; i < kGradients; ++i) wanted[i] = task_should_compute_output(i);
+    return wanted;
+  }
+
+  // grads with an undefined tensor for each gradient not wanted.
+  static variable_list only_wanted(variable_list grads,
+                                   const std::array<bool, kGradients>& wanted) {
+    for (size_t i = 0; i < kGradients; ++i) {
+      if (!wanted[i]) grads[i] = at::Tensor();
+    }
+    return grads;
+  }
+
+  std::array<torch::autograd::SavedVariable, kSaved> saved_;
+  std::vector<int64_t> normalized_shape_;
+  double eps_ = 0.0;
+};
 
 }  // namespace layernorm_ext

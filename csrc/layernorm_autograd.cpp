@@ -76,40 +76,24 @@ Tensor3 differentiable_backward(const at::Tensor& grad_out, const at::Tensor& in
 // The backward node of a forward call (see autograd_common.h for why a Node, not a
 // Function). Its inputs: the gradient of the output; its outputs: the gradients of
 // (input, weight, bias).
-struct LayerNormBackward : public torch::autograd::Node {
+struct LayerNormBackward : public NormBackwardNode<LayerNormBackward, 5, 3> {
+  // Saved: input, weight, bias, and the forward's outputs mean and rstd.
+  static constexpr std::array<bool, 5> kSavedIsOutput = {false, false, false, true, true};
+
   std::string name() const override { return "layernorm_ext::LayerNormBackward"; }
 
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return torch::autograd::variable_list(3);
-    const at::Tensor input = input_.unpack();
-    const at::Tensor weight = weight_.unpack();
-    const at::Tensor bias = bias_.unpack();
+  static variable_list gradients(const at::Tensor& grad_out, const SavedTensors& saved,
+                                 at::IntArrayRef normalized_shape, double eps) {
+    const auto& [input, weight, bias, mean, rstd] = saved;
     // Grad mode is on here when the backward must itself be differentiable: the engine
     // enables it only for create_graph=True (a direct call of the node keeps the caller's).
     auto [grad_input, grad_weight, grad_bias] =
         c10::GradMode::is_enabled()
-            ? differentiable_backward(grad_out, input, normalized_shape_, weight, bias, eps_)
-            : call_backward(grad_out, input, normalized_shape_, mean_.unpack(getptr()),
-                            rstd_.unpack(getptr()), defined_or_none(weight),
-                            defined_or_none(bias));
-    return wanted_gradients(*this, {std::move(grad_input), std::move(grad_weight),
-                                    std::move(grad_bias)});
+            ? differentiable_backward(grad_out, input, normalized_shape, weight, bias, eps)
+            : call_backward(grad_out, input, normalized_shape, mean, rstd,
+                            defined_or_none(weight), defined_or_none(bias));
+    return {std::move(grad_input), std::move(grad_weight), std::move(grad_bias)};
   }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    weight_.reset_data();
-    bias_.reset_data();
-    mean_.reset_data();
-    rstd_.reset_data();
-  }
-
-  torch::autograd::SavedVariable input_, weight_, bias_, mean_, rstd_;
-  std::vector<int64_t> normalized_shape_;
-  double eps_ = 0.0;
 };
 
 Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
@@ -126,14 +110,8 @@ Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_sha
     outputs = call_forward(input, normalized_shape, weight, bias, eps);
   }
   const auto& [output, mean, rstd] = outputs;
-  using torch::autograd::SavedVariable;
-  grad_fn->input_ = SavedVariable(input, /*is_output=*/false);
-  grad_fn->weight_ = SavedVariable(weight, /*is_output=*/false);
-  grad_fn->bias_ = SavedVariable(bias, /*is_output=*/false);
-  grad_fn->mean_ = SavedVariable(mean, /*is_output=*/true);
-  grad_fn->rstd_ = SavedVariable(rstd, /*is_output=*/true);
-  grad_fn->normalized_shape_ = normalized_shape.vec();
-  grad_fn->eps_ = eps;
+  grad_fn->save({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd},
+                normalized_shape, eps);
   attach_grad_fn(output, grad_fn);
   return outputs;
 }

@@ -63,35 +63,25 @@ Tensor2 differentiable_rms_backward(const at::Tensor& grad_out, const at::Tensor
 
 // The backward node of an rms_forward call, as LayerNormBackward: the gradient of the
 // output in, the gradients of (input, weight) out.
-struct RMSNormBackward : public torch::autograd::Node {
+struct RMSNormBackward : public NormBackwardNode<RMSNormBackward, 3, 2> {
+  // Saved: input, weight, and the forward's output rstd.
+  static constexpr std::array<bool, 3> kSavedIsOutput = {false, false, true};
+
   std::string name() const override { return "layernorm_ext::RMSNormBackward"; }
 
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return torch::autograd::variable_list(2);
-    const at::Tensor input = input_.unpack();
-    const at::Tensor weight = weight_.unpack();
+  // eps: the resolved one (rms_norm_eps).
+  static variable_list gradients(const at::Tensor& grad_out, const SavedTensors& saved,
+                                 at::IntArrayRef normalized_shape, double eps) {
+    const auto& [input, weight, rstd] = saved;
     // Grad mode is on here when the backward must itself be differentiable: the engine
     // enables it only for create_graph=True (a direct call of the node keeps the caller's).
     auto [grad_input, grad_weight] =
         c10::GradMode::is_enabled()
-            ? differentiable_rms_backward(grad_out, input, normalized_shape_, weight, eps_)
-            : call_rms_backward(grad_out, input, normalized_shape_, rstd_.unpack(getptr()),
+            ? differentiable_rms_backward(grad_out, input, normalized_shape, weight, eps)
+            : call_rms_backward(grad_out, input, normalized_shape, rstd,
                                 defined_or_none(weight));
-    return wanted_gradients(*this, {std::move(grad_input), std::move(grad_weight)});
+    return {std::move(grad_input), std::move(grad_weight)};
   }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    weight_.reset_data();
-    rstd_.reset_data();
-  }
-
-  torch::autograd::SavedVariable input_, weight_, rstd_;
-  std::vector<int64_t> normalized_shape_;
-  double eps_ = 0.0;  // the resolved one (rms_norm_eps)
 };
 
 Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
@@ -108,12 +98,8 @@ Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized
     outputs = call_rms_forward(input, normalized_shape, weight, eps);
   }
   const auto& [output, rstd] = outputs;
-  using torch::autograd::SavedVariable;
-  grad_fn->input_ = SavedVariable(input, /*is_output=*/false);
-  grad_fn->weight_ = SavedVariable(weight, /*is_output=*/false);
-  grad_fn->rstd_ = SavedVariable(rstd, /*is_output=*/true);
-  grad_fn->normalized_shape_ = normalized_shape.vec();
-  grad_fn->eps_ = rms_norm_eps(input.scalar_type(), eps);
+  grad_fn->save({input, weight.value_or(at::Tensor()), rstd}, normalized_shape,
+                rms_norm_eps(input.scalar_type(), eps));
   attach_grad_fn(output, grad_fn);
   return outputs;
 }

@@ -3,8 +3,8 @@
 The nodes are hand-written torch::autograd::Node subclasses (csrc/autograd_common.h), so
 what a C++ Function gave for free is checked here: the errors for a second backward and
 for an input changed in place (against F.layer_norm / F.rms_norm), saved-tensor hooks,
-activation checkpointing, gradients of any subset of the arguments (against torch's), and
-anomaly mode.
+activation checkpointing, gradients of any subset of the arguments (against torch's),
+anomaly mode and compiled autograd.
 """
 
 from __future__ import annotations
@@ -161,6 +161,56 @@ def test_gradients_of_any_subset_of_the_arguments(device, norm, requiring):
             wanted = [leaves[i] for i in requiring]
             results.append(torch.autograd.grad(_call(fn, leaves), wanted, _grad_out(device)))
         torch.testing.assert_close(results[0], results[1])
+
+
+FUSED_BACKWARDS = {"layer_norm": "layernorm_ext.backward.default",
+                   "rms_norm": "layernorm_ext.rms_backward.default"}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("hooks", [False, True])
+def test_compiled_autograd_captures_the_fused_backward(device, norm, affine, hooks):
+    # torch._dynamo.compiled_autograd captures a backward graph from each node's
+    # compiled_args and apply_with_saved. Ours must enter it as their fused backward op
+    # (traced by AOTAutograd with the real shapes, also when saved-tensor hooks unpack the
+    # saved tensors), give eager's gradients bitwise, and a second backward of the same
+    # structure must reuse the captured graph.
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.backends.common import aot_autograd
+
+    ours = NORMS[norm][0]
+    captures, aten_graphs = [], []
+
+    def record_aten_graph(gm, example_inputs):
+        aten_graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm
+
+    def compiler(gm):
+        captures.append(gm)
+        return torch.compile(gm, backend=aot_autograd(fw_compiler=record_aten_graph),
+                             fullgraph=True)
+
+    def clone_in_a_box(t):
+        return ("box", t.clone())
+
+    torch._dynamo.reset()  # no graph captured by an earlier test
+    try:
+        for seed in (0, 1):
+            leaves = _leaves(device, norm, seed)[: None if affine else 1]
+            eager = torch.autograd.grad(_call(ours, leaves), leaves, _grad_out(device))
+            if hooks:
+                with torch.autograd.graph.saved_tensors_hooks(clone_in_a_box, lambda b: b[1]):
+                    y = _call(ours, leaves)
+            else:
+                y = _call(ours, leaves)
+            with compiled_autograd._enable(compiler):
+                y.backward(_grad_out(device))
+            torch.testing.assert_close([t.grad for t in leaves], list(eager), rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+    assert len(captures) == 1
+    assert [graph.count(FUSED_BACKWARDS[norm]) for graph in aten_graphs] == [1]
 
 
 @pytest.mark.parametrize("norm", NORMS)
