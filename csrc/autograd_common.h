@@ -16,6 +16,7 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <array>
 #include <initializer_list>
 #include <memory>
@@ -134,10 +135,9 @@ struct NormBackwardNode : public torch::autograd::Node {
     for (auto& saved : saved_) saved.reset_data();
   }
 
-  // Compiled autograd, capturing: what keys the captured graph (the constants) and what
-  // becomes its inputs (the saved tensors).
+  // Compiled autograd, capturing: what keys the captured graph (the constants; the key
+  // has the node's type already) and what becomes its inputs (the saved tensors).
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(name());
     for (size_t i = 0; i < kSaved; ++i) args.collect(saved_[i], NodeT::kSavedIsOutput[i]);
     args.collect(normalized_shape_);
     args.collect(eps_);
@@ -163,9 +163,11 @@ struct NormBackwardNode : public torch::autograd::Node {
     }
     namespace ca = torch::dynamo::autograd;
     const auto& compiler = ca::getPyCompilerInterface();
-    // A name Python can hold as an attribute; bound anew (and numbered) per capture.
+    // Bound anew for each node a capture meets: is_custom_function numbers the names
+    // (CppNode<name><n>), as torch does for C++ autograd Functions; ':' is no part of a
+    // Python attribute name.
     std::string fn_name = name();
-    fn_name.replace(fn_name.find("::"), 2, "_");
+    std::replace(fn_name.begin(), fn_name.end(), ':', '_');
     fn_name = compiler->bind_function(swap.get_py_compiler(), fn_name, &apply_functional,
                                       schema, /*is_custom_function=*/true,
                                       /*is_traceable=*/true);

@@ -22,12 +22,12 @@ from layernorm_ext import layer_norm, rms_norm
 SHAPE, NORMALIZED = (6, 16), [16]
 
 
-def _ours_rms(x, shape, weight=None, bias=None):
-    return rms_norm(x, shape, weight)
+def _ours_rms(x, shape, weight=None, bias=None, eps=None):
+    return rms_norm(x, shape, weight, eps)
 
 
-def _torch_rms(x, shape, weight=None, bias=None):
-    return F.rms_norm(x, shape, weight)
+def _torch_rms(x, shape, weight=None, bias=None, eps=None):
+    return F.rms_norm(x, shape, weight, eps)
 
 
 # (ours, torch's) with layer_norm's signature; rms_norm takes no bias.
@@ -211,6 +211,40 @@ def test_compiled_autograd_captures_the_fused_backward(device, norm, affine, hoo
         torch._dynamo.reset()
     assert len(captures) == 1
     assert [graph.count(FUSED_BACKWARDS[norm]) for graph in aten_graphs] == [1]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_compiled_autograd_reuses_a_graph_only_where_the_result_would_not_change(device, norm):
+    # One compiled-autograd cache over backwards that differ in what could be baked into a
+    # captured graph: the batch, the gradients asked for, create_graph (whose backward
+    # reads eps: a graph reused across eps would give the first eps's gradients). Each
+    # must give eager's gradients.
+    from torch._dynamo import compiled_autograd
+
+    ours = NORMS[norm][0]
+    # (rows, eps, which leaves autograd.grad asks for, create_graph)
+    cases = [(6, 1e-5, (0, 1), False), (9, 1e-5, (0, 1), False), (6, 1e-5, (1,), False),
+             (6, 1e-5, (0,), False), (6, 1e-5, (0, 1), True), (6, 0.5, (0, 1), True)]
+
+    def grads(rows, eps, wanted, create_graph):
+        g = torch.Generator().manual_seed(rows)
+        x, grad_out = (torch.randn(rows, *NORMALIZED, generator=g, dtype=torch.float64)
+                       .to(device) for _ in range(2))
+        leaves = [x.requires_grad_(), *_leaves(device, norm)[1:]]
+        y = ours(leaves[0], NORMALIZED, *leaves[1:], eps=eps)
+        return torch.autograd.grad(y, [leaves[i] for i in wanted], grad_out,
+                                   create_graph=create_graph)
+
+    torch._dynamo.reset()
+    try:
+        for case in cases:
+            eager = grads(*case)
+            with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+                compiled = grads(*case)
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0,
+                                       msg=lambda m, case=case: f"{case}: {m}")
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("norm", NORMS)
