@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _C  # noqa: F401  (loading the extension registers the operators)
 from .sharding import register_if_dtensor
@@ -316,6 +317,11 @@ def layer_norm(
     It works under ``torch.func`` transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``,
     ``jacfwd``, ``hessian``, ``vmap``) and ``torch.autograd.forward_ad``.
     """
+    if has_torch_function_variadic(input, weight, bias):
+        # As F.layer_norm: tensor-likes and modes that override torch functions (an FX
+        # Proxy in torch.fx.symbolic_trace, a TorchFunctionMode) get the call.
+        return handle_torch_function(layer_norm, (input, weight, bias), input,
+                                     normalized_shape, weight=weight, bias=bias, eps=eps)
     shape = _as_shape(normalized_shape)
     if type(input) is torch.Tensor and type(eps) is float and not input.is_nested:
         # The common call: the op parses weight and bias itself; only if it refuses
@@ -461,6 +467,9 @@ def rms_norm(
     by row. It works under ``torch.func`` transforms and ``torch.autograd.forward_ad`` as
     :func:`layer_norm` does.
     """
+    if has_torch_function_variadic(input, weight):  # as layer_norm
+        return handle_torch_function(rms_norm, (input, weight), input, normalized_shape,
+                                     weight=weight, eps=eps)
     shape = _as_shape(normalized_shape, "rms_norm")
     if not isinstance(input, torch.Tensor):
         raise _type_error("input", 1, "Tensor", input, "rms_norm")

@@ -426,3 +426,57 @@ def test_normalized_shape_elements_with_index_as_torch(device, size):
     x = torch.randn(3, 8, device=device)
     torch.testing.assert_close(layer_norm(x, (element,)), F.layer_norm(x, (element,)))
     torch.testing.assert_close(layernorm_ext.rms_norm(x, [element]), F.rms_norm(x, [element]))
+
+
+# (our function, torch's, the module class) per norm, for the __torch_function__ tests.
+OVERRIDABLE = {
+    "layer_norm": (layer_norm, F.layer_norm, layernorm_ext.LayerNorm),
+    "rms_norm": (layernorm_ext.rms_norm, F.rms_norm, layernorm_ext.RMSNorm),
+}
+
+
+@pytest.mark.parametrize("norm", OVERRIDABLE)
+def test_fx_symbolic_trace_records_the_function(device, norm):
+    # torch.fx.symbolic_trace (feature extractors, FX quantization) passes Proxies, which
+    # override torch functions: the call is recorded, as F.layer_norm's is, and the traced
+    # module computes what the model does.
+    ours, _, module = OVERRIDABLE[norm]
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), module(16), torch.nn.ReLU()).to(device)
+    traced = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert targets == [ours]
+    x = torch.randn(4, 8, device=device)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", OVERRIDABLE)
+def test_torch_function_modes_and_subclasses_get_the_call(device, norm):
+    # As with torch's norms: an active TorchFunctionMode sees the call (and may replace
+    # it), and a tensor subclass with __torch_function__ gets its type back.
+    ours, theirs, _ = OVERRIDABLE[norm]
+    x = torch.randn(3, 16, device=device)
+    weight = torch.randn(16, device=device)
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            if func is ours:
+                return "replaced"
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        assert ours(x, [16], weight) == "replaced"
+    assert recorder.calls == [ours]
+
+    class Tagged(torch.Tensor):
+        pass
+
+    for args in ((x.as_subclass(Tagged), [16], weight), (x, [16], weight.as_subclass(Tagged))):
+        out, expected = ours(*args), theirs(*args)
+        assert type(out) is type(expected) is Tagged
+        torch.testing.assert_close(out.as_subclass(torch.Tensor),
+                                   expected.as_subclass(torch.Tensor))
