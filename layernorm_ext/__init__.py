@@ -6,11 +6,12 @@
   computed by the same kernels.
 - ``torch.ops.layernorm_ext.forward`` / ``backward`` / ``rms_forward`` / ``rms_backward``:
   the dispatcher operators.
+- :func:`onnx.translation_table`: how ``torch.onnx.export`` writes the norms in ONNX.
 """
 
 import sys
 
-from . import sharding
+from . import onnx, sharding
 from .modules import LayerNorm, RMSNorm
 from .ops import has_cuda_kernels, layer_norm, rms_norm
 from .patch import replace_layernorm, replace_rmsnorm
