@@ -6,10 +6,12 @@ torch.onnx's exporter (``dynamo=True``) knows ATen ops, not ``layernorm_ext::for
     torch.onnx.export(model, (x,), dynamo=True,
                       custom_translation_table=layernorm_ext.onnx.translation_table())
 
-LayerNorm becomes ONNX's ``LayerNormalization`` (opset 17), RMSNorm the ops of its formula
-(``RMSNormalization`` is opset 23, newer than the exporter's default 18). float16 and
-bfloat16 inputs are normalized in float32, with float32 statistics, and the output
-rounded once to the input's dtype, as the kernels do. Needs ``onnxscript``, which
+LayerNorm becomes ONNX's ``LayerNormalization``, RMSNorm the ops of its formula
+(``RMSNormalization`` is opset 23); both are built from opset-18 ops, so the models are
+at least opset 18. float16 and bfloat16 inputs are normalized in float32, with float32
+statistics, and the output rounded once to the input's dtype, as the kernels do. float64
+LayerNorm exports its output only: ONNX's LayerNormalization has no float64 statistics,
+so a model that returns them does not load in ONNX Runtime. Needs ``onnxscript``, which
 torch.onnx's exporter needs too.
 """
 
@@ -80,7 +82,9 @@ def _rms_norm(input: Any, normalized_shape: list[int], weight: Optional[Any] = N
     x = _cast(input, compute)
     kept = op.Constant(value_ints=axes)
     mean_square = op.ReduceMean(op.Mul(x, x), kept, keepdims=1)
-    rstd = op.Reciprocal(op.Sqrt(op.Add(mean_square, op.Constant(
+    # Sum, not Add: onnxscript's optimizer drops an Add of a constant within 1e-8 of 0
+    # (float64's default eps), and a row of zeros would then give NaN.
+    rstd = op.Reciprocal(op.Sqrt(op.Sum(mean_square, op.Constant(
         value=ir.tensor(eps, dtype=compute)))))
     output = op.Mul(x, rstd)
     if weight is not None:

@@ -298,6 +298,15 @@ def _jagged_layer_norm(input: torch.Tensor, normalized_shape: list[int],
                                                    ragged_idx=input._ragged_idx)
 
 
+def _overridden(*tensors: object) -> bool:
+    """Whether __torch_function__ (of an argument or an active mode) takes the call."""
+    if torch.compiler.is_compiling():
+        # Dynamo folds has_torch_function_* from the arguments alone, without the modes,
+        # and traces subclasses' __torch_function__ itself.
+        return torch._C._is_torch_function_mode_enabled()
+    return has_torch_function_variadic(*tensors)
+
+
 def layer_norm(
     input: torch.Tensor,
     normalized_shape: _ShapeLike,
@@ -317,7 +326,7 @@ def layer_norm(
     It works under ``torch.func`` transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``,
     ``jacfwd``, ``hessian``, ``vmap``) and ``torch.autograd.forward_ad``.
     """
-    if has_torch_function_variadic(input, weight, bias):
+    if _overridden(input, weight, bias):
         # As F.layer_norm: tensor-likes and modes that override torch functions (an FX
         # Proxy in torch.fx.symbolic_trace, a TorchFunctionMode) get the call.
         return handle_torch_function(layer_norm, (input, weight, bias), input,
@@ -467,8 +476,9 @@ def rms_norm(
     by row. It works under ``torch.func`` transforms and ``torch.autograd.forward_ad`` as
     :func:`layer_norm` does.
     """
-    if has_torch_function_variadic(input, weight):  # as layer_norm
-        return handle_torch_function(rms_norm, (input, weight), input, normalized_shape,
+    if _overridden(input, weight):  # as layer_norm; NestedTensor's handler wants a list
+        return handle_torch_function(rms_norm, (input, weight), input,
+                                     _as_shape(normalized_shape, "rms_norm"),
                                      weight=weight, eps=eps)
     shape = _as_shape(normalized_shape, "rms_norm")
     if not isinstance(input, torch.Tensor):

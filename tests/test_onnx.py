@@ -104,3 +104,15 @@ def test_exported_ops_give_the_statistics_too(dtype):
         assert out.shape == ref.shape
         torch.testing.assert_close(out, ref.detach(), rtol=0, atol=ATOL[dtype] * 2)
 
+
+
+@pytest.mark.parametrize("dtype, eps", [(torch.float64, None), (torch.float32, 1e-12)],
+                         ids=["float64-default-eps", "float32-eps-1e-12"])
+def test_rms_norm_keeps_a_tiny_eps_for_rows_of_zeros(dtype, eps):
+    # An eps under 1e-8 must survive the exporter's optimizer: without it a row of zeros
+    # gives 0/0 = NaN, where eager gives zeros.
+    model = torch.nn.Sequential(layernorm_ext.RMSNorm(6, eps=eps)).eval().to(dtype)
+    x = torch.randn(3, 6, dtype=dtype)
+    x[1] = 0
+    _, session = _export(model, x)
+    _assert_matches(session, model, x)

@@ -480,3 +480,31 @@ def test_torch_function_modes_and_subclasses_get_the_call(device, norm):
         assert type(out) is type(expected) is Tagged
         torch.testing.assert_close(out.as_subclass(torch.Tensor),
                                    expected.as_subclass(torch.Tensor))
+
+
+@pytest.mark.parametrize("norm", OVERRIDABLE)
+def test_torch_function_under_torch_compile_as_in_eager(device, norm):
+    # Dynamo decides __torch_function__ from the arguments only: a mode active around a
+    # compiled call must still get it, and a subclass must compile with fullgraph=True.
+    ours, theirs, _ = OVERRIDABLE[norm]
+    x = torch.randn(3, 16, device=device)
+
+    class Replace(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is ours:
+                return args[0] * 0 + 42
+            return func(*args, **(kwargs or {}))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: ours(t, [16]), backend="eager", fullgraph=True)
+    with Replace():
+        assert bool((compiled(x) == 42).all())
+
+    class Tagged(torch.Tensor):
+        pass
+
+    torch._dynamo.reset()
+    out = compiled(x.as_subclass(Tagged))
+    assert type(out) is Tagged
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), theirs(x, [16]))
+    torch._dynamo.reset()

@@ -513,11 +513,13 @@ def test_cuda_registrations_when_expected():
         assert cuda_lines and "layernorm_cuda.cu" in cuda_lines[0], table
 
 
-def test_jagged_nested_input_as_torch(device):
+@pytest.mark.parametrize("shape", [[8], 8], ids=["list", "int"])
+def test_jagged_nested_input_as_torch(device, shape):
+    # An int shape too: NestedTensor's __torch_function__ takes the call and wants a list.
     nt = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)], layout=torch.jagged,
                                     device=device)
     w = torch.randn(8, device=device)
-    ours, theirs = rms_norm(nt, [8], w), F.rms_norm(nt, [8], w)
+    ours, theirs = rms_norm(nt, shape, w), F.rms_norm(nt, [8], w)
     assert ours.is_nested and ours.shape == theirs.shape
     (ours + nt).values()  # shares the ragged size symbol with the input, as torch's result
     torch.testing.assert_close(ours.values(), theirs.values())
