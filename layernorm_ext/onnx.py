@@ -65,8 +65,9 @@ def _layer_norm(input: Any, normalized_shape: list[int], weight: Optional[Any] =
         _cast(input, compute), _cast(weight, compute), _cast(bias, compute), axis=axes[0],
         epsilon=eps, stash_type=compute)
     # ONNX keeps the normalized dims as 1s in the statistics; the op drops them.
-    kept = op.Constant(value_ints=axes)
-    return _cast(output, input.dtype), op.Squeeze(mean, kept), op.Squeeze(rstd, kept)
+    normalized_dims = op.Constant(value_ints=axes)
+    return (_cast(output, input.dtype), op.Squeeze(mean, normalized_dims),
+            op.Squeeze(rstd, normalized_dims))
 
 
 def _rms_norm(input: Any, normalized_shape: list[int], weight: Optional[Any] = None,
@@ -80,8 +81,8 @@ def _rms_norm(input: Any, normalized_shape: list[int], weight: Optional[Any] = N
     if eps is None:  # torch's default: the machine epsilon of the computation type
         eps = torch.finfo(torch.float64 if compute == ir.DataType.DOUBLE else torch.float32).eps
     x = _cast(input, compute)
-    kept = op.Constant(value_ints=axes)
-    mean_square = op.ReduceMean(op.Mul(x, x), kept, keepdims=1)
+    normalized_dims = op.Constant(value_ints=axes)
+    mean_square = op.ReduceMean(op.Mul(x, x), normalized_dims, keepdims=1)
     # Sum, not Add: onnxscript's optimizer drops an Add of a constant within 1e-8 of 0
     # (float64's default eps), and a row of zeros would then give NaN.
     rstd = op.Reciprocal(op.Sqrt(op.Sum(mean_square, op.Constant(
@@ -89,4 +90,4 @@ def _rms_norm(input: Any, normalized_shape: list[int], weight: Optional[Any] = N
     output = op.Mul(x, rstd)
     if weight is not None:
         output = op.Mul(output, _cast(weight, compute))
-    return _cast(output, input.dtype), op.Squeeze(rstd, kept)
+    return _cast(output, input.dtype), op.Squeeze(rstd, normalized_dims)

@@ -300,11 +300,12 @@ def _jagged_layer_norm(input: torch.Tensor, normalized_shape: list[int],
 
 def _overridden(*tensors: object) -> bool:
     """Whether __torch_function__ (of an argument or an active mode) takes the call."""
-    if torch.compiler.is_compiling():
-        # Dynamo folds has_torch_function_* from the arguments alone, without the modes,
-        # and traces subclasses' __torch_function__ itself.
-        return torch._C._is_torch_function_mode_enabled()
-    return has_torch_function_variadic(*tensors)
+    if torch._C._is_torch_function_mode_enabled():
+        return True
+    # Dynamo folds has_torch_function_* from the arguments alone, without the modes (asked
+    # above), and traces subclasses' __torch_function__ itself. Asked last: a plain call
+    # pays two C checks, no Python one.
+    return has_torch_function_variadic(*tensors) and not torch.compiler.is_compiling()
 
 
 def layer_norm(
