@@ -46,8 +46,12 @@ int64_t last_level_cache_bytes() {
     if (level >= best_level) best_level = level, best_bytes = size;
   }
   if (best_bytes > 0) return best_bytes;
+#ifdef _SC_LEVEL3_CACHE_SIZE  // glibc's
   const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
   return llc > 0 ? static_cast<int64_t>(llc) : 0;
+#else
+  return 0;
+#endif
 }
 
 // Outputs at least this large are written with non-temporal stores: they cannot stay
@@ -56,7 +60,9 @@ int64_t last_level_cache_bytes() {
 // LAYERNORM_EXT_STREAM_BYTES overrides the threshold (the tests use it).
 int64_t stream_threshold_bytes() {
   static const int64_t threshold = []() -> int64_t {
-    if (const char* bytes = std::getenv("LAYERNORM_EXT_STREAM_BYTES")) return std::atoll(bytes);
+    if (const char* bytes = std::getenv("LAYERNORM_EXT_STREAM_BYTES")) {
+      return std::max<int64_t>(std::atoll(bytes), 0);  // a negative size streams everything
+    }
     const int64_t llc = last_level_cache_bytes();
     return llc > 0 ? llc : int64_t(32) << 20;
   }();

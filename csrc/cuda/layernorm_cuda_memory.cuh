@@ -37,7 +37,13 @@ __device__ __forceinline__ void expect_aligned(const void* p) {
 template <typename V>
 __device__ __forceinline__ V load_aligned(const void* p) {
   expect_aligned<sizeof(V)>(p);
+#if defined(LN_CUDA_EMULATION)
+  V v;  // the host compiler may assume a V* never points at float storage: a memcpy
+  memcpy(&v, p, sizeof(v));
+  return v;
+#else
   return *reinterpret_cast<const V*>(p);
+#endif
 }
 
 // A 16-byte vector as loaded (a uint4), and its elements as acc_t. The register forward
