@@ -66,30 +66,54 @@ def _scalar_type_name(dtype: torch.dtype) -> str:
     return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
-def _check_fake_inputs(input, normalized_shape, weight, bias) -> None:
-    """The shape and dtype checks of csrc/layernorm.cpp, for fake and meta tensors.
+def _check_fake_inputs(input, normalized_shape, weight, bias, norm: str = "layer") -> None:
+    """check_norm_inputs of csrc/layernorm_checks.cpp, for fake and meta tensors.
 
     The real kernels run the C++ checks; fake tensors never reach them, so shape
-    inference (torch.compile, export, meta tensors) repeats them, with the same messages.
+    inference (torch.compile, export, meta tensors) repeats them, in the same order and
+    with the same messages: what the kernels refuse fails at trace time, not at run time.
+    ``norm`` is "layer" or "rms" (torch words rms_norm's shape messages apart).
     """
     shape = list(normalized_shape)
     if not shape:
         raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., "
                            f"containing at least one element, but got normalized_shape = {shape}")
+    if norm == "rms" and input.dim() < len(shape):
+        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got "
+                         f"{input.dim()}")
     if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
+        sizes = ", ".join(str(s) for s in shape)
         raise RuntimeError(f"Given normalized_shape={shape}, expected input with shape "
-                           f"[*, {', '.join(str(s) for s in shape)}], but got input of size"
+                           f"[*{', ' if norm == 'layer' else ''}{sizes}], but got input of size"
                            f"{list(input.shape)}")
-    for name, tensor in (("input", input), ("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype not in _FLOAT_DTYPES:
-            raise NotImplementedError(f"layernorm_ext: {name} must be float32, float64, "
-                                      f"float16 or bfloat16, but got "
-                                      f"{_scalar_type_name(tensor.dtype)}")
+    if norm == "rms" and input.dtype not in _FLOAT_DTYPES:
+        raise NotImplementedError(
+            f"\"rms_norm\" not implemented for '{_scalar_type_name(input.dtype)}'")
+    _check_floating(input, "input")
+    reduced_input = input.dtype in (torch.float16, torch.bfloat16)
     for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and list(param.shape) != shape:
+        if param is None:
+            continue
+        if list(param.shape) != shape:
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but "
                                f"got {name} of shape {list(param.shape)} and normalized_shape "
                                f"= {shape}")
+        _check_floating(param, name)
+        if not (param.dtype == input.dtype or (reduced_input and param.dtype == torch.float32)):
+            raise RuntimeError(f"mixed dtype: expected {name} to have the input's dtype "
+                               f"({_scalar_type_name(input.dtype)})"
+                               f"{' or float32' if reduced_input else ''}, but got "
+                               f"{_scalar_type_name(param.dtype)}")
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise RuntimeError("mixed dtype: expected weight and bias to have the same dtype, but "
+                           f"got {_scalar_type_name(weight.dtype)} and "
+                           f"{_scalar_type_name(bias.dtype)}")
+
+
+def _check_floating(tensor: torch.Tensor, name: str) -> None:
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise NotImplementedError(f"layernorm_ext: {name} must be float32, float64, float16 or "
+                                  f"bfloat16, but got {_scalar_type_name(tensor.dtype)}")
 
 
 @torch.library.register_fake("layernorm_ext::forward")
@@ -280,21 +304,21 @@ def _check_argument_types(input: object, weight: object, bias: object,
     return _as_eps(eps, 5, "layer_norm")
 
 
-def _jagged_layer_norm(input: torch.Tensor, normalized_shape: list[int],
-                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       eps: float) -> torch.Tensor:
-    """A jagged nested tensor normalized over regular trailing dims: its values are rows."""
+def _on_jagged_values(input: torch.Tensor, normalized_shape: list[int], function: str,
+                      normalize) -> torch.Tensor:
+    """``normalize(values)`` of a jagged nested tensor normalized over regular trailing dims:
+    its values are the rows. The result is a view over the same offsets, so it keeps the
+    ragged size symbol and combines with the input (residual connections)."""
+    # RuntimeError: what torch's rms_norm raises for strided nested tensors.
     if input.layout != torch.jagged:
-        raise ValueError("layernorm_ext.layer_norm: nested tensors need layout=torch.jagged")
+        raise RuntimeError(f"layernorm_ext.{function}: nested tensors need layout=torch.jagged")
     if len(normalized_shape) > input.dim() - 1 - input._ragged_idx:
-        raise ValueError("layernorm_ext.layer_norm: normalized_shape must not include the "
-                         "ragged dimension of a nested tensor")
-    # A view over the same offsets keeps the ragged size symbol, so the result combines
-    # with the input (residual connections), as torch's own layer_norm result does.
+        raise RuntimeError(f"layernorm_ext.{function}: normalized_shape must not include the "
+                           "ragged dimension of a nested tensor")
     from torch.nested._internal.nested_tensor import nested_view_from_values_offsets_lengths
 
-    values = layer_norm(input.values(), normalized_shape, weight, bias, eps)
-    return nested_view_from_values_offsets_lengths(values, input.offsets(), input.lengths(),
+    return nested_view_from_values_offsets_lengths(normalize(input.values()), input.offsets(),
+                                                   input.lengths(),
                                                    ragged_idx=input._ragged_idx)
 
 
@@ -306,6 +330,12 @@ def _overridden(*tensors: object) -> bool:
     # above), and traces subclasses' __torch_function__ itself. Asked last: a plain call
     # pays two C checks, no Python one.
     return has_torch_function_variadic(*tensors) and not torch.compiler.is_compiling()
+
+
+def _given(*tensors: object) -> tuple:
+    """The arguments that are not None: the "relevant args" for handle_torch_function.
+    (torch 2.11's Dynamo cannot trace its hasattr(type(None), ...) under a mode.)"""
+    return tuple(t for t in tensors if t is not None)
 
 
 def layer_norm(
@@ -330,7 +360,7 @@ def layer_norm(
     if _overridden(input, weight, bias):
         # As F.layer_norm: tensor-likes and modes that override torch functions (an FX
         # Proxy in torch.fx.symbolic_trace, a TorchFunctionMode) get the call.
-        return handle_torch_function(layer_norm, (input, weight, bias), input,
+        return handle_torch_function(layer_norm, _given(input, weight, bias), input,
                                      normalized_shape, weight=weight, bias=bias, eps=eps)
     shape = _as_shape(normalized_shape)
     if type(input) is torch.Tensor and type(eps) is float and not input.is_nested:
@@ -345,7 +375,10 @@ def layer_norm(
                 raise
     eps = _check_argument_types(input, weight, bias, eps)
     if input.is_nested:
-        return _jagged_layer_norm(input, shape, weight, bias, eps)
+        if input.layout == torch.strided:  # the older nested layout: torch's own kernel
+            return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
+        return _on_jagged_values(input, shape, "layer_norm",
+                                 lambda values: layer_norm(values, shape, weight, bias, eps))
     if transforms_active():
         # torch.func / forward AD: the op's C++ autograd node supports neither. The op's
         # checks run here, as the autograd.Function only gets the number of normalized dims.
@@ -363,25 +396,10 @@ def layer_norm(
 _rms_forward = torch.ops.layernorm_ext.rms_forward.default
 
 
-def _check_rms_fake_shape(input, normalized_shape) -> None:
-    """rms_norm's shape messages (torch words them apart from layer_norm's)."""
-    shape = list(normalized_shape)
-    if not shape:
-        return  # _check_fake_inputs has the message
-    if input.dim() < len(shape):
-        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got "
-                         f"{input.dim()}")
-    if list(input.shape[input.dim() - len(shape):]) != shape:
-        raise RuntimeError(f"Given normalized_shape={shape}, expected input with shape "
-                           f"[*{', '.join(str(s) for s in shape)}], but got input of size"
-                           f"{list(input.shape)}")
-
-
 @torch.library.register_fake("layernorm_ext::rms_forward")
 def _rms_forward_fake(input, normalized_shape, weight, eps):
     _check_same_device(input, weight)
-    _check_rms_fake_shape(input, normalized_shape)
-    _check_fake_inputs(input, normalized_shape, weight, None)
+    _check_fake_inputs(input, normalized_shape, weight, None, "rms")
     stats_shape = input.shape[: input.dim() - len(normalized_shape)]
     output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     return output, input.new_empty(stats_shape, dtype=_stats_dtype(input))
@@ -390,8 +408,7 @@ def _rms_forward_fake(input, normalized_shape, weight, eps):
 @torch.library.register_fake("layernorm_ext::rms_backward")
 def _rms_backward_fake(grad_out, input, normalized_shape, rstd, weight):
     _check_same_device(input, grad_out, rstd, weight)
-    _check_rms_fake_shape(input, normalized_shape)
-    _check_fake_inputs(input, normalized_shape, weight, None)
+    _check_fake_inputs(input, normalized_shape, weight, None, "rms")
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_weight = input.new_empty(normalized_shape, dtype=_param_dtype(input, weight, None))
     return grad_input, grad_weight
@@ -438,24 +455,6 @@ def _kernel_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optio
     return weight
 
 
-def _on_jagged_values(input: torch.Tensor, normalized_shape: list[int], function: str,
-                      normalize) -> torch.Tensor:
-    """``normalize(values)`` of a jagged nested tensor normalized over regular trailing dims:
-    its values are the rows. The result is a view over the same offsets, so it keeps the
-    ragged size symbol and combines with the input (residual connections)."""
-    # RuntimeError: what torch's rms_norm raises for strided nested tensors.
-    if input.layout != torch.jagged:
-        raise RuntimeError(f"layernorm_ext.{function}: nested tensors need layout=torch.jagged")
-    if len(normalized_shape) > input.dim() - 1 - input._ragged_idx:
-        raise RuntimeError(f"layernorm_ext.{function}: normalized_shape must not include the "
-                           "ragged dimension of a nested tensor")
-    from torch.nested._internal.nested_tensor import nested_view_from_values_offsets_lengths
-
-    return nested_view_from_values_offsets_lengths(normalize(input.values()), input.offsets(),
-                                                   input.lengths(),
-                                                   ragged_idx=input._ragged_idx)
-
-
 def rms_norm(
     input: torch.Tensor,
     normalized_shape: _ShapeLike,
@@ -478,7 +477,7 @@ def rms_norm(
     :func:`layer_norm` does.
     """
     if _overridden(input, weight):  # as layer_norm; NestedTensor's handler wants a list
-        return handle_torch_function(rms_norm, (input, weight), input,
+        return handle_torch_function(rms_norm, _given(input, weight), input,
                                      _as_shape(normalized_shape, "rms_norm"),
                                      weight=weight, eps=eps)
     shape = _as_shape(normalized_shape, "rms_norm")
@@ -498,8 +497,7 @@ def rms_norm(
         # As in layer_norm: the op's checks run here, for the autograd.Function.
         weight = kernel_weight
         _check_same_device(input, weight)
-        _check_rms_fake_shape(input, shape)
-        _check_fake_inputs(input, shape, weight, None)
+        _check_fake_inputs(input, shape, weight, None, "rms")
         return transformed_rms_norm(input, shape, weight, eps)
     if type(input) is not torch.Tensor:  # as layer_norm's: not for plain tensors' calls
         register_if_dtensor(input, kernel_weight)

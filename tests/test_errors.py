@@ -60,18 +60,43 @@ def test_non_float_weight_rejected(device):
     (torch.float32, torch.float16), (torch.float32, torch.float64),
     (torch.bfloat16, torch.float16), (torch.float64, torch.float32)], ids=str)
 def test_unsupported_mixed_dtypes_rejected(device, input_dtype, param_dtype):
-    x = torch.ones(4, 8, device=device, dtype=input_dtype)
-    w = torch.ones(8, device=device, dtype=param_dtype)
-    with pytest.raises(RuntimeError, match="mixed dtype: expected weight to have the input's dtype"):
-        layer_norm(x, [8], w)
+    """By the kernels, and by the fake kernels with the same message: torch.compile and
+    export refuse the mix when they trace, not when the compiled code runs."""
+    messages = set()
+    for on in (device, "meta"):
+        x = torch.ones(4, 8, device=on, dtype=input_dtype)
+        w = torch.ones(8, device=on, dtype=param_dtype)
+        for call in (lambda: layer_norm(x, [8], w), lambda: layer_norm(x, [8], None, w),
+                     lambda: torch.ops.layernorm_ext.rms_forward(x, [8], w, None)):
+            with pytest.raises(RuntimeError, match="mixed dtype: expected (weight|bias) to have "
+                                                   "the input's dtype") as error:
+                call()
+            messages.add(str(error.value).splitlines()[0])
+    assert len(messages) == 2, messages  # one for the weight, one for the bias
 
 
 def test_weight_and_bias_dtypes_must_agree(device):
-    x = torch.ones(4, 8, device=device, dtype=torch.bfloat16)
-    w = torch.ones(8, device=device)
-    b = torch.zeros(8, device=device, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="expected weight and bias to have the same dtype"):
-        layer_norm(x, [8], w, b)
+    messages = set()
+    for on in (device, "meta"):
+        x = torch.ones(4, 8, device=on, dtype=torch.bfloat16)
+        w = torch.ones(8, device=on)
+        b = torch.zeros(8, device=on, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="expected weight and bias to have the same dtype") \
+                as error:
+            layer_norm(x, [8], w, b)
+        messages.add(str(error.value).splitlines()[0])
+    assert len(messages) == 1, messages
+
+
+def test_compile_refuses_a_mixed_dtype_when_it_traces():
+    x = torch.ones(4, 8)
+    w = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(Exception) as error:
+        torch.compile(layer_norm, backend="eager", fullgraph=True)(x, [8], w)
+    # Raised by the fake kernel while Dynamo traces (before, the graph compiled and its
+    # run raised the kernels' error).
+    assert "failed to run FX node with fake tensors" in str(error.value), str(error.value)
+    assert "mixed dtype: expected weight to have the input" in str(error.value)
 
 
 def test_tensors_on_different_devices_rejected():

@@ -508,3 +508,28 @@ def test_torch_function_under_torch_compile_as_in_eager(device, norm):
     assert type(out) is Tagged
     torch.testing.assert_close(out.as_subclass(torch.Tensor), theirs(x, [16]))
     torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
+def test_nested_input_as_torch(device, layout):
+    """Jagged nested tensors go through the kernels row by row; the older strided layout,
+    which torch's layer_norm also takes, through torch's own kernel. Both as F.layer_norm,
+    gradients included."""
+    def nested():
+        g = torch.Generator().manual_seed(0)
+        return torch.nested.nested_tensor(
+            [torch.randn(2, 8, generator=g), torch.randn(3, 8, generator=g)], layout=layout,
+            device=device, requires_grad=True)
+
+    results = []
+    for fn in (layer_norm, F.layer_norm):
+        x = nested()
+        w = torch.linspace(0.5, 2, 8, device=device, requires_grad=True)
+        b = torch.linspace(-1, 1, 8, device=device, requires_grad=True)
+        y = fn(x, [8], w, b, 1e-5)
+        assert y.is_nested and y.layout == layout
+        (y.values() if layout == torch.jagged else y.to_padded_tensor(0.0)).pow(2).sum().backward()
+        results.append([t.detach() for t in (*y.unbind(), *x.grad.unbind(), w.grad, b.grad)])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)
