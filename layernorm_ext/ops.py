@@ -66,13 +66,16 @@ def _scalar_type_name(dtype: torch.dtype) -> str:
     return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
-def _check_fake_inputs(input, normalized_shape, weight, bias, norm: str = "layer") -> None:
+def _check_fake_inputs(input, normalized_shape, weight, bias, norm: str = "layer",
+                       dtype_pairs: bool = True) -> None:
     """check_norm_inputs of csrc/layernorm_checks.cpp, for fake and meta tensors.
 
     The real kernels run the C++ checks; fake tensors never reach them, so shape
     inference (torch.compile, export, meta tensors) repeats them, in the same order and
     with the same messages: what the kernels refuse fails at trace time, not at run time.
     ``norm`` is "layer" or "rms" (torch words rms_norm's shape messages apart).
+    ``dtype_pairs=False`` leaves out which parameter dtypes go with the input's, for a
+    caller whose tensors autocast may still cast before they reach the op.
     """
     shape = list(normalized_shape)
     if not shape:
@@ -98,16 +101,36 @@ def _check_fake_inputs(input, normalized_shape, weight, bias, norm: str = "layer
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but "
                                f"got {name} of shape {list(param.shape)} and normalized_shape "
                                f"= {shape}")
+        _check_same_device(input, param)
         _check_floating(param, name)
-        if not (param.dtype == input.dtype or (reduced_input and param.dtype == torch.float32)):
+        if dtype_pairs and not (param.dtype == input.dtype or (reduced_input and param.dtype == torch.float32)):
             raise RuntimeError(f"mixed dtype: expected {name} to have the input's dtype "
                                f"({_scalar_type_name(input.dtype)})"
                                f"{' or float32' if reduced_input else ''}, but got "
                                f"{_scalar_type_name(param.dtype)}")
-    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+    if dtype_pairs and weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise RuntimeError("mixed dtype: expected weight and bias to have the same dtype, but "
                            f"got {_scalar_type_name(weight.dtype)} and "
                            f"{_scalar_type_name(bias.dtype)}")
+
+
+def _check_fake_backward_inputs(grad_out, input, mean, rstd, normalized_shape) -> None:
+    """check_layer_norm_backward_inputs of csrc/layernorm_checks.cpp (mean is None for
+    RMSNorm), after _check_fake_inputs, as in the C++."""
+    if grad_out.shape != input.shape:
+        raise RuntimeError(f"Expected grad_out of shape {list(input.shape)}, but got "
+                           f"{list(grad_out.shape)}")
+    if grad_out.dtype != input.dtype:
+        raise RuntimeError(f"Expected grad_out of dtype {_scalar_type_name(input.dtype)}, but "
+                           f"got {_scalar_type_name(grad_out.dtype)}")
+    _check_same_device(input, grad_out, mean, rstd)
+    rows = input.shape[: input.dim() - len(normalized_shape)].numel()
+    stats = _stats_dtype(input)
+    for stat in (mean, rstd):
+        if stat is not None and (stat.numel() != rows or stat.dtype != stats):
+            raise RuntimeError(f"Expected mean and rstd with {rows} elements of dtype "
+                               f"{_scalar_type_name(stats)}, but got {stat.numel()} elements "
+                               f"of dtype {_scalar_type_name(stat.dtype)}")
 
 
 def _check_floating(tensor: torch.Tensor, name: str) -> None:
@@ -118,7 +141,6 @@ def _check_floating(tensor: torch.Tensor, name: str) -> None:
 
 @torch.library.register_fake("layernorm_ext::forward")
 def _forward_fake(input, normalized_shape, weight, bias, eps):
-    _check_same_device(input, weight, bias)
     _check_fake_inputs(input, normalized_shape, weight, bias)
     stats_shape = input.shape[: input.dim() - len(normalized_shape)]
     output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
@@ -129,8 +151,8 @@ def _forward_fake(input, normalized_shape, weight, bias, eps):
 
 @torch.library.register_fake("layernorm_ext::backward")
 def _backward_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
-    _check_same_device(input, grad_out, mean, rstd, weight, bias)
     _check_fake_inputs(input, normalized_shape, weight, bias)
+    _check_fake_backward_inputs(grad_out, input, mean, rstd, normalized_shape)
     param_dtype = _param_dtype(input, weight, bias)
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_weight = input.new_empty(normalized_shape, dtype=param_dtype)
@@ -376,14 +398,15 @@ def layer_norm(
     eps = _check_argument_types(input, weight, bias, eps)
     if input.is_nested:
         if input.layout == torch.strided:  # the older nested layout: torch's own kernel
-            return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
+            # (torch.layer_norm, not F.layer_norm: that may be this function, patched in)
+            return torch.layer_norm(input, shape, weight, bias, eps)
         return _on_jagged_values(input, shape, "layer_norm",
                                  lambda values: layer_norm(values, shape, weight, bias, eps))
     if transforms_active():
         # torch.func / forward AD: the op's C++ autograd node supports neither. The op's
-        # checks run here, as the autograd.Function only gets the number of normalized dims.
-        _check_same_device(input, weight, bias)
-        _check_fake_inputs(input, shape, weight, bias)
+        # checks run here, as the autograd.Function only gets the number of normalized dims;
+        # but not the dtype pairs, which the op checks after CUDA autocast's casts.
+        _check_fake_inputs(input, shape, weight, bias, dtype_pairs=False)
         return transformed_layer_norm(input, shape, weight, bias, eps)
     register_if_dtensor(input, weight, bias)  # not on the fast path: a DTensor is a subclass
     return _forward(input, shape, weight, bias, eps)[0]
@@ -398,7 +421,6 @@ _rms_forward = torch.ops.layernorm_ext.rms_forward.default
 
 @torch.library.register_fake("layernorm_ext::rms_forward")
 def _rms_forward_fake(input, normalized_shape, weight, eps):
-    _check_same_device(input, weight)
     _check_fake_inputs(input, normalized_shape, weight, None, "rms")
     stats_shape = input.shape[: input.dim() - len(normalized_shape)]
     output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
@@ -407,8 +429,8 @@ def _rms_forward_fake(input, normalized_shape, weight, eps):
 
 @torch.library.register_fake("layernorm_ext::rms_backward")
 def _rms_backward_fake(grad_out, input, normalized_shape, rstd, weight):
-    _check_same_device(input, grad_out, rstd, weight)
     _check_fake_inputs(input, normalized_shape, weight, None, "rms")
+    _check_fake_backward_inputs(grad_out, input, None, rstd, normalized_shape)
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_weight = input.new_empty(normalized_shape, dtype=_param_dtype(input, weight, None))
     return grad_input, grad_weight
@@ -496,8 +518,7 @@ def rms_norm(
             return torch.rms_norm(input, shape, weight, eps)
         # As in layer_norm: the op's checks run here, for the autograd.Function.
         weight = kernel_weight
-        _check_same_device(input, weight)
-        _check_fake_inputs(input, shape, weight, None, "rms")
+        _check_fake_inputs(input, shape, weight, None, "rms", dtype_pairs=False)
         return transformed_rms_norm(input, shape, weight, eps)
     if type(input) is not torch.Tensor:  # as layer_norm's: not for plain tensors' calls
         register_if_dtensor(input, kernel_weight)

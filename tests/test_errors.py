@@ -88,15 +88,16 @@ def test_weight_and_bias_dtypes_must_agree(device):
     assert len(messages) == 1, messages
 
 
-def test_compile_refuses_a_mixed_dtype_when_it_traces():
-    x = torch.ones(4, 8)
-    w = torch.ones(8, dtype=torch.bfloat16)
-    with pytest.raises(Exception) as error:
-        torch.compile(layer_norm, backend="eager", fullgraph=True)(x, [8], w)
-    # Raised by the fake kernel while Dynamo traces (before, the graph compiled and its
-    # run raised the kernels' error).
-    assert "failed to run FX node with fake tensors" in str(error.value), str(error.value)
-    assert "mixed dtype: expected weight to have the input" in str(error.value)
+def test_fake_tensors_refuse_a_mixed_dtype():
+    """What torch.compile and export trace with: the mix fails there, not at run time."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.ones(4, 8)
+        w = torch.ones(8, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="mixed dtype: expected weight to have the "
+                                               "input's dtype \\(Float\\), but got BFloat16"):
+            torch.ops.layernorm_ext.forward(x, [8], w, None, 1e-5)
 
 
 def test_tensors_on_different_devices_rejected():
@@ -106,12 +107,26 @@ def test_tensors_on_different_devices_rejected():
         layer_norm(x, [8], w)
 
 
-def test_backward_op_checks_its_tensors(device):
-    x = torch.randn(4, 8, device=device)
+@pytest.mark.parametrize("on", ["device", "meta"])
+def test_backward_ops_check_their_tensors(device, on):
+    """The kernels' checks, and the fake kernels' (meta) with the same messages."""
+    on = device if on == "device" else on
+    backward, rms_backward = torch.ops.layernorm_ext.backward, torch.ops.layernorm_ext.rms_backward
+    x = torch.randn(4, 8, device=on)
     out, mean, rstd = torch.ops.layernorm_ext.forward(x, [8], None, None, 1e-5)
-    with pytest.raises(RuntimeError, match="Expected grad_out of shape"):
-        torch.ops.layernorm_ext.backward(out[:2], x, [8], mean, rstd, None, None)
-    with pytest.raises(RuntimeError, match="Expected mean and rstd with 4 elements"):
-        torch.ops.layernorm_ext.backward(out, x, [8], mean[:2], rstd, None, None)
-    with pytest.raises(RuntimeError, match="Expected mean and rstd with 4 elements of dtype Float"):
-        torch.ops.layernorm_ext.backward(out, x, [8], mean.double(), rstd, None, None)
+    calls = {
+        "Expected grad_out of shape [4, 8], but got [2, 8]":
+            lambda: backward(out[:2], x, [8], mean, rstd, None, None),
+        "Expected grad_out of dtype Float, but got Double":
+            lambda: backward(out.double(), x, [8], mean, rstd, None, None),
+        "Expected mean and rstd with 4 elements of dtype Float, but got 2 elements of dtype "
+        "Float": lambda: backward(out, x, [8], mean[:2], rstd, None, None),
+        "Expected mean and rstd with 4 elements of dtype Float, but got 4 elements of dtype "
+        "Double": lambda: backward(out, x, [8], mean.double(), rstd, None, None),
+        "Expected mean and rstd with 4 elements of dtype Float, but got 3 elements of dtype "
+        "Float": lambda: rms_backward(out, x, [8], rstd[:3], None),
+    }
+    for message, call in calls.items():
+        with pytest.raises(RuntimeError) as error:
+            call()
+        assert str(error.value).splitlines()[0] == message

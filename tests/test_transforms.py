@@ -560,3 +560,16 @@ def test_vmap_per_sample_parameters_round_once_as_a_loop(device, norm, dtype, pa
     mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
     ulp = torch.pow(2.0, torch.floor(torch.log2(looped.abs().clamp_min(1e-30))) - mantissa_bits)
     assert ((mapped - looped).abs() <= ulp).all()
+
+
+def test_cuda_autocast_casts_before_the_dtype_pairs_are_checked(device):
+    """Under a transform the op's checks run in Python first: the dtype pairs must be left
+    to the op, which sees the float32 tensors of CUDA autocast (as eager does)."""
+    if device != "cuda":
+        pytest.skip("CPU autocast leaves layer_norm alone")
+    x = torch.randn(4, 8, device=device)
+    w = torch.randn(8, device=device, dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = func.grad(lambda x: layer_norm(x, [8], w).sum())(x)
+        theirs = func.grad(lambda x: F.layer_norm(x, [8], w).sum())(x)
+    torch.testing.assert_close(ours, theirs)
