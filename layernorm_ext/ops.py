@@ -103,7 +103,8 @@ def _check_fake_inputs(input, normalized_shape, weight, bias, norm: str = "layer
                                f"= {shape}")
         _check_same_device(input, param)
         _check_floating(param, name)
-        if dtype_pairs and not (param.dtype == input.dtype or (reduced_input and param.dtype == torch.float32)):
+        pairs = param.dtype == input.dtype or (reduced_input and param.dtype == torch.float32)
+        if dtype_pairs and not pairs:
             raise RuntimeError(f"mixed dtype: expected {name} to have the input's dtype "
                                f"({_scalar_type_name(input.dtype)})"
                                f"{' or float32' if reduced_input else ''}, but got "
@@ -331,7 +332,7 @@ def _on_jagged_values(input: torch.Tensor, normalized_shape: list[int], function
     """``normalize(values)`` of a jagged nested tensor normalized over regular trailing dims:
     its values are the rows. The result is a view over the same offsets, so it keeps the
     ragged size symbol and combines with the input (residual connections)."""
-    # RuntimeError: what torch's rms_norm raises for strided nested tensors.
+    # RuntimeErrors, as torch's layer_norm and rms_norm raise for nested input they refuse.
     if input.layout != torch.jagged:
         raise RuntimeError(f"layernorm_ext.{function}: nested tensors need layout=torch.jagged")
     if len(normalized_shape) > input.dim() - 1 - input._ragged_idx:
