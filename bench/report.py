@@ -152,8 +152,9 @@ def write_plot(result: SweepResult, path: Path) -> None:
     dtypes = list(dict.fromkeys(row.dtype for row in result.rows)) or ["(none)"]
     grouped = _cases(result.rows)
     names = result.contenders + [ROOF]
+    height = 3.4 * len(passes) + 0.6
     fig, axes = plt.subplots(len(passes), len(dtypes), squeeze=False, sharey="row",
-                             figsize=(4.8 * len(dtypes) + 1, 3.4 * len(passes) + 0.6))
+                             figsize=(4.8 * len(dtypes) + 1, height))
     for i, (norm, pass_name) in enumerate(passes):
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
@@ -176,6 +177,8 @@ def write_plot(result: SweepResult, path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(names), frameon=False)
     fig.suptitle(f"{_title(result)} effective bandwidth: {result.header['machine']}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    # Room for the legend below and the title above, in inches whatever the row count
+    # (a top of 1 let the title run into the first row's titles).
+    fig.tight_layout(rect=(0, 0.5 / height, 1, 1 - 0.2 / height))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
