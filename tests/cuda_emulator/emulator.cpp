@@ -1,8 +1,15 @@
-// The CPU emulator behind cuda_emulation.h: a block's threads are coroutines (ucontext)
+// The CPU emulator behind cuda_emulation.h: a block's threads are coroutines
 // on one OS thread. Each runs until it waits (at __syncthreads or a warp shuffle) or
 // exits; when no thread can run, the waits that every participant has reached are
 // released (a shuffle's values exchanged), and anything else is a deadlock: a bug that
 // would hang or be undefined on a GPU, reported as an exception.
+//
+// A thread starts on its own stack through ucontext (setcontext), and from then on
+// switches with _setjmp/_longjmp, which, unlike swapcontext, do not save and restore the
+// signal mask: a system call at every switch, most of the emulator's time before.
+// glibc's fortified longjmp refuses a jump onto another stack; this file needs none of it.
+#undef _FORTIFY_SOURCE
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -24,7 +31,9 @@ namespace {
 enum class State { kReady, kAtBlockBarrier, kAtShuffle, kExited };
 
 struct Thread {
-  ucontext_t context;
+  ucontext_t start;  // its first run: thread_main on its own stack
+  jmp_buf resume;    // where it waits, once started
+  bool started = false;
   dim3 index;
   State state = State::kReady;
   uint64_t posted = 0;   // shuffle: the value this lane offers
@@ -41,14 +50,16 @@ struct Launch {
   dim3 grid, block, block_index;
   const std::function<void()>* body = nullptr;
   std::vector<Thread> threads;
-  std::vector<std::unique_ptr<char[]>> stacks;
   size_t current = 0;
-  ucontext_t scheduler;
+  jmp_buf scheduler;
   std::exception_ptr error;
 };
 
 Launch* active = nullptr;  // the launch being run (one at a time: launch_mutex)
 std::mutex launch_mutex;
+// The threads' stacks, kept from launch to launch (the pages a thread touched stay
+// mapped: no page faults at every launch). Guarded by launch_mutex.
+std::vector<std::unique_ptr<char[]>> stacks;
 Schedule schedule = Schedule::kInOrder;
 std::mt19937_64 shuffle_rng;
 
@@ -61,13 +72,22 @@ void thread_main() {
     if (!active->error) active->error = std::current_exception();
   }
   running().state = State::kExited;
-  // Returning resumes uc_link: the scheduler.
+  _longjmp(active->scheduler, 1);  // never returns: its stack is dropped
 }
 
 void wait_as(State state) {
   Thread& self = running();
   self.state = state;
-  swapcontext(&self.context, &active->scheduler);
+  if (_setjmp(self.resume) == 0) _longjmp(active->scheduler, 1);
+}
+
+// Runs thread t until it waits or exits. Its own frame (never inlined) holds nothing
+// live across the jumps, so no local anywhere needs to be volatile.
+__attribute__((noinline)) void resume(Launch& l, Thread& t) {
+  if (_setjmp(l.scheduler) != 0) return;  // back from t
+  if (t.started) _longjmp(t.resume, 1);
+  t.started = true;
+  setcontext(&t.start);
 }
 
 const char* name_of(State s) {
@@ -125,11 +145,11 @@ void run_block(Launch& l) {
     t.index = dim3(static_cast<unsigned>(i % l.block.x),
                    static_cast<unsigned>(i / l.block.x % l.block.y),
                    static_cast<unsigned>(i / (size_t(l.block.x) * l.block.y)));
-    getcontext(&t.context);
-    t.context.uc_stack.ss_sp = l.stacks[i].get();
-    t.context.uc_stack.ss_size = kStackBytes;
-    t.context.uc_link = &l.scheduler;
-    makecontext(&t.context, thread_main, 0);
+    getcontext(&t.start);
+    t.start.uc_stack.ss_sp = stacks[i].get();
+    t.start.uc_stack.ss_size = kStackBytes;
+    t.start.uc_link = nullptr;  // thread_main jumps back instead of returning
+    makecontext(&t.start, thread_main, 0);
   }
   std::vector<size_t> order(n);
   std::iota(order.begin(), order.end(), size_t(0));
@@ -139,7 +159,7 @@ void run_block(Launch& l) {
     for (const size_t i : order) {
       if (l.threads[i].state != State::kReady) continue;
       l.current = i;
-      swapcontext(&l.scheduler, &l.threads[i].context);
+      resume(l, l.threads[i]);
       if (l.error) std::rethrow_exception(l.error);
     }
     size_t exited = 0, at_barrier = 0;
@@ -206,7 +226,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   l.block = block;
   l.body = &body;
   l.threads.resize(threads);
-  for (size_t i = 0; i < threads; ++i) l.stacks.emplace_back(new char[kStackBytes]);
+  while (stacks.size() < threads) stacks.emplace_back(new char[kStackBytes]);
   active = &l;
   try {
     for (unsigned b = 0; b < grid.x; ++b) {
