@@ -298,30 +298,57 @@ def test_export_contains_the_op_and_runs(device):
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
-def test_a_saved_program_loads_where_layernorm_ext_is_imported(device, tmp_path):
-    """torch.export.save, then torch.export.load in a fresh process: the program calls the
-    op by name, which `import layernorm_ext` registers (as the README says)."""
+def _load_in_fresh_processes(load: str, cwd) -> None:
+    """Runs the script `load` in two fresh processes: with `import layernorm_ext` first it
+    must pass, without it fail naming layernorm_ext (its ops are registered by the import)."""
     import subprocess
     import sys
 
-    model = torch.nn.Sequential(layernorm_ext.LayerNorm(16), torch.nn.ReLU()).to(device)
-    x = torch.randn(5, 16, device=device)
-    torch.export.save(torch.export.export(model, (x,)), tmp_path / "program.pt2")
-    torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
-    load = ("import sys, torch\n"
-            "if sys.argv[1] == 'import': import layernorm_ext\n"
-            f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
-            f"program = torch.export.load({str(tmp_path / 'program.pt2')!r})\n"
-            "torch.testing.assert_close(program.module()(io['x']), io['y'])\n")
+    script = "import sys, torch\nif sys.argv[1] == 'import': import layernorm_ext\n" + load
     # The layernorm_ext this process imported (a build outside the tree, in CI's CPU-torch
     # run), not the source tree's.
     package_root = os.path.dirname(os.path.dirname(layernorm_ext.__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    run = [subprocess.run([sys.executable, "-c", load, how], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env) for how in ("import", "no import")]
+    run = [subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env) for how in ("import", "no import")]
     assert run[0].returncode == 0, run[0].stderr
     assert run[1].returncode != 0 and "layernorm_ext" in run[1].stderr, run[1].stderr
+
+
+def test_a_saved_program_loads_where_layernorm_ext_is_imported(device, tmp_path):
+    """torch.export.save, then torch.export.load in a fresh process: the program calls the
+    op by name, which `import layernorm_ext` registers (as the README says)."""
+    model = torch.nn.Sequential(layernorm_ext.LayerNorm(16), torch.nn.ReLU()).to(device)
+    x = torch.randn(5, 16, device=device)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "program.pt2")
+    torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
+    _load_in_fresh_processes(
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"program = torch.export.load({str(tmp_path / 'program.pt2')!r})\n"
+        "torch.testing.assert_close(program.module()(io['x']), io['y'])\n", tmp_path)
+
+
+@pytest.mark.slow
+def test_an_aot_inductor_package_runs_where_layernorm_ext_is_imported(tmp_path):
+    """An AOTInductor package of an exported model with a dynamic batch dim, loaded with
+    aoti_load_package in a fresh process, runs the op by name (through the package's proxy
+    executor) at another batch size, bitwise as eager. CPU only: compiling the package
+    takes ~25 s on 2 cores, time a GPU check does not have."""
+    model = torch.nn.Sequential(layernorm_ext.LayerNorm(16), torch.nn.ReLU())
+    batch = torch.export.Dim("batch", min=2)
+    exported = torch.export.export(model, (torch.randn(5, 16),),
+                                   dynamic_shapes=({0: batch},))
+    assert torch.ops.layernorm_ext.forward.default in [
+        node.target for node in exported.graph.nodes if node.op == "call_function"]
+    package = torch._inductor.aoti_compile_and_package(
+        exported, package_path=str(tmp_path / "model.pt2"))
+    x = torch.randn(9, 16)
+    torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
+    _load_in_fresh_processes(
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"model = torch._inductor.aoti_load_package({package!r})\n"
+        "assert torch.equal(model(io['x']), io['y'])\n", tmp_path)
 
 
 def test_torch_compile_dynamic_shapes(device):
