@@ -4,10 +4,11 @@
 // released (a shuffle's values exchanged), and anything else is a deadlock: a bug that
 // would hang or be undefined on a GPU, reported as an exception.
 //
-// A thread starts on its own stack through ucontext (setcontext), and from then on
-// switches with _setjmp/_longjmp, which, unlike swapcontext, do not save and restore the
-// signal mask: a system call at every switch, most of the emulator's time before.
-// glibc's fortified longjmp refuses a jump onto another stack; this file needs none of it.
+// A thread starts on its own stack through ucontext (setcontext), once a launch, and
+// from then on switches with _setjmp/_longjmp, which, unlike swapcontext, do not save
+// and restore the signal mask: a system call at every switch, most of the emulator's
+// time before. glibc's fortified longjmp refuses a jump onto another stack; this file
+// needs none of it.
 #undef _FORTIFY_SOURCE
 #include <setjmp.h>
 #include <ucontext.h>
@@ -65,20 +66,23 @@ std::mt19937_64 shuffle_rng;
 
 Thread& running() { return active->threads[active->current]; }
 
-void thread_main() {
-  try {
-    (*active->body)();
-  } catch (...) {
-    if (!active->error) active->error = std::current_exception();
-  }
-  running().state = State::kExited;
-  _longjmp(active->scheduler, 1);  // never returns: its stack is dropped
-}
-
 void wait_as(State state) {
   Thread& self = running();
   self.state = state;
   if (_setjmp(self.resume) == 0) _longjmp(active->scheduler, 1);
+}
+
+// A thread runs the body once for each block of the launch: having exited one block, it
+// waits to be resumed for the next (its stack left as it was: nothing to restart).
+void thread_main() {
+  for (;;) {
+    try {
+      (*active->body)();
+    } catch (...) {
+      if (!active->error) active->error = std::current_exception();
+    }
+    wait_as(State::kExited);
+  }
 }
 
 // Runs thread t until it waits or exits. Its own frame (never inlined) holds nothing
@@ -139,18 +143,7 @@ bool release_shuffles(Launch& l) {
 
 void run_block(Launch& l) {
   const size_t n = l.threads.size();
-  for (size_t i = 0; i < n; ++i) {
-    Thread& t = l.threads[i];
-    t = Thread{};
-    t.index = dim3(static_cast<unsigned>(i % l.block.x),
-                   static_cast<unsigned>(i / l.block.x % l.block.y),
-                   static_cast<unsigned>(i / (size_t(l.block.x) * l.block.y)));
-    getcontext(&t.start);
-    t.start.uc_stack.ss_sp = stacks[i].get();
-    t.start.uc_stack.ss_size = kStackBytes;
-    t.start.uc_link = nullptr;  // thread_main jumps back instead of returning
-    makecontext(&t.start, thread_main, 0);
-  }
+  for (Thread& t : l.threads) t.state = State::kReady;
   std::vector<size_t> order(n);
   std::iota(order.begin(), order.end(), size_t(0));
   if (schedule == Schedule::kReverse) std::reverse(order.begin(), order.end());
@@ -227,6 +220,17 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   l.body = &body;
   l.threads.resize(threads);
   while (stacks.size() < threads) stacks.emplace_back(new char[kStackBytes]);
+  for (size_t i = 0; i < threads; ++i) {
+    Thread& t = l.threads[i];
+    t.index = dim3(static_cast<unsigned>(i % block.x),
+                   static_cast<unsigned>(i / block.x % block.y),
+                   static_cast<unsigned>(i / (size_t(block.x) * block.y)));
+    getcontext(&t.start);
+    t.start.uc_stack.ss_sp = stacks[i].get();
+    t.start.uc_stack.ss_size = kStackBytes;
+    t.start.uc_link = nullptr;  // thread_main never returns
+    makecontext(&t.start, thread_main, 0);
+  }
   active = &l;
   try {
     for (unsigned b = 0; b < grid.x; ++b) {
