@@ -8,7 +8,10 @@
 // from then on switches with _setjmp/_longjmp, which, unlike swapcontext, do not save
 // and restore the signal mask: a system call at every switch, most of the emulator's
 // time before. glibc's fortified longjmp refuses a jump onto another stack; this file
-// needs none of it.
+// needs none of it (checked below the includes). A thread never switches inside a catch
+// block (the C++ runtime's exception state is per OS thread), so kernels must not call
+// __syncthreads or a shuffle there; none does. (Jumps between stacks would also break
+// under CET shadow stacks, which this toolchain does not turn on.)
 #undef _FORTIFY_SOURCE
 #include <setjmp.h>
 #include <ucontext.h>
@@ -25,6 +28,10 @@
 #include <vector>
 
 #include "cuda_emulation.h"
+
+#if defined(__USE_FORTIFY_LEVEL) && __USE_FORTIFY_LEVEL > 0
+#error "build emulator.cpp without _FORTIFY_SOURCE: its longjmp refuses to switch stacks"
+#endif
 
 namespace emu {
 namespace {
