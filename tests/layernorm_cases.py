@@ -568,9 +568,16 @@ def check_constant_rows_far_from_zero_backward(forward: Callable, backward: Call
     dy = torch.randn(3, D, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     y, mean, rstd = forward(x, [D], None, None, eps)
     dx, _, _ = backward(dy, x, [D], mean, rstd, None, None)
-    expected = rstd.cpu().double()[:, None] * (dy.cpu().double()
-                                               - dy.cpu().double().mean(-1, keepdim=True))
+    # The variance is exactly 0: rstd is eps ** -0.5, to a few ulps of its dtype.
+    exact_rstd = eps ** -0.5
+    rstd_rtol = 1e-14 if rstd.dtype == torch.float64 else 5e-7
+    torch.testing.assert_close(rstd.cpu().double(), torch.full((3,), exact_rstd,
+                                                               dtype=torch.float64),
+                               rtol=rstd_rtol, atol=0)
+    dy64 = dy.cpu().double()
+    expected = exact_rstd * (dy64 - dy64.mean(-1, keepdim=True))
     assert torch.isfinite(dx).all()
-    torch.testing.assert_close(dx.cpu().double(), expected.to(dtype).double(), rtol=1e-2, atol=0)
+    torch.testing.assert_close(dx.cpu().double(), expected, rtol=0,
+                               atol=ATOL[dtype] * exact_rstd * dy64.abs().max().item())
     if D == 1:
         assert (dx == 0).all()

@@ -105,17 +105,20 @@ def test_scripted_rmsnorm_computes_complex_input_as_torch(device):
     torch.testing.assert_close(scripted(x), theirs(x), rtol=0, atol=0)
 
 
-def test_module_forward_backward_matches_torch(device):
+@pytest.mark.parametrize("eps", [1e-5, 0.1])  # a large eps: a module that drops it fails
+def test_module_forward_backward_matches_torch(device, eps):
     torch.manual_seed(0)
-    ours = LayerNorm((3, 8), device=device)
-    theirs = nn.LayerNorm((3, 8), device=device)
+    ours = LayerNorm((3, 8), eps=eps, device=device)
+    theirs = nn.LayerNorm((3, 8), eps=eps, device=device)
     with torch.no_grad():
         for p, q in zip(ours.parameters(), theirs.parameters()):
             p.normal_()
             q.copy_(p)
     x = torch.randn(2, 5, 3, 8, device=device)
-    ours(x).square().sum().backward()
-    theirs(x).square().sum().backward()
+    y_ours, y_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
 
@@ -123,10 +126,24 @@ def test_module_forward_backward_matches_torch(device):
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_autocast_output_dtype_matches_torch(device, autocast_dtype, input_dtype):
-    x = torch.randn(4, 8, device=device, dtype=input_dtype)
+    """Under autocast: torch's output dtype and values, and its parameter gradients to
+    the rounding of the coarser of the input's and the output's dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=gen).to(device, input_dtype)
     ours, theirs = LayerNorm(8, device=device), nn.LayerNorm(8, device=device)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            p.copy_(torch.randn(8, generator=gen))
+            q.copy_(p)
     with torch.autocast(device, dtype=autocast_dtype):
         expected = theirs(x)
         got = ours(x)
     assert got.dtype == expected.dtype
-    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, expected)
+    grad_out = torch.randn(got.shape, generator=gen).to(device, got.dtype)
+    got.backward(grad_out)
+    expected.backward(grad_out)
+    # The gradients come from input_dtype's data: torch's sums differ at its rounding.
+    coarse = max(input_dtype, got.dtype, key=lambda dtype: torch.finfo(dtype).eps)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad.to(coarse), q.grad.to(coarse))

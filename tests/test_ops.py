@@ -11,10 +11,9 @@ import torch.nn.functional as F
 
 import layernorm_ext
 from layernorm_ext import layer_norm
+from layernorm_cases import ATOL  # slack on top of "within 2x torch's own error", by scale
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# Absolute slack on top of "within 2x torch's own error", relative to the values' scale.
-ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_inputs(shape, normalized_shape, dtype, device, affine=(True, True), param_dtype=None,
@@ -59,15 +58,24 @@ def test_parity_with_torch(device, dtype, D):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_reduced_input_with_fp32_params(device, dtype):
+    """The output and dx as the parity test; the float32 parameter gradients are summed in
+    float32 from the rows, so they are float32-accurate (torch's CPU kernel is ~1e-2 off)."""
     x, w, b = make_inputs((16, 96), [96], dtype, device, param_dtype=torch.float32)
-    dy = torch.randn_like(x)
-    y, dx, dw, db = forward_backward(layer_norm, x, [96], w, b, dy)
-    assert y.dtype == dtype and dx.dtype == dtype
-    assert dw.dtype == torch.float32 and db.dtype == torch.float32
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    ours = forward_backward(layer_norm, x, [96], w, b, dy)
+    theirs = forward_backward(F.layer_norm, x, [96], w, b, dy)
     ref = forward_backward(F.layer_norm, to64(x), [96], to64(w), to64(b), to64(dy))
-    torch.testing.assert_close(y.double(), ref[0], atol=ATOL[dtype] * 4, rtol=0)
-    torch.testing.assert_close(dw.double(), ref[2], atol=ATOL[dtype] * 16, rtol=1e-2)
-    torch.testing.assert_close(db.double(), ref[3], atol=ATOL[dtype] * 16, rtol=1e-2)
+    for name, o, t, r in zip(["output", "grad_input"], ours, theirs, ref):
+        assert o.dtype == dtype, name
+        err_ours = (o.double() - r).abs().max().item()
+        err_torch = (t.double() - r).abs().max().item()
+        assert err_ours <= 2 * err_torch + ATOL[dtype] * max(1.0, r.abs().max().item()), (
+            f"{name}: error {err_ours:.3g} vs torch's {err_torch:.3g}")
+    for name, o, r in zip(["grad_weight", "grad_bias"], ours[2:], ref[2:]):
+        assert o.dtype == torch.float32, name
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(o.double(), r, rtol=0, atol=ATOL[torch.float32] * scale,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
