@@ -581,3 +581,28 @@ def check_constant_rows_far_from_zero_backward(forward: Callable, backward: Call
                                atol=ATOL[dtype] * exact_rstd * dy64.abs().max().item())
     if D == 1:
         assert (dx == 0).all()
+
+
+def check_module_under_autocast(ours: torch.nn.Module, theirs: torch.nn.Module, device: str,
+                                input_dtype: torch.dtype, autocast_dtype: torch.dtype) -> None:
+    """A module of ours against torch's under autocast, with the same random parameters
+    (set here): torch's output dtype and values, and the parameter gradients to the
+    rounding of the coarser of the input's and the output's dtypes (they come from the
+    input's data: torch's sums differ at its rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=gen).to(device, input_dtype)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen))
+            q.copy_(p)
+    with torch.autocast(device, dtype=autocast_dtype):
+        expected = theirs(x)
+        got = ours(x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected)
+    grad_out = torch.randn(got.shape, generator=gen).to(device, got.dtype)
+    got.backward(grad_out)
+    expected.backward(grad_out)
+    coarse = max(input_dtype, got.dtype, key=lambda dtype: torch.finfo(dtype).eps)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad.to(coarse), q.grad.to(coarse))

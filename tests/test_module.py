@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from layernorm_ext import LayerNorm, RMSNorm
+from layernorm_cases import check_module_under_autocast
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -126,24 +127,5 @@ def test_module_forward_backward_matches_torch(device, eps):
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_autocast_output_dtype_matches_torch(device, autocast_dtype, input_dtype):
-    """Under autocast: torch's output dtype and values, and its parameter gradients to
-    the rounding of the coarser of the input's and the output's dtypes."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 8, generator=gen).to(device, input_dtype)
-    ours, theirs = LayerNorm(8, device=device), nn.LayerNorm(8, device=device)
-    with torch.no_grad():
-        for p, q in zip(ours.parameters(), theirs.parameters()):
-            p.copy_(torch.randn(8, generator=gen))
-            q.copy_(p)
-    with torch.autocast(device, dtype=autocast_dtype):
-        expected = theirs(x)
-        got = ours(x)
-    assert got.dtype == expected.dtype
-    torch.testing.assert_close(got, expected)
-    grad_out = torch.randn(got.shape, generator=gen).to(device, got.dtype)
-    got.backward(grad_out)
-    expected.backward(grad_out)
-    # The gradients come from input_dtype's data: torch's sums differ at its rounding.
-    coarse = max(input_dtype, got.dtype, key=lambda dtype: torch.finfo(dtype).eps)
-    for p, q in zip(ours.parameters(), theirs.parameters()):
-        torch.testing.assert_close(p.grad.to(coarse), q.grad.to(coarse))
+    check_module_under_autocast(LayerNorm(8, device=device), nn.LayerNorm(8, device=device),
+                                device, input_dtype, autocast_dtype)

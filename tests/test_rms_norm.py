@@ -15,7 +15,7 @@ from torch import nn
 
 import layernorm_ext
 from layernorm_ext import RMSNorm, replace_rmsnorm, rms_norm
-from layernorm_cases import with_kernel_name
+from layernorm_cases import check_module_under_autocast, reference_errors, with_kernel_name
 from test_ops import ATOL, FLOAT_DTYPES
 
 RMS_FORWARD = torch.ops.layernorm_ext.rms_forward.default
@@ -118,17 +118,13 @@ def test_mixed_dtypes_as_torch(device, input_dtype, param_dtype):
     ours = forward_backward(rms_norm, x, [96], w, dy)
     theirs = forward_backward(F.rms_norm, x, [96], w, dy)
     ref = reference(x, [96], w, dy, None)
+    # The parity rule, with the slack of the result's dtype or of the kernels' arithmetic
+    # (float32; float64 for float64 input), the coarser: the inputs' own rounding is in
+    # the reference too.
+    compute = torch.float64 if input_dtype == torch.float64 else torch.float32
     for name, o, t, r in zip(("output", "grad_input", "grad_weight"), ours, theirs, ref):
-        assert o.dtype == t.dtype, name
-        # As the parity tests: within twice torch's error, plus the slack of the result's
-        # dtype or of the kernels' arithmetic (float32; float64 for float64 input), the
-        # coarser: the inputs' own rounding is in the reference too.
-        compute = torch.float64 if input_dtype == torch.float64 else torch.float32
-        slack = max(ATOL[o.dtype], ATOL[compute]) * max(1.0, r.abs().max().item())
-        err_ours = (o.double().cpu() - r).abs().max().item()
-        err_torch = (t.double().cpu() - r).abs().max().item()
-        assert err_ours <= 2 * err_torch + slack, (
-            f"{name}: error {err_ours:.3g} vs torch's {err_torch:.3g}")
+        assert not reference_errors([o], [t], [r], o.dtype, [name],
+                                    atol=max(ATOL[o.dtype], ATOL[compute]))
 
 
 @pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no_weight"])
@@ -354,23 +350,8 @@ def test_module_forward_backward_matches_torch(device, eps):
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_module_autocast_output_dtype_matches_torch(device, autocast_dtype, input_dtype):
-    """As test_module.py's LayerNorm case: torch's dtype, values and weight gradient."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 8, generator=gen).to(device, input_dtype)
-    ours, theirs = RMSNorm(8, device=device), nn.RMSNorm(8, device=device)
-    with torch.no_grad():
-        ours.weight.copy_(torch.randn(8, generator=gen))
-        theirs.weight.copy_(ours.weight)
-    with torch.autocast(device, dtype=autocast_dtype):
-        expected = theirs(x)
-        got = ours(x)
-    assert got.dtype == expected.dtype
-    torch.testing.assert_close(got, expected)
-    grad_out = torch.randn(got.shape, generator=gen).to(device, got.dtype)
-    got.backward(grad_out)
-    expected.backward(grad_out)
-    coarse = max(input_dtype, got.dtype, key=lambda dtype: torch.finfo(dtype).eps)
-    torch.testing.assert_close(ours.weight.grad.to(coarse), theirs.weight.grad.to(coarse))
+    check_module_under_autocast(RMSNorm(8, device=device), nn.RMSNorm(8, device=device),
+                                device, input_dtype, autocast_dtype)
 
 
 def test_autocast_rule_follows_the_installed_torch():
