@@ -265,8 +265,11 @@ def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Seq
     # The usual case, a tuple/list/Size of plain ints, returned as it is: this function
     # runs on every call, and at the seed's 100x20 a call takes only ~5 us.
     if type(normalized_shape) in _PLAIN_SHAPE_TYPES:
+        # Traced by Dynamo, a symbolic size is an int too, and comparing it with int64's
+        # bounds would guard it to them (torch.export then refuses a dynamic hidden dim).
+        tracing = torch.compiler.is_compiling()
         for size in normalized_shape:
-            if type(size) is not int or not _INT64_MIN <= size <= _INT64_MAX:
+            if type(size) is not int or not (tracing or _INT64_MIN <= size <= _INT64_MAX):
                 break
         else:
             # The op parses a torch.Size ~0.7 us slower than a tuple of the same ints.

@@ -367,10 +367,6 @@ def test_torch_compile_dynamic_shapes(device):
 NORMS = {"layer": (layer_norm, F.layer_norm), "rms": (layernorm_ext.rms_norm, F.rms_norm)}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "normalized_shape is int[] in the ops' schemas (torch's: SymInt[]), so a hidden size "
-    "from a dynamic dim is specialized: a graph per hidden size, and torch.export refuses "
-    "a dynamic hidden dim. SymInt[] cost ~0.4 us a call at 100x20 (README, the API section)"))
 @pytest.mark.parametrize("norm", NORMS)
 def test_a_symbolic_normalized_shape_stays_symbolic(device, norm):
     """normalized_shape taken from the input's size: one graph for every hidden size under
