@@ -248,6 +248,44 @@ def test_compiled_autograd_reuses_a_graph_only_where_the_result_would_not_change
 
 
 @pytest.mark.parametrize("norm", NORMS)
+def test_compiled_autograd_across_hidden_sizes(device, norm):
+    # The node keeps normalized_shape as sizes for compiled autograd, as torch's nodes
+    # keep theirs: backwards of other hidden sizes capture as many graphs as torch's do
+    # (a size that changed is symbolic from then on), and each gives eager's gradients
+    # bitwise (a graph that baked in the first size would give wrong shapes).
+    from torch._dynamo import compiled_autograd
+
+    def grads(fn, hidden):
+        g = torch.Generator().manual_seed(hidden)
+        x, weight, bias, grad_out = (torch.randn(shape, generator=g, dtype=torch.float64)
+                                     .to(device) for shape in ((5, hidden), (hidden,),
+                                                                (hidden,), (5, hidden)))
+        leaves = [x, weight, bias][: 3 if norm == "layer_norm" else 2]
+        for leaf in leaves:
+            leaf.requires_grad_()
+        return torch.autograd.grad(fn(x, (hidden,), *leaves[1:]), leaves, grad_out)
+
+    captures = {}
+    for fn in NORMS[norm]:
+        def compiler(gm, fn=fn):
+            captures[fn] = captures.get(fn, 0) + 1
+            return torch.compile(gm, backend="aot_eager", fullgraph=True)
+
+        torch._dynamo.reset()
+        try:
+            for hidden in (8, 12, 20, 12):
+                eager = grads(fn, hidden)
+                with compiled_autograd._enable(compiler):
+                    compiled = grads(fn, hidden)
+                torch.testing.assert_close(compiled, eager, rtol=0, atol=0,
+                                           msg=lambda m, hidden=hidden: f"hidden {hidden}: {m}")
+        finally:
+            torch._dynamo.reset()
+    ours, theirs = NORMS[norm]
+    assert captures[ours] == captures[theirs]
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_anomaly_mode_names_the_node_and_its_forward(device, norm):
     # detect_anomaly checks each node's outputs: a NaN gradient raises naming our node,
     # with a warning that shows the forward call that created it (stored by the node).
