@@ -8,6 +8,7 @@ then the same for RMSNorm (``rms_forward``/``rms_backward``, ``rms_norm``).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -125,7 +126,9 @@ def _check_fake_backward_inputs(grad_out, input, mean, rstd, normalized_shape) -
         raise RuntimeError(f"Expected grad_out of dtype {_scalar_type_name(input.dtype)}, but "
                            f"got {_scalar_type_name(grad_out.dtype)}")
     _check_same_device(input, grad_out, mean, rstd)
-    rows = input.shape[: input.dim() - len(normalized_shape)].numel()
+    # math.prod, not Size.numel(): that guards symbolic sizes to their values, and under
+    # torch.compile each new batch size or sequence length compiled anew.
+    rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
     stats = _stats_dtype(input)
     for stat in (mean, rstd):
         if stat is not None and (stat.numel() != rows or stat.dtype != stats):
@@ -265,11 +268,8 @@ def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Seq
     # The usual case, a tuple/list/Size of plain ints, returned as it is: this function
     # runs on every call, and at the seed's 100x20 a call takes only ~5 us.
     if type(normalized_shape) in _PLAIN_SHAPE_TYPES:
-        # Traced by Dynamo, a symbolic size is an int too, and comparing it with int64's
-        # bounds would guard it to them (torch.export then refuses a dynamic hidden dim).
-        tracing = torch.compiler.is_compiling()
         for size in normalized_shape:
-            if type(size) is not int or not (tracing or _INT64_MIN <= size <= _INT64_MAX):
+            if type(size) is not int or not _INT64_MIN <= size <= _INT64_MAX:
                 break
         else:
             # The op parses a torch.Size ~0.7 us slower than a tuple of the same ints.
