@@ -15,8 +15,8 @@ from torch import nn
 
 import layernorm_ext
 from layernorm_ext import RMSNorm, replace_rmsnorm, rms_norm
-from layernorm_cases import check_module_under_autocast, reference_errors, with_kernel_name
-from test_ops import ATOL, FLOAT_DTYPES
+from layernorm_cases import ATOL, check_module_under_autocast, reference_errors, with_kernel_name
+from test_ops import FLOAT_DTYPES
 
 RMS_FORWARD = torch.ops.layernorm_ext.rms_forward.default
 RMS_BACKWARD = torch.ops.layernorm_ext.rms_backward.default
