@@ -312,7 +312,8 @@ def _load_in_fresh_processes(load: str, cwd) -> None:
     # The layernorm_ext this process imported (a build outside the tree, in CI's CPU-torch
     # run), not the source tree's.
     package_root = os.path.dirname(os.path.dirname(layernorm_ext.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    # TMPDIR: aoti_load_package unpacks into a temp dir it never removes; keep it in cwd.
+    env = dict(os.environ, TMPDIR=str(cwd), PYTHONPATH=os.pathsep.join(
         [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     run = [subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env=env) for how in ("import", "no import")]
