@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -168,6 +169,28 @@ def test_fused_modules_and_user_subclasses_are_left_alone():
     assert type(model[2]) is layernorm_ext.LayerNorm
     x = torch.randn(3, 4)
     torch.testing.assert_close(model[1](x), 2 * nn.functional.layer_norm(x, (4,)))
+
+
+def test_a_model_quantized_in_eager_mode_keeps_its_quantized_layernorm():
+    """Eager-mode quantization (torch.ao.quantization prepare/convert) matches exact module
+    types, so it would leave a fused LayerNorm unconverted; the README says to quantize
+    first. The quantized LayerNorm subclasses nn.LayerNorm: the swap must leave it alone."""
+    tq = pytest.importorskip("torch.ao.quantization")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation warnings
+        model = nn.Sequential(tq.QuantStub(), nn.Linear(8, 8), nn.LayerNorm(8),
+                              tq.DeQuantStub()).eval()
+        model.qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(model)
+        prepared(torch.randn(16, 8))
+        quantized = tq.convert(prepared)
+    quantized_norm = quantized[2]
+    assert isinstance(quantized_norm, nn.LayerNorm)
+    x = torch.randn(5, 8)
+    expected = quantized(x)
+    replace_layernorm(quantized)
+    assert quantized[2] is quantized_norm and type(quantized_norm) is not layernorm_ext.LayerNorm
+    assert torch.equal(quantized(x), expected)
 
 
 def test_swapped_state_dict_loads_strictly_into_the_original():
