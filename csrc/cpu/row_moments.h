@@ -52,7 +52,11 @@ struct LaneMoments {
 // (a cascade, as torch's RowwiseMoments does): the error grows with log(n), not n.
 constexpr int64_t kBlockSteps = 128;
 
-// The moments of a row, in three steps (forward_rows, row_kernels.cpp):
+// The moments of a row, in three steps (forward_rows, row_kernels.cpp), all of the row's
+// values less a shift, its first value (its moments are then those of the row, but for
+// the mean, shift + the shifted mean): the running means then round to the spread's
+// ulps, not the offset's. Unshifted, rows of a ramp 100..101 (float32, N = 4096) had an
+// rstd ~1800 ulps off (torch's: 2).
 // - Whole chunks (whole_chunk_moments): Welford per lane in blocks of kBlockSteps chunks
 //   (one reciprocal serves all lanes), blocks merged in a cascade.
 // - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows in row_groups.h for a
@@ -60,17 +64,21 @@ constexpr int64_t kBlockSteps = 128;
 // - The last partial chunk (with_partial_chunk): exact moments from two masked vector
 //   passes, shifted by its first element (exact for constant data, no overflow near the
 //   dtype's max), merged with Chan's combine.
+// A shifted value overflows only where the row spans over half the dtype's range, and
+// there its M2 would overflow anyway: the rescue (without_overflow) recomputes it.
 
-// Welford per lane over `steps` whole chunks from x: one reciprocal serves all lanes.
+// Welford per lane over `steps` whole chunks from x, less `shift`: one reciprocal serves
+// all lanes.
 // Two runs, over the even and the odd chunks, merged at the end: each run's mean is a
 // chain of dependent sub + fma per chunk, and a single run kept the core waiting on it
 // (the bf16 forward's statistics pass ran at half speed). A function of its own so the
 // running moments stay in registers.
 template <typename T>
-LaneMoments<T> block_moments(const T* x, int64_t steps) {
+LaneMoments<T> block_moments(const T* x, int64_t steps, typename Chunk<T>::acc_t shift) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
+  const Vec shift_v(shift);
   typename C::Parts mean_even{Vec(0), Vec(0)}, m2_even{Vec(0), Vec(0)};
   typename C::Parts mean_odd{Vec(0), Vec(0)}, m2_odd{Vec(0), Vec(0)};
   const int64_t pairs = steps / 2;
@@ -79,8 +87,8 @@ LaneMoments<T> block_moments(const T* x, int64_t steps) {
     const auto odd = C::load_unordered(x + C::kSize);
     const acc_t inv_step = acc_t(1) / static_cast<acc_t>(step);
     for (int k = 0; k < C::kParts; ++k) {
-      math::welford_step(mean_even[k], m2_even[k], even[k], inv_step);
-      math::welford_step(mean_odd[k], m2_odd[k], odd[k], inv_step);
+      math::welford_step(mean_even[k], m2_even[k], even[k] - shift_v, inv_step);
+      math::welford_step(mean_odd[k], m2_odd[k], odd[k] - shift_v, inv_step);
     }
   }
   LaneMoments<T> moments{mean_even, m2_even, pairs};
@@ -88,7 +96,7 @@ LaneMoments<T> block_moments(const T* x, int64_t steps) {
     const auto last = C::load_unordered(x);
     const acc_t inv_step = acc_t(1) / static_cast<acc_t>(pairs + 1);
     for (int k = 0; k < C::kParts; ++k) {
-      math::welford_step(moments.mean[k], moments.m2[k], last[k], inv_step);
+      math::welford_step(moments.mean[k], moments.m2[k], last[k] - shift_v, inv_step);
     }
     moments.steps = pairs + 1;
   }
@@ -210,13 +218,13 @@ math::WelfordState<at::opmath_type<T>> merge_lanes(const LaneMoments<T>& lanes) 
   return {lane_mean[0], lane_m2[0], lanes.steps * C::kSize};
 }
 
-// Per-lane moments of the first `chunks` > 0 whole chunks of a row: blocks of
-// kBlockSteps chunks merged in a cascade.
+// Per-lane moments of the first `chunks` > 0 whole chunks of a row, less `shift`: blocks
+// of kBlockSteps chunks merged in a cascade.
 template <typename T>
-LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks) {
+LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks, typename Chunk<T>::acc_t shift) {
   using C = Chunk<T>;
   using Moments = LaneMoments<T>;
-  Moments lanes = block_moments(x, std::min(chunks, kBlockSteps));
+  Moments lanes = block_moments(x, std::min(chunks, kBlockSteps), shift);
   if (chunks > kBlockSteps) {
     // cascade[d] holds a pending block; counts strictly decrease with d.
     std::array<Moments, 64> cascade;
@@ -224,7 +232,7 @@ LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks) {
     int depth = 1;
     for (int64_t done = kBlockSteps; done < chunks; done += kBlockSteps) {
       cascade[depth++] =
-          block_moments(x + done * C::kSize, std::min(kBlockSteps, chunks - done));
+          block_moments(x + done * C::kSize, std::min(kBlockSteps, chunks - done), shift);
       while (depth >= 2 && cascade[depth - 2].steps == cascade[depth - 1].steps) {
         cascade[depth - 2].merge(cascade[depth - 1]);
         --depth;
@@ -236,17 +244,23 @@ LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks) {
   return lanes;
 }
 
-// A row's moments from those of its whole chunks (`whole`), with its partial chunk's
-// combined in.
+// A row's moments from those of its whole chunks (`whole`, of the values less `shift`),
+// with its partial chunk's combined in; the mean shifted back.
 template <typename T>
 math::WelfordState<at::opmath_type<T>> with_partial_chunk(
-    math::WelfordState<at::opmath_type<T>> whole, const T* x, int64_t n) {
+    math::WelfordState<at::opmath_type<T>> whole, const T* x, int64_t n,
+    at::opmath_type<T> shift) {
   using C = Chunk<T>;
+  using acc_t = at::opmath_type<T>;
   const int64_t j = n / C::kSize * C::kSize;  // start of the partial chunk
-  if (j == n) return whole;
-  const auto v = C::load(x + j, n - j);
-  return math::welford_combine(
-      whole, partial_chunk_moments<T>(v, n - j, static_cast<at::opmath_type<T>>(x[j])));
+  if (j < n) {
+    auto v = C::load(x + j, n - j);
+    for (auto& part : v) part = part - typename C::Vec(shift);
+    whole = math::welford_combine(
+        whole, partial_chunk_moments<T>(v, n - j, static_cast<acc_t>(x[j]) - shift));
+  }
+  whole.mean = shift + whole.mean;
+  return whole;
 }
 
 // The mean and variance of a row, given its fast moments `fast`, rescued from overflow
