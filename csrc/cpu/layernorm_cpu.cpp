@@ -1,11 +1,11 @@
 // CPU backend: host side. Splits rows over threads and calls the row kernels of the
 // instruction set this machine supports (row_kernels.h).
 //
-// Backward: rows are cut into a fixed number of contiguous chunks, each adding its
-// dgamma/dbeta terms to its own fp32 (fp64 for fp64) partial row; the partial rows are
-// then summed in chunk order. The result never depends on thread scheduling: it is
-// bitwise reproducible for a given thread count (the chunks follow it, as torch's own
-// CPU kernel's per-thread buffers do) and instruction set (the vector width).
+// Backward: rows are cut into contiguous chunks, each adding its dgamma/dbeta terms to
+// its own fp32 (fp64 for fp64) partial row; the partial rows are then summed in chunk
+// order. The result never depends on thread scheduling: it is bitwise reproducible for a
+// given thread count (below a few hundred rows a thread, the chunks follow it, as torch's
+// own CPU kernel's per-thread buffers do) and instruction set (the vector width).
 #include <ATen/Version.h>
 #include <unistd.h>
 
@@ -25,6 +25,11 @@ namespace {
 // Elements per parallel task: large enough to amortize a task, small enough to spread
 // a mid-size tensor over the cores.
 constexpr int64_t kElementsPerTask = 1 << 15;
+
+// The most rows a backward chunk adds into its partial dgamma/dbeta rows, unless a
+// task's worth of rows is more (rows_per_task): the error of a chunk's sums grows with
+// its rows, that of the sum over chunks with their number.
+constexpr int64_t kMaxChunkRows = 256;
 
 // Size of the largest cache the first CPU sees, as sysfs lists it (what bench/machine.py
 // reports too), else sysconf's level-3 size, else 0. sysconf can be far off: on a 2-core
@@ -138,12 +143,17 @@ void backward_kernel(const BackwardArgs& a) {
   const auto backward = row_kernels<kNorm, T, P>().backward;
   constexpr int64_t kGrads = kParamGrads<kNorm>;
 
-  // A task's worth of rows a chunk, at most a chunk a thread, and rows enough that the
-  // partial rows (kGrads acc_t rows a chunk) stay within half the chunk's input: a few
-  // long rows over many threads would otherwise need partials several times the input.
+  // A task's worth of rows a chunk, at most kMaxChunkRows beyond that (a chunk adds its
+  // rows' terms one after another, so its rounding error grows with its rows: one chunk
+  // a thread of 65536 rows gave dgamma 60x torch's error, whose composite rms_norm sums
+  // pairwise), the rows split evenly over the threads below that, and rows enough that
+  // the partial rows (kGrads acc_t rows a chunk) stay within half the chunk's input: a
+  // few long rows over many threads would otherwise need partials several times the input.
   const int64_t partial_rows = at::ceil_div<int64_t>(2 * kGrads * sizeof(acc_t), sizeof(T));
   const int64_t chunk_rows =
-      std::max({rows_per_task(N), at::ceil_div<int64_t>(M, at::get_num_threads()), partial_rows});
+      std::max({rows_per_task(N),
+                std::min(at::ceil_div<int64_t>(M, at::get_num_threads()), kMaxChunkRows),
+                partial_rows});
   const int64_t chunks = at::ceil_div<int64_t>(M, chunk_rows);
   at::Tensor partials =
       at::zeros({chunks, kGrads, N}, a.input.options().dtype(a.rstd.scalar_type()));
@@ -156,17 +166,23 @@ void backward_kernel(const BackwardArgs& a) {
     }
   });
 
-  // grad_weight, then grad_bias for LayerNorm: the partial rows summed in chunk order.
+  // grad_weight, then grad_bias for LayerNorm: the partial rows summed in chunk order,
+  // into chunk 0's, row by row (contiguous, so the adds vectorize).
   P* grads[kGrads];
   grads[0] = a.grad_weight.mutable_data_ptr<P>();
   if constexpr (kGrads == 2) grads[1] = a.grad_bias.mutable_data_ptr<P>();
+  if (chunks == 0) {  // no rows
+    for (int64_t g = 0; g < kGrads; ++g) std::fill_n(grads[g], N, P(0));
+    return;
+  }
   at::parallel_for(0, N, kElementsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      for (int64_t g = 0; g < kGrads; ++g) {
-        acc_t sum = 0;
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[(chunk * kGrads + g) * N + j];
-        grads[g][j] = static_cast<P>(sum);
+    for (int64_t g = 0; g < kGrads; ++g) {
+      acc_t* sum = partial + g * N;
+      for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+        const acc_t* terms = partial + (chunk * kGrads + g) * N;
+        for (int64_t j = begin; j < end; ++j) sum[j] += terms[j];
       }
+      for (int64_t j = begin; j < end; ++j) grads[g][j] = static_cast<P>(sum[j]);
     }
   });
 }
