@@ -463,16 +463,24 @@ if not _BUILT_WITH_CUDA:
         torch.library.impl(f"layernorm_ext::{_op}", "CUDA")(_no_cuda)
 
 
+def _is_kernel_dtype(dtype: torch.dtype) -> bool:
+    """Whether the kernels take values of this dtype (float8 and complex they do not)."""
+    # Written for TorchScript too, as the two below.
+    return (dtype == torch.float32 or dtype == torch.float64 or dtype == torch.float16
+            or dtype == torch.bfloat16)
+
+
 def _kernel_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """weight in a dtype the kernels pair with input's (input's own, or float32 for
     float16/bfloat16 input).
 
-    torch's rms_norm takes a floating weight of any dtype and returns the input's dtype;
-    the cast is differentiable, so weight.grad still comes back in weight's dtype.
-    Non-floating weights go through unchanged, for the op's checks to reject.
+    torch's rms_norm takes a weight of any of the kernels' dtypes and returns the input's
+    dtype; the cast is differentiable, so weight.grad still comes back in weight's dtype.
+    Other weights (integer, bool, complex, float8) go through unchanged, for the op's
+    checks to reject.
     """
     # Written for TorchScript too (RMSNorm.forward calls it when scripted).
-    if weight is None or weight.dtype == input.dtype or not weight.is_floating_point():
+    if weight is None or weight.dtype == input.dtype or not _is_kernel_dtype(weight.dtype):
         return weight
     if input.dtype == torch.float16 or input.dtype == torch.bfloat16:
         return weight if weight.dtype == torch.float32 else weight.to(torch.float32)
@@ -535,6 +543,6 @@ def rms_norm(
 
 
 def _torch_computes_only(input: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
-    """Whether torch's composite rms_norm computes what the kernels, real floating point
-    only, do not take: complex input, or an integer, bool or complex weight."""
-    return input.is_complex() or (weight is not None and not weight.is_floating_point())
+    """Whether torch's composite rms_norm computes (or refuses, in its own words) what the
+    kernels do not take: complex input, or an integer, bool, complex or float8 weight."""
+    return input.is_complex() or (weight is not None and not _is_kernel_dtype(weight.dtype))

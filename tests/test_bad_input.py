@@ -68,6 +68,10 @@ CASES: dict[str, BadCall] = {
        for dt in ("int64", "int32", "uint8", "bool", "complex64", "float8_e4m3fn")},
     "weight_int64": BadCall(lambda f, d: f(x_on(d), [8], ones(d, dtype=torch.int64)),
                             phrase="weight " + NOT_FLOAT),
+    # rms_norm: torch's refusal (its composite does not promote float8), not a cast
+    "weight_float8_e4m3fn": BadCall(
+        lambda f, d: f(x_on(d), [8], ones(d, dtype=torch.float8_e4m3fn)),
+        phrase="weight " + NOT_FLOAT, rms_phrase="Promotion for Float8 Types is not supported"),
     "bias_complex64": BadCall(lambda f, d: f(x_on(d), [8], None, ones(d, dtype=torch.complex64)),
                               phrase="bias " + NOT_FLOAT),
     "weight_float64_for_float32": BadCall(
