@@ -37,8 +37,9 @@ import torch
 from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
                              check_constant_largest_rows, check_constant_rows,
                              check_constant_rows_far_from_zero_backward,
-                             check_whole_range_rows, check_wide_spread_rows, distance_from_zero,
-                             laid_out, random_case, reference_errors, run_all, WELL_CONDITIONED)
+                             check_ramp_rows, check_whole_range_rows, check_wide_spread_rows,
+                             distance_from_zero, laid_out, random_case, reference_errors, run_all,
+                             WELL_CONDITIONED)
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
@@ -370,6 +371,15 @@ def test_overflow_rescue(emulated, dtype, D):
     .. 5000; bf16 16383, 16390), fp32 huge slices (16383), streaming (fp32 D = 16390,
     float64)."""
     check_whole_range_rows(emulated.layer_norm_forward, emulated.layer_norm_backward, dtype, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("D", [20, 100, 1000, 4133, 16383, 16390])
+def test_ramps_far_from_zero(emulated, dtype, D):
+    """Sorted rows 100..101 (tests/test_extreme_values.py on CPU/CUDA) in every forward
+    and backward variant: a thread per row (fp32 20), small slices (100), large (1000,
+    4133), fp32 huge slices (16383), streaming (fp32 16390, float64)."""
+    check_ramp_rows(dtype, 100.0, D, ours_fn=functools.partial(emulated_results, emulated))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

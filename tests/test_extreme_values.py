@@ -13,7 +13,8 @@ import torch
 import layernorm_ext
 from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest_rows,
                              check_constant_rows, check_constant_rows_far_from_zero_backward,
-                             check_whole_range_rows, check_wide_spread_rows, max_abs_error,
+                             check_ramp_rows, check_whole_range_rows, check_wide_spread_rows,
+                             max_abs_error,
                              params, random64, reference_errors, run_all)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -145,18 +146,8 @@ def test_large_offset_small_spread_keeps_accuracy(device, dtype, offset, D):
 @pytest.mark.parametrize("offset", [10.0, 100.0])
 @pytest.mark.parametrize("D", [768, 1000, 4096, 4133])
 def test_ramps_far_from_zero_as_accurate_as_torch(device, dtype, offset, D):
-    """Rows that climb from offset to offset + 1 (sorted values: smooth signals, positions).
-    A running mean rounded to the offset's ulps drifts the same way step after step here,
-    where on i.i.d. rows its errors cancel: unshifted Welford gave an rstd ~1800 ulps off
-    on float32 rows of 4096 at offset 100 (torch's: 2), 29x torch's error in y. With every
-    value less the row's first, ours must meet the usual bound, with no slack."""
-    steps = torch.linspace(0.0, 1.0, D, dtype=torch.float64)
-    x = (offset + steps + 0.125 * torch.arange(4, dtype=torch.float64)[:, None]).to(device, dtype)
-    weight, bias = params(D, dtype, device)
-    grad_out = random64(4, D, seed=3).to(device, dtype)
-    ours, theirs, reference = run_all(x, [D], weight, bias, grad_out)
-    problems = reference_errors(ours, theirs, reference, dtype)
-    assert not problems, problems
+    """Sorted rows far from zero (layernorm_cases.check_ramp_rows)."""
+    check_ramp_rows(dtype, offset, D, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
