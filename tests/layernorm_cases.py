@@ -451,6 +451,25 @@ def check_ramp_rows(dtype: torch.dtype, offset: float, D: int, device: str = "cp
     assert not problems, f"D={D} {dtype} offset {offset}: {problems}"
 
 
+def check_outlier_first_rows(D: int, device: str = "cpu",
+                             ours_fn: OursFn = layernorm_ext_results) -> None:
+    """float32 rows of N(0, 1) values but the first, 1000 (a large activation in channel
+    0). The other values' y must stay within 8x torch's error: the CPU Welford shifted by
+    the row's first value (check_ramp_rows' fix, first try) rounded every shifted value
+    to 1000's ulps, 80-115x torch's error there; torch's own form is unshifted."""
+    x = random64(8, D, seed=5)
+    x[:, 0] = 1000.0
+    x = x.to(device, torch.float32)
+    weight, bias = params(D, torch.float32, device)
+    grad_out = random64(8, D, seed=3).to(device, torch.float32)
+    ours, theirs, reference = run_all(x, [D], weight, bias, grad_out, ours_fn=ours_fn)
+    error = max_abs_error(ours[0][:, 1:], reference[0][:, 1:])
+    torch_error = max_abs_error(theirs[0][:, 1:], reference[0][:, 1:])
+    assert error <= 8 * torch_error + 1e-8, (D, error, torch_error)
+    problems = reference_errors(ours, theirs, reference, torch.float32)
+    assert not problems, f"D={D}: {problems}"
+
+
 def check_constant_rows(forward: Callable, dtype: torch.dtype, D: int, device: str = "cpu",
                         ours_fn: OursFn = layernorm_ext_results) -> None:
     """Rows holding one value in every element (0, 0.1, 1, -3.7, 123.456, 1e4), given the

@@ -13,11 +13,12 @@ import torch
 import layernorm_ext
 from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest_rows,
                              check_constant_rows, check_constant_rows_far_from_zero_backward,
-                             check_ramp_rows, check_whole_range_rows, check_wide_spread_rows,
-                             max_abs_error,
+                             check_outlier_first_rows, check_ramp_rows, check_whole_range_rows,
+                             check_wide_spread_rows, max_abs_error,
                              params, random64, reference_errors, run_all)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHIFT_BY_FIRST_VALUE = "CUDA: two passes shifted by the row's first value; an outlier there costs digits"
 
 
 def special_masks(t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -148,6 +149,16 @@ def test_large_offset_small_spread_keeps_accuracy(device, dtype, offset, D):
 def test_ramps_far_from_zero_as_accurate_as_torch(device, dtype, offset, D):
     """Sorted rows far from zero (layernorm_cases.check_ramp_rows)."""
     check_ramp_rows(dtype, offset, D, device)
+
+
+@pytest.mark.parametrize("D", [20, 64, 768, 4096, 4133])
+def test_an_outlier_first_value_leaves_the_others_accurate(request, device, D):
+    """A row whose first value is far from the rest (layernorm_cases.check_outlier_first_rows).
+    Known weaker: the CUDA forwards, whose two passes shift by the row's first value (on
+    the emulator, 10-30x torch's error at D = 20, 1000, 4133, 16383; not run on a GPU)."""
+    if device == "cuda":
+        request.applymarker(pytest.mark.xfail(reason=SHIFT_BY_FIRST_VALUE, strict=False))
+    check_outlier_first_rows(D, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

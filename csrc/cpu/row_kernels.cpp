@@ -193,13 +193,12 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     } else {
       // Per-lane moments of every row's whole chunks (N >= kSize here, or 0), their
       // lanes merged for the whole group, then each row's partial chunk; all of a row's
-      // values less its first (row_moments.h).
-      const auto shift = [&](int64_t r) {
-        return N > 0 ? static_cast<acc_t>(a.x[(first + r) * N]) : acc_t(0);
-      };
+      // values less its shift (row_moments.h).
+      std::array<acc_t, kGroupRows> shifts{};
       if (chunks > 0) {
         for (int64_t r = 0; r < rows; ++r) {
-          lanes[r] = whole_chunk_moments(a.x + (first + r) * N, chunks, shift(r));
+          shifts[r] = row_shift(a.x + (first + r) * N);
+          lanes[r] = whole_chunk_moments(a.x + (first + r) * N, chunks, shifts[r]);
         }
         merge_lanes_of_rows(lanes, rows, means.data(), stats.data());
       } else {
@@ -208,7 +207,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       for (int64_t r = 0; r < rows; ++r) {
         const T* x = a.x + (first + r) * N;
         const math::WelfordState<acc_t> whole{means[r], stats[r], chunks * C::kSize};
-        const auto row = without_overflow(with_partial_chunk(whole, x, N, shift(r)), x, N);
+        const auto row = without_overflow(with_partial_chunk(whole, x, N, shifts[r]), x, N);
         means[r] = row.mean;
         stats[r] = row.var;
         a.mean[first + r] = means[r];

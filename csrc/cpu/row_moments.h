@@ -53,10 +53,12 @@ struct LaneMoments {
 constexpr int64_t kBlockSteps = 128;
 
 // The moments of a row, in three steps (forward_rows, row_kernels.cpp), all of the row's
-// values less a shift, its first value (its moments are then those of the row, but for
-// the mean, shift + the shifted mean): the running means then round to the spread's
-// ulps, not the offset's. Unshifted, rows of a ramp 100..101 (float32, N = 4096) had an
-// rstd ~1800 ulps off (torch's: 2).
+// values less a shift near its mean, the mean of its first whole chunk (row_shift; its
+// moments are then those of the row, but for the mean, shift + the shifted mean): the
+// running means then round to the spread's ulps, not the offset's. Unshifted, rows of a
+// ramp 100..101 (float32, N = 4096) had an rstd ~1800 ulps off (torch's: 2). A single
+// value as the shift, the row's first, was ~100x torch's error in y where that value
+// was an outlier (1000 among N(0, 1) values): the shifted values then round to its ulps.
 // - Whole chunks (whole_chunk_moments): Welford per lane in blocks of kBlockSteps chunks
 //   (one reciprocal serves all lanes), blocks merged in a cascade.
 // - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows in row_groups.h for a
@@ -66,6 +68,19 @@ constexpr int64_t kBlockSteps = 128;
 //   dtype's max), merged with Chan's combine.
 // A shifted value overflows only where the row spans over half the dtype's range, and
 // there its M2 would overflow anyway: the rescue (without_overflow) recomputes it.
+
+// The shift of a row of at least one whole chunk: the mean of its first, each value
+// scaled by 1 / kSize (a power of two, exact) before the sum, so that it cannot overflow.
+template <typename T>
+typename Chunk<T>::acc_t row_shift(const T* x) {
+  using C = Chunk<T>;
+  using Vec = typename C::Vec;
+  const auto v = C::load_unordered(x);
+  const Vec scale(typename C::acc_t(1) / static_cast<typename C::acc_t>(C::kSize));
+  Vec sum(0);
+  for (int k = 0; k < C::kParts; ++k) sum = at::vec::fmadd(v[k], scale, sum);
+  return at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, sum);
+}
 
 // Welford per lane over `steps` whole chunks from x, less `shift`: one reciprocal serves
 // all lanes.
