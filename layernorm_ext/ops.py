@@ -503,9 +503,10 @@ def rms_norm(
     float32/float16/bfloat16 input, ``torch.finfo(torch.float64).eps`` for float64).
     Computed by the LayerNorm kernels of this package compiled for RMSNorm
     (``torch.ops.layernorm_ext.rms_forward``). The output has the input's dtype; ``weight``
-    may have any floating dtype, as with torch (float16/bfloat16 input with float32 weight
-    runs natively, other mixes cast the weight). Complex input and non-floating weights,
-    which the kernels do not take, are computed by torch's own rms_norm.
+    may be float32, float64, float16 or bfloat16 whatever the input's, as with torch
+    (float16/bfloat16 input with float32 weight runs natively, other mixes cast the
+    weight). Complex input and integer, bool, complex or float8 weights, which the kernels
+    do not take, go to torch's own rms_norm (which refuses float8 weights).
     ``normalized_shape`` may also be an int, and jagged nested tensors are normalized row
     by row. It works under ``torch.func`` transforms and ``torch.autograd.forward_ad`` as
     :func:`layer_norm` does.
