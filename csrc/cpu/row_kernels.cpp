@@ -198,7 +198,9 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       if (chunks > 0) {
         for (int64_t r = 0; r < rows; ++r) {
           shifts[r] = row_shift(a.x + (first + r) * N);
-          lanes[r] = whole_chunk_moments(a.x + (first + r) * N, chunks, shifts[r]);
+          lanes[r] = shifts[r] != acc_t(0)
+                         ? whole_chunk_moments<true>(a.x + (first + r) * N, chunks, shifts[r])
+                         : whole_chunk_moments<false>(a.x + (first + r) * N, chunks, acc_t(0));
         }
         merge_lanes_of_rows(lanes, rows, means.data(), stats.data());
       } else {

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -53,12 +54,12 @@ struct LaneMoments {
 constexpr int64_t kBlockSteps = 128;
 
 // The moments of a row, in three steps (forward_rows, row_kernels.cpp), all of the row's
-// values less a shift near its mean, the mean of its first whole chunk (row_shift; its
-// moments are then those of the row, but for the mean, shift + the shifted mean): the
-// running means then round to the spread's ulps, not the offset's. Unshifted, rows of a
-// ramp 100..101 (float32, N = 4096) had an rstd ~1800 ulps off (torch's: 2). A single
-// value as the shift, the row's first, was ~100x torch's error in y where that value
-// was an outlier (1000 among N(0, 1) values): the shifted values then round to its ulps.
+// values less a shift near its mean where they need one (row_shift; their moments are
+// then those of the row, but for the mean, shift + the shifted mean): the running means
+// then round to the spread's ulps, not the offset's. Unshifted, rows of a ramp 100..101
+// (float32, N = 4096) had an rstd ~1800 ulps off (torch's: 2). A single value as the
+// shift, the row's first, was ~100x torch's error in y where that value was an outlier
+// (1000 among N(0, 1) values): the shifted values then round to its ulps.
 // - Whole chunks (whole_chunk_moments): Welford per lane in blocks of kBlockSteps chunks
 //   (one reciprocal serves all lanes), blocks merged in a cascade.
 // - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows in row_groups.h for a
@@ -69,31 +70,54 @@ constexpr int64_t kBlockSteps = 128;
 // A shifted value overflows only where the row spans over half the dtype's range, and
 // there its M2 would overflow anyway: the rescue (without_overflow) recomputes it.
 
-// The shift of a row of at least one whole chunk: the mean of its first, each value
-// scaled by 1 / kSize (a power of two, exact) before the sum, so that it cannot overflow.
+// The shift of a row of at least one whole chunk: where every value of that chunk lies
+// within |x[0]| / kShiftRatio of x[0] (an offset over ~4x their spread), the chunk's mean
+// (each value scaled by 1 / kSize, a power of two, exact, before the sum, so that it
+// cannot overflow); else 0, and the row's Welford runs unshifted. Rows near zero or
+// spread as widely as their offset do not need it, and for them this costs a vector
+// compare, not the subtraction and the sum's reduction (11-16% of a cache-resident
+// forward on one core; the compare 6-12% at N = 32..64, nothing measurable at 768;
+// a reduction for the chunk's spread cost 50% at N = 32).
+// NaN or inf in the chunk: 0 (the comparison fails), the row's moments as unshifted.
+constexpr int kShiftRatio = 4;
+
 template <typename T>
 typename Chunk<T>::acc_t row_shift(const T* x) {
   using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
   const auto v = C::load_unordered(x);
-  const Vec scale(typename C::acc_t(1) / static_cast<typename C::acc_t>(C::kSize));
+  const acc_t first = static_cast<acc_t>(x[0]);
+  const Vec first_v(first), band(std::abs(first) / acc_t(kShiftRatio));
+  for (int k = 0; k < C::kParts; ++k) {
+    // zero_mask: a bit per lane where the comparison failed
+    if (((v[k] - first_v).abs() < band).zero_mask() != 0) return acc_t(0);
+  }
+  const Vec scale(acc_t(1) / static_cast<acc_t>(C::kSize));
   Vec sum(0);
   for (int k = 0; k < C::kParts; ++k) sum = at::vec::fmadd(v[k], scale, sum);
   return at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, sum);
 }
 
-// Welford per lane over `steps` whole chunks from x, less `shift`: one reciprocal serves
-// all lanes.
+// Welford per lane over `steps` whole chunks from x, less `shift` (kShifted): one
+// reciprocal serves all lanes.
 // Two runs, over the even and the odd chunks, merged at the end: each run's mean is a
 // chain of dependent sub + fma per chunk, and a single run kept the core waiting on it
 // (the bf16 forward's statistics pass ran at half speed). A function of its own so the
 // running moments stay in registers.
-template <typename T>
+template <bool kShifted, typename T>
 LaneMoments<T> block_moments(const T* x, int64_t steps, typename Chunk<T>::acc_t shift) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
   const Vec shift_v(shift);
+  const auto shifted = [&](const Vec& value) {
+    if constexpr (kShifted) {
+      return value - shift_v;
+    } else {
+      return value;
+    }
+  };
   typename C::Parts mean_even{Vec(0), Vec(0)}, m2_even{Vec(0), Vec(0)};
   typename C::Parts mean_odd{Vec(0), Vec(0)}, m2_odd{Vec(0), Vec(0)};
   const int64_t pairs = steps / 2;
@@ -102,8 +126,8 @@ LaneMoments<T> block_moments(const T* x, int64_t steps, typename Chunk<T>::acc_t
     const auto odd = C::load_unordered(x + C::kSize);
     const acc_t inv_step = acc_t(1) / static_cast<acc_t>(step);
     for (int k = 0; k < C::kParts; ++k) {
-      math::welford_step(mean_even[k], m2_even[k], even[k] - shift_v, inv_step);
-      math::welford_step(mean_odd[k], m2_odd[k], odd[k] - shift_v, inv_step);
+      math::welford_step(mean_even[k], m2_even[k], shifted(even[k]), inv_step);
+      math::welford_step(mean_odd[k], m2_odd[k], shifted(odd[k]), inv_step);
     }
   }
   LaneMoments<T> moments{mean_even, m2_even, pairs};
@@ -111,7 +135,7 @@ LaneMoments<T> block_moments(const T* x, int64_t steps, typename Chunk<T>::acc_t
     const auto last = C::load_unordered(x);
     const acc_t inv_step = acc_t(1) / static_cast<acc_t>(pairs + 1);
     for (int k = 0; k < C::kParts; ++k) {
-      math::welford_step(moments.mean[k], moments.m2[k], last[k] - shift_v, inv_step);
+      math::welford_step(moments.mean[k], moments.m2[k], shifted(last[k]), inv_step);
     }
     moments.steps = pairs + 1;
   }
@@ -233,13 +257,13 @@ math::WelfordState<at::opmath_type<T>> merge_lanes(const LaneMoments<T>& lanes) 
   return {lane_mean[0], lane_m2[0], lanes.steps * C::kSize};
 }
 
-// Per-lane moments of the first `chunks` > 0 whole chunks of a row, less `shift`: blocks
-// of kBlockSteps chunks merged in a cascade.
-template <typename T>
+// Per-lane moments of the first `chunks` > 0 whole chunks of a row, less `shift` (kShifted):
+// blocks of kBlockSteps chunks merged in a cascade.
+template <bool kShifted, typename T>
 LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks, typename Chunk<T>::acc_t shift) {
   using C = Chunk<T>;
   using Moments = LaneMoments<T>;
-  Moments lanes = block_moments(x, std::min(chunks, kBlockSteps), shift);
+  Moments lanes = block_moments<kShifted>(x, std::min(chunks, kBlockSteps), shift);
   if (chunks > kBlockSteps) {
     // cascade[d] holds a pending block; counts strictly decrease with d.
     std::array<Moments, 64> cascade;
@@ -247,7 +271,7 @@ LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks, typename Chunk<T>
     int depth = 1;
     for (int64_t done = kBlockSteps; done < chunks; done += kBlockSteps) {
       cascade[depth++] =
-          block_moments(x + done * C::kSize, std::min(kBlockSteps, chunks - done), shift);
+          block_moments<kShifted>(x + done * C::kSize, std::min(kBlockSteps, chunks - done), shift);
       while (depth >= 2 && cascade[depth - 2].steps == cascade[depth - 1].steps) {
         cascade[depth - 2].merge(cascade[depth - 1]);
         --depth;
