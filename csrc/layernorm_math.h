@@ -151,6 +151,23 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 #endif
 }
 
+// Whether a row's values should be shifted before their moments are taken: where its
+// first values lie within |first| / kShiftRatio of the first (an offset over ~4x their
+// spread), the running means of unshifted values would round to the offset's ulps (a
+// sorted row 100..101 of 4096 floats: rstd ~1800 ulps off), and the shift (near the
+// values) costs nothing in accuracy. Elsewhere the forwards take the values as they are:
+// a shift by a value far from the others (an outlier first value, 1000 among N(0, 1))
+// rounds every shifted value to its ulps, 10-100x torch's error in y. NaN or inf: false
+// (the comparison fails). The CPU tests its first vector chunk (row_moments.h), the CUDA
+// forwards a few first elements (layernorm_cuda_device.cuh).
+constexpr int kShiftRatio = 4;
+
+template <typename acc_t>
+LN_HOST_DEVICE bool near_first(acc_t x, acc_t first) {
+  const acc_t distance = x > first ? x - first : first - x;
+  return distance < (first < acc_t(0) ? -first : first) / acc_t(kShiftRatio);
+}
+
 // Overflow rescue, for rows of finite values that span more than half the dtype's
 // range: there a partial sum or some x - mean overflows, and the moments come out with a
 // non-finite mean or M2. The moments of x / kRescueFactor keep every sum and difference

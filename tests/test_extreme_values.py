@@ -18,8 +18,6 @@ from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest
                              params, random64, reference_errors, run_all)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-SHIFT_BY_FIRST_VALUE = "CUDA: two passes shifted by the row's first value; an outlier there costs digits"
-
 
 def special_masks(t: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"nan": torch.isnan(t), "+inf": torch.isposinf(t), "-inf": torch.isneginf(t)}
@@ -153,12 +151,8 @@ def test_ramps_far_from_zero_as_accurate_as_torch(device, dtype, offset, D):
 
 
 @pytest.mark.parametrize("D", [20, 64, 768, 4096, 4133])
-def test_an_outlier_first_value_leaves_the_others_accurate(request, device, D):
-    """A row whose first value is far from the rest (layernorm_cases.check_outlier_first_rows).
-    Known weaker: the CUDA forwards, whose two passes shift by the row's first value (on
-    the emulator, 10-30x torch's error at D = 20, 1000, 4133, 16383; not run on a GPU)."""
-    if device == "cuda":
-        request.applymarker(pytest.mark.xfail(reason=SHIFT_BY_FIRST_VALUE, strict=False))
+def test_an_outlier_first_value_leaves_the_others_accurate(device, D):
+    """A row whose first value is far from the rest (layernorm_cases.check_outlier_first_rows)."""
     check_outlier_first_rows(D, device)
 
 

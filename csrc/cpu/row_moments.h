@@ -70,16 +70,14 @@ constexpr int64_t kBlockSteps = 128;
 // A shifted value overflows only where the row spans over half the dtype's range, and
 // there its M2 would overflow anyway: the rescue (without_overflow) recomputes it.
 
-// The shift of a row of at least one whole chunk: where every value of that chunk lies
-// within |x[0]| / kShiftRatio of x[0] (an offset over ~4x their spread), the chunk's mean
-// (each value scaled by 1 / kSize, a power of two, exact, before the sum, so that it
-// cannot overflow); else 0, and the row's Welford runs unshifted. Rows near zero or
-// spread as widely as their offset do not need it, and for them this costs a vector
-// compare, not the subtraction and the sum's reduction (11-16% of a cache-resident
-// forward on one core; the compare 6-12% at N = 32..64, nothing measurable at 768;
-// a reduction for the chunk's spread cost 50% at N = 32).
-// NaN or inf in the chunk: 0 (the comparison fails), the row's moments as unshifted.
-constexpr int kShiftRatio = 4;
+// The shift of a row of at least one whole chunk: where every value of that chunk is
+// near x[0] (math::near_first), the chunk's mean (each value scaled by 1 / kSize, a power
+// of two, exact, before the sum, so that it cannot overflow); else 0, and the row's
+// Welford runs unshifted. Rows near zero or spread as widely as their offset do not need
+// it, and for them this costs a vector compare, not the subtraction and the sum's
+// reduction (11-16% of a cache-resident forward on one core; the compare 6-12% at
+// N = 32..64, nothing measurable at 768; a reduction for the chunk's spread cost 50% at
+// N = 32). NaN or inf in the chunk: 0, the row's moments as unshifted.
 
 template <typename T>
 typename Chunk<T>::acc_t row_shift(const T* x) {
@@ -88,9 +86,9 @@ typename Chunk<T>::acc_t row_shift(const T* x) {
   using Vec = typename C::Vec;
   const auto v = C::load_unordered(x);
   const acc_t first = static_cast<acc_t>(x[0]);
-  const Vec first_v(first), band(std::abs(first) / acc_t(kShiftRatio));
+  const Vec first_v(first), band(std::abs(first) / acc_t(math::kShiftRatio));
   for (int k = 0; k < C::kParts; ++k) {
-    // zero_mask: a bit per lane where the comparison failed
+    // math::near_first, as vectors; zero_mask: a bit per lane where the comparison failed
     if (((v[k] - first_v).abs() < band).zero_mask() != 0) return acc_t(0);
   }
   const Vec scale(acc_t(1) / static_cast<acc_t>(C::kSize));

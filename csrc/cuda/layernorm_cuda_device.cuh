@@ -258,21 +258,25 @@ __device__ __forceinline__ acc_t scaled(acc_t x) {
 // half is subnormal (|x| < 2^-118 in float32), where the GPU's fused multiply-add may
 // leave a deviation of one subnormal ulp.
 //
-// The register forward shifts by the row's first element, which every thread of its
-// group reads (one load instruction a warp, with the slice's loads), and sums half
-// deviations, (scaled(x) - shift) / 2: two values of a row may differ by 2 max / 128,
-// and halved each term stays within max / 128, as the static_assert above counts.
+// The register forwards shift by the row's first element where its first few are near
+// it (row_shift_value), which every thread of its group reads (a load instruction a
+// warp each, with the slice's loads), else by 0, and sum half deviations,
+// (scaled(x) - shift) / 2: two values of a row may differ by 2 max / 128, and halved
+// each term stays within max / 128, as the static_assert above counts. The threads'
+// means of half deviations are merged as such, and shifted back once: merged after the
+// shift back, they rounded to the offset's ulps at every merge (a ramp 1000..1001 of 45
+// floats: a mean 3 ulps off, 400x torch's error in y, on the emulator).
 template <typename acc_t>
 struct RowShift {
-  acc_t half;  // scaled(x) / 2 of the row's first element; 0 in a row of no elements
+  acc_t half;  // scaled(x) / 2 of the shift
 
   __device__ __forceinline__ static RowShift at(acc_t x) { return {x * half_scale()}; }
   // One multiply-add; x * half_scale() is exact but for subnormal results.
   __device__ __forceinline__ acc_t half_deviation(acc_t x) const {
     return x * half_scale() - half;
   }
-  __device__ __forceinline__ acc_t mean(acc_t half_deviation_sum, int count) const {
-    return acc_t(2) * (half + half_deviation_sum / static_cast<acc_t>(count));
+  __device__ __forceinline__ acc_t mean(acc_t mean_half_deviation) const {
+    return acc_t(2) * (half + mean_half_deviation);
   }
 
  private:
@@ -280,6 +284,24 @@ struct RowShift {
     return math::rescue_scaled(acc_t(1)) / acc_t(2);
   }
 };
+
+// The shift of a row of `cols` elements at xr (global memory or a staged tile): its
+// first element where the next kShiftProbes - 1 are near it (math::near_first), else 0.
+// By its first element alone, an outlier there (1000 among N(0, 1) values) rounded the
+// others' deviations to its ulps: 10-30x torch's error in their y (the emulator).
+constexpr int kShiftProbes = 4;
+
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t row_shift_value(const T* xr, int64_t cols) {
+  if (cols <= 0) return acc_t(0);
+  const acc_t first = static_cast<acc_t>(xr[0]);
+  bool near = math::is_finite(first);
+#pragma unroll
+  for (int k = 1; k < kShiftProbes; ++k) {
+    if (k < cols) near = near && math::near_first(static_cast<acc_t>(xr[k]), first);
+  }
+  return near ? first : acc_t(0);
+}
 
 // Moments of the kN values of one vector, scaled as above: two-pass, the first pass
 // shifted by the first value (RowShift). (A plain sum / kN of equal values happens to be
@@ -291,7 +313,7 @@ __device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)
   acc_t sum = 0;  // of half deviations; the first value's is 0
 #pragma unroll
   for (int k = 1; k < kN; ++k) sum += shift.half_deviation(v[k]);
-  const acc_t mean = shift.mean(sum, kN);
+  const acc_t mean = shift.mean(sum / static_cast<acc_t>(kN));
   acc_t m2 = 0;
 #pragma unroll
   for (int k = 0; k < kN; ++k) m2 += (scaled(v[k]) - mean) * (scaled(v[k]) - mean);
@@ -302,10 +324,10 @@ __device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)
 // the register forward's group of threads, or a staged row's thread alone.
 // for_each_x(f) calls f(x) on each of the thread's elements (as acc_t); total(value,
 // identity, combine) reduces a value over the row's threads and returns the row's;
-// first_x is the row's first element (RowShift; any value for RMSNorm).
+// shift is the row's row_shift_value (any value for RMSNorm).
 //
 // LayerNorm: two passes (all of scaled(x): see scaled() above), each a reduction over
-// the row: the threads' means (shifted sums, see RowShift) merged into the row's
+// the row: the threads' means of half deviations (see RowShift) merged into the row's
 // (MeanCombine), then the sum of squared deviations from it, each thread's times 1 / D (a
 // weighted mean of values within max / 128: no partial sum overflows). A tree level
 // costs ~15 instructions for the means and ~7 for the sum, where Chan's combine of the
@@ -318,7 +340,7 @@ struct RowNormStats {
 };
 
 template <Norm kNorm, typename acc_t, typename ForEachX, typename Total>
-__device__ __forceinline__ RowNormStats<acc_t> row_norm_stats(acc_t first_x, int64_t cols,
+__device__ __forceinline__ RowNormStats<acc_t> row_norm_stats(acc_t shift_value, int64_t cols,
                                                               acc_t eps, ForEachX&& for_each_x,
                                                               Total&& total) {
   if constexpr (kNorm == Norm::kRms) {
@@ -327,16 +349,18 @@ __device__ __forceinline__ RowNormStats<acc_t> row_norm_stats(acc_t first_x, int
     const RowSum<acc_t> row = total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{});
     return {acc_t(0), math::rstd_from_mean_square(row.sum / static_cast<acc_t>(cols), eps)};
   } else {
-    const RowShift<acc_t> shift = RowShift<acc_t>::at(first_x);
+    const RowShift<acc_t> shift = RowShift<acc_t>::at(shift_value);
     acc_t sum = 0;  // of shift.half_deviation(x)
     int count = 0;
     for_each_x([&](acc_t x) {
       sum += shift.half_deviation(x);
       ++count;
     });
-    const WeightedMean<acc_t> thread_mean{count > 0 ? shift.mean(sum, count) : acc_t(0),
+    const WeightedMean<acc_t> thread_mean{count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0),
                                           static_cast<acc_t>(count)};
-    const acc_t scaled_mean = total(thread_mean, WeightedMean<acc_t>{0, 0}, MeanCombine{}).mean;
+    // (A row of no elements: 0 + 0.)
+    const acc_t scaled_mean =
+        shift.mean(total(thread_mean, WeightedMean<acc_t>{0, 0}, MeanCombine{}).mean);
     acc_t m2 = 0;
     for_each_x([&](acc_t x) {
       const acc_t d = scaled(x) - scaled_mean;

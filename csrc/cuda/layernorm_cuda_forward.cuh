@@ -62,14 +62,14 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
     prefetch_next(a.x, next_row * a.cols, next_row < a.rows ? a.cols : 0, t, group);
     uint4 packs[kVectors];
     acc_t edge[2 * kEdgeSlots];
-    acc_t first_x = 0;
+    acc_t shift = 0;
     if (valid) {
       // All loads first, then the sums: every vector of the slice is in flight at once.
       cuda_indexing::for_each_register_pack<kVectors>(
           s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
       cuda_indexing::for_each_register_edge<kEdgeSlots>(
           s, t, group, [&](int i, int e) { edge[i] = static_cast<acc_t>(xr[e]); });
-      if (kNorm == Norm::kLayer && a.cols > 0) first_x = static_cast<acc_t>(xr[0]);
+      if (kNorm == Norm::kLayer) shift = row_shift_value<acc_t>(xr, a.cols);
     }
     // The thread's elements, from its registers: its vectors', then its edge elements.
     const auto for_each_x = [&](auto&& f) {
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       }
     };
     const RowNormStats<acc_t> stats =
-        row_norm_stats<kNorm>(first_x, a.cols, a.eps, for_each_x, row_total);
+        row_norm_stats<kNorm>(shift, a.cols, a.eps, for_each_x, row_total);
     acc_t mean = stats.mean;
     const acc_t rstd = stats.rstd;
     if (valid) {
@@ -186,10 +186,9 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
             },
             kUnit);
       };
-      const acc_t first_x =
-          kNorm == Norm::kLayer && n > 0 ? static_cast<acc_t>(xr[0]) : acc_t(0);
+      const acc_t shift = kNorm == Norm::kLayer ? row_shift_value<acc_t>(xr, n) : acc_t(0);
       const RowNormStats<acc_t> stats = row_norm_stats<kNorm>(
-          first_x, a.cols, a.eps, for_each_x,
+          shift, a.cols, a.eps, for_each_x,
           [](const auto& value, const auto&, auto) { return value; });  // the thread's row
       const acc_t center = save_row_stats<kNorm>(a, first + t, stats.mean, stats.rstd);
       // y of the kN elements v at e (a vector, or a unit of the head or tail).
