@@ -44,13 +44,16 @@ Vec both_finite(const Vec& a, const Vec& b) {
 // Forward of rows shorter than one chunk (D < Chunk<T>::kSize), a group of rows at a
 // time: their statistics as vectors of rows (lane_sums, RowColumn), then their outputs
 // (on AVX-512, whole groups from contiguous vectors: GroupLayout). LayerNorm's moments
-// are shifted by each row's first element x0 (exact for constant rows): mean = x0 +
-// sum(x - x0) / n, then
-// - float/double input: m2 = sum((x - mean)^2), a second pass over the rows;
-// - half/bf16 input: m2 = sum((x - x0)^2) - sum(x - x0) * (mean - x0), from the same
-//   pass (838861x20 bf16: 1.3x). With x0 in the row, sum((x - x0)^2) <= n * m2
-//   (Samuelson's inequality), so the subtraction cancels at most log2(n) < 5 bits: m2
-//   keeps some 16 of float's 24 bits, where the output has 8 (bf16) or 11 (half).
+// are shifted by a value x0 (exact for constant rows): mean = x0 + sum(x - x0) / n, then
+// - float/double input: x0 = short_row_shift (the first element where all are near it,
+//   else 0: an outlier first element rounded the others' deviations to its ulps, 9-14x
+//   torch's error in their y at D = 18..27), and m2 = sum((x - mean)^2), a second pass
+//   over the rows;
+// - half/bf16 input: x0 the first element, m2 = sum((x - x0)^2) - sum(x - x0) *
+//   (mean - x0), from the same pass (838861x20 bf16: 1.3x). With x0 in the row,
+//   sum((x - x0)^2) <= n * m2 (Samuelson's inequality), so the subtraction cancels at
+//   most log2(n) < 5 bits: m2 keeps some 16 of float's 24 bits, where the output has 8
+//   (bf16) or 11 (half).
 //   Rows whose sums are not finite (overflow, NaN, inf) take the two-pass moments and
 //   the overflow rescue; the others keep the one-pass ones, whatever their group holds.
 template <Norm kNorm, typename T, typename P>
@@ -86,6 +89,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
         for (int k = 0; k < C::kParts; ++k) terms[r] = terms[r] + v[k] * v[k];
       } else {
         shifts[r] = static_cast<acc_t>(row_x(r)[0]);
+        if constexpr (!kOnePass) shifts[r] = short_row_shift<T>(v, valid, shifts[r]);
         const Vec shift(shifts[r]);
         terms[r] = masked_terms(v, valid, [&](const Vec& e) { return e - shift; });
         if constexpr (kOnePass) {

@@ -79,18 +79,25 @@ constexpr int64_t kBlockSteps = 128;
 // N = 32..64, nothing measurable at 768; a reduction for the chunk's spread cost 50% at
 // N = 32). NaN or inf in the chunk: 0, the row's moments as unshifted.
 
+// Whether every lane of v is near `first` (math::near_first, as vectors).
+template <typename Parts, typename acc_t>
+bool all_near_first(const Parts& v, acc_t first) {
+  using Vec = typename Parts::value_type;
+  const Vec first_v(first), band(std::abs(first) / acc_t(math::kShiftRatio));
+  for (const Vec& part : v) {
+    // zero_mask: a bit per lane where the comparison failed
+    if (((part - first_v).abs() < band).zero_mask() != 0) return false;
+  }
+  return true;
+}
+
 template <typename T>
 typename Chunk<T>::acc_t row_shift(const T* x) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
   const auto v = C::load_unordered(x);
-  const acc_t first = static_cast<acc_t>(x[0]);
-  const Vec first_v(first), band(std::abs(first) / acc_t(math::kShiftRatio));
-  for (int k = 0; k < C::kParts; ++k) {
-    // math::near_first, as vectors; zero_mask: a bit per lane where the comparison failed
-    if (((v[k] - first_v).abs() < band).zero_mask() != 0) return acc_t(0);
-  }
+  if (!all_near_first(v, static_cast<acc_t>(x[0]))) return acc_t(0);
   const Vec scale(acc_t(1) / static_cast<acc_t>(C::kSize));
   Vec sum(0);
   for (int k = 0; k < C::kParts; ++k) sum = at::vec::fmadd(v[k], scale, sum);
@@ -152,6 +159,19 @@ typename Chunk<T>::Parts valid_lanes(int64_t n) {
     valid[k] = Vec::set(Vec(0), Vec(1), lanes) == Vec(1);
   }
   return valid;
+}
+
+// The shift of a row shorter than one chunk, v (its lanes past `valid` zero): its first
+// element where all of its elements are near it, else 0 (row_shift's rule).
+template <typename T>
+typename Chunk<T>::acc_t short_row_shift(const typename Chunk<T>::Parts& v,
+                                         const typename Chunk<T>::Parts& valid,
+                                         typename Chunk<T>::acc_t first) {
+  using C = Chunk<T>;
+  using Vec = typename C::Vec;
+  typename C::Parts row;  // the lanes past the row: `first`, near by definition
+  for (int k = 0; k < C::kParts; ++k) row[k] = Vec::blendv(Vec(first), v[k], valid[k]);
+  return all_near_first(row, first) ? first : typename C::acc_t(0);
 }
 
 // term(part) of a chunk's parts, the lanes past `valid` zeroed, summed into one vector

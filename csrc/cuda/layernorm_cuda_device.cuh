@@ -259,7 +259,7 @@ __device__ __forceinline__ acc_t scaled(acc_t x) {
 // leave a deviation of one subnormal ulp.
 //
 // The register forwards shift by the row's first element where its first few are near
-// it (row_shift_value), which every thread of its group reads (a load instruction a
+// it (math::row_shift_value), which every thread of its group reads (a load instruction a
 // warp each, with the slice's loads), else by 0, and sum half deviations,
 // (scaled(x) - shift) / 2: two values of a row may differ by 2 max / 128, and halved
 // each term stays within max / 128, as the static_assert above counts. The threads'
@@ -285,38 +285,28 @@ struct RowShift {
   }
 };
 
-// The shift of a row of `cols` elements at xr (global memory or a staged tile): its
-// first element where the next kShiftProbes - 1 are near it (math::near_first), else 0.
-// By its first element alone, an outlier there (1000 among N(0, 1) values) rounded the
-// others' deviations to its ulps: 10-30x torch's error in their y (the emulator).
-constexpr int kShiftProbes = 4;
-
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t row_shift_value(const T* xr, int64_t cols) {
-  if (cols <= 0) return acc_t(0);
-  const acc_t first = static_cast<acc_t>(xr[0]);
-  bool near = math::is_finite(first);
-#pragma unroll
-  for (int k = 1; k < kShiftProbes; ++k) {
-    if (k < cols) near = near && math::near_first(static_cast<acc_t>(xr[k]), first);
-  }
-  return near ? first : acc_t(0);
-}
-
-// Moments of the kN values of one vector, scaled as above: two-pass, the first pass
-// shifted by the first value (RowShift). (A plain sum / kN of equal values happens to be
-// exact for the vector widths of today, 4 floats or 8 two-byte values; of 8 floats it is
-// not.)
+// Moments of the kN values of one vector, scaled as above, less row_shift (a scaled
+// math::row_shift_value): two-pass, the first pass shifted by the vector's first value
+// (RowShift). Less the row's shift, the streaming forward's Chan merges of these means
+// round to the spread's ulps, not the offset's (a ramp 1000..1001 of 16390 floats had 5x
+// torch's error in y); with row_shift 0, the bits are those of the plain moments. (A
+// plain sum / kN of equal values happens to be exact for the vector widths of today, 4
+// floats or 8 two-byte values; of 8 floats it is not.)
 template <int kN, typename acc_t>
-__device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)[kN]) {
+__device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)[kN],
+                                                                acc_t row_shift) {
   const auto shift = RowShift<acc_t>::at(v[0]);
   acc_t sum = 0;  // of half deviations; the first value's is 0
 #pragma unroll
   for (int k = 1; k < kN; ++k) sum += shift.half_deviation(v[k]);
-  const acc_t mean = shift.mean(sum / static_cast<acc_t>(kN));
+  // shift.mean(sum / kN) - row_shift, with the shifts' difference taken first
+  const acc_t mean = (scaled(v[0]) - row_shift) + acc_t(2) * (sum / static_cast<acc_t>(kN));
   acc_t m2 = 0;
 #pragma unroll
-  for (int k = 0; k < kN; ++k) m2 += (scaled(v[k]) - mean) * (scaled(v[k]) - mean);
+  for (int k = 0; k < kN; ++k) {
+    const acc_t d = (scaled(v[k]) - row_shift) - mean;
+    m2 += d * d;
+  }
   return {mean, m2, kN};
 }
 
@@ -324,7 +314,7 @@ __device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)
 // the register forward's group of threads, or a staged row's thread alone.
 // for_each_x(f) calls f(x) on each of the thread's elements (as acc_t); total(value,
 // identity, combine) reduces a value over the row's threads and returns the row's;
-// shift is the row's row_shift_value (any value for RMSNorm).
+// shift is the row's math::row_shift_value (any value for RMSNorm).
 //
 // LayerNorm: two passes (all of scaled(x): see scaled() above), each a reduction over
 // the row: the threads' means of half deviations (see RowShift) merged into the row's

@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
           s, t, group, [&](int i, int e) { packs[i] = load_raw(xr + e); });
       cuda_indexing::for_each_register_edge<kEdgeSlots>(
           s, t, group, [&](int i, int e) { edge[i] = static_cast<acc_t>(xr[e]); });
-      if (kNorm == Norm::kLayer) shift = row_shift_value<acc_t>(xr, a.cols);
+      if (kNorm == Norm::kLayer) shift = math::row_shift_value<acc_t>(xr, a.cols);
     }
     // The thread's elements, from its registers: its vectors', then its edge elements.
     const auto for_each_x = [&](auto&& f) {
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
             },
             kUnit);
       };
-      const acc_t shift = kNorm == Norm::kLayer ? row_shift_value<acc_t>(xr, n) : acc_t(0);
+      const acc_t shift = kNorm == Norm::kLayer ? math::row_shift_value<acc_t>(xr, n) : acc_t(0);
       const RowNormStats<acc_t> stats = row_norm_stats<kNorm>(
           shift, a.cols, a.eps, for_each_x,
           [](const auto& value, const auto&, auto) { return value; });  // the thread's row
@@ -258,19 +258,23 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
       const RowSum<acc_t> total = group_allreduce(local, RowSum<acc_t>{0}, SumCombine{}, scratch);
       rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
     } else {
+      // The moments of scaled(x) less the row's scaled shift (row_shift_value), which is
+      // added back to the row's mean.
+      const acc_t row_shift = scaled(math::row_shift_value<acc_t>(xr, a.cols));
       Welford<acc_t> local{0, 0, 0};
       cuda_indexing::for_each_streamed(
           s, t, group,
           [&](int64_t e) {
             acc_t v[kVec];
             load_vector(xr + e, v);
-            local = math::welford_combine(local, scaled_vector_moments(v));
+            local = math::welford_combine(local, scaled_vector_moments(v, row_shift));
           },
           [&](int64_t e) {
-            local = math::welford_update(local, scaled(static_cast<acc_t>(xr[e])));
+            local = math::welford_update(local, scaled(static_cast<acc_t>(xr[e])) - row_shift);
           });
-      const auto stats = math::rescue_unscaled(
-          group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch));
+      Welford<acc_t> row = group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
+      row.mean += row_shift;
+      const auto stats = math::rescue_unscaled(row);
       mean = stats.mean;
       rstd = math::rstd_from_variance(stats.var, a.eps);
     }
