@@ -435,15 +435,20 @@ def params(D, dtype, device, seed=1):
 
 
 def check_ramp_rows(dtype: torch.dtype, offset: float, D: int, device: str = "cpu",
-                    ours_fn: OursFn = layernorm_ext_results) -> None:
+                    ours_fn: OursFn = layernorm_ext_results, odd_at: int | None = None) -> None:
     """Rows that climb from offset to offset + 1 (sorted values: smooth signals,
     positions), forward and backward, within the usual bound, with no slack for their
     distance from zero. A running mean rounded to the offset's ulps drifts the same way
     step after step here, where on i.i.d. rows its errors cancel: the CPU's unshifted
     Welford gave an rstd ~1800 ulps off on float32 rows of 4096 at offset 100 (torch's:
-    2), 29x torch's error in y."""
+    2), 29x torch's error in y. odd_at: the value there is 0.7 * offset in the first two
+    rows and 0 in the others (a value the kernels' shift rule must not trust: judged on
+    the first value alone, such rows went unshifted, 90-340x torch's error)."""
     steps = torch.linspace(0.0, 1.0, D, dtype=torch.float64)
-    x = (offset + steps + 0.125 * torch.arange(4, dtype=torch.float64)[:, None]).to(device, dtype)
+    x = offset + steps + 0.125 * torch.arange(4, dtype=torch.float64)[:, None]
+    if odd_at is not None:
+        x[:2, odd_at], x[2:, odd_at] = 0.7 * offset, 0.0
+    x = x.to(device, dtype)
     weight, bias = params(D, dtype, device)
     grad_out = random64(4, D, seed=3).to(device, dtype)
     ours, theirs, reference = run_all(x, [D], weight, bias, grad_out, ours_fn=ours_fn)
@@ -571,9 +576,11 @@ def check_whole_range_rows(forward: Callable, backward: Callable, dtype: torch.d
 
     x64 = uniform(4, D, scale=largest)
     x64[:, 0], x64[:, -1] = largest, -largest  # both ends in every row
-    # The dtype's +max, then -max only: 2 max from the first element, which the CUDA
-    # register forward's sums are shifted by (its RowShift halves the deviations).
-    x64[3, 0], x64[3, 1:] = torch.finfo(dtype).max, -torch.finfo(dtype).max
+    # The dtype's +max (up to three times), then -max only: 2 max from the first element,
+    # which the CUDA register forward's sums are shifted by (math::row_shift_value; its
+    # RowShift halves the deviations).
+    lead = min(3, D - 1)
+    x64[3, :lead], x64[3, lead:] = torch.finfo(dtype).max, -torch.finfo(dtype).max
     x = x64.to(device, dtype)
     weight = (uniform(D, scale=1.0) + 1).to(device, dtype)
     bias = uniform(D, scale=1.0).to(device, dtype)

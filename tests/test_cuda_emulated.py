@@ -380,19 +380,27 @@ def test_ramps_far_from_zero(emulated, dtype, offset, D):
     """Sorted rows offset..offset + 1 (tests/test_extreme_values.py on CPU/CUDA) in every
     forward and backward variant: a thread per row (fp32 20), small slices (45, 100),
     large (1000, 4133), fp32 huge slices (16383), streaming (fp32 16390, float64). Before
-    the forwards' second pass corrected the mean (row_norm_stats), D = 45 at offset 1000
-    had 400x torch's error in y, and the streaming forward (fp32 16390), whose Chan
-    merges took means not less a shift, 5x."""
+    the forwards merged their threads' means less the row's shift (row_norm_stats), D =
+    45 at offset 1000 had 400x torch's error in y, and the streaming forward (fp32
+    16390), whose Chan merges took means not less a shift, 5x."""
     check_ramp_rows(dtype, offset, D, ours_fn=functools.partial(emulated_results, emulated))
+
+
+@pytest.mark.parametrize("odd_at", [0, 1, 17], ids=lambda i: f"odd_at{i}")
+@pytest.mark.parametrize("D", [20, 100, 1000, 4133, 16383, 16390])
+def test_ramps_with_an_odd_early_value(emulated, D, odd_at):
+    """Ramps at offset 100 (float32) with one value near the start far from the rest, or
+    0 (tests/test_extreme_values.py on CPU/CUDA), in every float32 forward variant."""
+    check_ramp_rows(torch.float32, 100.0, D, odd_at=odd_at,
+                    ours_fn=functools.partial(emulated_results, emulated))
 
 
 @pytest.mark.parametrize("D", [20, 100, 1000, 4133, 16383, 16390])
 def test_an_outlier_first_value_leaves_the_others_accurate(emulated, D):
     """float32 rows whose first value is 1000 among N(0, 1) values (tests/
     test_extreme_values.py on CPU/CUDA), in every float32 forward variant, as above.
-    Before the forwards' second pass corrected the mean (row_norm_stats), their
-    deviations from that first value gave 10-30x torch's error at D = 20, 1000, 4133,
-    16383."""
+    Shifted by that first value (row_norm_stats, before math::row_shift_value), their
+    deviations from it gave 10-30x torch's error at D = 20, 1000, 4133, 16383."""
     check_outlier_first_rows(D, ours_fn=functools.partial(emulated_results, emulated))
 
 

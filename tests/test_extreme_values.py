@@ -150,6 +150,14 @@ def test_ramps_far_from_zero_as_accurate_as_torch(device, dtype, offset, D):
     check_ramp_rows(dtype, offset, D, device)
 
 
+@pytest.mark.parametrize("odd_at", [0, 1, 17], ids=lambda i: f"odd_at{i}")
+@pytest.mark.parametrize("D", [20, 45, 4096])
+def test_ramps_with_an_odd_early_value_as_accurate_as_torch(device, D, odd_at):
+    """Ramps at offset 100 (float32) with one value near the start far from the rest, or
+    0 (layernorm_cases.check_ramp_rows): their shift must not hang on that value."""
+    check_ramp_rows(torch.float32, 100.0, D, device, odd_at=odd_at)
+
+
 @pytest.mark.parametrize("D", [7, 18, 20, 22, 27, 31, 64, 768, 4096, 4133])
 def test_an_outlier_first_value_leaves_the_others_accurate(device, D):
     """A row whose first value is far from the rest (layernorm_cases.check_outlier_first_rows).

@@ -45,10 +45,10 @@ Vec both_finite(const Vec& a, const Vec& b) {
 // time: their statistics as vectors of rows (lane_sums, RowColumn), then their outputs
 // (on AVX-512, whole groups from contiguous vectors: GroupLayout). LayerNorm's moments
 // are shifted by a value x0 (exact for constant rows): mean = x0 + sum(x - x0) / n, then
-// - float/double input: x0 = short_row_shift (the first element where all are near it,
-//   else 0: an outlier first element rounded the others' deviations to its ulps, 9-14x
-//   torch's error in their y at D = 18..27), and m2 = sum((x - mean)^2), a second pass
-//   over the rows;
+// - float/double input: x0 = short_row_shift (an element most are near, else 0: an
+//   outlier first element rounded the others' deviations to its ulps, 9-14x torch's
+//   error in their y at D = 18..27), and m2 = sum((x - mean)^2), a second pass over
+//   the rows;
 // - half/bf16 input: x0 the first element, m2 = sum((x - x0)^2) - sum(x - x0) *
 //   (mean - x0), from the same pass (838861x20 bf16: 1.3x). With x0 in the row,
 //   sum((x - x0)^2) <= n * m2 (Samuelson's inequality), so the subtraction cancels at
@@ -88,8 +88,8 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
         terms[r] = Vec(0);  // no mask: the lanes past N load as zero
         for (int k = 0; k < C::kParts; ++k) terms[r] = terms[r] + v[k] * v[k];
       } else {
-        shifts[r] = static_cast<acc_t>(row_x(r)[0]);
-        if constexpr (!kOnePass) shifts[r] = short_row_shift<T>(v, valid, shifts[r]);
+        shifts[r] = kOnePass ? static_cast<acc_t>(row_x(r)[0])
+                             : short_row_shift<T>(v, valid, row_x(r), N);
         const Vec shift(shifts[r]);
         terms[r] = masked_terms(v, valid, [&](const Vec& e) { return e - shift; });
         if constexpr (kOnePass) {

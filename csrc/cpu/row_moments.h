@@ -57,9 +57,10 @@ constexpr int64_t kBlockSteps = 128;
 // values less a shift near its mean where they need one (row_shift; their moments are
 // then those of the row, but for the mean, shift + the shifted mean): the running means
 // then round to the spread's ulps, not the offset's. Unshifted, rows of a ramp 100..101
-// (float32, N = 4096) had an rstd ~1800 ulps off (torch's: 2). A single value as the
-// shift, the row's first, was ~100x torch's error in y where that value was an outlier
-// (1000 among N(0, 1) values): the shifted values then round to its ulps.
+// (float32, N = 4096) had an rstd ~1800 ulps off (torch's: 2). The row's first value
+// as the shift, whatever it was, gave ~100x torch's error in y where that value was an
+// outlier (1000 among N(0, 1) values): the shifted values then round to its ulps;
+// row_shift takes a value most of the first chunk is near (shift_of), or none.
 // - Whole chunks (whole_chunk_moments): Welford per lane in blocks of kBlockSteps chunks
 //   (one reciprocal serves all lanes), blocks merged in a cascade.
 // - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows in row_groups.h for a
@@ -70,38 +71,46 @@ constexpr int64_t kBlockSteps = 128;
 // A shifted value overflows only where the row spans over half the dtype's range, and
 // there its M2 would overflow anyway: the rescue (without_overflow) recomputes it.
 
-// The shift of a row of at least one whole chunk: where every value of that chunk is
-// near x[0] (math::near_first), the chunk's mean (each value scaled by 1 / kSize, a power
-// of two, exact, before the sum, so that it cannot overflow); else 0, and the row's
-// Welford runs unshifted. Rows near zero or spread as widely as their offset do not need
-// it, and for them this costs a vector compare, not the subtraction and the sum's
-// reduction (11-16% of a cache-resident forward on one core; the compare 6-12% at
-// N = 32..64, nothing measurable at 768; a reduction for the chunk's spread cost 50% at
-// N = 32). NaN or inf in the chunk: 0, the row's moments as unshifted.
-
-// Whether every lane of v is near `first` (math::near_first, as vectors).
+// Whether at most max_far lanes of v are not near `reference` (math::near_first, as
+// vectors); it stops at the first part past that (most rows near zero, at once).
 template <typename Parts, typename acc_t>
-bool all_near_first(const Parts& v, acc_t first) {
+bool mostly_near(const Parts& v, acc_t reference, int64_t max_far) {
   using Vec = typename Parts::value_type;
-  const Vec first_v(first), band(std::abs(first) / acc_t(math::kShiftRatio));
+  const Vec reference_v(reference), band(std::abs(reference) / acc_t(math::kShiftRatio));
+  int64_t far = 0;
   for (const Vec& part : v) {
     // zero_mask: a bit per lane where the comparison failed
-    if (((part - first_v).abs() < band).zero_mask() != 0) return false;
+    far += __builtin_popcount(static_cast<unsigned>(((part - reference_v).abs() < band).zero_mask()));
+    if (far > max_far) return false;
   }
   return true;
 }
 
+// The shift of a row from n of its values: the median of the first, middle and last of
+// them where at most a quarter of the n are far from it (math::near_first), else 0.
+// values(reference) gives the n values as vectors, any lanes past them equal to the
+// reference (near). One outlier or a leading 0 cannot decide: judged on the first value
+// alone, rows with one such value at their start were left unshifted, 90-340x torch's
+// error (ramps at offsets 30-1000), and a shift by the mean of the first chunk took the
+// outlier in. Rows near zero, or spread as widely as their offset, do not need a shift,
+// and for them this costs a vector compare, not the subtraction (an always-on shift, by
+// the chunk's mean, cost 11-16% of a cache-resident forward on one core). NaN or inf: no
+// shift (the comparisons fail). Exact for constant rows.
+template <typename acc_t, typename Values>
+acc_t shift_of(const Values& values, int64_t n, acc_t first, acc_t middle, acc_t last) {
+  const acc_t median = std::max(std::min(first, middle), std::min(std::max(first, middle), last));
+  return mostly_near(values(median), median, n / 4) ? median : acc_t(0);
+}
+
+// The shift of a row of at least one whole chunk: shift_of its first chunk.
 template <typename T>
 typename Chunk<T>::acc_t row_shift(const T* x) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
-  using Vec = typename C::Vec;
   const auto v = C::load_unordered(x);
-  if (!all_near_first(v, static_cast<acc_t>(x[0]))) return acc_t(0);
-  const Vec scale(acc_t(1) / static_cast<acc_t>(C::kSize));
-  Vec sum(0);
-  for (int k = 0; k < C::kParts; ++k) sum = at::vec::fmadd(v[k], scale, sum);
-  return at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, sum);
+  return shift_of([&](acc_t) -> const typename C::Parts& { return v; }, C::kSize,
+                  static_cast<acc_t>(x[0]), static_cast<acc_t>(x[C::kSize / 2]),
+                  static_cast<acc_t>(x[C::kSize - 1]));
 }
 
 // Welford per lane over `steps` whole chunks from x, less `shift` (kShifted): one
@@ -161,17 +170,22 @@ typename Chunk<T>::Parts valid_lanes(int64_t n) {
   return valid;
 }
 
-// The shift of a row shorter than one chunk, v (its lanes past `valid` zero): its first
-// element where all of its elements are near it, else 0 (row_shift's rule).
+// The shift of a row of n values shorter than one chunk, v (its lanes past `valid`
+// zero), at x: shift_of the row.
 template <typename T>
 typename Chunk<T>::acc_t short_row_shift(const typename Chunk<T>::Parts& v,
-                                         const typename Chunk<T>::Parts& valid,
-                                         typename Chunk<T>::acc_t first) {
+                                         const typename Chunk<T>::Parts& valid, const T* x,
+                                         int64_t n) {
   using C = Chunk<T>;
+  using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
-  typename C::Parts row;  // the lanes past the row: `first`, near by definition
-  for (int k = 0; k < C::kParts; ++k) row[k] = Vec::blendv(Vec(first), v[k], valid[k]);
-  return all_near_first(row, first) ? first : typename C::acc_t(0);
+  const auto values = [&](acc_t reference) {
+    typename C::Parts row;
+    for (int k = 0; k < C::kParts; ++k) row[k] = Vec::blendv(Vec(reference), v[k], valid[k]);
+    return row;
+  };
+  return shift_of(values, n, static_cast<acc_t>(x[0]), static_cast<acc_t>(x[n / 2]),
+                  static_cast<acc_t>(x[n - 1]));
 }
 
 // term(part) of a chunk's parts, the lanes past `valid` zeroed, summed into one vector

@@ -258,9 +258,9 @@ __device__ __forceinline__ acc_t scaled(acc_t x) {
 // half is subnormal (|x| < 2^-118 in float32), where the GPU's fused multiply-add may
 // leave a deviation of one subnormal ulp.
 //
-// The register forwards shift by the row's first element where its first few are near
-// it (math::row_shift_value), which every thread of its group reads (a load instruction a
-// warp each, with the slice's loads), else by 0, and sum half deviations,
+// The register forwards shift by one of the row's first elements where most of them
+// are near it (math::row_shift_value), which every thread of its group reads (a load
+// instruction a warp each, with the slice's loads), else by 0, and sum half deviations,
 // (scaled(x) - shift) / 2: two values of a row may differ by 2 max / 128, and halved
 // each term stays within max / 128, as the static_assert above counts. The threads'
 // means of half deviations are merged as such, and shifted back once: merged after the
