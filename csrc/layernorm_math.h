@@ -155,8 +155,9 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 // are taken: where most of its first values lie within |first| / kShiftRatio of one of
 // them (an offset over ~4x their spread), the running means of unshifted values would
 // round to the offset's ulps (a sorted row 100..101 of 4096 floats: rstd ~1800 ulps
-// off), and that shift (near the values) costs nothing in accuracy. Elsewhere the
-// forwards take the values as they are:
+// off), and a shift near the row's values costs nothing in accuracy (one near its first
+// values only can: row_moments.h's shift_of). Elsewhere the forwards take the values as
+// they are:
 // a shift by a value far from the others (an outlier first value, 1000 among N(0, 1))
 // rounds every shifted value to its ulps, 10-100x torch's error in y. NaN or inf: false
 // (the comparison fails). The CPU tests a row's first vector chunk, or the whole of a

@@ -95,7 +95,10 @@ bool mostly_near(const Parts& v, acc_t reference, int64_t max_far) {
 // outlier in. Rows near zero, or spread as widely as their offset, do not need a shift,
 // and for them this costs a vector compare, not the subtraction (an always-on shift, by
 // the chunk's mean, cost 11-16% of a cache-resident forward on one core). NaN or inf: no
-// shift (the comparisons fail). Exact for constant rows.
+// shift (the comparisons fail). Exact for constant rows. A sample decides for the row:
+// where the first chunk is unlike the rest (a first chunk at an offset the rest lacks,
+// or a run of zeros before a ramp), the shift is wrong or missing, up to ~850x torch's
+// error in a reviewer's adversarial rows.
 template <typename acc_t, typename Values>
 acc_t shift_of(const Values& values, int64_t n, acc_t first, acc_t middle, acc_t last) {
   const acc_t median = std::max(std::min(first, middle), std::min(std::max(first, middle), last));
