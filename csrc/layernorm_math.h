@@ -157,11 +157,11 @@ LN_HOST_DEVICE bool is_finite(acc_t v) {
 // round to the offset's ulps (a sorted row 100..101 of 4096 floats: rstd ~1800 ulps
 // off), and a shift near the row's values costs nothing in accuracy (one near its first
 // values only can: row_moments.h's shift_of). Elsewhere the forwards take the values as
-// they are:
-// a shift by a value far from the others (an outlier first value, 1000 among N(0, 1))
-// rounds every shifted value to its ulps, 10-100x torch's error in y. NaN or inf: false
-// (the comparison fails). The CPU tests a row's first vector chunk, or the whole of a
-// shorter row (row_moments.h), the CUDA forwards its first few elements (row_shift_value).
+// they are: a shift by a value far from the others (an outlier first value, 1000 among
+// N(0, 1)) rounds every shifted value to its ulps, 10-100x torch's error in y. NaN or
+// inf: false (the comparison fails). The CPU tests a row's first vector chunk, or the
+// whole of a shorter row (row_moments.h), the CUDA forwards its first few elements
+// (row_shift_value).
 constexpr int kShiftRatio = 4;
 
 template <typename acc_t>

@@ -19,6 +19,7 @@ from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
+
 def special_masks(t: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"nan": torch.isnan(t), "+inf": torch.isposinf(t), "-inf": torch.isneginf(t)}
 
