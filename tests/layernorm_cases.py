@@ -475,6 +475,69 @@ def check_outlier_first_rows(D: int, device: str = "cpu",
     assert not problems, f"D={D}: {problems}"
 
 
+def rows_unlike_their_start(D: int) -> torch.Tensor:
+    """float64 rows (D >= 64) whose first values are unlike the rest, each followed by a
+    row of N(0, 1) values, and one more of the first kind (an odd count: a CUDA block's
+    last row group may hold no row). The first 32 (a CPU vector chunk): 1000 + N(0, 1)
+    before N(0, 0.01); 0 before a ramp 1000..1001; N(0, 0.001) before a ramp 100..101;
+    a ramp 300..301 before one at 100..101. The first three (of the CUDA forwards' four
+    probes): 400 before a ramp 100..101. The kernels judge a row's shift from those
+    values, wrong here: taken less it, the statistics had up to 36x torch's error (CPU)
+    and 53x (the CUDA forwards, emulated) where the rows are long enough for the mean to
+    lie over math::kReshiftDeviations (8) standard deviations from the shift."""
+    ramp = torch.linspace(0.0, 1.0, D, dtype=torch.float64)
+    rows = [0.01 * random64(D, seed=1), 1000.0 + ramp, 100.0 + ramp, 100.0 + ramp, 100.0 + ramp]
+    starts = [1000.0 + random64(32, seed=2), torch.zeros(32, dtype=torch.float64),
+              1e-3 * random64(32, seed=3), 300.0 + ramp[:32], torch.full((3,), 400.0)]
+    for row, start in zip(rows, starts):
+        row[:len(start)] = start
+    pairs = [r for k, row in enumerate(rows) for r in (row, random64(D, seed=10 + k))]
+    return torch.stack(pairs + [rows[0]])
+
+
+def check_rows_unlike_their_start(forward: Callable, dtype: torch.dtype, D: int,
+                                  device: str = "cpu",
+                                  ours_fn: OursFn = layernorm_ext_results) -> None:
+    """rows_unlike_their_start in dtype (float32, bfloat16), given the forward operator
+    (torch.ops.layernorm_ext.forward's signature) and ours_fn. Each row's statistics,
+    mean (as its error in y: times the exact rstd) and rstd (relative), within 2x the
+    error of torch's float32 statistics plus 4 ulps of 1 and an ulp of the mean (its
+    rounding to float32, which no algorithm avoids); outputs and gradients within the
+    usual bound. The N(0, 1) rows (odd indices) keep the statistics they have beside
+    rows of their kind: a CUDA warp or block takes a row's second pass together, and
+    only that row's results may change."""
+    x64 = rows_unlike_their_start(D)
+    x = x64.to(device, dtype)
+    exact = x.double().cpu()
+    exact_mean = exact.mean(-1)
+    exact_rstd = (exact.var(-1, unbiased=False) + 1e-5).rsqrt()
+    mean_ulp = torch.nextafter(exact_mean.float(), torch.tensor(math.inf)).double() - \
+        exact_mean.float().double()
+
+    def statistics_errors(mean, rstd):
+        mean_error = (mean.double().cpu().view(-1) - exact_mean).abs() * exact_rstd
+        return torch.maximum(mean_error, (rstd.double().cpu().view(-1) / exact_rstd - 1).abs())
+
+    _, mean, rstd = forward(x, [D], None, None, 1e-5)
+    _, torch_mean, torch_rstd = torch.native_layer_norm(x.cpu().float(), [D], None, None, 1e-5)
+    ours, theirs = statistics_errors(mean, rstd), statistics_errors(torch_mean, torch_rstd)
+    bound = 2 * theirs + 4 * torch.finfo(torch.float32).eps + mean_ulp.abs() * exact_rstd
+    assert (ours <= bound).all(), (D, ours.tolist(), bound.tolist())
+
+    # The N(0, 1) rows, beside rows of their kind instead: the same bits.
+    plain = x64.clone()
+    plain[0::2] = random64((plain.shape[0] + 1) // 2, D, seed=20)
+    _, plain_mean, plain_rstd = forward(plain.to(device, dtype), [D], None, None, 1e-5)
+    assert torch.equal(plain_mean.view(-1)[1::2], mean.view(-1)[1::2]), D
+    assert torch.equal(plain_rstd.view(-1)[1::2], rstd.view(-1)[1::2]), D
+
+    weight, bias = params(D, dtype, device)
+    grad_out = random64(*x.shape, seed=3).to(device, dtype)
+    ours, theirs, reference = run_all(x, [D], weight, bias, grad_out, ours_fn=ours_fn)
+    problems = reference_errors(ours, theirs, reference, dtype)
+    assert not problems, f"D={D}: {problems}"
+
+
 def check_constant_rows(forward: Callable, dtype: torch.dtype, D: int, device: str = "cpu",
                         ours_fn: OursFn = layernorm_ext_results) -> None:
     """Rows holding one value in every element (0, 0.1, 1, -3.7, 123.456, 1e4), given the

@@ -37,7 +37,8 @@ import torch
 from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_case,
                              check_constant_largest_rows, check_constant_rows,
                              check_constant_rows_far_from_zero_backward,
-                             check_outlier_first_rows, check_ramp_rows, check_whole_range_rows,
+                             check_outlier_first_rows, check_ramp_rows,
+                             check_rows_unlike_their_start, check_whole_range_rows,
                              check_wide_spread_rows, distance_from_zero, laid_out, random_case,
                              reference_errors, run_all, WELL_CONDITIONED)
 
@@ -402,6 +403,24 @@ def test_an_outlier_first_value_leaves_the_others_accurate(emulated, D):
     Shifted by that first value (row_norm_stats, before math::row_shift_value), their
     deviations from it gave 10-30x torch's error at D = 20, 1000, 4133, 16383."""
     check_outlier_first_rows(D, ours_fn=functools.partial(emulated_results, emulated))
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 64), (torch.bfloat16, 256),
+                                     (torch.float32, 1000), (torch.float32, 2000),
+                                     (torch.float32, 4132), (torch.float32, 16384),
+                                     (torch.float32, 16390)], ids=str)
+def test_rows_unlike_their_start(emulated, dtype, D):
+    """Rows whose first elements mislead their shift (tests/test_extreme_values.py on
+    CPU/CUDA) take their statistics again, less their mean, in every forward variant:
+    small slices in sub-warp groups (float32 64: four rows a warp, none far enough from
+    its shift; bf16 256: two rows a warp, which take a second pass together:
+    __any_sync), large (1000; 2000: two rows of two warps a block, together:
+    __syncthreads_or; 4132), huge slices (16384), streaming (16390). Without the votes,
+    bf16 256 and float32 2000 deadlock here; before the second pass, 4132, 16384 and
+    16390 broke the statistics' bound. (Rows start 16 bytes apart, as the register
+    forwards need.)"""
+    check_rows_unlike_their_start(emulated.layer_norm_forward, dtype, D,
+                                  ours_fn=functools.partial(emulated_results, emulated))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

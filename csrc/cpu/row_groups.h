@@ -139,6 +139,24 @@ struct RowColumn {
   }
 };
 
+// A bit per row of [0, rows) of a group whose moments need taking again
+// (math::needs_reshift), given their means, variances and shifts: a vector of rows at a
+// time.
+template <typename acc_t>
+uint32_t rows_needing_reshift(const RowColumn<acc_t>& means, const RowColumn<acc_t>& vars,
+                              const RowColumn<acc_t>& shifts, int64_t rows) {
+  static_assert(kGroupRows <= 32);
+  constexpr int64_t kLanes = RowColumn<acc_t>::kLanes;
+  uint32_t bits = 0;
+  for (size_t i = 0; i < means.v.size(); ++i) {
+    // zero_mask: a bit per lane where the comparison failed
+    const auto failed = static_cast<uint32_t>(
+        math::needs_reshift(means.v[i], vars.v[i], shifts.v[i]).zero_mask());
+    bits |= (~failed & ((uint32_t(1) << kLanes) - 1)) << (i * kLanes);
+  }
+  return rows >= 32 ? bits : bits & ((uint32_t(1) << rows) - 1);
+}
+
 // math::normalize_center of a group's rows, a vector at a time: each row's mean, or 0
 // where its rstd is 0.
 template <typename acc_t>

@@ -12,9 +12,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -60,7 +62,10 @@ constexpr int64_t kBlockSteps = 128;
 // (float32, N = 4096) had an rstd ~1800 ulps off (torch's: 2). The row's first value
 // as the shift, whatever it was, gave ~100x torch's error in y where that value was an
 // outlier (1000 among N(0, 1) values): the shifted values then round to its ulps;
-// row_shift takes a value most of the first chunk is near (shift_of), or none.
+// row_shift takes a value most of the first chunk is near (shift_of), or none. Where
+// the row's mean then lies far from that shift (the first chunk was unlike the rest:
+// math::needs_reshift), the row's moments are taken again less that mean
+// (row_moments_less).
 // - Whole chunks (whole_chunk_moments): Welford per lane in blocks of kBlockSteps chunks
 //   (one reciprocal serves all lanes), blocks merged in a cascade.
 // - The lanes merged pairwise (merge_lanes, or merge_lanes_of_rows in row_groups.h for a
@@ -80,7 +85,7 @@ bool mostly_near(const Parts& v, acc_t reference, int64_t max_far) {
   int64_t far = 0;
   for (const Vec& part : v) {
     // zero_mask: a bit per lane where the comparison failed
-    far += __builtin_popcount(static_cast<unsigned>(((part - reference_v).abs() < band).zero_mask()));
+    far += std::popcount(static_cast<unsigned>(((part - reference_v).abs() < band).zero_mask()));
     if (far > max_far) return false;
   }
   return true;
@@ -97,8 +102,8 @@ bool mostly_near(const Parts& v, acc_t reference, int64_t max_far) {
 // the chunk's mean, cost 11-16% of a cache-resident forward on one core). NaN or inf: no
 // shift (the comparisons fail). Exact for constant rows. A sample decides for the row:
 // where the first chunk is unlike the rest (a first chunk at an offset the rest lacks,
-// or a run of zeros before a ramp), the shift is wrong or missing, up to ~850x torch's
-// error in a reviewer's adversarial rows.
+// or a run of zeros before a ramp), the shift is wrong or missing, and the row's
+// moments are taken again (row_moments_less).
 template <typename acc_t, typename Values>
 acc_t shift_of(const Values& values, int64_t n, acc_t first, acc_t middle, acc_t last) {
   const acc_t median = std::max(std::min(first, middle), std::min(std::max(first, middle), last));
@@ -205,9 +210,8 @@ auto masked_terms(const Parts& v, const Parts& valid, const Term& term) {
 // zero): two masked passes, shifted by its first element `shift` (exact for constant
 // data, no overflow near the dtype's max).
 template <typename T>
-math::WelfordState<at::opmath_type<T>> partial_chunk_moments(const typename Chunk<T>::Parts& v,
-                                                            int64_t rest,
-                                                            at::opmath_type<T> shift) {
+C10_ALWAYS_INLINE math::WelfordState<at::opmath_type<T>> partial_chunk_moments(
+    const typename Chunk<T>::Parts& v, int64_t rest, at::opmath_type<T> shift) {
   using C = Chunk<T>;
   using acc_t = typename C::acc_t;
   using Vec = typename C::Vec;
@@ -295,7 +299,8 @@ math::WelfordState<at::opmath_type<T>> merge_lanes(const LaneMoments<T>& lanes) 
 // Per-lane moments of the first `chunks` > 0 whole chunks of a row, less `shift` (kShifted):
 // blocks of kBlockSteps chunks merged in a cascade.
 template <bool kShifted, typename T>
-LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks, typename Chunk<T>::acc_t shift) {
+C10_ALWAYS_INLINE LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks,
+                                                     typename Chunk<T>::acc_t shift) {
   using C = Chunk<T>;
   using Moments = LaneMoments<T>;
   Moments lanes = block_moments<kShifted>(x, std::min(chunks, kBlockSteps), shift);
@@ -321,7 +326,7 @@ LaneMoments<T> whole_chunk_moments(const T* x, int64_t chunks, typename Chunk<T>
 // A row's moments from those of its whole chunks (`whole`, of the values less `shift`),
 // with its partial chunk's combined in; the mean shifted back.
 template <typename T>
-math::WelfordState<at::opmath_type<T>> with_partial_chunk(
+C10_ALWAYS_INLINE math::WelfordState<at::opmath_type<T>> with_partial_chunk(
     math::WelfordState<at::opmath_type<T>> whole, const T* x, int64_t n,
     at::opmath_type<T> shift) {
   using C = Chunk<T>;
@@ -335,6 +340,20 @@ math::WelfordState<at::opmath_type<T>> with_partial_chunk(
   }
   whole.mean = shift + whole.mean;
   return whole;
+}
+
+// The moments of a row of n >= kSize values at x, taken less `shift`: the second pass of
+// a row whose first shift was poor (math::needs_reshift), less its mean from the first.
+// Out of line, and the functions it shares with forward_rows' common path
+// (whole_chunk_moments, with_partial_chunk, partial_chunk_moments) always inline: with
+// this second caller, gcc called them out of line there, which cost 8-19% of the
+// cache-resident float32 forwards of 4096x32 and 4096x40 (one core).
+template <typename T>
+C10_NOINLINE math::WelfordState<at::opmath_type<T>> row_moments_less(const T* x, int64_t n,
+                                                                    at::opmath_type<T> shift) {
+  using C = Chunk<T>;
+  const auto lanes = whole_chunk_moments<true>(x, n / C::kSize, shift);
+  return with_partial_chunk<T>(merge_lanes<T>(lanes), x, n, shift);
 }
 
 // The mean and variance of a row, given its fast moments `fast`, rescued from overflow

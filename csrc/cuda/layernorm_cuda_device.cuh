@@ -227,6 +227,17 @@ struct BlockLanes {
   }
 };
 
+// Whether `flag` holds in any thread whose row group shares group_allreduce's shuffles
+// or barriers with this thread's (register kernels, every thread of the block calls
+// it): its warp where a group fits in one (a shuffle takes the whole warp, whatever
+// groups it holds), the block where groups of several warps share one (barriers), else
+// the group itself, the block's only one.
+__device__ __forceinline__ bool any_sharing_reductions(bool flag) {
+  if (blockDim.x <= cuda_config::kWarpSize) return __any_sync(kFullMask, flag);
+  if (blockDim.y > 1) return __syncthreads_or(flag);
+  return flag;
+}
+
 template <typename S, typename Combine>
 __device__ __forceinline__ S group_allreduce(const S& value, const S& identity, Combine combine,
                                              S* scratch) {
@@ -271,6 +282,11 @@ struct RowShift {
   acc_t half;  // scaled(x) / 2 of the shift
 
   __device__ __forceinline__ static RowShift at(acc_t x) { return {x * half_scale()}; }
+  // The shift scaled(x) is (a row's scaled mean).
+  __device__ __forceinline__ static RowShift of_scaled(acc_t scaled_x) {
+    return {scaled_x / acc_t(2)};
+  }
+  __device__ __forceinline__ acc_t scaled() const { return acc_t(2) * half; }
   // One multiply-add; x * half_scale() is exact but for subnormal results.
   __device__ __forceinline__ acc_t half_deviation(acc_t x) const {
     return x * half_scale() - half;
@@ -314,7 +330,9 @@ __device__ __forceinline__ Welford<acc_t> scaled_vector_moments(const acc_t (&v)
 // the register forward's group of threads, or a staged row's thread alone.
 // for_each_x(f) calls f(x) on each of the thread's elements (as acc_t); total(value,
 // identity, combine) reduces a value over the row's threads and returns the row's;
-// shift is the row's math::row_shift_value (any value for RMSNorm).
+// any_row(flag) is whether any row that shares those reductions has the flag (every
+// thread of them calls it); shift is the row's math::row_shift_value (any value for
+// RMSNorm).
 //
 // LayerNorm: two passes (all of scaled(x): see scaled() above), each a reduction over
 // the row: the threads' means of half deviations (see RowShift) merged into the row's
@@ -329,37 +347,50 @@ struct RowNormStats {
   acc_t mean, rstd;
 };
 
-template <Norm kNorm, typename acc_t, typename ForEachX, typename Total>
+template <Norm kNorm, typename acc_t, typename ForEachX, typename Total, typename AnyRow>
 __device__ __forceinline__ RowNormStats<acc_t> row_norm_stats(acc_t shift_value, int64_t cols,
                                                               acc_t eps, ForEachX&& for_each_x,
-                                                              Total&& total) {
+                                                              Total&& total, AnyRow&& any_row) {
   if constexpr (kNorm == Norm::kRms) {
     acc_t sum = 0;  // of x^2
     for_each_x([&](acc_t x) { sum += x * x; });
     const RowSum<acc_t> row = total(RowSum<acc_t>{sum}, RowSum<acc_t>{0}, SumCombine{});
     return {acc_t(0), math::rstd_from_mean_square(row.sum / static_cast<acc_t>(cols), eps)};
   } else {
+    // The row's scaled mean and variance, its values taken less `shift`.
+    const auto scaled_moments = [&](const RowShift<acc_t>& shift) {
+      acc_t sum = 0;  // of shift.half_deviation(x)
+      int count = 0;
+      for_each_x([&](acc_t x) {
+        sum += shift.half_deviation(x);
+        ++count;
+      });
+      const WeightedMean<acc_t> thread_mean{
+          count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0), static_cast<acc_t>(count)};
+      // (A row of no elements: 0 + 0.)
+      const acc_t scaled_mean =
+          shift.mean(total(thread_mean, WeightedMean<acc_t>{0, 0}, MeanCombine{}).mean);
+      acc_t m2 = 0;
+      for_each_x([&](acc_t x) {
+        const acc_t d = scaled(x) - scaled_mean;
+        m2 += d * d;
+      });
+      const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(cols);
+      const acc_t scaled_var =
+          total(RowSum<acc_t>{m2 * inv_cols}, RowSum<acc_t>{0}, SumCombine{}).sum;
+      return math::MeanVariance<acc_t>{scaled_mean, scaled_var};
+    };
     const RowShift<acc_t> shift = RowShift<acc_t>::at(shift_value);
-    acc_t sum = 0;  // of shift.half_deviation(x)
-    int count = 0;
-    for_each_x([&](acc_t x) {
-      sum += shift.half_deviation(x);
-      ++count;
-    });
-    const WeightedMean<acc_t> thread_mean{count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0),
-                                          static_cast<acc_t>(count)};
-    // (A row of no elements: 0 + 0.)
-    const acc_t scaled_mean =
-        shift.mean(total(thread_mean, WeightedMean<acc_t>{0, 0}, MeanCombine{}).mean);
-    acc_t m2 = 0;
-    for_each_x([&](acc_t x) {
-      const acc_t d = scaled(x) - scaled_mean;
-      m2 += d * d;
-    });
-    const acc_t inv_cols = acc_t(1) / static_cast<acc_t>(cols);
-    const acc_t scaled_var =
-        total(RowSum<acc_t>{m2 * inv_cols}, RowSum<acc_t>{0}, SumCombine{}).sum;
-    const auto stats = math::rescue_unscaled(math::MeanVariance<acc_t>{scaled_mean, scaled_var});
+    math::MeanVariance<acc_t> scaled_stats = scaled_moments(shift);
+    // A row whose first elements misled its shift (math::needs_reshift) takes its
+    // moments again, less its mean. The rows that share this one's reductions take the
+    // second pass with it (any_row), and keep their first moments.
+    const bool reshift = math::needs_reshift(scaled_stats.mean, scaled_stats.var, shift.scaled());
+    if (any_row(reshift)) {
+      const auto again = scaled_moments(RowShift<acc_t>::of_scaled(scaled_stats.mean));
+      if (reshift) scaled_stats = again;
+    }
+    const auto stats = math::rescue_unscaled(scaled_stats);
     return {stats.mean, math::rstd_from_variance(stats.var, eps)};
   }
 }

@@ -94,7 +94,13 @@ __global__ void __launch_bounds__(kForwardMaxThreads<kVectors, kRowPerThread>,
       }
     };
     const RowNormStats<acc_t> stats =
-        row_norm_stats<kNorm>(shift, a.cols, a.eps, for_each_x, row_total);
+        row_norm_stats<kNorm>(shift, a.cols, a.eps, for_each_x, row_total, [](bool flag) {
+          if constexpr (kRowPerThread) {
+            return flag;
+          } else {
+            return any_sharing_reductions(flag);
+          }
+        });
     acc_t mean = stats.mean;
     const acc_t rstd = stats.rstd;
     if (valid) {
@@ -189,7 +195,8 @@ __global__ void __launch_bounds__(cuda_config::kRowBlockThreads,
       const acc_t shift = kNorm == Norm::kLayer ? math::row_shift_value<acc_t>(xr, n) : acc_t(0);
       const RowNormStats<acc_t> stats = row_norm_stats<kNorm>(
           shift, a.cols, a.eps, for_each_x,
-          [](const auto& value, const auto&, auto) { return value; });  // the thread's row
+          [](const auto& value, const auto&, auto) { return value; },  // the thread's row
+          [](bool flag) { return flag; });
       const acc_t center = save_row_stats<kNorm>(a, first + t, stats.mean, stats.rstd);
       // y of the kN elements v at e (a vector, or a unit of the head or tail).
       const auto to_y = [&](int e, auto& v) {
@@ -258,22 +265,32 @@ __global__ void __launch_bounds__(cuda_config::kMaxBlockThreads, 1)
       const RowSum<acc_t> total = group_allreduce(local, RowSum<acc_t>{0}, SumCombine{}, scratch);
       rstd = math::rstd_from_mean_square(total.sum / static_cast<acc_t>(a.cols), a.eps);
     } else {
-      // The moments of scaled(x) less the row's scaled shift (row_shift_value), which is
-      // added back to the row's mean.
+      // The moments of scaled(x) less a scaled shift, which is added back to the mean.
+      const auto scaled_moments = [&](acc_t row_shift) {
+        Welford<acc_t> local{0, 0, 0};
+        cuda_indexing::for_each_streamed(
+            s, t, group,
+            [&](int64_t e) {
+              acc_t v[kVec];
+              load_vector(xr + e, v);
+              local = math::welford_combine(local, scaled_vector_moments(v, row_shift));
+            },
+            [&](int64_t e) {
+              local = math::welford_update(local, scaled(static_cast<acc_t>(xr[e])) - row_shift);
+            });
+        Welford<acc_t> row =
+            group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
+        row.mean += row_shift;
+        return row;
+      };
+      // Less the row's shift (row_shift_value); where its first elements misled that
+      // (math::needs_reshift), again less the mean, reading the row once more (the
+      // block's only row: every thread takes the same branch).
       const acc_t row_shift = scaled(math::row_shift_value<acc_t>(xr, a.cols));
-      Welford<acc_t> local{0, 0, 0};
-      cuda_indexing::for_each_streamed(
-          s, t, group,
-          [&](int64_t e) {
-            acc_t v[kVec];
-            load_vector(xr + e, v);
-            local = math::welford_combine(local, scaled_vector_moments(v, row_shift));
-          },
-          [&](int64_t e) {
-            local = math::welford_update(local, scaled(static_cast<acc_t>(xr[e])) - row_shift);
-          });
-      Welford<acc_t> row = group_allreduce(local, Welford<acc_t>{0, 0, 0}, WelfordCombine{}, scratch);
-      row.mean += row_shift;
+      Welford<acc_t> row = scaled_moments(row_shift);
+      if (math::needs_reshift(row.mean, math::variance(row), row_shift)) {
+        row = scaled_moments(row.mean);
+      }
       const auto stats = math::rescue_unscaled(row);
       mean = stats.mean;
       rstd = math::rstd_from_variance(stats.var, a.eps);

@@ -92,6 +92,19 @@ V shuffle_from(unsigned mask, V value, int src_lane, ShuffleKind kind, int width
 
 inline void __syncthreads() { emu::sync_block(); }
 
+// Whether pred holds in any thread of the block, as a barrier: one block runs at a time,
+// so a static is its shared memory; barriers on both sides of each write keep the
+// threads' orders (set_schedule) from mattering.
+inline int __syncthreads_or(int pred) {
+  static int any;
+  emu::sync_block();  // every thread has read the previous call's result
+  if (emu::thread_idx().x == 0 && emu::thread_idx().y == 0 && emu::thread_idx().z == 0) any = 0;
+  emu::sync_block();
+  if (pred) any = 1;
+  emu::sync_block();
+  return any;
+}
+
 // CUDA's semantics: within segments of `width` lanes, lane i reads lane i + delta of its
 // segment (its own value past the segment's end) / lane src of its segment.
 template <typename V>
@@ -107,4 +120,12 @@ V __shfl_sync(unsigned mask, V value, int src_lane, int width = emu::kWarpSize) 
   const int lane = emu::lane();
   return emu::shuffle_from(mask, value, lane / width * width + src_lane % width,
                            emu::ShuffleKind::kIndexed, width);
+}
+
+// Whether pred holds in any lane of the warp: every lane reads every lane's pred, with the
+// full-warp shuffles' checks (a lane that diverged deadlocks, as on a GPU it is undefined).
+inline int __any_sync(unsigned mask, int pred) {
+  int any = 0;
+  for (int src = 0; src < emu::kWarpSize; ++src) any |= __shfl_sync(mask, pred != 0, src);
+  return any;
 }
