@@ -221,7 +221,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       }
       // The rows whose shift was poor (math::needs_reshift, rare): their moments again,
       // less their mean. Judged a vector of rows at a time: a row at a time, in the loop
-      // above, the check and its branch cost ~8% of the float32 4096x32 forward (one core).
+      // above, the check cost ~8% of the float32 4096x32 forward (one core).
       for (uint32_t poor = rows_needing_reshift(RowColumn<acc_t>::load(means.data()),
                                                 RowColumn<acc_t>::load(stats.data()),
                                                 RowColumn<acc_t>::load(shifts.data()), rows);
