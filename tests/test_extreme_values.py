@@ -15,7 +15,8 @@ from layernorm_cases import (ATOL, LARGEST, OUTPUT_NAMES, check_constant_largest
                              check_constant_rows, check_constant_rows_far_from_zero_backward,
                              check_outlier_first_rows, check_ramp_rows,
                              check_rows_unlike_their_start, check_whole_range_rows,
-                             check_wide_spread_rows, max_abs_error, params, random64, reference_errors, run_all)
+                             check_wide_spread_rows, max_abs_error, params, random64,
+                             reference_errors, run_all)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
