@@ -169,8 +169,9 @@ LN_HOST_DEVICE constexpr int backward_batch_packs(int slots) {
 // LayerNorm; fp32, fp64 for float64): the register kernel's blocks add their slots'
 // into one (through shared memory), the streaming kernel's slots write theirs. Fewer
 // slots mean less partial traffic, more slots more parallelism; the count depends on M,
-// N, the dtype and the tensors' alignment, never on the GPU, so the result is bitwise
-// the same on every GPU model.
+// N, the dtype and the tensors' alignment, never on the GPU, so the order of the sums is
+// the same on every GPU model (the terms' last bits may differ between architectures:
+// FMA contraction per build, approximate rsqrt; csrc/README.md).
 constexpr int64_t kMinRowsPerSlot = 16;
 // At most max(kBackwardBlocks, kBackwardThreads / threads per block) blocks. Each block
 // loops over its slots' rows, so more blocks than fit on the GPU at once cost a second

@@ -29,7 +29,8 @@
 // per element when the tensors disagree on alignment) runs down a slot's rows, reading
 // dy and x again, writing dx and keeping its dgamma/dbeta in registers; each slot writes
 // its partial row. A small kernel adds the partial rows in a fixed order. No atomics
-// anywhere: results are bitwise reproducible, on every GPU model.
+// anywhere: results are bitwise reproducible run to run, with the same order of sums on
+// every GPU model.
 //
 // RMSNorm runs the same kernels with the template flag Norm::kRms (../layernorm_math.h):
 // the statistic is the sum of x^2 instead of Welford moments, there is no mean, no bias
