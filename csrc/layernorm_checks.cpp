@@ -26,11 +26,15 @@ void check_same_device(const at::Tensor& input, const at::Tensor& other) {
               input.device(), " and ", other.device(), "!");
 }
 
-void check_param(const at::Tensor& input, const at::Tensor& param, const char* name,
-                 at::IntArrayRef normalized_shape) {
-  TORCH_CHECK(param.sizes() == normalized_shape, "Expected ", name,
+void check_param_shape(const std::optional<at::Tensor>& param, const char* name,
+                       at::IntArrayRef normalized_shape) {
+  if (!param.has_value() || !param->defined()) return;
+  TORCH_CHECK(param->sizes() == normalized_shape, "Expected ", name,
               " to be of same shape as normalized_shape, but got ", name, " of shape ",
-              param.sizes(), " and normalized_shape = ", normalized_shape);
+              param->sizes(), " and normalized_shape = ", normalized_shape);
+}
+
+void check_param(const at::Tensor& input, const at::Tensor& param, const char* name) {
   check_same_device(input, param);
   check_floating(param, name);
   const auto in = input.scalar_type();
@@ -72,6 +76,9 @@ RowShape check_norm_inputs(Norm norm, const at::Tensor& input, at::IntArrayRef n
   TORCH_CHECK(normalized_ndim >= 1,
               "Expected normalized_shape to be at least 1-dimensional, i.e., ",
               "containing at least one element, but got normalized_shape = ", normalized_shape);
+  // torch's order: the parameters' shapes, then the input's, then the dtypes.
+  check_param_shape(weight, "weight", normalized_shape);
+  check_param_shape(bias, "bias", normalized_shape);
   check_input_shape(norm, input, normalized_shape);
   if (norm == Norm::kRms) {
     const auto dtype = input.scalar_type();
@@ -83,8 +90,8 @@ RowShape check_norm_inputs(Norm norm, const at::Tensor& input, at::IntArrayRef n
   const bool has_weight = weight.has_value() && weight->defined();
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_INTERNAL_ASSERT(norm == Norm::kLayer || !has_bias, "RMSNorm has no bias");
-  if (has_weight) check_param(input, *weight, "weight", normalized_shape);
-  if (has_bias) check_param(input, *bias, "bias", normalized_shape);
+  if (has_weight) check_param(input, *weight, "weight");
+  if (has_bias) check_param(input, *bias, "bias");
   if (has_weight && has_bias) {
     TORCH_CHECK(weight->scalar_type() == bias->scalar_type(),
                 "mixed dtype: expected weight and bias to have the same dtype, but got ",

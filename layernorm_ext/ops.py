@@ -82,6 +82,12 @@ def _check_fake_inputs(input, normalized_shape, weight, bias, norm: str = "layer
     if not shape:
         raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., "
                            f"containing at least one element, but got normalized_shape = {shape}")
+    # torch's order: the parameters' shapes, then the input's, then the dtypes.
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and list(param.shape) != shape:
+            raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but "
+                               f"got {name} of shape {list(param.shape)} and normalized_shape "
+                               f"= {shape}")
     if norm == "rms" and input.dim() < len(shape):
         raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got "
                          f"{input.dim()}")
@@ -98,10 +104,6 @@ def _check_fake_inputs(input, normalized_shape, weight, bias, norm: str = "layer
     for name, param in (("weight", weight), ("bias", bias)):
         if param is None:
             continue
-        if list(param.shape) != shape:
-            raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but "
-                               f"got {name} of shape {list(param.shape)} and normalized_shape "
-                               f"= {shape}")
         _check_same_device(input, param)
         _check_floating(param, name)
         pairs = param.dtype == input.dtype or (reduced_input and param.dtype == torch.float32)
@@ -257,6 +259,10 @@ def _as_index(size: object) -> object:
     integer tensors: anything with __index__ but bool), else size unchanged."""
     if isinstance(size, (bool, int, torch.SymInt, float)) or not hasattr(type(size), "__index__"):
         return size
+    if isinstance(size, torch.Tensor) and size.dtype == torch.bool:
+        # torch's parser refuses a bool tensor as a size, where __index__ takes it as 0/1:
+        # let it raise its own error (a shape parsed on the meta device allocates nothing).
+        torch.empty([size], device="meta")
     try:
         return operator.index(size)
     except TypeError:  # e.g. a float tensor

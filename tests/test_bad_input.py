@@ -111,6 +111,9 @@ CASES: dict[str, BadCall] = {
     "meta_wrong_weight_shape": BadCall(lambda f, d: f(x_on("meta"), [8], ones("meta", 7)),
                                        phrase="Expected weight to be of same shape",
                                        devices=META),
+    "meta_weight_and_input_shape": BadCall(lambda f, d: f(x_on("meta"), [7], ones("meta")),
+                                           phrase="Expected weight to be of same shape",
+                                           devices=META),
     "meta_int64_input": BadCall(lambda f, d: f(x_on("meta", torch.int64), [8]),
                                 phrase=NOT_FLOAT, devices=META),
     # layouts without a kernel
@@ -144,6 +147,12 @@ CASES: dict[str, BadCall] = {
     "bias_shape": BadCall(lambda f, d: f(x_on(d), [8], None, ones(d, 7)), same_message=True),
     "weight_2d": BadCall(lambda f, d: f(x_on(d), [8], ones(d, (1, 8))), same_message=True),
     "weight_0d": BadCall(lambda f, d: f(x_on(d), [8], ones(d, ())), same_message=True),
+    # two faults: torch checks the parameters' shapes before the input's
+    "weight_and_input_shape": BadCall(lambda f, d: f(x_on(d), [7], ones(d)), same_message=True),
+    "bias_and_input_shape": BadCall(lambda f, d: f(x_on(d), [7], None, ones(d)),
+                                    same_message=True),
+    "weight_shape_and_input_dims": BadCall(lambda f, d: f(x_on(d), [2, 4, 8], ones(d)),
+                                           same_message=True),
     # 1 PiB: more than a 47-bit address space, so no overcommit setting lets it through.
     "output_too_large_to_allocate": BadCall(
         lambda f, d: f(torch.zeros(1, 8, device=d).expand(2**45, 8), [8]),
@@ -155,6 +164,8 @@ CASES: dict[str, BadCall] = {
     "normalized_shape_none": BadCall(lambda f, d: f(x_on(d), None), same_message=True),
     "normalized_shape_float_list": BadCall(lambda f, d: f(x_on(d), [8.0]), same_message=True),
     "normalized_shape_bool_list": BadCall(lambda f, d: f(x_on(d), [True]), same_message=True),
+    "normalized_shape_bool_tensor_list": BadCall(lambda f, d: f(x_on(d), [torch.tensor(True)]),
+                                                 same_message=True),
     "normalized_shape_str": BadCall(lambda f, d: f(x_on(d), "8"), same_message=True),
     "normalized_shape_tensor": BadCall(lambda f, d: f(x_on(d), torch.tensor([8])),
                                        same_message=True),
@@ -207,6 +218,7 @@ LAYER_NORM_ONLY = {
     "bias_float64_for_float32": "RMSNorm has no bias",
     "bias_on_meta": "RMSNorm has no bias",
     "bias_int": "RMSNorm has no bias",
+    "bias_and_input_shape": "RMSNorm has no bias",
     "weight_float32_bias_bfloat16": "RMSNorm has no bias",
     "nested_jagged_input": "passes a bias (tests/test_rms_norm.py has the jagged case)",
 }
