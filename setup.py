@@ -69,6 +69,8 @@ from torch.utils.cpp_extension import (  # noqa: E402
 # its own CPU kernels, and the extension picks one at run time (csrc/cpu/row_kernels.h).
 # Never -march=native: the built wheel must run on any x86-64 machine.
 ROW_KERNELS = "csrc/cpu/row_kernels.cpp"
+# F16C and BMI2 come with AVX2 on every CPU, but ATen picks its AVX2/AVX512 kernels
+# without checking for them: csrc/cpu/layernorm_cpu.cpp's kernel_table() does.
 X86_ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
     # -mavx512bf16: for intrinsics used only after a run-time check (pack_reduced in
@@ -100,6 +102,35 @@ def check_shared_libstdcxx(library: Path) -> None:
             "CC=/usr/bin/gcc CXX=/usr/bin/g++.")
 
 
+def isa_leaks(nm_output: str, isa: str) -> list[str]:
+    """The weak (inline or template) functions an ISA object defines outside that ISA's
+    namespace, from `nm --defined-only -C`. Another object may define the same function
+    compiled for another instruction set, and the linker keeps one copy for all callers:
+    with this ISA's instructions, the baseline kernels could run AVX-512 code."""
+    leaks = []
+    for line in nm_output.splitlines():
+        parts = line.split(maxsplit=2)
+        if len(parts) == 3 and parts[1] == "W" and f"::{isa}::" not in parts[2]:
+            leaks.append(parts[2])
+    return leaks
+
+
+def check_isa_object(obj: Path, isa: str) -> None:
+    """Fails the build when the ISA object defines functions the others may share."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return
+    listing = subprocess.run([nm, "--defined-only", "-C", str(obj)], capture_output=True,
+                             text=True, check=True).stdout
+    leaks = isa_leaks(listing, isa)
+    if leaks:
+        raise RuntimeError(
+            f"layernorm_ext: {obj.name} defines inline functions outside namespace {isa}, "
+            "which the linker may share with the other instruction sets' kernels: "
+            + "; ".join(leaks[:5]) + ". Put them in the ISA's namespace "
+            "(inline namespace CPU_CAPABILITY) or give them internal linkage.")
+
+
 class BuildExtensionWithCpuIsas(BuildExtension):
     """BuildExtension that adds the per-ISA objects of the CPU row kernels."""
 
@@ -117,18 +148,30 @@ class BuildExtensionWithCpuIsas(BuildExtension):
         headers = list((ROOT / "csrc").rglob("*.h"))
         newest_input = max(p.stat().st_mtime for p in [ROOT / ROW_KERNELS, *headers])
 
+        # What else an object depends on: an upgraded torch (same include paths, new
+        # headers) or another compiler must rebuild it, as the sources' mtimes cannot tell.
+        import torch
+
+        compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+        toolchain = f"torch {torch.__version__} {torch.version.git_version}\n{compiler}"
+
         def compile_one(isa: str) -> str:
             obj = out_dir / f"row_kernels_{isa}.o"
-            if obj.exists() and obj.stat().st_mtime > newest_input:
-                return str(obj)
+            stamp = out_dir / f"row_kernels_{isa}.stamp"
             cmd = [cxx, "-O3", "-fPIC", "-std=c++20", "-DNDEBUG", *includes,
                    f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *X86_ISA_FLAGS[isa],
                    # fused multiply-adds only where the source asks (layernorm_math.h)
                    "-ffp-contract=off",
                    "-DTORCH_API_INCLUDE_EXTENSION_H", "-c", str(ROOT / ROW_KERNELS),
                    "-o", str(obj)]
+            built_with = toolchain + " ".join(cmd)
+            if (obj.exists() and obj.stat().st_mtime > newest_input and stamp.exists()
+                    and stamp.read_text() == built_with):
+                return str(obj)
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
+            check_isa_object(obj, isa)
+            stamp.write_text(built_with)
             return str(obj)
 
         jobs = int(os.environ.get("MAX_JOBS", "2"))

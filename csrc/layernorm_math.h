@@ -25,6 +25,14 @@ namespace layernorm_ext {
 enum class Norm { kLayer, kRms };
 
 namespace math {
+// In the CPU row kernels, compiled once per instruction set (csrc/cpu/row_kernels.h), the
+// math lands in that ISA's namespace, as ATen's at::vec does: an inline function the
+// compiler keeps out of line would otherwise be defined with AVX2 code in one object and
+// baseline code in another, and the linker would keep one copy for both (an AVX
+// instruction in the baseline kernels, or the other way round).
+#ifdef CPU_CAPABILITY
+inline namespace CPU_CAPABILITY {
+#endif
 
 // Running moments of a set of samples: mean and M2 = sum((x - mean)^2).
 template <typename acc_t>
@@ -332,5 +340,8 @@ LN_HOST_DEVICE V input_grad(const V& g, const V& xhat, const V& rstd, const V& m
   }
 }
 
+#ifdef CPU_CAPABILITY
+}  // namespace CPU_CAPABILITY
+#endif
 }  // namespace math
 }  // namespace layernorm_ext

@@ -52,6 +52,19 @@ def test_streaming_stores_give_identical_results(tmp_path):
             assert torch.equal(a, b), key
 
 
+@pytest.mark.parametrize("value, warns", [("64M", True), ("", True), ("1e9", True),
+                                          ("99999999999999999999", True), ("4096", False)])
+def test_a_stream_threshold_that_is_no_number_is_ignored_with_a_warning(value, warns):
+    """LAYERNORM_EXT_STREAM_BYTES was read by atoll: "64M" as 64 bytes, "" as 0 (every
+    output streamed past the cache), an overflow undefined."""
+    script = "import torch, layernorm_ext; layernorm_ext.layer_norm(torch.randn(4, 8), (8,))"
+    run = subprocess.run([sys.executable, "-c", script], check=True, timeout=120,
+                         capture_output=True, text=True,
+                         env={**os.environ, "LAYERNORM_EXT_STREAM_BYTES": value})
+    # (a C++ warning, on stderr: the op's call from Python does not turn it into one)
+    assert run.stderr.count("ignoring LAYERNORM_EXT_STREAM_BYTES") == int(warns), run.stderr
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_every_instruction_set_agrees_with_the_best(tmp_path, capability):
     best = run_variant(tmp_path, "best")

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -66,7 +67,16 @@ int64_t last_level_cache_bytes() {
 int64_t stream_threshold_bytes() {
   static const int64_t threshold = []() -> int64_t {
     if (const char* bytes = std::getenv("LAYERNORM_EXT_STREAM_BYTES")) {
-      return std::max<int64_t>(std::atoll(bytes), 0);  // a negative size streams everything
+      // A whole number of bytes; anything else is ignored (atoll read "64M" as 64 and
+      // "" as 0: every output streamed).
+      char* end = nullptr;
+      errno = 0;
+      const long long value = std::strtoll(bytes, &end, 10);
+      if (end != bytes && *end == '\0' && errno == 0) {
+        return std::max<int64_t>(value, 0);  // a negative size streams everything
+      }
+      TORCH_WARN("layernorm_ext: ignoring LAYERNORM_EXT_STREAM_BYTES=\"", bytes,
+                 "\", which is not a whole number of bytes");
     }
     const int64_t llc = last_level_cache_bytes();
     return llc > 0 ? llc : int64_t(32) << 20;
@@ -86,8 +96,11 @@ const cpu::KernelTable& kernel_table() {
   static const cpu::KernelTable& table = [] () -> const cpu::KernelTable& {
 #ifdef LAYERNORM_EXT_X86_ISAS  // set by setup.py when it built the AVX2/AVX512 objects
     const std::string capability = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    if (capability == "AVX512") return cpu::kernel_table_AVX512();
-    if (capability == "AVX2") return cpu::kernel_table_AVX2();
+    // setup.py also builds both with F16C and BMI2, which every CPU with AVX2 has but
+    // ATen does not check for: a virtual CPU may hide them.
+    const bool has_extras = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+    if (has_extras && capability == "AVX512") return cpu::kernel_table_AVX512();
+    if (has_extras && capability == "AVX2") return cpu::kernel_table_AVX2();
 #endif
     return cpu::kernel_table_DEFAULT();
   }();

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -102,7 +103,7 @@ struct Chunk {
   // Loads n <= kSize elements; the lanes past n are zero.
   static Parts load(const T* p, int64_t n = kSize) {
     if constexpr (kReduced) {
-      const auto raw = n == kSize ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+      const auto raw = n == kSize ? Vectorized<T>::loadu(p) : partial_reduced(p, n);
       auto [lo, hi] = at::vec::convert_to_float<T>(raw);
       return {lo, hi};
     } else {
@@ -110,6 +111,17 @@ struct Chunk {
       return {Vec::loadu(p, std::min(n, kLanes)),
               n > kLanes ? Vec::loadu(p + kLanes, n - kLanes) : Vec(0)};
     }
+  }
+  // n < kSize half/bf16 elements, the lanes past n zero. Not Vectorized<T>::loadu(p, n):
+  // some ATen releases left those lanes unset there, and the reductions add every lane.
+  static Vectorized<T> partial_reduced(const T* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << n) - 1), p);
+#else
+    alignas(64) uint16_t lanes[kSize] = {};
+    std::memcpy(lanes, p, n * sizeof(T));
+    return Vectorized<T>::loadu(lanes);
+#endif
   }
   // Loads a whole chunk for a reduction, where the order of the elements over the lanes
   // does not matter. bf16 widens each 32-bit lane's two halves in place (one shift, one
