@@ -49,7 +49,8 @@ int64_t last_level_cache_bytes() {
     size_file >> unit;  // "32768K"
     if (!unit.empty() && (unit[0] == 'K' || unit[0] == 'k')) size <<= 10;
     if (!unit.empty() && unit[0] == 'M') size <<= 20;
-    if (level >= best_level) best_level = level, best_bytes = size;
+    if (!unit.empty() && unit[0] == 'G') size <<= 30;
+    if (size > 0 && level >= best_level) best_level = level, best_bytes = size;
   }
   if (best_bytes > 0) return best_bytes;
 #ifdef _SC_LEVEL3_CACHE_SIZE  // glibc's
