@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from .training import (COMPARE_NORMS, MLP, NORMS, EpochResult, TrainConfig, checkpoint_config,
                        defaults_for, fit, load_checkpoint, plot_history, resolve_device, train)
 from .training.checkpoint import run_state
-from .training.config import DATASETS, DTYPES, OPTIMIZERS, resume_conflicts
-from .training.data import check_data_config
+from .training.config import (DATASETS, DTYPES, OPTIMIZERS, SEED_RANGE, check_config,
+                               resume_conflicts)
+from .training.data import check_data_available, check_data_config
 from .training.distributed import check_torchrun_environment, is_main_process
 from .training.loop import autocast_factory
 from .training.plot import check_plot_path
-from .training.progress import PROGRESS_MODES
+from .training.progress import PROGRESS_MODES, check_progress_mode
 
 __all__ = ["MLP", "NORMS", "TrainConfig", "EpochResult", "train", "format_epoch",
            "format_comparison", "parse_args", "main"]
@@ -56,26 +58,43 @@ class CliOptions:
     plot: Optional[str] = None
     progress: str = "auto"
     ddp: bool = False
+    device_from_checkpoint: bool = False  # --resume set the device, not the command line
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(least: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "a non-negative integer")
+_class_count = _int_at_least(2, "at least 2 (classes)")
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64 - 1], got {value}")
     return value
 
 
@@ -100,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"features per sample (default: {d.input_size}; digits: 64)")
     data.add_argument("--hidden-size", type=_positive_int,
                       help=f"width of fc1 and the LayerNorm (default: {d.hidden_size})")
-    data.add_argument("--output-size", type=_positive_int,
+    data.add_argument("--output-size", type=_class_count,
                       help=f"classes (default: {d.output_size}; digits: 10)")
     data.add_argument("--samples", type=_positive_int,
                       help=f"samples in the data set (default: {d.samples}; digits: all 1797)")
@@ -114,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the full data set, as in the document)")
     run.add_argument("--lr", type=_positive_float, help=f"learning rate (default: {d.lr})")
     run.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default: {d.optimizer}")
-    run.add_argument("--seed", type=int, help=f"seed for data and initialization "
+    run.add_argument("--seed", type=_seed, help=f"seed for data and initialization "
                                               f"(default: {d.seed})")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"),
                      help=f"auto: CUDA when available (default: {d.device})")
@@ -159,6 +178,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CliOptions:
         if conflicts:
             parser.error(f"--resume {options.resume}: these settings cannot change on resume: "
                          + ", ".join(conflicts))
+        if not options.compare and "norm" not in values and len(state["runs"]) > 1:
+            options.compare = True  # a --compare checkpoint continues as one
+        options.device_from_checkpoint = "device" not in values
         norms = COMPARE_NORMS if options.compare else (options.config.norm,)
         for norm in norms:
             if run_state(state, norm, single_run=len(norms) == 1) is None:
@@ -175,23 +197,45 @@ def _check(parser: argparse.ArgumentParser, options: CliOptions) -> None:
     """Fails before training on what would fail during it."""
     config = options.config
     try:
+        check_config(config)
         check_data_config(config)
-        device = resolve_device(config.device, COMPARE_NORMS if options.compare else
-                                (config.norm,))
+        check_data_available(config)
+        check_progress_mode(options.progress)
+        try:
+            device = resolve_device(config.device, COMPARE_NORMS if options.compare else
+                                    (config.norm,))
+        except RuntimeError as error:
+            if options.device_from_checkpoint:
+                raise RuntimeError(f"{error} (the checkpoint's device; --device cpu resumes "
+                                   "on the CPU)") from None
+            raise
         autocast_factory(device, config.dtype)
         if options.ddp:
             check_torchrun_environment()
-    except (ValueError, RuntimeError) as error:
+    except (TypeError, ValueError, RuntimeError, ImportError) as error:
         parser.error(str(error))
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if options.ddp else 1
     if config.batch_size is not None and config.batch_size % world_size:
         parser.error(f"--batch-size {config.batch_size} must be divisible by the number of "
                      f"processes ({world_size})")
     for option, path in (("--save", options.save), ("--plot", options.plot)):
-        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.basename(path):
+            parser.error(f"{option} {path!r}: a folder; give a file name")
+        if not os.path.isdir(folder):
             parser.error(f"{option} {path}: the folder does not exist")
-        if path is not None and os.path.isdir(path):
-            parser.error(f"{option} {path}: a folder; give a file name")
+        # Tried here, not found out after the training (a checkpoint goes to PATH.tmp first).
+        probe = f"{path}.tmp" if option == "--save" else path
+        existed = os.path.exists(probe)
+        try:
+            with open(probe, "ab"):
+                pass
+        except OSError as error:
+            parser.error(f"{option} {path}: cannot write {probe}: {error.strerror}")
+        if not existed:
+            os.remove(probe)
     if options.plot is not None:
         try:
             check_plot_path(options.plot)

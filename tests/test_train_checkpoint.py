@@ -86,6 +86,12 @@ def test_resume_with_compare(capsys, tmp_path):
     assert set(load_checkpoint(path)["runs"]) == {"fused", "torch"}
     rest = run_cli(capsys, "--resume", str(path), "--compare", "--epochs", "4")
     assert rest[1:3] == full[2:4]
+    # Without --compare (and --norm) the comparison continues too: unset options keep the
+    # checkpoint's values. It trained the fused run alone, and its save dropped the other.
+    run_cli(capsys, "--compare", "--epochs", "2", "--save", str(path))
+    rest = run_cli(capsys, "--resume", str(path), "--epochs", "4", "--save", str(path))
+    assert rest[1:3] == full[2:4]
+    assert set(load_checkpoint(path)["runs"]) == {"fused", "torch"}
     # A one-run checkpoint has no torch run to compare with.
     run_cli(capsys, "--epochs", "2", "--save", str(path))
     assert "the checkpoint has no 'torch' run (it has: fused)" in cli_error(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 import pytest
 import torch
 
 from layernorm_ext.train import TrainConfig, main, train
-from layernorm_ext.training import load_checkpoint
+from layernorm_ext.training import fit, load_checkpoint
 from test_train import DOCUMENT_FIRST_LINE, cli_error, epoch_lines, run_cli
 
 
@@ -130,13 +133,47 @@ def test_progress_bar_goes_to_stderr_and_leaves_the_lines_alone(capsys):
 @pytest.mark.parametrize("args, message", [
     (("--batch-size", "0"), "must be a positive integer"),
     (("--epochs", "-1"), "must be a non-negative integer"),
-    (("--lr", "0"), "must be positive"),
+    (("--lr", "0"), "must be a positive finite number, got 0.0"),
     (("--dtype", "float64"), "invalid choice"),
     (("--save", "/nonexistent-folder/run.pt"), "the folder does not exist"),
     (("--plot", "/nonexistent-folder/run.png"), "the folder does not exist"),
+    # found by a breaker helper: tracebacks, or a run trained to NaN with exit status 0
+    (("--lr", "inf"), "must be a positive finite number"),
+    (("--lr", "abc"), "must be a positive number, got 'abc'"),
+    (("--epochs", "x"), "must be a non-negative integer, got 'x'"),
+    (("--seed", str(2 ** 64)), "must be in [-2**63, 2**64 - 1]"),
+    (("--output-size", "1"), "must be at least 2 (classes)"),
+    (("--save", "run-folder/"), "a folder; give a file name"),
+    (("--save", ""), "a folder; give a file name"),
+    (("--save", "/proc/run.pt"), "cannot write /proc/run.pt.tmp"),
+    (("--plot", "/proc/run.png"), "cannot write /proc/run.png"),
 ])
 def test_bad_options_are_refused(capsys, args, message):
     assert message in cli_error(capsys, *args)
+
+
+def test_missing_packages_are_refused_before_training(capsys, monkeypatch):
+    """--dataset digits without scikit-learn, --progress on without tqdm: were tracebacks
+    from inside the training."""
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn... raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert "needs scikit-learn" in cli_error(capsys, "--dataset", "digits")
+    assert "needs tqdm" in cli_error(capsys, "--progress", "on")
+
+
+@pytest.mark.parametrize("change, error", [
+    (dict(lr=float("nan")), ValueError), (dict(lr=float("inf")), ValueError),
+    (dict(lr="0.1"), TypeError), (dict(samples=0), ValueError), (dict(epochs=2.0), TypeError),
+    (dict(batch_size=0), ValueError), (dict(hidden_size=0), ValueError),
+    (dict(output_size=1), ValueError), (dict(norm="bogus"), ValueError),
+    (dict(optimizer="rmsprop"), ValueError), (dict(seed=2 ** 64), ValueError),
+])
+def test_fit_refuses_a_config_no_run_can_use(change, error):
+    """The library checked little: nan lr trained to NaN, samples=0 failed in range(),
+    a bad norm name raised KeyError."""
+    with pytest.raises(error, match=next(iter(change))):
+        fit(dataclasses.replace(TrainConfig(), **change))
 
 
 def test_ddp_outside_torchrun_says_how_to_start_it(capsys, monkeypatch):

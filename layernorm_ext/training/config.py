@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 DATASETS = ("random", "digits")
 OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "bfloat16", "float16")
+NORM_NAMES = ("fused", "torch")
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed takes
 
 
 @dataclass
@@ -28,6 +31,38 @@ class TrainConfig:
     optimizer: str = "sgd"
     dtype: str = "float32"  # anything else trains under torch.autocast with this dtype
     dataset: str = "random"
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raises TypeError or ValueError, naming the setting, for a config no run can use
+    (``fit`` checks its config first, so a bad one fails before any training)."""
+    def whole(name: str, value: object, least: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+
+    for name in ("input_size", "hidden_size", "samples"):
+        whole(name, getattr(config, name), 1)
+    whole("output_size", config.output_size, 2)  # classes: one class leaves nothing to learn
+    whole("epochs", config.epochs, 0)
+    if config.batch_size is not None:
+        whole("batch_size", config.batch_size, 1)
+    whole("seed", config.seed, SEED_RANGE[0])
+    if config.seed > SEED_RANGE[1]:
+        raise ValueError(f"seed must be at most 2**64 - 1, got {config.seed}")
+    if isinstance(config.lr, bool) or not isinstance(config.lr, (int, float)):
+        raise TypeError(f"lr must be a float, got {type(config.lr).__name__} {config.lr!r}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {config.lr}")
+    for name, choices in (("dataset", DATASETS), ("norm", NORM_NAMES),
+                          ("optimizer", OPTIMIZERS), ("dtype", DTYPES)):
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, "
+                             f"got {getattr(config, name)!r}")
+    if not isinstance(config.device, str):
+        raise TypeError(f"device must be a str ('auto', 'cpu', 'cuda', 'cuda:1', ...), got "
+                        f"{type(config.device).__name__} {config.device!r}")
 
 
 @dataclass

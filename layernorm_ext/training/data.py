@@ -54,6 +54,21 @@ def check_data_config(config: TrainConfig) -> None:
                          f"samples must be in [2, {DIGITS_SAMPLES}] (got {config.samples})")
 
 
+def check_data_available(config: TrainConfig) -> None:
+    """Raises ImportError when ``config``'s data set needs a package that is missing."""
+    if config.dataset == "digits":
+        _load_digits_function()
+
+
+def _load_digits_function():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("--dataset digits needs scikit-learn (pip install scikit-learn)") \
+            from error
+    return load_digits
+
+
 def random_data(samples: int, input_size: int, output_size: int) -> Data:
     """The document's data: standard normal features, uniform labels, no test split."""
     x = torch.randn((samples, input_size))
@@ -63,12 +78,7 @@ def random_data(samples: int, input_size: int, output_size: int) -> Data:
 
 def digits_data(samples: int = DIGITS_SAMPLES) -> Data:
     """``samples`` of the 1797 8x8 digit images that ship with scikit-learn, 20% held out."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError("--dataset digits needs scikit-learn (pip install scikit-learn)") \
-            from error
-    digits = load_digits()  # read from files inside the package: no download
+    digits = _load_digits_function()()  # read from files inside the package: no download
     x = torch.from_numpy(digits.data).float() / 16.0  # pixel intensities are 0..16
     y = torch.from_numpy(digits.target).long()
     order = torch.randperm(len(y))[:samples]

@@ -23,7 +23,7 @@ from torch.utils.data import DistributedSampler
 from ..ops import has_cuda_kernels
 from .checkpoint import (PathLike, checkpoint_config, load_checkpoint, restore_rng, run_state,
                          save_checkpoint)
-from .config import EpochResult, TrainConfig, resume_conflicts
+from .config import EpochResult, TrainConfig, check_config, resume_conflicts
 from .data import Split, make_data
 from .distributed import World, process_group, sum_over_processes
 from .model import MLP, NORMS
@@ -95,6 +95,7 @@ def fit(config: TrainConfig, *, compare: bool = False, on_epoch: Optional[EpochC
     ``ddp``). ``save`` writes a checkpoint after every epoch; ``resume`` continues one up
     to ``config.epochs``. ``ddp`` trains with DistributedDataParallel in a torchrun job.
     """
+    check_config(config)
     norms = COMPARE_NORMS if compare else (config.norm,)
     device = resolve_device(config.device, norms)
     with process_group(device.type) if ddp else contextlib.nullcontext(World()) as world:

@@ -10,6 +10,17 @@ PROGRESS_MODES = ("auto", "on", "off")
 AUTO_DELAY_S = 2.0  # in auto mode, runs shorter than this never show a bar
 
 
+def check_progress_mode(mode: str) -> None:
+    """Raises ValueError for an unknown mode, ImportError when ``on`` lacks tqdm."""
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"progress mode must be one of {PROGRESS_MODES}, got {mode!r}")
+    if mode == "on":
+        try:
+            import tqdm  # noqa: F401
+        except ImportError as error:
+            raise ImportError("--progress on needs tqdm (pip install tqdm)") from error
+
+
 class ProgressBar:
     """A tqdm bar over all training steps, written to stderr.
 
