@@ -106,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option, value, least in (("--reps", args.reps, 1), ("--warmup", args.warmup, 1),
+                                 ("--threads", args.threads, 1),
+                                 ("--min-sample-ms", args.min_sample_ms, 0)):
+        if value is not None and value < least:
+            parser.error(f"{option} must be at least {least}, got {value}")
     if args.malloc_tuned and not machine.malloc_is_tuned(dict(os.environ)):
         # glibc reads these once, at process start: run this script again under them.
         env = machine.tuned_malloc_env(dict(os.environ))
@@ -125,8 +131,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     else [CONTENDER_KEYS[key] for key in args.contenders]))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if config.reps < 1:
-        raise SystemExit("--reps must be at least 1")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
     prefix = Path(args.out) if args.out else RESULTS_DIR / machine.machine_name(config.device)

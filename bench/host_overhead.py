@@ -117,6 +117,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--top", type=int, default=12, help="profiler rows shown")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = parser.parse_args(argv)
+    for option, value, least in (("--calls", args.calls, 1), ("--rounds", args.rounds, 1),
+                                 ("--profile-calls", args.profile_calls, 0),
+                                 ("--top", args.top, 1)):
+        if value < least:
+            parser.error(f"{option} must be at least {least}, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     try:
