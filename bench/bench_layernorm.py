@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for option, value, least in (("--reps", args.reps, 1), ("--warmup", args.warmup, 1),
+    for option, value, least in (("--reps", args.reps, 1), ("--warmup", args.warmup, 0),
                                  ("--threads", args.threads, 1),
                                  ("--min-sample-ms", args.min_sample_ms, 0)):
         if value is not None and value < least:
