@@ -218,29 +218,34 @@ def _check(parser: argparse.ArgumentParser, options: CliOptions) -> None:
     if config.batch_size is not None and config.batch_size % world_size:
         parser.error(f"--batch-size {config.batch_size} must be divisible by the number of "
                      f"processes ({world_size})")
-    for option, path in (("--save", options.save), ("--plot", options.plot)):
-        if path is None:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path) or not os.path.basename(path):
-            parser.error(f"{option} {path!r}: a folder; give a file name")
-        if not os.path.isdir(folder):
-            parser.error(f"{option} {path}: the folder does not exist")
-        # Tried here, not found out after the training (a checkpoint goes to PATH.tmp first).
-        probe = f"{path}.tmp" if option == "--save" else path
-        existed = os.path.exists(probe)
-        try:
-            with open(probe, "ab"):
-                pass
-        except OSError as error:
-            parser.error(f"{option} {path}: cannot write {probe}: {error.strerror}")
-        if not existed:
-            os.remove(probe)
+    # (option, as given, the file it ends up in, the file written first)
+    targets = []
+    if options.save is not None:  # a checkpoint goes to PATH.tmp, then is renamed PATH
+        targets.append(("--save", options.save, options.save, f"{options.save}.tmp"))
     if options.plot is not None:
         try:
-            check_plot_path(options.plot)
+            # the file matplotlib writes: PATH, or PATH.png for a name without a suffix
+            written = check_plot_path(options.plot)
         except (ImportError, ValueError) as error:
             parser.error(f"--plot {options.plot}: {error}")
+        targets.append(("--plot", options.plot, written, written))
+    for option, path, final, first in targets:
+        if os.path.isdir(path) or os.path.isdir(final) or not os.path.basename(path):
+            where = "" if final == path else f" (it writes {final})"
+            parser.error(f"{option} {path!r}{where}: a folder; give a file name")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(final))):
+            parser.error(f"{option} {path}: the folder does not exist")
+        # Tried now, not found out after the training; by the one process of a --ddp
+        # job that writes (the others would race it to create and remove the probe).
+        if is_main_process():
+            existed = os.path.exists(first)
+            try:
+                with open(first, "ab"):
+                    pass
+            except OSError as error:
+                parser.error(f"{option} {path}: cannot write {first}: {error.strerror}")
+            if not existed:
+                os.remove(first)
 
 
 def _columns(result: EpochResult) -> str:

@@ -152,6 +152,20 @@ def test_bad_options_are_refused(capsys, args, message):
     assert message in cli_error(capsys, *args)
 
 
+def test_plot_paths_are_judged_by_the_file_matplotlib_writes(capsys, tmp_path):
+    """A name without a suffix is written as NAME.png: that file decides too (it was
+    found to be a folder only after the training)."""
+    (tmp_path / "out.png").mkdir()
+    assert "(it writes " in cli_error(capsys, "--plot", str(tmp_path / "out"))
+
+
+def test_fit_takes_numpy_numbers_and_a_torch_device():
+    import numpy as np
+    config = TrainConfig(hidden_size=np.int64(8), seed=np.int64(1), lr=np.float32(0.01),
+                         epochs=1, device=torch.device("cpu"))
+    assert len(fit(config)["fused"]) == 1
+
+
 def test_missing_packages_are_refused_before_training(capsys, monkeypatch):
     """--dataset digits without scikit-learn, --progress on without tqdm: were tracebacks
     from inside the training."""

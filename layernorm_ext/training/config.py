@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 DATASETS = ("random", "digits")
 OPTIMIZERS = ("sgd", "adam")
@@ -37,9 +41,10 @@ def check_config(config: TrainConfig) -> None:
     """Raises TypeError or ValueError, naming the setting, for a config no run can use
     (``fit`` checks its config first, so a bad one fails before any training)."""
     def whole(name: str, value: object, least: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
+        # any integer (numpy's too, by __index__), but not a bool
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if value < least:
+        if operator.index(value) < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
 
     for name in ("input_size", "hidden_size", "samples"):
@@ -49,9 +54,9 @@ def check_config(config: TrainConfig) -> None:
     if config.batch_size is not None:
         whole("batch_size", config.batch_size, 1)
     whole("seed", config.seed, SEED_RANGE[0])
-    if config.seed > SEED_RANGE[1]:
+    if operator.index(config.seed) > SEED_RANGE[1]:
         raise ValueError(f"seed must be at most 2**64 - 1, got {config.seed}")
-    if isinstance(config.lr, bool) or not isinstance(config.lr, (int, float)):
+    if isinstance(config.lr, bool) or not isinstance(config.lr, numbers.Real):
         raise TypeError(f"lr must be a float, got {type(config.lr).__name__} {config.lr!r}")
     if not (math.isfinite(config.lr) and config.lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {config.lr}")
@@ -60,9 +65,9 @@ def check_config(config: TrainConfig) -> None:
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, "
                              f"got {getattr(config, name)!r}")
-    if not isinstance(config.device, str):
-        raise TypeError(f"device must be a str ('auto', 'cpu', 'cuda', 'cuda:1', ...), got "
-                        f"{type(config.device).__name__} {config.device!r}")
+    if not isinstance(config.device, (str, torch.device)):
+        raise TypeError(f"device must be a str ('auto', 'cpu', 'cuda', 'cuda:1', ...) or a "
+                        f"torch.device, got {type(config.device).__name__} {config.device!r}")
 
 
 @dataclass
