@@ -23,13 +23,13 @@ from torch.utils.data import DistributedSampler
 from ..ops import has_cuda_kernels
 from .checkpoint import (PathLike, checkpoint_config, load_checkpoint, restore_rng, run_state,
                          save_checkpoint)
-from .config import EpochResult, TrainConfig, check_config, resume_conflicts
+from .config import NORM_NAMES, EpochResult, TrainConfig, check_config, resume_conflicts
 from .data import Split, make_data
 from .distributed import World, process_group, sum_over_processes
 from .model import MLP, NORMS
 from .progress import ProgressBar
 
-COMPARE_NORMS = ("fused", "torch")
+COMPARE_NORMS = NORM_NAMES  # the fused run first
 AUTOCAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 

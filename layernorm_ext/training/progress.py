@@ -31,16 +31,13 @@ class ProgressBar:
     """
 
     def __init__(self, total: int, mode: str = "auto", description: str = "training") -> None:
-        if mode not in PROGRESS_MODES:
-            raise ValueError(f"progress mode must be one of {PROGRESS_MODES}, got {mode!r}")
+        check_progress_mode(mode)
         self._bar = None
         if mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
             return
         try:
             from tqdm import tqdm
-        except ImportError as error:
-            if mode == "on":
-                raise ImportError("--progress on needs tqdm (pip install tqdm)") from error
+        except ImportError:  # only in auto mode: "on" checked for it
             return
         self._bar = tqdm(total=total, desc=description, unit="step", file=sys.stderr,
                          delay=AUTO_DELAY_S if mode == "auto" else 0.0, leave=False,
