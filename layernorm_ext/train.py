@@ -24,12 +24,11 @@ from typing import Callable, Optional
 
 from .training import (COMPARE_NORMS, MLP, NORMS, EpochResult, TrainConfig, checkpoint_config,
                        defaults_for, fit, load_checkpoint, plot_history, resolve_device, train)
-from .training.checkpoint import run_state
 from .training.config import (DATASETS, DTYPES, OPTIMIZERS, SEED_RANGE, check_config,
                                resume_conflicts)
-from .training.data import check_data_available, check_data_config
+from .training.data import check_data_available, check_data_config, train_samples
 from .training.distributed import check_torchrun_environment, is_main_process
-from .training.loop import autocast_factory
+from .training.loop import autocast_factory, check_resume
 from .training.plot import check_plot_path
 from .training.progress import PROGRESS_MODES, check_progress_mode
 
@@ -181,15 +180,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CliOptions:
         if not options.compare and "norm" not in values and len(state["runs"]) > 1:
             options.compare = True  # a --compare checkpoint continues as one
         options.device_from_checkpoint = "device" not in values
-        norms = COMPARE_NORMS if options.compare else (options.config.norm,)
-        for norm in norms:
-            if run_state(state, norm, single_run=len(norms) == 1) is None:
-                parser.error(f"--resume {options.resume}: the checkpoint has no {norm!r} run "
-                             f"(it has: {', '.join(sorted(state['runs']))})")
     else:
         options.config = dataclasses.replace(defaults_for(values.get("dataset", "random")),
                                              **values)
     _check(parser, options)
+    if options.resume is not None:
+        try:
+            check_resume(options.resume, state, options.config,
+                         COMPARE_NORMS if options.compare else (options.config.norm,))
+        except ValueError as error:
+            parser.error(f"--resume {error}")
     return options
 
 
@@ -215,7 +215,9 @@ def _check(parser: argparse.ArgumentParser, options: CliOptions) -> None:
     except (TypeError, ValueError, RuntimeError, ImportError) as error:
         parser.error(str(error))
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if options.ddp else 1
-    if config.batch_size is not None and config.batch_size % world_size:
+    # A batch of the whole training split or more is one full batch, whatever its size.
+    if (config.batch_size is not None and config.batch_size < train_samples(config)
+            and config.batch_size % world_size):
         parser.error(f"--batch-size {config.batch_size} must be divisible by the number of "
                      f"processes ({world_size})")
     # (option, as given, the file it ends up in, the file written first)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import layernorm_ext
-from layernorm_ext.training import MLP, load_checkpoint
+from layernorm_ext.training import MLP, checkpoint_config, fit, load_checkpoint
 from test_train import cli_error, run_cli
 
 def without_total(line: str) -> str:
@@ -94,7 +95,7 @@ def test_resume_with_compare(capsys, tmp_path):
     assert set(load_checkpoint(path)["runs"]) == {"fused", "torch"}
     # A one-run checkpoint has no torch run to compare with.
     run_cli(capsys, "--epochs", "2", "--save", str(path))
-    assert "the checkpoint has no 'torch' run (it has: fused)" in cli_error(
+    assert "has no saved 'torch' run (it has: fused)" in cli_error(
         capsys, "--resume", str(path), "--compare", "--epochs", "4")
 
 
@@ -127,3 +128,32 @@ def test_resume_of_something_else_is_refused(capsys, tmp_path):
     for name in ("text.pt", "empty.pt", "partial.pt"):
         message = cli_error(capsys, "--resume", str(tmp_path / name))
         assert "is not a layernorm_ext.train checkpoint" in message, name
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s["runs"]["fused"].pop("model"), "the 'fused' run lacks model"),
+    (lambda s: s["runs"].update(other={}), "runs has 'other'"),
+    (lambda s: s["runs"].clear(), "runs is not a non-empty dict"),
+    (lambda s: s.update(epoch=-1), "epoch is -1"),
+    (lambda s: s.update(epoch=2.0), "epoch is 2.0"),
+    (lambda s: s["rng"].pop("torch"), "rng is not"),
+    (lambda s: s["runs"]["fused"]["history"][0].pop("loss"), "history is not a list"),
+    # Layouts that load_checkpoint accepts and the models or optimizers do not:
+    (lambda s: s["runs"]["fused"]["model"].pop("fc1.weight"), "Missing key(s)"),
+    (lambda s: s["config"].update(hidden_size=7), "size mismatch for fc1.weight"),
+    (lambda s: s["runs"]["fused"]["optimizer"]["param_groups"].clear(),
+     "different number of parameter groups"),
+])
+def test_a_damaged_checkpoint_is_a_usage_error(capsys, tmp_path, damage, message):
+    """Each raised a KeyError or RuntimeError traceback, some only after the data was made."""
+    path = tmp_path / "run.pt"
+    run_cli(capsys, "--epochs", "1", "--save", str(path))
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    error = cli_error(capsys, "--resume", str(path), "--epochs", "2")
+    assert message in error
+    # fit() raises the same as a ValueError.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(dataclasses.replace(checkpoint_config(torch.load(path, weights_only=True)),
+                                epochs=2), resume=path)

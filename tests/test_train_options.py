@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from layernorm_ext.train import TrainConfig, main, train
+from layernorm_ext.train import TrainConfig, main, parse_args, train
 from layernorm_ext.training import fit, load_checkpoint
+from layernorm_ext.training.data import make_data, train_samples
 from test_train import DOCUMENT_FIRST_LINE, cli_error, epoch_lines, run_cli
 
 
@@ -194,6 +195,35 @@ def test_ddp_outside_torchrun_says_how_to_start_it(capsys, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     assert "torchrun --nproc_per_node=2" in cli_error(capsys, "--ddp")
+
+
+def test_ddp_batch_size_must_split_over_the_processes_unless_it_is_the_full_batch(
+        capsys, monkeypatch):
+    torchrun = dict(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="localhost",
+                    MASTER_PORT="29500")
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    assert "must be divisible by the number of processes (3)" in cli_error(
+        capsys, "--ddp", "--samples", "40", "--batch-size", "10")
+    # A batch of the whole data or more is one full batch (it was refused too).
+    for batch in ("40", "50"):
+        options = parse_args(["--ddp", "--samples", "40", "--batch-size", batch])
+        assert options.config.batch_size == int(batch)
+    # digits holds out a fifth of its samples: 80 of 100 train, so 80 is the full batch.
+    pytest.importorskip("sklearn")
+    assert parse_args(["--ddp", "--dataset", "digits", "--samples", "100",
+                       "--batch-size", "80"]).config.batch_size == 80
+    assert "must be divisible" in cli_error(capsys, "--ddp", "--dataset", "digits",
+                                            "--samples", "100", "--batch-size", "79")
+
+
+def test_train_samples_is_the_training_splits_size():
+    for config in (TrainConfig(samples=40), TrainConfig(dataset="digits", input_size=64,
+                                                        output_size=10, samples=100)):
+        if config.dataset == "digits":
+            pytest.importorskip("sklearn")
+        torch.manual_seed(0)
+        assert train_samples(config) == len(make_data(config).train.y)
 
 
 def test_epochs_zero_prints_nothing(capsys):

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .config import TrainConfig, config_from_dict
+from .config import NORM_NAMES, EpochResult, TrainConfig, config_from_dict
 
 FORMAT = 1
 PathLike = Union[str, "os.PathLike[str]"]
@@ -43,6 +43,9 @@ def save_checkpoint(path: PathLike, config: TrainConfig, epoch: int,
 
 
 _KEYS = ("epoch", "config", "rng", "runs")
+_EPOCH_FIELDS = {field.name for field in dataclasses.fields(EpochResult)}
+_EPOCH_REQUIRED = {field.name for field in dataclasses.fields(EpochResult)
+                   if field.default is dataclasses.MISSING}
 
 
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
@@ -61,7 +64,42 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     if (not isinstance(state, dict) or state.get("format") != FORMAT
             or not all(key in state for key in _KEYS)):
         raise not_ours
+    damage = _layout_error(state)
+    if damage is not None:
+        raise ValueError(f"{os.fspath(path)} is a damaged layernorm_ext.train checkpoint: "
+                         f"{damage}")
     return state
+
+
+_RUN_KEYS = ("model", "optimizer", "scaler", "history")
+
+
+def _layout_error(state: dict[str, Any]) -> Optional[str]:
+    """What in a checkpoint's layout is not as save_checkpoint writes it, or None.
+
+    Values are left to the code that uses them (a model's shapes to load_state_dict, the
+    settings to check_config); this catches what would otherwise surface as a KeyError."""
+    epoch, rng, runs = state["epoch"], state["rng"], state["runs"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return f"epoch is {epoch!r}, not a count of epochs"
+    if not isinstance(state["config"], dict):
+        return "config is not a dict"
+    if (not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor)
+            or not isinstance(rng.get("cuda"), (torch.Tensor, type(None)))):
+        return "rng is not the {'torch': tensor, 'cuda': tensor or None} it writes"
+    if not isinstance(runs, dict) or not runs:
+        return "runs is not a non-empty dict"
+    for norm, run in runs.items():
+        if norm not in NORM_NAMES:
+            return f"runs has {norm!r}, which is none of {', '.join(NORM_NAMES)}"
+        missing = [key for key in _RUN_KEYS if not isinstance(run, dict) or key not in run]
+        if missing:
+            return f"the {norm!r} run lacks {', '.join(missing)}"
+        if not (isinstance(run["history"], list)
+                and all(isinstance(entry, dict) and _EPOCH_REQUIRED <= set(entry) <= _EPOCH_FIELDS
+                        for entry in run["history"])):
+            return f"the {norm!r} run's history is not a list of epoch results"
+    return None
 
 
 def checkpoint_config(state: dict[str, Any]) -> TrainConfig:

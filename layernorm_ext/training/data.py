@@ -38,6 +38,17 @@ def make_data(config: TrainConfig) -> Data:
     return random_data(config.samples, config.input_size, config.output_size)
 
 
+def train_samples(config: TrainConfig) -> int:
+    """How many of ``config.samples`` the training split holds."""
+    if config.dataset == "digits":
+        return config.samples - _test_samples(config.samples)
+    return config.samples
+
+
+def _test_samples(samples: int) -> int:
+    return max(1, round(samples * TEST_FRACTION))
+
+
 def check_data_config(config: TrainConfig) -> None:
     """Raises ValueError when ``config``'s sizes do not fit its data set."""
     if config.dataset not in ("random", "digits"):
@@ -82,6 +93,6 @@ def digits_data(samples: int = DIGITS_SAMPLES) -> Data:
     x = torch.from_numpy(digits.data).float() / 16.0  # pixel intensities are 0..16
     y = torch.from_numpy(digits.target).long()
     order = torch.randperm(len(y))[:samples]
-    n_test = max(1, round(samples * TEST_FRACTION))
+    n_test = _test_samples(samples)
     test, train = order[:n_test], order[n_test:]
     return Data(Split(x[train], y[train]), Split(x[test], y[test]))

@@ -196,14 +196,31 @@ def _resume(path: PathLike, config: TrainConfig, runs: list[_Run],
     conflicts = resume_conflicts(checkpoint_config(state), config)
     if conflicts:
         raise ValueError(f"cannot resume {path} with different settings: {', '.join(conflicts)}")
+    _load_runs(path, state, config, runs)
+    restore_rng(state, device)
+    return state["epoch"]
+
+
+def check_resume(path: PathLike, state: dict, config: TrainConfig, norms: Sequence[str]) -> None:
+    """Raises ValueError where ``state`` (read from ``path``) cannot resume ``config``'s runs
+    of ``norms``: loads it into models and optimizers built on the CPU, as fit() would."""
+    with torch.random.fork_rng(devices=[]):
+        runs = _build_runs(config, norms, torch.device("cpu"), World())
+    _load_runs(path, state, config, runs)
+
+
+def _load_runs(path: PathLike, state: dict, config: TrainConfig, runs: list[_Run]) -> None:
     for run in runs:
         saved = run_state(state, run.norm, single_run=len(runs) == 1)
         if saved is None:
             raise ValueError(f"{path} has no saved {run.norm!r} run "
                              f"(it has: {', '.join(sorted(state['runs']))})")
-        run.load(saved, config.lr)
-    restore_rng(state, device)
-    return state["epoch"]
+        try:
+            run.load(saved, config.lr)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            # A model or optimizer state that does not fit the settings saved beside it.
+            raise ValueError(f"{path}: the saved {run.norm!r} run does not load: "
+                             f"{error}") from error
 
 
 def _local_batch_size(batch_size: Optional[int], samples: int, world: World) -> Optional[int]:
