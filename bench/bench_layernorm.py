@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable as a p
 import torch
 
 from bench import machine
-from bench.contenders import CONTENDER_KEYS, NORMS
+from bench.contenders import CONTENDER_KEYS, NORMS, select_contenders
 from bench.sweep import (DTYPES, PASSES, QUICK_SHAPES, RESULTS_DIR, SEED_SHAPE, SWEEP_DIMS,
                          SweepConfig, SweepResult, run_sweep)
 
@@ -133,6 +133,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    if config.contenders is not None:
+        runnable, skipped = select_contenders(config.device, config.contenders)
+        if not runnable:  # a table of the copy roof alone
+            parser.error(f"--contenders {','.join(args.contenders)}: none can run on "
+                         f"{config.device} (" + "; ".join(f"{name}: {why}" for name, why
+                                                          in skipped.items()) + ")")
     prefix = Path(args.out) if args.out else RESULTS_DIR / machine.machine_name(config.device)
     result = run_sweep(config, after_case=lambda partial: write_reports(partial, prefix, plot=False))
     for path in write_reports(result, prefix):

@@ -251,3 +251,15 @@ def test_cuda_samples_start_after_an_untimed_lead_call(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     timing._CudaClock().time(lambda: log.append("call"), inner=2)
     assert log == ["call", "start", "call", "call", "end"]
+
+
+def test_contenders_that_cannot_run_here_are_refused(capsys, monkeypatch):
+    """--contenders liger on the CPU wrote a table of the copy roof alone."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.bench_layernorm import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--contenders", "liger,apex", "--out", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2
+    assert ("--contenders liger,apex: none can run on cpu (Liger-Kernel: CUDA only; "
+            "apex: CUDA only)") in capsys.readouterr().err
