@@ -9,15 +9,21 @@ export MAX_JOBS ?= 2
 
 .PHONY: setup train test clean gpu-check test-cpu-torch
 
-$(VENV)/.deps-stamp: requirements-dev.txt
+# The stamp names the torch version: `make TORCH_VERSION=...` installs that torch into
+# the existing venv, and the build below then compiles against it.
+DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)-stamp
+$(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" -r requirements-dev.txt
 	touch $@
 
-# --no-build-isolation: compile against the torch installed above (an isolated build
-# would download another torch and could break the ABI).
-$(VENV)/.build-stamp: $(VENV)/.deps-stamp $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# Built in place against the torch installed above, keeping the objects in build/: a
+# rebuild compiles only what changed (`pip install -e` compiles everything, in a fresh
+# temporary folder, every time). The .pth file puts this checkout on the venv's path, as
+# an editable install would.
+$(VENV)/.build-stamp: $(DEPS_STAMP) $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'layernorm_ext-checkout.pth').write_text('$(CURDIR)\n')"
 	touch $@
 
 setup: $(VENV)/.build-stamp
@@ -40,12 +46,17 @@ clean:
 # The CPU-only build path against another torch: torch 2.13.0's CPU-only wheel (no
 # CUDA, an older autograd API), built outside the source tree so the main build stays,
 # then the autograd and API tests on it. Run by .ci/run after `make test`.
+# PyPI's Linux torch has CUDA; elsewhere than here pass
+# CPU_TORCH_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
 CPU_TORCH_VERSION ?= 2.13.0
+CPU_TORCH_PIP_ARGS ?=
 CPU_VENV ?= .venv-cpu-torch
 CPU_BUILD := build/cpu-torch
 test-cpu-torch:
 	test -x $(CPU_VENV)/bin/python || python3 -m venv $(CPU_VENV)
-	$(CPU_VENV)/bin/python -m pip install -q "torch==$(CPU_TORCH_VERSION)" pytest numpy expecttest hypothesis setuptools
+	$(CPU_VENV)/bin/python -m pip install -q $(CPU_TORCH_PIP_ARGS) "torch==$(CPU_TORCH_VERSION)" pytest numpy expecttest hypothesis setuptools
+	$(CPU_VENV)/bin/python -c "import sys, torch; sys.exit(None if torch.version.cuda is None else \
+	    f'test-cpu-torch wants a CPU-only torch, got {torch.__version__} (CUDA {torch.version.cuda}); see CPU_TORCH_PIP_ARGS')"
 	rm -rf $(CPU_BUILD)
 	$(CPU_VENV)/bin/python setup.py -q build --build-base $(CPU_BUILD) --build-lib $(CPU_BUILD)/lib
 	# pytest's own script, not python -m: the source tree must not shadow the build.

@@ -131,29 +131,44 @@ def check_isa_object(obj: Path, isa: str) -> None:
             "(inline namespace CPU_CAPABILITY) or give them internal linkage.")
 
 
+def toolchain_description() -> str:
+    """What else an object depends on: an upgraded torch (same include paths, new headers)
+    or another compiler must rebuild it, as the sources' mtimes cannot tell."""
+    import torch
+
+    cxx = os.environ.get("CXX", "c++")
+    compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    return f"torch {torch.__version__} {torch.version.git_version}\n{cxx}: {compiler}"
+
+
 class BuildExtensionWithCpuIsas(BuildExtension):
-    """BuildExtension that adds the per-ISA objects of the CPU row kernels."""
+    """BuildExtension that adds the per-ISA objects of the CPU row kernels, and rebuilds
+    everything after a change of torch or compiler."""
 
     def build_extension(self, ext):
+        toolchain = toolchain_description()
+        stamp = Path(self.build_temp) / "toolchain.stamp"
+        if not stamp.exists() or stamp.read_text() != toolchain:
+            # Without ninja setuptools skips an extension newer than its sources, and
+            # ninja judges the objects by mtimes and commands: drop them, force the link.
+            for obj in Path(self.build_temp).rglob("*.o"):
+                obj.unlink()
+            self.force = True
         if BUILD_X86_ISAS:
-            ext.extra_objects = list(ext.extra_objects or []) + self._compile_isa_objects(ext)
+            ext.extra_objects = list(ext.extra_objects or []) + self._compile_isa_objects(
+                ext, toolchain)
         super().build_extension(ext)
         check_shared_libstdcxx(Path(self.get_ext_fullpath(ext.name)))
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(toolchain)
 
-    def _compile_isa_objects(self, ext) -> list[str]:
+    def _compile_isa_objects(self, ext, toolchain: str) -> list[str]:
         out_dir = Path(self.build_temp) / "cpu_isa"
         out_dir.mkdir(parents=True, exist_ok=True)
         cxx = os.environ.get("CXX", "c++")
         includes = [f"-I{d}" for d in [*ext.include_dirs, sysconfig.get_paths()["include"]]]
         headers = list((ROOT / "csrc").rglob("*.h"))
         newest_input = max(p.stat().st_mtime for p in [ROOT / ROW_KERNELS, *headers])
-
-        # What else an object depends on: an upgraded torch (same include paths, new
-        # headers) or another compiler must rebuild it, as the sources' mtimes cannot tell.
-        import torch
-
-        compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-        toolchain = f"torch {torch.__version__} {torch.version.git_version}\n{compiler}"
 
         def compile_one(isa: str) -> str:
             obj = out_dir / f"row_kernels_{isa}.o"
