@@ -31,6 +31,9 @@ from typing import Callable, Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+# Private torch names, read to route calls under transforms (README, "torch.func and
+# forward-mode AD"): functorch's interpreter stack and its jvp nesting count here,
+# torch._C._are_functorch_transforms_active and forward_ad._current_level below.
 from torch._C._functorch import TransformType, get_interpreter_stack
 from torch._functorch import eager_transforms
 
