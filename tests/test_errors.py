@@ -130,3 +130,13 @@ def test_backward_ops_check_their_tensors(device, on):
         with pytest.raises(RuntimeError) as error:
             call()
         assert str(error.value).splitlines()[0] == message
+    # grad_out, mean or rstd elsewhere than the input (on CUDA the C++ check, with a CPU
+    # tensor; else the fake kernels', with a meta one).
+    other = "cpu" if on != "cpu" else "meta"
+    moved = lambda t: torch.empty_like(t, device=other)  # noqa: E731
+    for call in (lambda: backward(moved(out), x, [8], mean, rstd, None, None),
+                 lambda: backward(out, x, [8], moved(mean), rstd, None, None),
+                 lambda: backward(out, x, [8], mean, moved(rstd), None, None),
+                 lambda: rms_backward(out, x, [8], moved(rstd), None)):
+        with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+            call()

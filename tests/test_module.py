@@ -76,8 +76,13 @@ def test_torchscript_runs_the_fused_op(device, norm, kwargs, weight_dtype):
     unscripted module's (an RMSNorm weight of another dtype cast as rms_norm does)."""
     torch_module, our_module = MODULE_PAIRS[norm]
     torch.manual_seed(0)
-    ours = nn.Sequential(nn.Linear(8, 8), our_module(8, **kwargs)).to(device)
-    theirs = nn.Sequential(nn.Linear(8, 8), torch_module(8, **kwargs)).to(device)
+    # Not the default eps, nor parameters of ones and zeros: the scripted path must pass
+    # both on.
+    ours = nn.Sequential(nn.Linear(8, 8), our_module(8, eps=0.1, **kwargs)).to(device)
+    theirs = nn.Sequential(nn.Linear(8, 8), torch_module(8, eps=0.1, **kwargs)).to(device)
+    with torch.no_grad():
+        for param in ours[1].parameters():
+            param.copy_(torch.randn_like(param))
     if weight_dtype is not None:
         ours[1].to(weight_dtype)
         theirs[1].to(weight_dtype)

@@ -214,17 +214,31 @@ def test_opcheck(device):
     for args in forward_samples:
         torch.library.opcheck(torch.ops.layernorm_ext.forward.default, args)
     dy = torch.randn_like(out)
+    # bfloat16 input, float32 parameters: the parameter gradients are float32.
+    x16, w32 = x.detach().bfloat16(), w.detach()
+    _, mean16, rstd16 = torch.ops.layernorm_ext.forward(x16, [4, 10], w32, None, 1e-5)
     backward_samples = [
         (dy, x.detach(), [4, 10], mean, rstd, w.detach(), b.detach()),
         (dy, x.detach(), [4, 10], mean, rstd, None, None),
+        (dy.bfloat16(), x16, [4, 10], mean16, rstd16, w32, None),
     ]
     for args in backward_samples:
         torch.library.opcheck(torch.ops.layernorm_ext.backward.default, args)
 
 
+def randomized(norm: torch.nn.Module) -> torch.nn.Module:
+    """``norm`` with random parameters (not ones and zeros, which a path that dropped
+    them would also give)."""
+    with torch.no_grad():
+        for param in norm.parameters():
+            param.copy_(torch.randn_like(param))
+    return norm
+
+
 def test_torch_compile_fullgraph_matches_eager(device):
     torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), layernorm_ext.LayerNorm(16),
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16),
+                                randomized(layernorm_ext.LayerNorm(16, eps=0.1)),
                                 torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(device)
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(5, 8, device=device)
@@ -280,8 +294,9 @@ def test_vmap_matches_torch(device, batched):
     w = torch.randn(16, generator=g).to(device)
     b = torch.randn(16, generator=g).to(device)
     ws, bs = torch.randn(3, 16, generator=g).to(device), torch.randn(3, 16, generator=g).to(device)
-    ours = lambda x, w, b: layer_norm(x, [16], w, b)  # noqa: E731
-    theirs = lambda x, w, b: F.layer_norm(x, [16], w, b)  # noqa: E731
+    # eps 0.1, not the default: the batching rule must pass the caller's on.
+    ours = lambda x, w, b: layer_norm(x, [16], w, b, 0.1)  # noqa: E731
+    theirs = lambda x, w, b: F.layer_norm(x, [16], w, b, 0.1)  # noqa: E731
     args, in_dims = {
         "input": ((x, w, b), (0, None, None)),
         "input_dim1": ((x.transpose(0, 1), w, b), (1, None, None)),
@@ -358,7 +373,8 @@ def test_an_aot_inductor_package_runs_where_layernorm_ext_is_imported(tmp_path):
 
 def test_torch_compile_dynamic_shapes(device):
     torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), layernorm_ext.LayerNorm(16)).to(device)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16),
+                                randomized(layernorm_ext.LayerNorm(16, eps=0.1))).to(device)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     for batch in (3, 7, 11):
         x = torch.randn(batch, 2, 8, device=device)
@@ -595,7 +611,7 @@ def test_nested_input_as_torch(device, layout):
         x = nested()
         w = torch.linspace(0.5, 2, 8, device=device, requires_grad=True)
         b = torch.linspace(-1, 1, 8, device=device, requires_grad=True)
-        y = fn(x, [8], w, b, 1e-5)
+        y = fn(x, [8], w, b, 0.1)  # not the default eps, which a dropped one would be
         assert y.is_nested and y.layout == layout
         (y.values() if layout == torch.jagged else y.to_padded_tensor(0.0)).pow(2).sum().backward()
         results.append([t.detach() for t in (*y.unbind(), *x.grad.unbind(), w.grad, b.grad)])

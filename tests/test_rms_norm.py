@@ -240,7 +240,10 @@ def test_opcheck(device):
         torch.library.opcheck(RMS_FORWARD, args)
     _, rstd = RMS_FORWARD(x, [4, 10], w, None)
     dy = torch.randn_like(x)
-    for args in [(dy, x, [4, 10], rstd, w), (dy, x, [4, 10], rstd, None)]:
+    # bfloat16 input, float32 weight: its gradient is float32.
+    _, rstd16 = RMS_FORWARD(x.bfloat16(), [4, 10], w, None)
+    for args in [(dy, x, [4, 10], rstd, w), (dy, x, [4, 10], rstd, None),
+                 (dy.bfloat16(), x.bfloat16(), [4, 10], rstd16, w)]:
         torch.library.opcheck(RMS_BACKWARD, args)
 
 
@@ -265,8 +268,9 @@ def test_vmap_matches_torch(device, batched):
         "weight": ((x[0], ws), (None, 0)),
         "both": ((x, ws), (0, 0)),
     }[batched]
-    ours = torch.func.vmap(lambda x, w: rms_norm(x, [16], w), in_dims)(*args)
-    theirs = torch.func.vmap(lambda x, w: F.rms_norm(x, [16], w), in_dims)(*args)
+    # eps 0.1, not the default: the batching rule must pass the caller's on.
+    ours = torch.func.vmap(lambda x, w: rms_norm(x, [16], w, 0.1), in_dims)(*args)
+    theirs = torch.func.vmap(lambda x, w: F.rms_norm(x, [16], w, 0.1), in_dims)(*args)
     torch.testing.assert_close(ours, theirs)
 
 
@@ -395,8 +399,12 @@ def test_bad_input_raises_torchs_error(device, case, meta):
         "shape_element_type": (x, [True]),
     }[case]
     if meta and case == "int_input":
-        pytest.skip("meta: torch's dtype message comes from its kernel, which meta never runs")
-    expected_type, expected_message = torch_error(lambda: F.rms_norm(*args))
+        # torch's dtype message comes from its kernel, which meta never runs: the fake
+        # kernel must give our CPU kernel's (torch's, the case on the CPU checks).
+        expected_type, expected_message = torch_error(
+            lambda: rms_norm(torch.ones(4, 8, dtype=torch.int64), [8]))
+    else:
+        expected_type, expected_message = torch_error(lambda: F.rms_norm(*args))
     with pytest.raises(expected_type) as info:
         rms_norm(*args)
     message = str(info.value)
@@ -517,7 +525,7 @@ def test_jagged_nested_input_as_torch(device, shape):
     nt = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)], layout=torch.jagged,
                                     device=device)
     w = torch.randn(8, device=device)
-    ours, theirs = rms_norm(nt, shape, w), F.rms_norm(nt, [8], w)
+    ours, theirs = rms_norm(nt, shape, w, 0.1), F.rms_norm(nt, [8], w, 0.1)  # not the default eps
     assert ours.is_nested and ours.shape == theirs.shape
     (ours + nt).values()  # shares the ragged size symbol with the input, as torch's result
     torch.testing.assert_close(ours.values(), theirs.values())

@@ -16,20 +16,29 @@ import layernorm_ext
 from layernorm_ext import layer_norm, rms_norm
 
 NORMALIZED = [4, 5]
+# Not a default eps: a transform path that dropped the caller's eps would show.
+EPS = 0.1
+
+
+def with_eps(layer):
+    """layer(x, normalized_shape, weight, bias, eps) with EPS."""
+    def norm(x, normalized_shape, weight=None, bias=None):
+        return layer(x, normalized_shape, weight, bias, EPS)
+    return norm
 
 
 def with_layer_norm_signature(rms):
-    """rms(x, normalized_shape, weight) called as f(x, normalized_shape, weight, bias): one
-    signature for both norms in these tests. RMSNorm has no bias."""
+    """rms(x, normalized_shape, weight, eps) called as f(x, normalized_shape, weight, bias),
+    with EPS: one signature for both norms in these tests. RMSNorm has no bias."""
     def norm(x, normalized_shape, weight=None, bias=None):
         assert bias is None
-        return rms(x, normalized_shape, weight)
+        return rms(x, normalized_shape, weight, EPS)
     return norm
 
 
 # name: (ours, torch's), both called as f(x, normalized_shape, weight, bias).
 NORMS = {
-    "layer_norm": (layer_norm, F.layer_norm),
+    "layer_norm": (with_eps(layer_norm), with_eps(F.layer_norm)),
     "rms_norm": (with_layer_norm_signature(rms_norm), with_layer_norm_signature(F.rms_norm)),
 }
 # The (weight, bias) combinations each norm has.
@@ -80,7 +89,7 @@ def scalar_loss(norm, affine, normalized_shape=NORMALIZED):
     return loss
 
 
-def reference_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+def reference_layer_norm(x, normalized_shape, weight=None, bias=None, eps=EPS):
     """LayerNorm from elementary ops, the reference for second and higher derivatives.
 
     F.layer_norm is not one there: on torch 2.14 its vmapped Hessians (jacrev/jacfwd of
@@ -95,14 +104,14 @@ def reference_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def reference_rms_norm(x, normalized_shape, weight=None, bias=None):
-    """RMSNorm from elementary ops (eps=None: torch's, float64's machine epsilon here).
+    """RMSNorm from elementary ops, with EPS.
 
     On the CPU F.rms_norm is itself such a composite and its Hessians agree; on CUDA torch
     routes it to a fused kernel (_fused_rms_norm), whose higher derivatives we do not rely on.
     """
     assert bias is None
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
-    y = x * (x.square().mean(dims, keepdim=True) + torch.finfo(x.dtype).eps).rsqrt()
+    y = x * (x.square().mean(dims, keepdim=True) + EPS).rsqrt()
     return y * weight if weight is not None else y
 
 
