@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from layernorm_cases import with_kernel_name
+from layernorm_cases import subprocess_env, with_kernel_name
 
 SAME_DEVICE = "Expected all tensors to be on the same device"
 NOT_FLOAT = "must be float32, float64, float16 or bfloat16"
@@ -282,7 +282,8 @@ def run_table(device: str, names: list[str], timeout: float = 120,
     while pending:
         try:
             proc = subprocess.run([sys.executable, __file__, f"--norm={norm}", device, *pending],
-                                  capture_output=True, text=True, timeout=timeout)
+                                  capture_output=True, text=True, timeout=timeout,
+                                  env=subprocess_env())
             stdout, stderr, status = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as expired:
             stdout, stderr, status = _text(expired.stdout), _text(expired.stderr), "timeout"

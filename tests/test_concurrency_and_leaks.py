@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from layernorm_cases import DTYPE_PAIRS, forward_backward
+from layernorm_cases import DTYPE_PAIRS, forward_backward, subprocess_env
 from layernorm_ext import layer_norm
 
 THREADS = 8
@@ -115,7 +115,7 @@ LEAK_SCRIPT = textwrap.dedent("""
 def test_repeated_calls_do_not_grow_memory(device):
     # 4 rounds of 1500 iterations; round 0 is warm-up (allocator caches, lazy init).
     proc = subprocess.run([sys.executable, "-c", LEAK_SCRIPT, device, "1500", "4"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = json.loads(proc.stdout.strip().splitlines()[-1])
     rss = [s["rss"] for s in samples]

@@ -108,8 +108,12 @@ def test_reduced_input_with_fp32_params_every_variant(dtype, D):
     # kernel for this dtype mix to compare with).
     torch.testing.assert_close(y.double(), ref[0], atol=ATOL[dtype] * 4, rtol=0)
     torch.testing.assert_close(dx.double(), ref[1], atol=ATOL[dtype] * 4, rtol=1e-2)
-    torch.testing.assert_close(dw.double(), ref[2], atol=ATOL[dtype] * 16, rtol=1e-2)
-    torch.testing.assert_close(db.double(), ref[3], atol=ATOL[dtype] * 16, rtol=1e-2)
+    # The float32 gradients at float32's bound, as test_ops (the input dtype's bound let a
+    # sum rounded to bfloat16 pass).
+    for name, o, r in (("grad_weight", dw, ref[2]), ("grad_bias", db, ref[3])):
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(o.double(), r, rtol=0, atol=ATOL[torch.float32] * scale,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("affine", [(True, False), (False, True), (False, False)],

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import layernorm_ext
 from layernorm_ext import layer_norm
-from layernorm_cases import ATOL, reference_errors  # ATOL: the parity rule's slack
+from layernorm_cases import ATOL, reference_errors, subprocess_env  # ATOL: the parity rule's slack
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -324,12 +324,8 @@ def _load_in_fresh_processes(load: str, cwd) -> None:
     import sys
 
     script = "import sys, torch\nif sys.argv[1] == 'import': import layernorm_ext\n" + load
-    # The layernorm_ext this process imported (a build outside the tree, in CI's CPU-torch
-    # run), not the source tree's.
-    package_root = os.path.dirname(os.path.dirname(layernorm_ext.__file__))
     # TMPDIR: aoti_load_package unpacks into a temp dir it never removes; keep it in cwd.
-    env = dict(os.environ, TMPDIR=str(cwd), PYTHONPATH=os.pathsep.join(
-        [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = subprocess_env(TMPDIR=str(cwd))
     run = [subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env=env) for how in ("import", "no import")]
     assert run[0].returncode == 0, run[0].stderr
