@@ -80,9 +80,15 @@ def test_parity_with_torch(device, dtype, D):
     rows = 3 if D > 10000 else 33
     x, w = make_inputs((rows, D), [D], dtype, device)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    ours = forward_backward(rms_norm, x, [D], w, dy)
-    theirs = forward_backward(F.rms_norm, x, [D], w, dy)
-    assert_within_torch_error(ours, theirs, reference(x, [D], w, dy, None), dtype)
+    # One element with the default eps (float32's epsilon) is rounding noise for torch and
+    # us alike: dx = w·dy·rstd·(1 − xhat²) with xhat² within an ulp of 1 (float32: ours
+    # 9.2e-6 off, torch's 1.3e-6, on values up to 3.6e-4). eps = 1e-3 keeps it a check of
+    # the kernels (2.6e-6 and 3.6e-6 off, values up to 2.8); the default eps has its own
+    # tests.
+    eps = 1e-3 if D == 1 else None
+    ours = forward_backward(rms_norm, x, [D], w, dy, eps)
+    theirs = forward_backward(F.rms_norm, x, [D], w, dy, eps)
+    assert_within_torch_error(ours, theirs, reference(x, [D], w, dy, eps), dtype)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -102,8 +108,11 @@ def test_default_eps_is_torchs(device, dtype):
     torch.testing.assert_close(rms_norm(x, [8]), F.rms_norm(x, [8]))
     torch.testing.assert_close(RMSNorm(8, device=device, dtype=dtype)(x),
                                nn.RMSNorm(8, device=device, dtype=dtype)(x))
-    expected = x.double() / (1e-8 + default_eps(dtype)) ** 0.5
-    torch.testing.assert_close(rms_norm(x, [8]).double(), expected, rtol=1e-2, atol=0)
+    mean_square = x.double().square().mean(-1, keepdim=True)
+    expected = x.double() / (mean_square + default_eps(dtype)) ** 0.5
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3,
+            torch.bfloat16: 8e-3}[dtype]  # a few ulps
+    torch.testing.assert_close(rms_norm(x, [8]).double(), expected, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("input_dtype,param_dtype", [
