@@ -15,6 +15,7 @@ DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)-stamp
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" -r requirements-dev.txt
+	rm -f $(VENV)/.deps-torch-*-stamp  # one version at a time: going back reinstalls too
 	touch $@
 
 # Built in place against the torch installed above, keeping the objects in build/: a
@@ -23,7 +24,7 @@ $(DEPS_STAMP): requirements-dev.txt
 # an editable install would.
 $(VENV)/.build-stamp: $(DEPS_STAMP) $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
-	$(PY) -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'layernorm_ext-checkout.pth').write_text('$(CURDIR)\n')"
+	$(PY) -c 'import os, sysconfig; open(os.path.join(sysconfig.get_paths()["purelib"], "layernorm_ext-checkout.pth"), "w").write(os.getcwd() + "\n")'
 	touch $@
 
 setup: $(VENV)/.build-stamp
@@ -42,6 +43,7 @@ gpu-check:
 
 clean:
 	rm -rf build *.egg-info layernorm_ext/*.so $(VENV)/.build-stamp
+	rm -f $(VENV)/lib/python*/site-packages/layernorm_ext-checkout.pth
 
 # The CPU-only build path against another torch: torch 2.13.0's CPU-only wheel (no
 # CUDA, an older autograd API), built outside the source tree so the main build stays,
@@ -56,7 +58,7 @@ test-cpu-torch:
 	test -x $(CPU_VENV)/bin/python || python3 -m venv $(CPU_VENV)
 	$(CPU_VENV)/bin/python -m pip install -q $(CPU_TORCH_PIP_ARGS) "torch==$(CPU_TORCH_VERSION)" pytest numpy expecttest hypothesis setuptools
 	$(CPU_VENV)/bin/python -c "import sys, torch; sys.exit(None if torch.version.cuda is None else \
-	    f'test-cpu-torch wants a CPU-only torch, got {torch.__version__} (CUDA {torch.version.cuda}); see CPU_TORCH_PIP_ARGS')"
+	    f'test-cpu-torch wants a CPU-only torch, got {torch.__version__} (CUDA {torch.version.cuda}): rm -rf $(CPU_VENV), then run it again with CPU_TORCH_PIP_ARGS (see above)')"
 	rm -rf $(CPU_BUILD)
 	$(CPU_VENV)/bin/python setup.py -q build --build-base $(CPU_BUILD) --build-lib $(CPU_BUILD)/lib
 	# pytest's own script, not python -m: the source tree must not shadow the build.

@@ -195,6 +195,10 @@ class BuildExtensionWithCpuIsas(BuildExtension):
 
 
 with_cuda = want_cuda(cuda_home)
+# Without ninja, setuptools rebuilds the extension only for a source or one of these newer
+# than it (ninja reads the objects' own dependency files).
+csrc_headers = sorted(str(p.relative_to(ROOT)) for pattern in ("*.h", "*.cuh")
+                 for p in (ROOT / "csrc").rglob(pattern))
 sources = ["csrc/layernorm.cpp", "csrc/layernorm_checks.cpp",
            "csrc/layernorm_autograd.cpp", "csrc/rms_norm_autograd.cpp",
            "csrc/layernorm_autocast.cpp",
@@ -240,7 +244,8 @@ setup(
     description="Fused LayerNorm forward/backward kernels (CPU and CUDA) as torch ops",
     packages=find_packages(include=["layernorm_ext", "layernorm_ext.*"]),
     ext_modules=[extension("layernorm_ext._C", sources, extra_compile_args=extra_compile_args,
-                           extra_link_args=extra_link_args, define_macros=define_macros)],
+                           extra_link_args=extra_link_args, define_macros=define_macros,
+                           depends=csrc_headers)],
     cmdclass={"build_ext": BuildExtensionWithCpuIsas},
     python_requires=">=3.10",
     install_requires=["torch"],

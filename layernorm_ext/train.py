@@ -168,8 +168,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CliOptions:
     if options.resume is not None:
         try:
             state = load_checkpoint(options.resume)
-        except (OSError, ValueError, RuntimeError) as error:
-            parser.error(f"--resume {options.resume}: {error}")
+        except (OSError, ValueError, RuntimeError) as error:  # the message names the file
+            parser.error(f"--resume: {error}")
         saved = checkpoint_config(state)
         options.resumed_epoch = state["epoch"]
         options.config = dataclasses.replace(saved, **values)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from layernorm_cases import subprocess_env
 from layernorm_ext import layer_norm, rms_norm
 
 SHAPE, NORMALIZED = (6, 16), [16]
@@ -322,7 +323,7 @@ def test_a_long_chain_of_nodes_is_freed_without_deep_recursion(norm, tmp_path):
     # Run from elsewhere: from the repository root, `python -c` would import the source
     # tree's layernorm_ext rather than the one under test (the CPU-only build of CI).
     run = subprocess.run([sys.executable, "-c", LONG_CHAIN.format(norm=norm)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == [
         {"layer_norm": "layernorm_ext::LayerNormBackward",

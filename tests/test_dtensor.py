@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from layernorm_cases import subprocess_env
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch without torch.distributed")
 
@@ -114,4 +116,5 @@ def test_rules_registered_on_import_after_torch_distributed_tensor():
     (torch.compile(fullgraph=True) cannot trace the registration on first use)."""
     code = ("import torch.distributed.tensor, layernorm_ext, sys; "
             "sys.exit(0 if layernorm_ext.sharding._registered else 1)")
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], timeout=120,
+                          env=subprocess_env()).returncode == 0

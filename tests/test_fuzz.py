@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from layernorm_cases import (BOUNDARY_CASES, DTYPE_PAIRS, EPS_VALUES,
                              EXTENDED_PRECISION_AVAILABLE, LAYOUTS, ROW_SIZES, VALUE_RANGES, Case,
                              check_case, extended_precision_reference, input_layouts,
-                             make_inputs)
+                             make_inputs, subprocess_env)
 
 EXAMPLES = int(os.environ.get("LAYERNORM_EXT_FUZZ_EXAMPLES", "250"))
 
@@ -118,7 +118,7 @@ def test_fuzz_cases_script_runs(device):
     """tests/fuzz_cuda_cases.py (the compute-sanitizer entry point) keeps working."""
     script = os.path.join(os.path.dirname(__file__), "fuzz_cuda_cases.py")
     proc = subprocess.run([sys.executable, script, "--device", device, "--cases", "5"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Every case once per norm (LayerNorm, RMSNorm).
     assert f"{2 * (len(BOUNDARY_CASES) + 5)} passed, 0 failed" in proc.stdout

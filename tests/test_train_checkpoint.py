@@ -157,3 +157,15 @@ def test_a_damaged_checkpoint_is_a_usage_error(capsys, tmp_path, damage, message
     with pytest.raises(ValueError, match=re.escape(message)):
         fit(dataclasses.replace(checkpoint_config(torch.load(path, weights_only=True)),
                                 epochs=2), resume=path)
+
+
+def test_optimizer_state_of_the_wrong_shape_is_a_usage_error(capsys, tmp_path):
+    """Optimizer.load_state_dict takes it; the first step then raised a traceback."""
+    path = tmp_path / "run.pt"
+    run_cli(capsys, "--epochs", "1", "--optimizer", "adam", "--save", str(path))
+    state = torch.load(path, weights_only=True)
+    first = next(iter(state["runs"]["fused"]["optimizer"]["state"].values()))
+    first["exp_avg"] = torch.zeros(3)
+    torch.save(state, path)
+    assert "optimizer state 'exp_avg' of shape [3]" in cli_error(capsys, "--resume", str(path),
+                                                                  "--epochs", "2")

@@ -86,7 +86,7 @@ def _layout_error(state: dict[str, Any]) -> Optional[str]:
         return "config is not a dict"
     if (not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor)
             or not isinstance(rng.get("cuda"), (torch.Tensor, type(None)))):
-        return "rng is not the {'torch': tensor, 'cuda': tensor or None} it writes"
+        return "rng is not {'torch': tensor, 'cuda': tensor or None}"
     if not isinstance(runs, dict) or not runs:
         return "runs is not a non-empty dict"
     for norm, run in runs.items():
