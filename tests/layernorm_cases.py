@@ -32,6 +32,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     paths = [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
 
+
 # (input dtype, weight/bias dtype): every pair the operator accepts.
 DTYPE_PAIRS = [
     (torch.float32, torch.float32),
