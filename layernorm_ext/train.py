@@ -28,7 +28,7 @@ from .training.config import (DATASETS, DTYPES, OPTIMIZERS, SEED_RANGE, check_co
                                resume_conflicts)
 from .training.data import check_data_available, check_data_config, train_samples
 from .training.distributed import check_torchrun_environment, is_main_process
-from .training.loop import autocast_factory, check_resume
+from .training.loop import autocast_factory, check_resume, local_batch_size
 from .training.plot import check_plot_path
 from .training.progress import PROGRESS_MODES, check_progress_mode
 
@@ -215,11 +215,10 @@ def _check(parser: argparse.ArgumentParser, options: CliOptions) -> None:
     except (TypeError, ValueError, RuntimeError, ImportError) as error:
         parser.error(str(error))
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if options.ddp else 1
-    # A batch of the whole training split or more is one full batch, whatever its size.
-    if (config.batch_size is not None and config.batch_size < train_samples(config)
-            and config.batch_size % world_size):
-        parser.error(f"--batch-size {config.batch_size} must be divisible by the number of "
-                     f"processes ({world_size})")
+    try:
+        local_batch_size(config.batch_size, train_samples(config), world_size)
+    except ValueError as error:
+        parser.error(str(error))
     # (option, as given, the file it ends up in, the file written first)
     targets = []
     if options.save is not None:  # a checkpoint goes to PATH.tmp, then is renamed PATH

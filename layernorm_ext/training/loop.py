@@ -132,7 +132,7 @@ def _fit(config: TrainConfig, norms: Sequence[str], device: torch.device, world:
     test_split = None if data.test is None else data.test.to(device)
 
     samples = len(train_split.y)
-    local_batch = _local_batch_size(config.batch_size, samples, world)
+    local_batch = local_batch_size(config.batch_size, samples, world.size)
     if samples % world.size and world.is_main:
         warnings.warn(f"{samples} training samples do not split evenly over {world.size} "
                       "processes: DistributedSampler repeats some, so the losses differ "
@@ -232,16 +232,18 @@ def _load_runs(path: PathLike, state: dict, config: TrainConfig, runs: list[_Run
                              f"{error}") from error
 
 
-def _local_batch_size(batch_size: Optional[int], samples: int, world: World) -> Optional[int]:
-    """This process's share of the global batch; None for one full batch per epoch."""
+def local_batch_size(batch_size: Optional[int], samples: int, processes: int) -> Optional[int]:
+    """Each of ``processes``' share of the global batch over ``samples`` training samples;
+    None for one full batch per epoch (also for a batch of all the samples or more).
+    Raises ValueError for a smaller batch that does not split evenly."""
     if batch_size is None or batch_size >= samples:
         return None
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if batch_size % world.size:
-        raise ValueError(f"the global batch size {batch_size} must be divisible by the "
-                         f"number of processes {world.size}")
-    return batch_size // world.size
+    if batch_size % processes:
+        raise ValueError(f"the batch size {batch_size} must be divisible by the number of "
+                         f"processes ({processes})")
+    return batch_size // processes
 
 
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module,
