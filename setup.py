@@ -155,14 +155,15 @@ class BuildExtensionWithCpuIsas(BuildExtension):
                 obj.unlink()
             self.force = True
         if BUILD_X86_ISAS:
-            ext.extra_objects = list(ext.extra_objects or []) + self._compile_isa_objects(
-                ext, toolchain)
+            ext.extra_objects = list(ext.extra_objects or []) + self._compile_isa_objects(ext)
         super().build_extension(ext)
         check_shared_libstdcxx(Path(self.get_ext_fullpath(ext.name)))
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(toolchain)
 
-    def _compile_isa_objects(self, ext, toolchain: str) -> list[str]:
+    def _compile_isa_objects(self, ext) -> list[str]:
+        """Each ISA's object, compiled again when its command, row_kernels.cpp or a header
+        changed (a change of torch or compiler already removed it: build_extension)."""
         out_dir = Path(self.build_temp) / "cpu_isa"
         out_dir.mkdir(parents=True, exist_ok=True)
         cxx = os.environ.get("CXX", "c++")
@@ -179,7 +180,7 @@ class BuildExtensionWithCpuIsas(BuildExtension):
                    "-ffp-contract=off",
                    "-DTORCH_API_INCLUDE_EXTENSION_H", "-c", str(ROOT / ROW_KERNELS),
                    "-o", str(obj)]
-            built_with = toolchain + " ".join(cmd)
+            built_with = " ".join(cmd)
             if (obj.exists() and obj.stat().st_mtime > newest_input and stamp.exists()
                     and stamp.read_text() == built_with):
                 return str(obj)

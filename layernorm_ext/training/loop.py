@@ -53,17 +53,16 @@ class _Run:
     def load(self, state: dict, lr: float) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        # load_state_dict takes per-parameter state of any shape; a wrong one would fail
-        # at the first step.
         for group in self.optimizer.param_groups:
+            group["lr"] = lr  # the resumed run's lr, which may differ from the saved one
+            # load_state_dict takes per-parameter state of any shape; a wrong one would
+            # fail at the first step.
             for param in group["params"]:
                 for key, value in self.optimizer.state.get(param, {}).items():
                     if (isinstance(value, torch.Tensor) and value.dim() > 0
                             and value.shape != param.shape):
                         raise ValueError(f"optimizer state {key!r} of shape {list(value.shape)}"
                                          f" for a parameter of shape {list(param.shape)}")
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr  # the resumed run's lr, which may differ from the saved one
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.history = [EpochResult(**r) for r in state["history"]]
