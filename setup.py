@@ -132,13 +132,23 @@ def check_isa_object(obj: Path, isa: str) -> None:
 
 
 def toolchain_description() -> str:
-    """What else an object depends on: an upgraded torch (same include paths, new headers)
-    or another compiler must rebuild it, as the sources' mtimes cannot tell."""
+    """What else an object depends on: an upgraded torch (same include paths, new headers),
+    another compiler, CUDA toolkit or set of GPU architectures, or a switch between the
+    CPU-only and the CUDA build must rebuild it, as the sources' mtimes cannot tell."""
     import torch
 
+    def version(compiler: str) -> str:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+
     cxx = os.environ.get("CXX", "c++")
-    compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    return f"torch {torch.__version__} {torch.version.git_version}\n{cxx}: {compiler}"
+    description = f"torch {torch.__version__} {torch.version.git_version}\n{cxx}: {version(cxx)}"
+    if with_cuda:
+        nvcc = str(Path(cuda_home) / "bin" / "nvcc")
+        description += (f"\n{nvcc}: {version(nvcc)}"
+                        f"\nTORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    else:
+        description += "\nCPU only"
+    return description
 
 
 class BuildExtensionWithCpuIsas(BuildExtension):

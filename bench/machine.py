@@ -62,19 +62,27 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def last_level_cache_bytes() -> Optional[int]:
-    """Size of the largest-level CPU cache as the OS reports it (sysfs, then sysconf)."""
-    best_level, best_size = 0, None
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+def last_level_cache_bytes(cpu_root: Path = Path("/sys/devices/system/cpu")) -> Optional[int]:
+    """Size of the largest-level CPU cache as the OS reports it: one instance's size (sysfs)
+    times the instances the CPUs sit under (an 8-CCD EPYC has eight L3s of 32 MiB, and data
+    spread over all its cores stays in 256 MiB), else sysconf's size."""
+    best_level, best_index, best_size = 0, None, None
+    for index in sorted((cpu_root / "cpu0" / "cache").glob("index*")):
         try:
             level = int((index / "level").read_text())
             size = _parse_size((index / "size").read_text())
         except (OSError, ValueError):
             continue
         if level >= best_level:
-            best_level, best_size = level, size
+            best_level, best_index, best_size = level, index.name, size
     if best_size:
-        return best_size
+        instances = set()
+        for cpu in cpu_root.glob("cpu[0-9]*"):
+            try:
+                instances.add((cpu / "cache" / best_index / "shared_cpu_list").read_text().strip())
+            except OSError:  # an offline CPU has no cache folder
+                continue
+        return best_size * max(len(instances), 1)
     for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
         try:
             size = os.sysconf(name)

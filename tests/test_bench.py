@@ -263,3 +263,22 @@ def test_contenders_that_cannot_run_here_are_refused(capsys, monkeypatch):
     assert exit_info.value.code == 2
     assert ("--contenders liger,apex: none can run on cpu (Liger-Kernel: CUDA only; "
             "apex: CUDA only)") in capsys.readouterr().err
+
+
+def test_last_level_cache_counts_every_instance(tmp_path: Path):
+    """The benchmark's shapes must leave all of the last level: four CPUs under two L3s of
+    32 MiB hold 64 MiB (one instance's size undercounted a multi-CCD EPYC eightfold); an
+    offline CPU without a cache folder is passed over."""
+    from bench.machine import last_level_cache_bytes
+
+    def cache(cpu: int, index: int, level: int, size: str, shared: str) -> None:
+        folder = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, text in (("level", level), ("size", size), ("shared_cpu_list", shared)):
+            (folder / name).write_text(f"{text}\n")
+
+    for cpu in range(4):
+        cache(cpu, 0, 1, "48K", str(cpu))
+        cache(cpu, 3, 3, "32768K", "0-1" if cpu < 2 else "2-3")
+    (tmp_path / "cpu4").mkdir()
+    assert last_level_cache_bytes(tmp_path) == 64 << 20
