@@ -63,7 +63,8 @@ test-cpu-torch:
 	$(CPU_VENV)/bin/python setup.py -q build --build-base $(CPU_BUILD) --build-lib $(CPU_BUILD)/lib
 	# pytest's own script, not python -m: the source tree must not shadow the build.
 	LAYERNORM_EXT_EXPECT_CUDA=0 PYTHONPATH=$(abspath $(CPU_BUILD))/lib $(CPU_VENV)/bin/pytest -q -p no:cacheprovider \
-	    tests/test_autograd_graph.py tests/test_ops.py tests/test_transforms.py tests/test_module.py
+	    tests/test_autograd_graph.py tests/test_ops.py tests/test_transforms.py tests/test_module.py \
+	    tests/test_decompositions.py
 
 # The CPU microbenchmark's full sweep (bench/bench_layernorm.py --help for the options).
 .PHONY: bench

@@ -89,9 +89,16 @@ def transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
-def _acc_dtype(input: torch.Tensor) -> torch.dtype:
-    # The kernels' accumulation (and statistics) dtype.
+def acc_dtype(input: torch.Tensor) -> torch.dtype:
+    """The kernels' accumulation dtype, that of mean and rstd: float64 for float64 input,
+    else float32."""
     return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def resolved_rms_eps(input: torch.Tensor, eps: Optional[float]) -> float:
+    """RMSNorm's eps as the op resolves it (rms_norm_eps in csrc/layernorm.cpp): the given
+    one, else torch's default, the machine epsilon of the accumulation dtype."""
+    return torch.finfo(acc_dtype(input)).eps if eps is None else eps
 
 
 def _normalize(norm: Norm, input: torch.Tensor, dims: tuple[int, ...], eps: float
@@ -101,7 +108,7 @@ def _normalize(norm: Norm, input: torch.Tensor, dims: tuple[int, ...], eps: floa
     The statistics are recomputed rather than taken from the op's (non-differentiable)
     mean/rstd outputs, so that higher derivatives see their dependence on the input.
     """
-    centered = norm.center(input.to(_acc_dtype(input)), dims)
+    centered = norm.center(input.to(acc_dtype(input)), dims)
     rstd = (centered.square().mean(dims, keepdim=True) + eps).rsqrt()
     return centered * rstd, rstd
 
@@ -215,13 +222,21 @@ def _transform_active(*kinds: TransformType) -> bool:
     return any(interpreter.key() in kinds for interpreter in get_interpreter_stack() or [])
 
 
+def composite_forward(norm: Norm, input: torch.Tensor, num_normalized_dims: int,
+                      weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, rstd) of the norm from differentiable ATen ops, computed in the kernels'
+    accumulation dtype; rstd keeps the normalized dims, as size 1."""
+    xhat, rstd = _normalize(norm, input, _normalized_dims(input, num_normalized_dims), eps)
+    output = xhat * weight.to(xhat.dtype) if weight is not None else xhat
+    output = output + bias.to(xhat.dtype) if bias is not None else output
+    return output.to(input.dtype), rstd
+
+
 def _composite_norm(norm: Norm, input: torch.Tensor, num_normalized_dims: int,
                     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     eps: float) -> torch.Tensor:
-    xhat, _ = _normalize(norm, input, _normalized_dims(input, num_normalized_dims), eps)
-    output = xhat * weight.to(xhat.dtype) if weight is not None else xhat
-    output = output + bias.to(xhat.dtype) if bias is not None else output
-    return output.to(input.dtype)
+    return composite_forward(norm, input, num_normalized_dims, weight, bias, eps)[0]
 
 
 def _transformed_norm(norm: Norm, input: torch.Tensor, normalized_shape: list[int],
@@ -254,8 +269,6 @@ def transformed_rms_norm(input: torch.Tensor, normalized_shape: list[int],
                          ) -> torch.Tensor:
     """rms_norm while :func:`transforms_active`; the arguments are already checked (weight
     already in a dtype the kernels pair with input's)."""
-    if eps is None:
-        # torch's default, as the op resolves it (rms_norm_eps in csrc/layernorm.cpp); the
-        # differentiable formulas need the number.
-        eps = torch.finfo(_acc_dtype(input)).eps
-    return _transformed_norm(RMS_NORM, input, normalized_shape, weight, None, eps)
+    # The differentiable formulas need eps as a number.
+    return _transformed_norm(RMS_NORM, input, normalized_shape, weight, None,
+                             resolved_rms_eps(input, eps))

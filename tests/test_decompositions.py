@@ -1,0 +1,75 @@
+"""Core ATen decompositions (layernorm_ext/decompositions.py): a program exported with the
+package's table holds no layernorm_ext op; LayerNorm with parameters of the input's dtype
+becomes aten.native_layer_norm; and the decomposed program gives the ops' outputs and
+statistics, at another batch size than the traced one too."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+import torch
+from torch.export import Dim, default_decompositions
+
+import layernorm_ext
+from layernorm_cases import ATOL
+
+NORMALIZED_SHAPE = [4, 8]
+EPS = 0.1  # not the default: a decomposition that drops the caller's eps fails
+
+DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64),
+               (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+               (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+
+
+class NormOps(torch.nn.Module):
+    """Both forward ops with every output, so that the statistics are checked too."""
+
+    def __init__(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 rms_eps: Optional[float]):
+        super().__init__()
+        self.weight = None if weight is None else torch.nn.Parameter(weight)
+        self.bias = None if bias is None else torch.nn.Parameter(bias)
+        self.rms_eps = rms_eps
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (*torch.ops.layernorm_ext.forward(x, NORMALIZED_SHAPE, self.weight, self.bias,
+                                                 EPS),
+                *torch.ops.layernorm_ext.rms_forward(x, NORMALIZED_SHAPE, self.weight,
+                                                     self.rms_eps))
+
+
+def decomposed(model: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    table = default_decompositions()
+    table.update(layernorm_ext.decompositions.decomposition_table())
+    batch = Dim("batch", min=1, max=64)
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)
+                               ).run_decompositions(table)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: "-".join(str(d)[6:] for d in p))
+@pytest.mark.parametrize("rms_eps", [None, EPS], ids=["rms_default_eps", "rms_eps"])
+def test_decomposed_program_gives_the_ops_results(device, dtypes, affine, rms_eps):
+    x_dtype, param_dtype = dtypes
+    if not affine and param_dtype != x_dtype:
+        pytest.skip("no parameters: one dtype")
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(NORMALIZED_SHAPE, generator=gen).to(param_dtype) if affine else None
+    bias = torch.randn(NORMALIZED_SHAPE, generator=gen).to(param_dtype) if affine else None
+    model = NormOps(weight, bias, rms_eps).to(device)
+    program = decomposed(model, torch.randn(3, 5, *NORMALIZED_SHAPE).to(device, x_dtype))
+
+    targets = {node.target for node in program.graph.nodes if node.op == "call_function"}
+    assert not [t for t in targets if "layernorm_ext" in str(t)], targets
+    uniform = param_dtype == x_dtype
+    assert (torch.ops.aten.native_layer_norm.default in targets) == uniform, targets
+
+    x = (torch.randn(7, 5, *NORMALIZED_SHAPE, generator=gen) + 0.5).to(device, x_dtype)
+    with torch.no_grad():
+        expected = model(x)
+        got = program.module()(x)
+    for out, ref in zip(got, expected):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        # Statistics of a half input: native_layer_norm rounds them to its dtype on the CPU.
+        torch.testing.assert_close(out, ref, rtol=0, atol=ATOL[x_dtype])
