@@ -7,10 +7,18 @@
 #include "layernorm.h"
 
 // The extension is loaded as the Python module layernorm_ext._C; loading it runs the
-// static registrations below. It defines no Python functions of its own.
+// static registrations below. Its one Python function says which CPU kernels run.
 extern "C" {
+static PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(layernorm_ext::cpu_kernels_isa());
+}
+
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"cpu_kernels_isa", cpu_kernels_isa, METH_NOARGS,
+       "The instruction set of the CPU kernels: AVX512, AVX2 or DEFAULT."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -83,6 +83,10 @@ BackwardArgs prepare_backward(Norm norm, const at::Tensor& grad_out, const at::T
                               const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias);
 
+// The instruction set of the CPU row kernels this process runs: "AVX512", "AVX2" or
+// "DEFAULT" (csrc/cpu/layernorm_cpu.cpp; Python: layernorm_ext.cpu_kernels_isa()).
+const char* cpu_kernels_isa();
+
 }  // namespace layernorm_ext
 
 namespace layernorm_ext {

@@ -7,18 +7,20 @@
 - ``torch.ops.layernorm_ext.forward`` / ``backward`` / ``rms_forward`` / ``rms_backward``:
   the dispatcher operators.
 - :func:`onnx.translation_table`: how ``torch.onnx.export`` writes the norms in ONNX.
+- :func:`decompositions.decomposition_table`: the norms in core ATen ops, for
+  ``ExportedProgram.run_decompositions``.
 """
 
 import sys
 
-from . import onnx, sharding
+from . import decompositions, onnx, sharding
 from .modules import LayerNorm, RMSNorm
-from .ops import has_cuda_kernels, layer_norm, rms_norm
+from .ops import cpu_kernels_isa, has_cuda_kernels, layer_norm, rms_norm
 from .patch import replace_layernorm, replace_rmsnorm
 
 if "torch.distributed.tensor" in sys.modules:  # else on the first DTensor (sharding.py)
     sharding.register()
 
 __all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "has_cuda_kernels",
-           "replace_layernorm", "replace_rmsnorm"]
+           "cpu_kernels_isa", "replace_layernorm", "replace_rmsnorm"]
 __version__ = "0.1.0"

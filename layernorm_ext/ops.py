@@ -18,9 +18,10 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _C  # noqa: F401  (loading the extension registers the operators)
 from .sharding import register_if_dtensor
-from .transforms import transformed_layer_norm, transformed_rms_norm, transforms_active
+from .transforms import (acc_dtype, transformed_layer_norm, transformed_rms_norm,
+                         transforms_active)
 
-__all__ = ["layer_norm", "rms_norm", "has_cuda_kernels"]
+__all__ = ["layer_norm", "rms_norm", "has_cuda_kernels", "cpu_kernels_isa"]
 
 _forward = torch.ops.layernorm_ext.forward.default
 _backward = torch.ops.layernorm_ext.backward.default
@@ -37,8 +38,12 @@ def has_cuda_kernels() -> bool:
     return _BUILT_WITH_CUDA
 
 
-def _stats_dtype(input: torch.Tensor) -> torch.dtype:
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
+def cpu_kernels_isa() -> str:
+    """The instruction set of the CPU kernels this process runs: ``"AVX512"``, ``"AVX2"``
+    or ``"DEFAULT"`` (the baseline build). It is the best this CPU has within ATen's CPU
+    capability (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY``
+    lowers); AVX2 and AVX-512 also need F16C and BMI2, which a virtual CPU may hide."""
+    return _C.cpu_kernels_isa()
 
 
 def _param_dtype(input: torch.Tensor, weight: Optional[torch.Tensor],
@@ -131,7 +136,7 @@ def _check_fake_backward_inputs(grad_out, input, mean, rstd, normalized_shape) -
     # math.prod, not Size.numel(): that guards symbolic sizes to their values, and under
     # torch.compile each new batch size or sequence length compiled anew.
     rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
-    stats = _stats_dtype(input)
+    stats = acc_dtype(input)
     for stat in (mean, rstd):
         if stat is not None and (stat.numel() != rows or stat.dtype != stats):
             raise RuntimeError(f"Expected mean and rstd with {rows} elements of dtype "
@@ -150,8 +155,8 @@ def _forward_fake(input, normalized_shape, weight, bias, eps):
     _check_fake_inputs(input, normalized_shape, weight, bias)
     stats_shape = input.shape[: input.dim() - len(normalized_shape)]
     output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    mean = input.new_empty(stats_shape, dtype=_stats_dtype(input))
-    rstd = input.new_empty(stats_shape, dtype=_stats_dtype(input))
+    mean = input.new_empty(stats_shape, dtype=acc_dtype(input))
+    rstd = input.new_empty(stats_shape, dtype=acc_dtype(input))
     return output, mean, rstd
 
 
@@ -434,7 +439,7 @@ def _rms_forward_fake(input, normalized_shape, weight, eps):
     _check_fake_inputs(input, normalized_shape, weight, None, "rms")
     stats_shape = input.shape[: input.dim() - len(normalized_shape)]
     output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    return output, input.new_empty(stats_shape, dtype=_stats_dtype(input))
+    return output, input.new_empty(stats_shape, dtype=acc_dtype(input))
 
 
 @torch.library.register_fake("layernorm_ext::rms_backward")

@@ -62,6 +62,8 @@ def test_markdown_names_machine_settings_contenders_and_summary(quick_run: Path)
     for setting in ("| machine |", "| torch |", "| threads |", "| allocator |", "| date |"):
         assert setting in text
     assert "| status | complete |" in text
+    import layernorm_ext
+    assert f", {layernorm_ext.cpu_kernels_isa()} CPU kernels |" in text  # which were timed
     for pass_name in PASSES:
         for dtype in DTYPES:
             assert f"## {pass_name}, {dtype}" in text

@@ -46,12 +46,18 @@ def run_variant(tmp_path, name: str, **env: str) -> dict:
     return torch.load(out)
 
 
-def cpu_capability(**env: str) -> str:
-    """ATen's CPU capability in a child with ``env``: the kernel table the CPU kernels use."""
-    script = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+def kernels_isa(**env: str) -> str:
+    """The instruction set of the extension's CPU kernels in a child with ``env``."""
+    script = "import layernorm_ext; print(layernorm_ext.cpu_kernels_isa())"
     return subprocess.run([sys.executable, "-c", script], check=True, timeout=120,
                           capture_output=True, text=True,
                           env=subprocess_env(**env)).stdout.strip()
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return {flag for line in cpuinfo if line.startswith("flags")
+                for flag in line.split(":", 1)[1].split()}
 
 
 def test_streaming_stores_give_identical_results(tmp_path):
@@ -75,16 +81,29 @@ def test_a_stream_threshold_that_is_no_number_is_ignored_with_a_warning(value, w
     assert run.stderr.count("ignoring LAYERNORM_EXT_STREAM_BYTES") == int(warns), run.stderr
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="x86 instruction sets")
+def test_kernels_follow_atens_capability_where_the_cpu_has_f16c_and_bmi2():
+    import layernorm_ext
+
+    aten = torch.backends.cpu.get_cpu_capability()
+    extras = {"f16c", "bmi2"} <= cpu_flags()
+    expected = aten if aten in ("AVX2", "AVX512") and extras else "DEFAULT"
+    assert layernorm_ext.cpu_kernels_isa() == expected, (aten, extras)
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="x86 instruction sets")
 def test_every_instruction_set_agrees_with_the_best(tmp_path, capability):
-    # ATen's capability; the kernel table also wants F16C and BMI2 for AVX2/AVX-512
-    # (csrc/cpu/layernorm_cpu.cpp), which every CPU with AVX2 we know of has.
-    best_name = cpu_capability()
-    if best_name.lower() == capability:
-        pytest.skip(f"{capability} is this CPU's best: nothing to compare it with")
-    assert cpu_capability(ATEN_CPU_CAPABILITY=capability).lower() == capability
+    # ATen's capability picks the kernels, which for AVX2/AVX-512 also want F16C and BMI2
+    # (csrc/cpu/layernorm_cpu.cpp): the extension says which ones it runs.
+    has_avx2 = {"avx2", "fma", "f16c", "bmi2"} <= cpu_flags()
+    best_name = kernels_isa()
+    expected = capability.upper() if capability == "default" or has_avx2 else "DEFAULT"
+    if best_name == expected:
+        pytest.skip(f"{expected} is the best kernels here: nothing to compare them with")
+    assert kernels_isa(ATEN_CPU_CAPABILITY=capability) == expected
     best = run_variant(tmp_path, "best")
     other = run_variant(tmp_path, capability, ATEN_CPU_CAPABILITY=capability)
     for key in best:

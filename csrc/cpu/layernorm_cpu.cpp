@@ -107,20 +107,28 @@ int64_t rows_per_task(int64_t cols) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
 }
 
-const cpu::KernelTable& kernel_table() {
-  static const cpu::KernelTable& table = [] () -> const cpu::KernelTable& {
+// The row kernels of the best instruction set this CPU and ATen allow, and its name.
+struct SelectedKernels {
+  const cpu::KernelTable& table;
+  const char* isa;
+};
+
+const SelectedKernels& selected_kernels() {
+  static const SelectedKernels selected = [] () -> SelectedKernels {
 #ifdef LAYERNORM_EXT_X86_ISAS  // set by setup.py when it built the AVX2/AVX512 objects
     const std::string capability = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
     // setup.py also builds both with F16C and BMI2, which every CPU with AVX2 has but
     // ATen does not check for: a virtual CPU may hide them.
     const bool has_extras = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
-    if (has_extras && capability == "AVX512") return cpu::kernel_table_AVX512();
-    if (has_extras && capability == "AVX2") return cpu::kernel_table_AVX2();
+    if (has_extras && capability == "AVX512") return {cpu::kernel_table_AVX512(), "AVX512"};
+    if (has_extras && capability == "AVX2") return {cpu::kernel_table_AVX2(), "AVX2"};
 #endif
-    return cpu::kernel_table_DEFAULT();
+    return {cpu::kernel_table_DEFAULT(), "DEFAULT"};
   }();
-  return table;
+  return selected;
 }
+
+const cpu::KernelTable& kernel_table() { return selected_kernels().table; }
 
 template <Norm kNorm, typename T, typename P>
 const cpu::NormRowKernels<T, P>& row_kernels() {
@@ -230,6 +238,8 @@ struct BackwardKernel {
 };
 
 }  // namespace
+
+const char* cpu_kernels_isa() { return selected_kernels().isa; }
 
 TORCH_LIBRARY_IMPL(layernorm_ext, CPU, m) {
   m.impl("forward", &layer_norm_forward<ForwardKernel>);
