@@ -7,6 +7,7 @@ import platform
 import re
 import subprocess
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Optional
 
 import torch
@@ -62,12 +63,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def last_level_cache_bytes(cpu_root: Path = Path("/sys/devices/system/cpu")) -> Optional[int]:
+def last_level_cache_bytes(cpu_root: Path = Path("/sys/devices/system/cpu"),
+                           cpus: Optional[Iterable[int]] = None) -> Optional[int]:
     """Size of the largest-level CPU cache as the OS reports it: one instance's size (sysfs)
-    times the instances the CPUs sit under (an 8-CCD EPYC has eight L3s of 32 MiB, and data
-    spread over all its cores stays in 256 MiB), else sysconf's size."""
+    times the instances over the CPUs this process may run on (``cpus``, by default its
+    affinity: data spread over the cores of an 8-CCD EPYC stays in eight L3s of 32 MiB),
+    else sysconf's size. The CPU kernels stream their outputs from one instance's size
+    up (csrc/cpu/layernorm_cpu.cpp), so a sweep sized by this total is streamed too."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(
+            os.cpu_count() or 1)
+    folders = [cpu_root / f"cpu{cpu}" / "cache" for cpu in sorted(cpus)]
+    folders = [folder for folder in folders if folder.is_dir()]  # offline CPUs have none
     best_level, best_index, best_size = 0, None, None
-    for index in sorted((cpu_root / "cpu0" / "cache").glob("index*")):
+    for index in sorted(folders[0].glob("index*")) if folders else []:
         try:
             level = int((index / "level").read_text())
             size = _parse_size((index / "size").read_text())
@@ -76,11 +85,11 @@ def last_level_cache_bytes(cpu_root: Path = Path("/sys/devices/system/cpu")) -> 
         if level >= best_level:
             best_level, best_index, best_size = level, index.name, size
     if best_size:
-        instances = set()
-        for cpu in cpu_root.glob("cpu[0-9]*"):
+        instances = set()  # each one named by the CPUs that share it
+        for folder in folders:
             try:
-                instances.add((cpu / "cache" / best_index / "shared_cpu_list").read_text().strip())
-            except OSError:  # an offline CPU has no cache folder
+                instances.add((folder / best_index / "shared_cpu_list").read_text().strip())
+            except OSError:
                 continue
         return best_size * max(len(instances), 1)
     for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):

@@ -13,7 +13,9 @@ LayerNorm becomes ``aten.native_layer_norm``, the core op backends match, when t
 and bias have the input's dtype; with float32 parameters on a float16/bfloat16 input
 (which torch's CUDA kernel refuses) and for RMSNorm, which core ATen lacks, it becomes the
 ops of the formula, computed in float32 (float64 for float64) and rounded once, as the
-kernels do. mean and rstd keep the ops' shape (the input's leading dims) and dtype.
+kernels do. The outputs keep the ops' layout: a contiguous output (also from a
+channels_last input), and mean and rstd over the input's leading dims, in the ops' dtype.
+The table holds the forward ops only: an exported program has no backward.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _layer_norm(input: torch.Tensor, normalized_shape: list[int],
     else:
         output, rstd = composite_forward(LAYER_NORM, input, dims, weight, bias, eps)
         mean = input.to(acc_dtype(input)).mean(tuple(range(-dims, 0)))
-    return output, _statistic(mean, input, dims), _statistic(rstd, input, dims)
+    return output.contiguous(), _statistic(mean, input, dims), _statistic(rstd, input, dims)
 
 
 def _rms_norm(input: torch.Tensor, normalized_shape: list[int],
@@ -64,4 +66,4 @@ def _rms_norm(input: torch.Tensor, normalized_shape: list[int],
     dims = len(normalized_shape)
     output, rstd = composite_forward(RMS_NORM, input, dims, weight, None,
                                      resolved_rms_eps(input, eps))
-    return output, _statistic(rstd, input, dims)
+    return output.contiguous(), _statistic(rstd, input, dims)

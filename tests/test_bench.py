@@ -267,10 +267,11 @@ def test_contenders_that_cannot_run_here_are_refused(capsys, monkeypatch):
             "apex: CUDA only)") in capsys.readouterr().err
 
 
-def test_last_level_cache_counts_every_instance(tmp_path: Path):
-    """The benchmark's shapes must leave all of the last level: four CPUs under two L3s of
-    32 MiB hold 64 MiB (one instance's size undercounted a multi-CCD EPYC eightfold); an
-    offline CPU without a cache folder is passed over."""
+def test_last_level_cache_counts_the_instances_this_process_runs_on(tmp_path: Path):
+    """The benchmark's shapes must leave all of the last level the process can fill: four
+    CPUs under two L3s of 32 MiB hold 64 MiB (one instance's size undercounted a multi-CCD
+    EPYC eightfold), two CPUs of one L3 32 MiB, as CPUs 2 and 3 alone (a container pinned
+    to them: sysfs lists every CPU of the host); an offline CPU is passed over."""
     from bench.machine import last_level_cache_bytes
 
     def cache(cpu: int, index: int, level: int, size: str, shared: str) -> None:
@@ -282,5 +283,7 @@ def test_last_level_cache_counts_every_instance(tmp_path: Path):
     for cpu in range(4):
         cache(cpu, 0, 1, "48K", str(cpu))
         cache(cpu, 3, 3, "32768K", "0-1" if cpu < 2 else "2-3")
-    (tmp_path / "cpu4").mkdir()
-    assert last_level_cache_bytes(tmp_path) == 64 << 20
+    (tmp_path / "cpu4").mkdir()  # offline: no cache folder
+    assert last_level_cache_bytes(tmp_path, cpus=range(5)) == 64 << 20
+    assert last_level_cache_bytes(tmp_path, cpus={0, 1}) == 32 << 20
+    assert last_level_cache_bytes(tmp_path, cpus={2, 3, 4}) == 32 << 20

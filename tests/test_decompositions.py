@@ -47,10 +47,13 @@ def decomposed(model: torch.nn.Module, example: torch.Tensor) -> torch.export.Ex
                                ).run_decompositions(table)
 
 
+# Rows of 1e-4: their mean square (1e-8) is below RMSNorm's default eps (1.2e-7), so a
+# decomposition that resolves that default wrongly is far off.
+@pytest.mark.parametrize("scale", [1.0, 1e-4], ids=["unit", "tiny"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: "-".join(str(d)[6:] for d in p))
 @pytest.mark.parametrize("rms_eps", [None, EPS], ids=["rms_default_eps", "rms_eps"])
-def test_decomposed_program_gives_the_ops_results(device, dtypes, affine, rms_eps):
+def test_decomposed_program_gives_the_ops_results(device, dtypes, affine, rms_eps, scale):
     x_dtype, param_dtype = dtypes
     if not affine and param_dtype != x_dtype:
         pytest.skip("no parameters: one dtype")
@@ -65,11 +68,29 @@ def test_decomposed_program_gives_the_ops_results(device, dtypes, affine, rms_ep
     uniform = param_dtype == x_dtype
     assert (torch.ops.aten.native_layer_norm.default in targets) == uniform, targets
 
-    x = (torch.randn(7, 5, *NORMALIZED_SHAPE, generator=gen) + 0.5).to(device, x_dtype)
+    x = ((torch.randn(7, 5, *NORMALIZED_SHAPE, generator=gen) + 0.5) * scale).to(device, x_dtype)
     with torch.no_grad():
         expected = model(x)
         got = program.module()(x)
     for out, ref in zip(got, expected):
         assert out.shape == ref.shape and out.dtype == ref.dtype
         # Statistics of a half input: native_layer_norm rounds them to its dtype on the CPU.
-        torch.testing.assert_close(out, ref, rtol=0, atol=ATOL[x_dtype])
+        # The bound scales with the values: rstd of the tiny rows is ~1e4.
+        bound = ATOL[x_dtype] * max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(out, ref, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("norm", [layernorm_ext.LayerNorm, layernorm_ext.RMSNorm])
+def test_modules_on_a_1d_channels_last_and_4d_input(device, norm):
+    """The public modules, on a 1-D input (statistics without leading dims) and on a
+    channels_last input (the output contiguous, as the op's)."""
+    table = default_decompositions()
+    table.update(layernorm_ext.decompositions.decomposition_table())
+    module = norm(8, eps=EPS).to(device)
+    for x in (torch.randn(8, device=device),
+              torch.randn(2, 3, 4, 8, device=device).to(memory_format=torch.channels_last)):
+        program = torch.export.export(module, (x,)).run_decompositions(table)
+        with torch.no_grad():
+            got, expected = program.module()(x), module(x)
+        assert got.is_contiguous() and expected.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=0, atol=ATOL[torch.float32])

@@ -13,7 +13,6 @@
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
-#include <set>
 #include <string>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,18 +32,18 @@ constexpr int64_t kElementsPerTask = 1 << 15;
 // its rows, that of the sum over chunks with their number.
 constexpr int64_t kMaxChunkRows = 256;
 
-// Size of the largest-level cache as sysfs lists it: one instance's size times the
-// instances the CPUs sit under (what bench/machine.py reports too: an 8-CCD EPYC has
-// eight L3s of 32 MiB, and an output split over all its cores stays in 256 MiB), else
-// sysconf's level-3 size, else 0. sysconf can be far off: on a 2-core AMD EPYC VM it
-// says 320 MiB where the cores share a 32 MiB L3, so 32 MiB outputs were not streamed
-// and the forward ran at 0.8x torch's instead of 1.45x.
+// Size of the largest cache the first CPU sees, as sysfs lists it, else sysconf's level-3
+// size, else 0. sysconf can be far off: on a 2-core AMD EPYC VM it says 320 MiB where the
+// cores share a 32 MiB L3, so 32 MiB outputs were not streamed and the forward ran at
+// 0.8x torch's instead of 1.45x. One instance's size, where bench/machine.py sums the
+// instances: threads spread over several L3s (an 8-CCD EPYC's) could keep more, but
+// sysfs lists CPUs beyond the ones this process runs on, and some VMs give every vCPU
+// an L3 of its own; a threshold too high cost the 0.8x above, one too low is unmeasured.
 int64_t last_level_cache_bytes() {
-  const std::string cpus = "/sys/devices/system/cpu/cpu";
-  int best_level = 0, best_index = -1;
+  int best_level = 0;
   int64_t best_bytes = 0;
   for (int index = 0; index < 16; ++index) {
-    const std::string dir = cpus + "0/cache/index" + std::to_string(index);
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
     std::ifstream level_file(dir + "/level"), size_file(dir + "/size");
     int level = 0;
     int64_t size = 0;
@@ -54,19 +53,9 @@ int64_t last_level_cache_bytes() {
     if (!unit.empty() && (unit[0] == 'K' || unit[0] == 'k')) size <<= 10;
     if (!unit.empty() && unit[0] == 'M') size <<= 20;
     if (!unit.empty() && unit[0] == 'G') size <<= 30;
-    if (size > 0 && level >= best_level) best_level = level, best_index = index, best_bytes = size;
+    if (size > 0 && level >= best_level) best_level = level, best_bytes = size;
   }
-  if (best_bytes > 0) {
-    std::set<std::string> instances;  // each instance by the CPUs that share it
-    const long configured = sysconf(_SC_NPROCESSORS_CONF);
-    for (long cpu = 0; cpu < configured; ++cpu) {
-      std::ifstream shared(cpus + std::to_string(cpu) + "/cache/index" +
-                           std::to_string(best_index) + "/shared_cpu_list");
-      std::string list;
-      if (shared >> list) instances.insert(list);  // an offline CPU has no cache folder
-    }
-    return best_bytes * std::max<int64_t>(static_cast<int64_t>(instances.size()), 1);
-  }
+  if (best_bytes > 0) return best_bytes;
 #ifdef _SC_LEVEL3_CACHE_SIZE  // glibc's
   const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
   return llc > 0 ? static_cast<int64_t>(llc) : 0;
