@@ -219,7 +219,9 @@ sources = ["csrc/layernorm.cpp", "csrc/layernorm_checks.cpp",
 # Linking -fopenmp records libgomp.so.1, which resolves to the copy torch has loaded.
 # -ffp-contract=off: fused multiply-adds only where the source asks (layernorm_math.h),
 # also in the DEFAULT row kernels (on x86 they have no FMA; elsewhere they are the only ones).
-extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
+# -std=c++20: the sources use <bit>; torch before 2.13 (2.11: the GPU machines' image)
+# compiles extensions as C++17 unless a -std flag is given.
+extra_compile_args = {"cxx": ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]}
 extra_link_args = ["-fopenmp"]
 define_macros = [("LAYERNORM_EXT_X86_ISAS", None)] if BUILD_X86_ISAS else []
 if with_cuda:
