@@ -101,6 +101,7 @@ inline std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
 //     with the node as torch's nodes save theirs;
 //   gradients(grad_out, saved, normalized_shape, eps): every gradient, from the defined
 //     grad_out and the unpacked saved tensors;
+//   kSavedNames: the saved tensors' names in the node's Python class (autograd_python.h);
 // and gets from the base the node's apply, its release of the saved tensors, and support
 // for compiled autograd (torch._dynamo.compiled_autograd), which captures a backward graph
 // from the nodes' compiled_args and apply_with_saved.
@@ -129,6 +130,16 @@ struct NormBackwardNode : public torch::autograd::Node {
     return only_wanted(NodeT::gradients(grads[0], saved, normalized_shape_, eps_),
                        wanted_gradients());
   }
+
+  // What the node's Python class shows (autograd_python.h). A saved output is unpacked
+  // with the node, as apply does; a freed one raises torch's error.
+  at::Tensor saved_tensor(size_t i) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return NodeT::kSavedIsOutput[i] ? saved_[i].unpack(getptr()) : saved_[i].unpack();
+  }
+  const torch::autograd::SavedVariable& saved_variable(size_t i) const { return saved_[i]; }
+  const std::vector<int64_t>& normalized_shape() const { return normalized_shape_; }
+  double eps() const { return eps_; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);

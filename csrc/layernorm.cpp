@@ -4,10 +4,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "autograd_python.h"
 #include "layernorm.h"
 
 // The extension is loaded as the Python module layernorm_ext._C; loading it runs the
-// static registrations below. Its one Python function says which CPU kernels run.
+// static registrations below. The module holds the backward nodes' Python classes and
+// one function, which says which CPU kernels run.
 extern "C" {
 static PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(layernorm_ext::cpu_kernels_isa());
@@ -19,7 +21,17 @@ PyMODINIT_FUNC PyInit__C(void) {
        "The instruction set of the CPU kernels: AVX512, AVX2 or DEFAULT."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  try {
+    layernorm_ext::add_layer_norm_backward_class(module);
+    layernorm_ext::add_rms_norm_backward_class(module);
+  } catch (const std::exception& e) {
+    Py_DECREF(module);
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
+  return module;
 }
 }
 

@@ -15,6 +15,7 @@
 #include <numeric>
 
 #include "autograd_common.h"
+#include "autograd_python.h"
 #include "layernorm.h"
 
 namespace layernorm_ext {
@@ -79,6 +80,9 @@ Tensor3 differentiable_backward(const at::Tensor& grad_out, const at::Tensor& in
 struct LayerNormBackward : public NormBackwardNode<LayerNormBackward, 5, 3> {
   // Saved: input, weight, bias, and the forward's outputs mean and rstd.
   static constexpr std::array<bool, 5> kSavedIsOutput = {false, false, false, true, true};
+  // As NativeLayerNormBackward0's (the forward's outputs 1 and 2 are mean and rstd).
+  static constexpr std::array<const char*, 5> kSavedNames = {"input", "weight", "bias",
+                                                             "result1", "result2"};
 
   std::string name() const override { return "layernorm_ext::LayerNormBackward"; }
 
@@ -117,6 +121,11 @@ Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_sha
 }
 
 }  // namespace
+
+void add_layer_norm_backward_class(PyObject* module) {
+  add_node_class<LayerNormBackward>(module, "layernorm_ext._C.LayerNormBackward",
+                                    "LayerNormBackward");
+}
 
 TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
   m.impl("forward", &forward_autograd);

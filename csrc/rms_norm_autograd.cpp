@@ -12,6 +12,7 @@
 #include <numeric>
 
 #include "autograd_common.h"
+#include "autograd_python.h"
 #include "layernorm.h"
 
 namespace layernorm_ext {
@@ -66,6 +67,8 @@ Tensor2 differentiable_rms_backward(const at::Tensor& grad_out, const at::Tensor
 struct RMSNormBackward : public NormBackwardNode<RMSNormBackward, 3, 2> {
   // Saved: input, weight, and the forward's output rstd.
   static constexpr std::array<bool, 3> kSavedIsOutput = {false, false, true};
+  // As torch's fused RMSNorm node (the forward's output 1 is rstd).
+  static constexpr std::array<const char*, 3> kSavedNames = {"input", "weight", "result1"};
 
   std::string name() const override { return "layernorm_ext::RMSNormBackward"; }
 
@@ -105,6 +108,10 @@ Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized
 }
 
 }  // namespace
+
+void add_rms_norm_backward_class(PyObject* module) {
+  add_node_class<RMSNormBackward>(module, "layernorm_ext._C.RMSNormBackward", "RMSNormBackward");
+}
 
 TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
   m.impl("rms_forward", &rms_forward_autograd);

@@ -3,6 +3,7 @@
 The nodes are hand-written torch::autograd::Node subclasses (csrc/autograd_common.h), so
 what a C++ Function gave for free is checked here: the errors for a second backward and
 for an input changed in place (against F.layer_norm / F.rms_norm), saved-tensor hooks,
+the nodes' Python classes (their saved tensors, as torch's nodes show theirs),
 activation checkpointing, gradients of any subset of the arguments (against torch's),
 anomaly mode and compiled autograd.
 """
@@ -117,6 +118,60 @@ def test_saved_tensor_hooks_pack_and_unpack_what_the_node_saves(device, norm):
     assert sorted(unpacked) == sorted(packed)
     theirs = torch.autograd.grad(_call(NORMS[norm][1], leaves), leaves, _grad_out(device))
     torch.testing.assert_close(grads, theirs)
+
+
+# The nodes' Python attributes for what they saved, named as NativeLayerNormBackward0's
+# (the forward's outputs: result1, result2), plus the eps the double backward needs.
+SAVED_NAMES = {"layer_norm": ["input", "weight", "bias", "result1", "result2"],
+               "rms_norm": ["input", "weight", "result1"]}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_node_shows_what_it_saved_as_torchs_nodes_do(device, norm):
+    leaves = _leaves(device, norm)
+    y = _call(NORMS[norm][0], leaves)
+    node = y.grad_fn
+    class_name = {"layer_norm": "LayerNormBackward", "rms_norm": "RMSNormBackward"}[norm]
+    assert type(node).__name__ == class_name and class_name in repr(node)
+    x = leaves[0].detach()
+    if norm == "layer_norm":
+        _, mean, rstd = torch.ops.layernorm_ext.forward(x, NORMALIZED, *leaves[1:], 1e-5)
+        statistics, eps = [mean, rstd], 1e-5
+    else:
+        _, rstd = torch.ops.layernorm_ext.rms_forward(x, NORMALIZED, leaves[1], None)
+        statistics, eps = [rstd], torch.finfo(torch.float64).eps
+    for name, expected in zip(SAVED_NAMES[norm], [*leaves, *statistics]):
+        assert torch.equal(getattr(node, f"_saved_{name}"), expected), name
+        assert type(getattr(node, f"_raw_saved_{name}")).__name__ == "SavedTensor"
+    assert node._saved_normalized_shape == tuple(NORMALIZED) and node._saved_eps == eps
+    if norm == "layer_norm":  # torch's node shows the same names (RMSNorm has none on the CPU)
+        theirs = F.layer_norm(leaves[0], NORMALIZED, *leaves[1:]).grad_fn
+        assert ({a for a in dir(theirs) if a.startswith(("_saved_", "_raw_saved_"))}
+                <= {a for a in dir(node) if a.startswith(("_saved_", "_raw_saved_"))})
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="after they have already been freed"):
+        node._saved_input
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_hooks_on_one_saved_tensor_are_used_by_the_backward(device, norm):
+    """_raw_saved_input.register_hooks, as on torch's nodes: the backward reads the input
+    through the hook. Here it doubles it, which changes the gradients, as it changes those
+    of torch's LayerNorm node (torch's CPU RMSNorm is composite: no node to compare)."""
+    leaves = _leaves(device, norm)
+    plain = torch.autograd.grad(_call(NORMS[norm][0], leaves), leaves, _grad_out(device))
+    fns = NORMS[norm] if norm == "layer_norm" else NORMS[norm][:1]
+    hooked = []
+    for fn in fns:
+        y = _call(fn, leaves)
+        unpacked = []
+        y.grad_fn._raw_saved_input.register_hooks(lambda t: t,
+                                                   lambda t: unpacked.append(1) or 2 * t)
+        hooked.append(torch.autograd.grad(y, leaves, _grad_out(device)))
+        assert unpacked == [1]
+    assert not torch.allclose(hooked[0][1], plain[1])
+    if len(hooked) == 2:
+        torch.testing.assert_close(hooked[0], hooked[1])
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -1,0 +1,122 @@
+// Python classes for the backward nodes, as torch gives its generated ones
+// (NativeLayerNormBackward0): `y.grad_fn` is a layernorm_ext._C.LayerNormBackward, not
+// an anonymous CppFunction, and shows what it saved as torch's nodes do:
+// _saved_<name> (the tensor: what torchviz's show_saved and users read),
+// _raw_saved_<name> (torch's SavedTensor, whose register_hooks sets hooks on that one
+// tensor), _saved_normalized_shape and _saved_eps. Reading a saved tensor after the
+// backward freed it raises torch's error. The classes are added to the module by
+// PyInit__C (csrc/layernorm.cpp).
+#pragma once
+
+#include <torch/csrc/autograd/python_cpp_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace layernorm_ext {
+
+// Defined next to each node (layernorm_autograd.cpp, rms_norm_autograd.cpp).
+void add_layer_norm_backward_class(PyObject* module);
+void add_rms_norm_backward_class(PyObject* module);
+
+namespace node_class {
+
+template <class NodeT>
+NodeT& node_of(PyObject* self) {
+  return static_cast<NodeT&>(*reinterpret_cast<torch::autograd::THPCppFunction*>(self)->cdata);
+}
+
+// The getters' closure is the saved tensor's index.
+template <class NodeT>
+PyObject* saved_tensor(PyObject* self, void* index) {
+  HANDLE_TH_ERRORS
+  return THPVariable_Wrap(node_of<NodeT>(self).saved_tensor(reinterpret_cast<uintptr_t>(index)));
+  END_HANDLE_TH_ERRORS
+}
+
+template <class NodeT>
+PyObject* raw_saved_tensor(PyObject* self, void* index) {
+  HANDLE_TH_ERRORS
+  const auto& saved = node_of<NodeT>(self).saved_variable(reinterpret_cast<uintptr_t>(index));
+  return pybind11::cast(saved, pybind11::return_value_policy::reference).release().ptr();
+  END_HANDLE_TH_ERRORS
+}
+
+template <class NodeT>
+PyObject* saved_normalized_shape(PyObject* self, void*) {
+  HANDLE_TH_ERRORS
+  const auto& shape = node_of<NodeT>(self).normalized_shape();
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(shape.size()));
+  if (tuple == nullptr) return nullptr;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), PyLong_FromLongLong(shape[i]));
+  }
+  return tuple;
+  END_HANDLE_TH_ERRORS
+}
+
+template <class NodeT>
+PyObject* saved_eps(PyObject* self, void*) {
+  HANDLE_TH_ERRORS
+  return PyFloat_FromDouble(node_of<NodeT>(self).eps());
+  END_HANDLE_TH_ERRORS
+}
+
+// CppFunction's own _set_sequence_nr, which libtorch_python does not export.
+inline PyObject* set_sequence_nr(PyObject* self, PyObject* sequence_nr) {
+  HANDLE_TH_ERRORS
+  const unsigned long long value = PyLong_AsUnsignedLongLong(sequence_nr);
+  if (PyErr_Occurred()) return nullptr;
+  reinterpret_cast<torch::autograd::THPCppFunction*>(self)->cdata->set_sequence_nr(value);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace node_class
+
+// Adds NodeT's class, named `name` in `module`, and makes it the Python type of NodeT's
+// nodes. NodeT::kSavedNames names its saved tensors as torch's nodes do (input, weight,
+// bias, result1 for the forward's second output, ...).
+template <class NodeT>
+void add_node_class(PyObject* module, const char* qualified_name, const char* name) {
+  namespace nc = node_class;
+  using namespace torch::autograd;  // the names torch's default-member macros use
+  static PyTypeObject type;
+  // Python keeps pointers to the names and definitions: both live as long as the process.
+  static std::vector<std::string> names;
+  static std::vector<PyGetSetDef> properties = {THP_FUNCTION_DEFAULT_PROPERTIES};
+  // THP_FUNCTION_DEFAULT_METHODS, less a function torch does not export.
+  static PyMethodDef methods[] = {
+      {"_register_hook_dict", THPCppFunction_register_hook_dict, METH_O, nullptr},
+      {"register_hook", THPCppFunction_register_hook, METH_O, nullptr},
+      {"register_prehook", THPCppFunction_register_prehook, METH_O, nullptr},
+      {"name", THPCppFunction_name, METH_NOARGS, nullptr},
+      {"_sequence_nr", THPCppFunction_sequence_nr, METH_NOARGS, nullptr},
+      {"_set_sequence_nr", &nc::set_sequence_nr, METH_O, nullptr},
+      {nullptr, nullptr, 0, nullptr}};
+  names.reserve(2 * NodeT::kSavedNames.size());
+  for (size_t i = 0; i < NodeT::kSavedNames.size(); ++i) {
+    void* index = reinterpret_cast<void*>(static_cast<uintptr_t>(i));
+    names.push_back(std::string("_saved_") + NodeT::kSavedNames[i]);
+    properties.push_back({names.back().c_str(), &nc::saved_tensor<NodeT>, nullptr, nullptr, index});
+    names.push_back(std::string("_raw_saved_") + NodeT::kSavedNames[i]);
+    properties.push_back(
+        {names.back().c_str(), &nc::raw_saved_tensor<NodeT>, nullptr, nullptr, index});
+  }
+  properties.push_back({"_saved_normalized_shape", &nc::saved_normalized_shape<NodeT>, nullptr,
+                        nullptr, nullptr});
+  properties.push_back({"_saved_eps", &nc::saved_eps<NodeT>, nullptr, nullptr, nullptr});
+  properties.push_back({nullptr, nullptr, nullptr, nullptr, nullptr});
+  torch::autograd::_initFunctionPyTypeObject(type, qualified_name, properties.data(), methods);
+  Py_INCREF(&type);
+  if (PyModule_AddObject(module, name, reinterpret_cast<PyObject*>(&type)) < 0) {
+    Py_DECREF(&type);
+    throw python_error();
+  }
+  torch::autograd::registerCppFunction(typeid(NodeT), &type);
+}
+
+}  // namespace layernorm_ext
