@@ -132,9 +132,10 @@ struct NormBackwardNode : public torch::autograd::Node {
   }
 
   // What the node's Python class shows (autograd_python.h). A saved output is unpacked
-  // with the node, as apply does; a freed one raises torch's error.
+  // with the node, as apply does; a freed one raises torch's error. No lock, as torch's
+  // generated getters take none: apply holds mutex_ while unpack hooks run Python, and a
+  // hook that reads the node (or another thread's getter holding the GIL) would deadlock.
   at::Tensor saved_tensor(size_t i) {
-    std::lock_guard<std::mutex> lock(mutex_);
     return NodeT::kSavedIsOutput[i] ? saved_[i].unpack(getptr()) : saved_[i].unpack();
   }
   const torch::autograd::SavedVariable& saved_variable(size_t i) const { return saved_[i]; }

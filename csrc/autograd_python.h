@@ -41,7 +41,11 @@ template <class NodeT>
 PyObject* raw_saved_tensor(PyObject* self, void* index) {
   HANDLE_TH_ERRORS
   const auto& saved = node_of<NodeT>(self).saved_variable(reinterpret_cast<uintptr_t>(index));
-  return pybind11::cast(saved, pybind11::return_value_policy::reference).release().ptr();
+  // A reference into the node, which the SavedTensor keeps alive (torch's does not).
+  return pybind11::cast(saved, pybind11::return_value_policy::reference_internal,
+                        pybind11::handle(self))
+      .release()
+      .ptr();
   END_HANDLE_TH_ERRORS
 }
 
@@ -75,48 +79,71 @@ inline PyObject* set_sequence_nr(PyObject* self, PyObject* sequence_nr) {
   END_HANDLE_TH_ERRORS
 }
 
-}  // namespace node_class
-
-// Adds NodeT's class, named `name` in `module`, and makes it the Python type of NodeT's
-// nodes. NodeT::kSavedNames names its saved tensors as torch's nodes do (input, weight,
-// bias, result1 for the forward's second output, ...).
+// NodeT's properties: torch's defaults, then _saved_<name> and _raw_saved_<name> for
+// each saved tensor, _saved_normalized_shape and _saved_eps. Python keeps pointers to
+// the names and definitions, so both are built once and live as long as the process.
 template <class NodeT>
-void add_node_class(PyObject* module, const char* qualified_name, const char* name) {
-  namespace nc = node_class;
-  using namespace torch::autograd;  // the names torch's default-member macros use
-  static PyTypeObject type;
-  // Python keeps pointers to the names and definitions: both live as long as the process.
-  static std::vector<std::string> names;
-  static std::vector<PyGetSetDef> properties = {THP_FUNCTION_DEFAULT_PROPERTIES};
-  // THP_FUNCTION_DEFAULT_METHODS, less a function torch does not export.
-  static PyMethodDef methods[] = {
+PyGetSetDef* properties() {
+  using namespace torch::autograd;  // the names torch's THP_FUNCTION_DEFAULT_PROPERTIES uses
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> names;
+    for (const char* saved : NodeT::kSavedNames) {
+      names.push_back(std::string("_saved_") + saved);
+      names.push_back(std::string("_raw_saved_") + saved);
+    }
+    return names;
+  }();
+  static std::vector<PyGetSetDef> defs = [] {
+    std::vector<PyGetSetDef> defs = {THP_FUNCTION_DEFAULT_PROPERTIES};
+    for (size_t i = 0; i < NodeT::kSavedNames.size(); ++i) {
+      void* index = reinterpret_cast<void*>(static_cast<uintptr_t>(i));
+      defs.push_back({names[2 * i].c_str(), &saved_tensor<NodeT>, nullptr, nullptr, index});
+      defs.push_back({names[2 * i + 1].c_str(), &raw_saved_tensor<NodeT>, nullptr, nullptr, index});
+    }
+    defs.push_back({"_saved_normalized_shape", &saved_normalized_shape<NodeT>, nullptr, nullptr,
+                    nullptr});
+    defs.push_back({"_saved_eps", &saved_eps<NodeT>, nullptr, nullptr, nullptr});
+    defs.push_back({nullptr, nullptr, nullptr, nullptr, nullptr});
+    return defs;
+  }();
+  return defs.data();
+}
+
+// THP_FUNCTION_DEFAULT_METHODS, less _set_sequence_nr's function, which torch does not export.
+inline PyMethodDef* methods() {
+  using namespace torch::autograd;
+  static PyMethodDef defs[] = {
       {"_register_hook_dict", THPCppFunction_register_hook_dict, METH_O, nullptr},
       {"register_hook", THPCppFunction_register_hook, METH_O, nullptr},
       {"register_prehook", THPCppFunction_register_prehook, METH_O, nullptr},
       {"name", THPCppFunction_name, METH_NOARGS, nullptr},
       {"_sequence_nr", THPCppFunction_sequence_nr, METH_NOARGS, nullptr},
-      {"_set_sequence_nr", &nc::set_sequence_nr, METH_O, nullptr},
+      {"_set_sequence_nr", &set_sequence_nr, METH_O, nullptr},
       {nullptr, nullptr, 0, nullptr}};
-  names.reserve(2 * NodeT::kSavedNames.size());
-  for (size_t i = 0; i < NodeT::kSavedNames.size(); ++i) {
-    void* index = reinterpret_cast<void*>(static_cast<uintptr_t>(i));
-    names.push_back(std::string("_saved_") + NodeT::kSavedNames[i]);
-    properties.push_back({names.back().c_str(), &nc::saved_tensor<NodeT>, nullptr, nullptr, index});
-    names.push_back(std::string("_raw_saved_") + NodeT::kSavedNames[i]);
-    properties.push_back(
-        {names.back().c_str(), &nc::raw_saved_tensor<NodeT>, nullptr, nullptr, index});
+  return defs;
+}
+
+}  // namespace node_class
+
+// Adds NodeT's class to `module` as `name` and makes it the Python type of NodeT's
+// nodes. NodeT::kSavedNames names its saved tensors as torch's nodes do (input, weight,
+// bias, result1 for the forward's second output, ...).
+template <class NodeT>
+void add_node_class(PyObject* module, const char* qualified_name, const char* name) {
+  static PyTypeObject type;
+  static bool ready = false;  // an import retried after a failure adds the same class
+  if (!ready) {
+    torch::autograd::_initFunctionPyTypeObject(type, qualified_name,
+                                               node_class::properties<NodeT>(),
+                                               node_class::methods());
+    torch::autograd::registerCppFunction(typeid(NodeT), &type);
+    ready = true;
   }
-  properties.push_back({"_saved_normalized_shape", &nc::saved_normalized_shape<NodeT>, nullptr,
-                        nullptr, nullptr});
-  properties.push_back({"_saved_eps", &nc::saved_eps<NodeT>, nullptr, nullptr, nullptr});
-  properties.push_back({nullptr, nullptr, nullptr, nullptr, nullptr});
-  torch::autograd::_initFunctionPyTypeObject(type, qualified_name, properties.data(), methods);
   Py_INCREF(&type);
   if (PyModule_AddObject(module, name, reinterpret_cast<PyObject*>(&type)) < 0) {
     Py_DECREF(&type);
     throw python_error();
   }
-  torch::autograd::registerCppFunction(typeid(NodeT), &type);
 }
 
 }  // namespace layernorm_ext

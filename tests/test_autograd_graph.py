@@ -174,6 +174,32 @@ def test_hooks_on_one_saved_tensor_are_used_by_the_backward(device, norm):
         torch.testing.assert_close(hooked[0], hooked[1])
 
 
+HOOK_READS_THE_NODE = r"""
+import sys, torch, layernorm_ext
+norm = getattr(layernorm_ext, sys.argv[1])
+x, w = torch.randn(4, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+y = norm(x, (8,), w)
+node = y.grad_fn
+def unpack(t):
+    node._saved_weight  # a debugging hook that looks at the node
+    return t
+node._raw_saved_input.register_hooks(lambda t: t, unpack)
+node._saved_input  # unpacks through the hook, outside the backward
+y.sum().backward()  # and in it, while apply holds the node's lock
+raw = norm(x, (8,), w).grad_fn._raw_saved_weight  # the graph is gone but for raw's node:
+raw.register_hooks(lambda t: t, lambda t: t)  # the SavedTensor keeps it alive
+"""
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_an_unpack_hook_may_read_the_node(norm):
+    """As with torch's nodes, in a child process: the getters took the node's lock, which
+    apply holds while unpack hooks run, and this hung. And a SavedTensor outlives the rest
+    of its graph (torch's would point into a freed node)."""
+    subprocess.run([sys.executable, "-c", HOOK_READS_THE_NODE, norm], check=True, timeout=120,
+                   env=subprocess_env())
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_checkpoint_recomputes_and_gives_the_plain_gradients(device, norm, use_reentrant):
