@@ -192,12 +192,14 @@ raw.register_hooks(lambda t: t, lambda t: t)  # the SavedTensor keeps it alive
 
 
 @pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
-def test_an_unpack_hook_may_read_the_node(norm):
+def test_an_unpack_hook_may_read_the_node(norm, tmp_path):
     """As with torch's nodes, in a child process: the getters took the node's lock, which
     apply holds while unpack hooks run, and this hung. And a SavedTensor outlives the rest
     of its graph (torch's would point into a freed node)."""
+    # (cwd: `python -c` puts it first on sys.path, where the checkout would shadow CI's
+    # CPU-torch build)
     subprocess.run([sys.executable, "-c", HOOK_READS_THE_NODE, norm], check=True, timeout=120,
-                   env=subprocess_env())
+                   cwd=tmp_path, env=subprocess_env())
 
 
 @pytest.mark.parametrize("norm", NORMS)
