@@ -6,8 +6,8 @@ import os
 import platform
 import re
 import subprocess
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Optional
 
 import torch

@@ -40,7 +40,8 @@ from torch._functorch import eager_transforms
 from . import _C  # noqa: F401  (loading the extension registers the operators)
 
 __all__ = ["NormFunction", "Norm", "LAYER_NORM", "RMS_NORM", "transforms_active",
-           "transformed_layer_norm", "transformed_rms_norm"]
+           "transformed_layer_norm", "transformed_rms_norm", "acc_dtype", "resolved_rms_eps",
+           "composite_forward"]
 
 _forward = torch.ops.layernorm_ext.forward.default
 _rms_forward = torch.ops.layernorm_ext.rms_forward.default
