@@ -125,15 +125,16 @@ inline PyMethodDef* methods() {
 
 }  // namespace node_class
 
-// Adds NodeT's class to `module` as `name` and makes it the Python type of NodeT's
-// nodes. NodeT::kSavedNames names its saved tensors as torch's nodes do (input, weight,
-// bias, result1 for the forward's second output, ...).
+// Adds NodeT's class to `module` (layernorm_ext._C) as `name` and makes it the Python
+// type of NodeT's nodes. NodeT::kSavedNames names its saved tensors as torch's nodes do
+// (input, weight, bias, result1 for the forward's second output, ...).
 template <class NodeT>
-void add_node_class(PyObject* module, const char* qualified_name, const char* name) {
+void add_node_class(PyObject* module, const char* name) {
   static PyTypeObject type;
   static bool ready = false;  // an import retried after a failure adds the same class
   if (!ready) {
-    torch::autograd::_initFunctionPyTypeObject(type, qualified_name,
+    static const std::string qualified_name = std::string("layernorm_ext._C.") + name;
+    torch::autograd::_initFunctionPyTypeObject(type, qualified_name.c_str(),
                                                node_class::properties<NodeT>(),
                                                node_class::methods());
     torch::autograd::registerCppFunction(typeid(NodeT), &type);

@@ -123,8 +123,7 @@ Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_sha
 }  // namespace
 
 void add_layer_norm_backward_class(PyObject* module) {
-  add_node_class<LayerNormBackward>(module, "layernorm_ext._C.LayerNormBackward",
-                                    "LayerNormBackward");
+  add_node_class<LayerNormBackward>(module, "LayerNormBackward");
 }
 
 TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {

@@ -110,7 +110,7 @@ Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized
 }  // namespace
 
 void add_rms_norm_backward_class(PyObject* module) {
-  add_node_class<RMSNormBackward>(module, "layernorm_ext._C.RMSNormBackward", "RMSNormBackward");
+  add_node_class<RMSNormBackward>(module, "RMSNormBackward");
 }
 
 TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
