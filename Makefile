@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.14.1
 SOURCES := setup.py $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 export MAX_JOBS ?= 2
 
-.PHONY: setup train test clean gpu-check test-cpu-torch
+.PHONY: setup train test clean gpu-check test-cpu-torch test-sanitize
 
 # The stamp names the torch version: `make TORCH_VERSION=...` installs that torch into
 # the existing venv, and the build below then compiles against it.
@@ -65,6 +65,37 @@ test-cpu-torch:
 	LAYERNORM_EXT_EXPECT_CUDA=0 PYTHONPATH=$(abspath $(CPU_BUILD))/lib $(CPU_VENV)/bin/pytest -q -p no:cacheprovider \
 	    tests/test_autograd_graph.py tests/test_ops.py tests/test_transforms.py tests/test_module.py \
 	    tests/test_decompositions.py
+
+# The C++ under gcc's AddressSanitizer and UndefinedBehaviorSanitizer: the CPU kernels,
+# checks and autograd (a CPU-only build in build/sanitize), the CUDA kernels on their CPU
+# emulator and their host replay (the tests build both with the same flags), through the
+# tests that run them; then the CPU kernels' tests again on the lower x86 instruction sets
+# (ATen's capability picks ours). A report aborts the run. Python is not instrumented: it
+# preloads the runtime (and libstdc++, which ASan must find loaded). Not run by .ci/run
+# (about 30 minutes on 2 cores, half of it the emulator); run it after changing csrc/.
+SANITIZE ?= address,undefined
+SANITIZE_BUILD := build/sanitize
+SANITIZE_TESTS ?= tests/test_ops.py tests/test_fuzz.py tests/test_rms_norm.py \
+    tests/test_extreme_values.py tests/test_extreme_sizes.py tests/test_cpu_paths.py \
+    tests/test_bad_input.py tests/test_errors.py tests/test_module.py \
+    tests/test_autograd_graph.py tests/test_transforms.py tests/test_concurrency_and_leaks.py \
+    tests/test_patch.py tests/test_dtensor.py tests/test_decompositions.py \
+    tests/test_cuda_emulated.py tests/test_cuda_static.py::test_host_replay_of_indexing_and_reductions
+SANITIZE_ISA_TESTS ?= tests/test_ops.py tests/test_fuzz.py tests/test_rms_norm.py \
+    tests/test_extreme_values.py
+# allocator_may_return_null: some bad-input cases ask for more than ASan's largest block.
+# --capture=sys: a report, written to fd 2 as the process aborts, reaches the terminal
+# (pytest's default capture of fd 2 would swallow it with the process).
+SANITIZE_PYTEST = LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libstdc++.so)" \
+    ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    LAYERNORM_EXT_SANITIZE=$(SANITIZE) LAYERNORM_EXT_EXPECT_CUDA=0 \
+    PYTHONPATH=$(abspath $(SANITIZE_BUILD))/lib $(VENV)/bin/pytest -q -p no:cacheprovider --capture=sys
+test-sanitize: setup
+	LAYERNORM_EXT_CPU_ONLY=1 LAYERNORM_EXT_SANITIZE=$(SANITIZE) $(PY) setup.py -q build \
+	    --build-base $(SANITIZE_BUILD) --build-lib $(SANITIZE_BUILD)/lib
+	$(SANITIZE_PYTEST) $(SANITIZE_TESTS)
+	for isa in avx2 default; do \
+	    ATEN_CPU_CAPABILITY=$$isa $(SANITIZE_PYTEST) $(SANITIZE_ISA_TESTS) || exit 1; done
 
 # The CPU microbenchmark's full sweep (bench/bench_layernorm.py --help for the options).
 .PHONY: bench

@@ -6,6 +6,8 @@ Environment:
   CUDA_HOME                  the CUDA toolkit root; found from `nvcc` when unset.
   TORCH_CUDA_ARCH_LIST       GPU architectures; default "8.0;9.0" plus the visible GPUs'.
   MAX_JOBS                   parallel compile jobs (ninja).
+  LAYERNORM_EXT_SANITIZE     e.g. "address,undefined": gcc's sanitizers in the C++ objects
+                             (`make test-sanitize`; python must preload libasan).
 
 Install with `pip install --no-build-isolation .`: the extension must be compiled
 against the torch that is already installed (an isolated build would download another).
@@ -23,6 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+# gcc's sanitizers (ASan, UBSan) for the C++ objects, the per-ISA ones included; a report
+# aborts the process (no recovery), so a test run cannot pass over one.
+SANITIZE = os.environ.get("LAYERNORM_EXT_SANITIZE", "")
+SANITIZE_FLAGS = ([f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all",
+                   "-fno-omit-frame-pointer"] if SANITIZE else [])
 
 
 def find_cuda_home() -> str | None:
@@ -148,6 +155,8 @@ def toolchain_description() -> str:
                         f"\nTORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:
         description += "\nCPU only"
+    if SANITIZE_FLAGS:
+        description += f"\n{' '.join(SANITIZE_FLAGS)}"
     return description
 
 
@@ -187,7 +196,7 @@ class BuildExtensionWithCpuIsas(BuildExtension):
             cmd = [cxx, "-O3", "-fPIC", "-std=c++20", "-DNDEBUG", *includes,
                    f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *X86_ISA_FLAGS[isa],
                    # fused multiply-adds only where the source asks (layernorm_math.h)
-                   "-ffp-contract=off",
+                   "-ffp-contract=off", *SANITIZE_FLAGS,
                    "-DTORCH_API_INCLUDE_EXTENSION_H", "-c", str(ROOT / ROW_KERNELS),
                    "-o", str(obj)]
             built_with = " ".join(cmd)
@@ -221,8 +230,9 @@ sources = ["csrc/layernorm.cpp", "csrc/layernorm_checks.cpp",
 # also in the DEFAULT row kernels (on x86 they have no FMA; elsewhere they are the only ones).
 # -std=c++20: the sources use <bit>; torch before 2.13 (2.11: the GPU machines' image)
 # compiles extensions as C++17 unless a -std flag is given.
-extra_compile_args = {"cxx": ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]}
-extra_link_args = ["-fopenmp"]
+extra_compile_args = {"cxx": ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off",
+                              *SANITIZE_FLAGS]}
+extra_link_args = ["-fopenmp", *SANITIZE_FLAGS]
 define_macros = [("LAYERNORM_EXT_X86_ISAS", None)] if BUILD_X86_ISAS else []
 if with_cuda:
     import torch

@@ -33,6 +33,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
 
 
+def sanitizer_flags() -> list[str]:
+    """gcc's flags for the C++ a test compiles (the CUDA emulator, the host replay) under
+    `make test-sanitize`, which sets LAYERNORM_EXT_SANITIZE as for setup.py; else none."""
+    sanitize = os.environ.get("LAYERNORM_EXT_SANITIZE", "")
+    return ([f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+            if sanitize else [])
+
+
 # (input dtype, weight/bias dtype): every pair the operator accepts.
 DTYPE_PAIRS = [
     (torch.float32, torch.float32),

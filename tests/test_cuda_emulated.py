@@ -40,7 +40,8 @@ from layernorm_cases import (ATOL, BOUNDARY_CASES, DTYPE_PAIRS, NORMS, check_cas
                              check_outlier_first_rows, check_ramp_rows,
                              check_rows_unlike_their_start, check_whole_range_rows,
                              check_wide_spread_rows, distance_from_zero, laid_out, random_case,
-                             reference_errors, run_all, WELL_CONDITIONED)
+                             reference_errors, run_all, sanitizer_flags,
+                             WELL_CONDITIONED)
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
@@ -51,7 +52,10 @@ def emulated():
     """The emulated CUDA backend, compiled once (about a minute on 2 cores)."""
     from torch.utils.cpp_extension import load
 
-    build = ROOT / "build" / "cuda_emulator"
+    # Under `make test-sanitize`, with gcc's sanitizers as the extension (setup.py): ASan
+    # then checks each access of the kernels against torch's allocations, as memcheck would.
+    sanitize = sanitizer_flags()
+    build = ROOT / "build" / ("cuda_emulator-sanitize" if sanitize else "cuda_emulator")
     build.mkdir(parents=True, exist_ok=True)
     return load(
         name="layernorm_ext_cuda_emulated",
@@ -59,7 +63,9 @@ def emulated():
                  str(ROOT / "csrc" / "layernorm_checks.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(EMULATOR)],
         # -U_FORTIFY_SOURCE: glibc's checked longjmp would abort the emulator (emulator.cpp)
-        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas", "-U_FORTIFY_SOURCE"],
+        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas", "-U_FORTIFY_SOURCE",
+                      *sanitize],
+        extra_ldflags=sanitize,
         build_directory=str(build), verbose=os.environ.get("LAYERNORM_EXT_VERBOSE_BUILD") == "1")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import layernorm_ext
+from layernorm_cases import sanitizer_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -347,8 +348,9 @@ def test_host_replay_of_indexing_and_reductions(tmp_path):
     if cxx is None:
         pytest.skip("no C++ compiler")
     exe = tmp_path / "replay"
-    compile_cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-I", str(ROOT / "csrc"),
-                   str(ROOT / "tests" / "cuda_replay" / "replay.cpp"), "-o", str(exe)]
+    compile_cmd = [cxx, "-std=c++20", "-O1", "-pthread", *sanitizer_flags(), "-I",
+                   str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_replay" / "replay.cpp"),
+                   "-o", str(exe)]
     built = subprocess.run(compile_cmd, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)

@@ -33,6 +33,10 @@
 #error "build emulator.cpp without _FORTIFY_SOURCE: its longjmp refuses to switch stacks"
 #endif
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 namespace emu {
 namespace {
 
@@ -42,6 +46,7 @@ struct Thread {
   ucontext_t start;  // its first run: thread_main on its own stack
   jmp_buf resume;    // where it waits, once started
   bool started = false;
+  void* asan_fake_stack = nullptr;
   dim3 index;
   State state = State::kReady;
   uint64_t posted = 0;   // shuffle: the value this lane offers
@@ -61,6 +66,10 @@ struct Launch {
   size_t current = 0;
   jmp_buf scheduler;
   std::exception_ptr error;
+  // The scheduler's stack, as AddressSanitizer reported it at a thread's first run.
+  const void* scheduler_stack = nullptr;
+  size_t scheduler_stack_bytes = 0;
+  void* asan_fake_stack = nullptr;
 };
 
 Launch* active = nullptr;  // the launch being run (one at a time: launch_mutex)
@@ -73,15 +82,36 @@ std::mt19937_64 shuffle_rng;
 
 Thread& running() { return active->threads[active->current]; }
 
+// Under AddressSanitizer (make test-sanitize) every jump to another stack is announced
+// as a fiber switch: ASan then knows which stack runs, and clears the frames a jump leaves
+// (else it warns that it cannot, and stale poison could give false reports).
+#if defined(__SANITIZE_ADDRESS__)
+void before_switch(void** fake_stack, const void* bottom, size_t bytes) {
+  __sanitizer_start_switch_fiber(fake_stack, bottom, bytes);
+}
+void after_switch(void* fake_stack, const void** old_bottom, size_t* old_bytes) {
+  __sanitizer_finish_switch_fiber(fake_stack, old_bottom, old_bytes);
+}
+#else
+void before_switch(void**, const void*, size_t) {}
+void after_switch(void*, const void**, size_t*) {}
+#endif
+
 void wait_as(State state) {
   Thread& self = running();
   self.state = state;
-  if (_setjmp(self.resume) == 0) _longjmp(active->scheduler, 1);
+  if (_setjmp(self.resume) == 0) {
+    before_switch(&self.asan_fake_stack, active->scheduler_stack,
+                  active->scheduler_stack_bytes);
+    _longjmp(active->scheduler, 1);
+  }
+  after_switch(self.asan_fake_stack, nullptr, nullptr);
 }
 
 // A thread runs the body once for each block of the launch: having exited one block, it
 // waits to be resumed for the next (its stack left as it was: nothing to restart).
 void thread_main() {
+  after_switch(nullptr, &active->scheduler_stack, &active->scheduler_stack_bytes);
   for (;;) {
     try {
       (*active->body)();
@@ -92,10 +122,14 @@ void thread_main() {
   }
 }
 
-// Runs thread t until it waits or exits. Its own frame (never inlined) holds nothing
-// live across the jumps, so no local anywhere needs to be volatile.
+// Runs thread t until it waits or exits. Its own frame (never inlined) changes no local
+// between its _setjmp and the jump back, so no local anywhere needs to be volatile.
 __attribute__((noinline)) void resume(Launch& l, Thread& t) {
-  if (_setjmp(l.scheduler) != 0) return;  // back from t
+  if (_setjmp(l.scheduler) != 0) {  // back from t
+    after_switch(l.asan_fake_stack, nullptr, nullptr);
+    return;
+  }
+  before_switch(&l.asan_fake_stack, t.start.uc_stack.ss_sp, t.start.uc_stack.ss_size);
   if (t.started) _longjmp(t.resume, 1);
   t.started = true;
   setcontext(&t.start);
