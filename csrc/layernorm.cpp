@@ -9,16 +9,23 @@
 
 // The extension is loaded as the Python module layernorm_ext._C; loading it runs the
 // static registrations below. The module holds the backward nodes' Python classes and
-// one function, which says which CPU kernels run.
+// two functions: which CPU kernels run, and why LAYERNORM_EXT_STREAM_BYTES was ignored.
 extern "C" {
 static PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(layernorm_ext::cpu_kernels_isa());
+}
+
+static PyObject* stream_threshold_warning(PyObject*, PyObject*) {
+  const std::string& warning = layernorm_ext::stream_threshold_warning();
+  return PyUnicode_FromStringAndSize(warning.data(), static_cast<Py_ssize_t>(warning.size()));
 }
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_kernels_isa", cpu_kernels_isa, METH_NOARGS,
        "The instruction set of the CPU kernels: AVX512, AVX2 or DEFAULT."},
+      {"stream_threshold_warning", stream_threshold_warning, METH_NOARGS,
+       "Empty, or why LAYERNORM_EXT_STREAM_BYTES was ignored."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

@@ -8,7 +8,7 @@
 #include <ATen/OpMathType.h>
 
 #include <optional>
-
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -86,6 +86,10 @@ BackwardArgs prepare_backward(Norm norm, const at::Tensor& grad_out, const at::T
 // The instruction set of the CPU row kernels this process runs: "AVX512", "AVX2" or
 // "DEFAULT" (csrc/cpu/layernorm_cpu.cpp; Python: layernorm_ext.cpu_kernels_isa()).
 const char* cpu_kernels_isa();
+
+// Empty, or why LAYERNORM_EXT_STREAM_BYTES was ignored (layernorm_cpu.cpp): Python warns
+// with it at import, where a C++ warning from an op would only reach stderr.
+const std::string& stream_threshold_warning();
 
 }  // namespace layernorm_ext
 

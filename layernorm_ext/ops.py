@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -28,6 +29,11 @@ _backward = torch.ops.layernorm_ext.backward.default
 
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 
+
+# The CPU kernels read LAYERNORM_EXT_STREAM_BYTES (a tuning knob) once, now: a value they
+# ignore is a Python warning here, where the same warning from an op would reach stderr only.
+if _C.stream_threshold_warning():
+    warnings.warn(_C.stream_threshold_warning())
 
 # Read before the CPU-only stub below is registered for the CUDA key.
 _BUILT_WITH_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key(_forward.name(), "CUDA")

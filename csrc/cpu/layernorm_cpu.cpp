@@ -67,9 +67,16 @@ int64_t last_level_cache_bytes() {
 // Outputs at least this large are written with non-temporal stores: they cannot stay
 // in the last-level cache anyway, and streaming skips reading every line before
 // writing it. Smaller outputs are stored normally, to stay cached for the next op.
-// LAYERNORM_EXT_STREAM_BYTES overrides the threshold (the tests use it).
-int64_t stream_threshold_bytes() {
-  static const int64_t threshold = []() -> int64_t {
+// LAYERNORM_EXT_STREAM_BYTES overrides the threshold (the tests use it), read once: at
+// import, where Python asks for stream_threshold_warning().
+struct StreamThreshold {
+  int64_t bytes;
+  std::string warning;  // about a value of LAYERNORM_EXT_STREAM_BYTES that was ignored
+};
+
+const StreamThreshold& stream_threshold() {
+  static const StreamThreshold threshold = []() -> StreamThreshold {
+    std::string warning;
     if (const char* bytes = std::getenv("LAYERNORM_EXT_STREAM_BYTES")) {
       // A whole number of bytes; anything else is ignored (atoll read "64M" as 64 and
       // "" as 0: every output streamed).
@@ -77,19 +84,19 @@ int64_t stream_threshold_bytes() {
       errno = 0;
       const long long value = std::strtoll(bytes, &end, 10);
       if (end != bytes && *end == '\0' && errno == 0) {
-        return std::max<int64_t>(value, 0);  // a negative size streams everything
+        return {std::max<int64_t>(value, 0), ""};  // a negative size streams everything
       }
-      TORCH_WARN("layernorm_ext: ignoring LAYERNORM_EXT_STREAM_BYTES=\"", bytes,
-                 "\", which is not a whole number of bytes");
+      warning = std::string("layernorm_ext: ignoring LAYERNORM_EXT_STREAM_BYTES=\"") + bytes +
+                "\", which is not a whole number of bytes";
     }
     const int64_t llc = last_level_cache_bytes();
-    return llc > 0 ? llc : int64_t(32) << 20;
+    return {llc > 0 ? llc : int64_t(32) << 20, warning};
   }();
   return threshold;
 }
 
 bool stream_output(const at::Tensor& output) {
-  return output.nbytes() >= static_cast<size_t>(stream_threshold_bytes());
+  return output.nbytes() >= static_cast<size_t>(stream_threshold().bytes);
 }
 
 int64_t rows_per_task(int64_t cols) {
@@ -229,6 +236,8 @@ struct BackwardKernel {
 }  // namespace
 
 const char* cpu_kernels_isa() { return selected_kernels().isa; }
+
+const std::string& stream_threshold_warning() { return stream_threshold().warning; }
 
 TORCH_LIBRARY_IMPL(layernorm_ext, CPU, m) {
   m.impl("forward", &layer_norm_forward<ForwardKernel>);
