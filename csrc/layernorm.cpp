@@ -16,8 +16,10 @@ static PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
 }
 
 static PyObject* stream_threshold_warning(PyObject*, PyObject*) {
+  // The variable's bytes need not be UTF-8: shown as \xNN escapes, not an import error.
   const std::string& warning = layernorm_ext::stream_threshold_warning();
-  return PyUnicode_FromStringAndSize(warning.data(), static_cast<Py_ssize_t>(warning.size()));
+  return PyUnicode_DecodeUTF8(warning.data(), static_cast<Py_ssize_t>(warning.size()),
+                              "backslashreplace");
 }
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -69,13 +69,17 @@ def test_streaming_stores_give_identical_results(tmp_path):
             assert torch.equal(a, b), key
 
 
-@pytest.mark.parametrize("value, warns", [("64M", True), ("", True), ("1e9", True),
-                                          ("99999999999999999999", True), ("4096", False)])
+# (value, as the warning shows it; None: a value that is taken, without a warning)
+@pytest.mark.parametrize("value, shown", [("64M", "64M"), ("", ""), ("1e9", "1e9"),
+                                          ("99999999999999999999", "99999999999999999999"),
+                                          ("\udcff", "\\xff"), ("4096", None)],
+                         ids=["64M", "empty", "1e9", "overflow", "not_utf8", "4096"])
 def test_a_stream_threshold_that_is_no_number_is_ignored_with_a_warning(tmp_path, value,
-                                                                         warns):
+                                                                         shown):
     """LAYERNORM_EXT_STREAM_BYTES was read by atoll: "64M" as 64 bytes, "" as 0 (every
     output streamed past the cache), an overflow undefined. A value that is ignored is a
-    Python warning at import (a C++ warning from the op reached stderr only)."""
+    Python warning at import (a C++ warning from the op reached stderr only), also one
+    that is no UTF-8 (the byte 0xff: subprocess encodes the surrogate \\udcff as it)."""
     script = textwrap.dedent("""
         import warnings
         with warnings.catch_warnings(record=True) as caught:
@@ -88,8 +92,8 @@ def test_a_stream_threshold_that_is_no_number_is_ignored_with_a_warning(tmp_path
     run = subprocess.run([sys.executable, "-c", script], check=True, timeout=120,
                          capture_output=True, text=True, cwd=tmp_path,
                          env=subprocess_env(LAYERNORM_EXT_STREAM_BYTES=value))
-    expected = ([("UserWarning", f'layernorm_ext: ignoring LAYERNORM_EXT_STREAM_BYTES="{value}", '
-                  "which is not a whole number of bytes")] if warns else [])
+    expected = ([("UserWarning", f'layernorm_ext: ignoring LAYERNORM_EXT_STREAM_BYTES="{shown}", '
+                  "which is not a whole number of bytes")] if shown is not None else [])
     assert run.stdout.strip().splitlines()[-1] == repr(expected), run.stdout + run.stderr
     assert "LAYERNORM_EXT_STREAM_BYTES" not in run.stderr, run.stderr
 

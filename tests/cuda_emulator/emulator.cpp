@@ -101,7 +101,11 @@ void wait_as(State state) {
   Thread& self = running();
   self.state = state;
   if (_setjmp(self.resume) == 0) {
-    before_switch(&self.asan_fake_stack, active->scheduler_stack,
+    // A thread that exits the launch's last block is never resumed: ASan may free its
+    // fake stack (nullptr), which it would otherwise keep for the switch back.
+    const bool last_switch =
+        state == State::kExited && active->block_index.x + 1 == active->grid.x;
+    before_switch(last_switch ? nullptr : &self.asan_fake_stack, active->scheduler_stack,
                   active->scheduler_stack_bytes);
     _longjmp(active->scheduler, 1);
   }
