@@ -32,8 +32,8 @@ _ShapeLike = Union[int, Sequence[int], torch.Size]
 
 # The CPU kernels read LAYERNORM_EXT_STREAM_BYTES (a tuning knob) once, now: a value they
 # ignore is a Python warning here, where the same warning from an op would reach stderr only.
-if _C.stream_threshold_warning():
-    warnings.warn(_C.stream_threshold_warning())
+if _stream_warning := _C.stream_threshold_warning():
+    warnings.warn(_stream_warning)
 
 # Read before the CPU-only stub below is registered for the CUDA key.
 _BUILT_WITH_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key(_forward.name(), "CUDA")
