@@ -219,7 +219,7 @@ with_cuda = want_cuda(cuda_home)
 # than it (ninja reads the objects' own dependency files).
 csrc_headers = sorted(str(p.relative_to(ROOT)) for pattern in ("*.h", "*.cuh")
                  for p in (ROOT / "csrc").rglob(pattern))
-sources = ["csrc/layernorm.cpp", "csrc/layernorm_checks.cpp",
+sources = ["csrc/layernorm.cpp", "csrc/python_module.cpp", "csrc/layernorm_checks.cpp",
            "csrc/layernorm_autograd.cpp", "csrc/rms_norm_autograd.cpp",
            "csrc/layernorm_autocast.cpp",
            "csrc/cpu/layernorm_cpu.cpp",

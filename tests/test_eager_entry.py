@@ -1,0 +1,103 @@
+"""The forward ops' eager entry points, layernorm_ext._C.forward_output and
+rms_forward_output, which layer_norm and rms_norm call instead of torch.ops for plain
+tensors outside torch.compile: the same op through the dispatcher, bitwise, and a
+TypeError (never a crash) for arguments of other types."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import layernorm_ext
+from layernorm_ext import _C
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def inputs(device, dtype, param_dtype=None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 20, generator=g).to(device, dtype)
+    w = torch.randn(3, 20, generator=g).to(device, param_dtype or dtype)
+    b = torch.randn(3, 20, generator=g).to(device, param_dtype or dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_entry_points_give_the_ops_output(device, dtype, affine):
+    x, w, b = inputs(device, dtype)
+    w, b = (w, b) if affine else (None, None)
+    for shape in ((3, 20), [3, 20]):
+        ours = _C.forward_output(x, shape, w, b, 0.1)
+        assert torch.equal(ours, torch.ops.layernorm_ext.forward(x, list(shape), w, b, 0.1)[0])
+        assert torch.equal(_C.rms_forward_output(x, shape, w, 0.1),
+                           torch.ops.layernorm_ext.rms_forward(x, list(shape), w, 0.1)[0])
+    assert torch.equal(_C.rms_forward_output(x, (20,), None, None),
+                       torch.ops.layernorm_ext.rms_forward(x, [20], None, None)[0])
+
+
+def test_entry_points_record_autograd(device):
+    x, w, b = inputs(device, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    y = _C.forward_output(leaves[0], (3, 20), leaves[1], leaves[2], 1e-5)
+    assert type(y.grad_fn).__name__ == "LayerNormBackward"
+    y.sum().backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    y = torch.ops.layernorm_ext.forward(leaves[0], [3, 20], leaves[1], leaves[2], 1e-5)[0]
+    y.sum().backward()
+    assert all(torch.equal(g, t.grad) for g, t in zip(grads, leaves))
+
+
+class Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_reach_the_ops_through_the_dispatcher(device):
+    # What a dispatch mode, the profiler or the JIT tracer sees is the op, as before.
+    x, w, b = inputs(device, torch.float32)
+    with Calls() as mode:
+        layernorm_ext.layer_norm(x, (3, 20), w, b)
+        layernorm_ext.rms_norm(x, (3, 20), w)
+    assert mode.calls == [torch.ops.layernorm_ext.forward.default,
+                          torch.ops.layernorm_ext.rms_forward.default]
+
+
+def test_bad_arguments_raise_type_errors():
+    x, w, b = inputs("cpu", torch.float32)
+    bad_forward = [
+        (x, (3, 20), w, b),  # too few
+        (x, (3, 20), w, b, 1e-5, 1),  # too many
+        (x.numpy(), (3, 20), w, b, 1e-5),
+        (x, 20, w, b, 1e-5),
+        (x, (3, 20.0), w, b, 1e-5),
+        (x, (3, True), w, b, 1e-5),
+        (x, (3, 2**63), w, b, 1e-5),
+        (x, (3, -2**64), w, b, 1e-5),
+        (x, (3, 20), "w", b, 1e-5),
+        (x, (3, 20), w, 0, 1e-5),
+        (x, (3, 20), w, b, 1),
+        (x, (3, 20), w, b, None),
+    ]
+    for args in bad_forward:
+        with pytest.raises(TypeError, match="layernorm_ext"):
+            _C.forward_output(*args)
+    for args in [(x, (20,), None), (x, (20,), None, 1), (x, [20], w.numpy(), None)]:
+        with pytest.raises(TypeError, match="layernorm_ext"):
+            _C.rms_forward_output(*args)
+
+
+def test_the_ops_errors_come_through_with_torchs_types():
+    x, w, b = inputs("cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="Expected weight to be of same shape"):
+        _C.forward_output(x, (3, 20), w[0], b, 1e-5)
+    with pytest.raises(NotImplementedError):
+        _C.forward_output(x.to(torch.int32), (3, 20), None, None, 1e-5)
