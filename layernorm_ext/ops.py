@@ -410,13 +410,16 @@ def layer_norm(
         # The common call: the op parses weight and bias itself; only if it refuses
         # them do the checks below run, to raise torch's own error. At the seed's
         # 100x20 a call takes ~4 us, and the checks would cost 0.3 us of it. Eager calls
-        # take _C's entry point, which skips torch.ops' argument parsing (~1.4 us);
-        # Dynamo traces the op itself.
+        # take _C's entry point, which skips torch.ops' argument parsing (~1.9 us) and
+        # returns NotImplemented for arguments of other types: they go the long way
+        # below. Dynamo traces the op itself.
         if not transforms_active():
             try:
                 if torch.compiler.is_compiling():
                     return _forward(input, shape, weight, bias, eps)[0]
-                return _C.forward_output(input, shape, weight, bias, eps)
+                output = _C.forward_output(input, shape, weight, bias, eps)
+                if output is not NotImplemented:
+                    return output
             except (TypeError, RuntimeError):
                 _check_argument_types(input, weight, bias, eps)
                 raise
@@ -557,9 +560,10 @@ def rms_norm(
     if type(input) is not torch.Tensor:  # as layer_norm's: not for plain tensors' calls
         register_if_dtensor(input, kernel_weight)
     try:
-        if type(input) is torch.Tensor and (eps is None or type(eps) is float) \
-                and not torch.compiler.is_compiling():
-            return _C.rms_forward_output(input, shape, kernel_weight, eps)  # as layer_norm's
+        if type(input) is torch.Tensor and not torch.compiler.is_compiling():
+            output = _C.rms_forward_output(input, shape, kernel_weight, eps)  # as layer_norm's
+            if output is not NotImplemented:
+                return output
         return _rms_forward(input, shape, kernel_weight, eps)[0]
     except NotImplementedError:  # checked only then: the checks cost ~0.4 us a call
         if _torch_computes_only(input, weight):

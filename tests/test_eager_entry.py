@@ -1,7 +1,7 @@
 """The forward ops' eager entry points, layernorm_ext._C.forward_output and
 rms_forward_output, which layer_norm and rms_norm call instead of torch.ops for plain
-tensors outside torch.compile: the same op through the dispatcher, bitwise, and a
-TypeError (never a crash) for arguments of other types."""
+tensors outside torch.compile: the same op through the dispatcher, bitwise, and
+NotImplemented (never a crash) for arguments of other types, which then take torch.ops."""
 
 from __future__ import annotations
 
@@ -71,11 +71,49 @@ def test_eager_calls_reach_the_ops_through_the_dispatcher(device):
                           torch.ops.layernorm_ext.rms_forward.default]
 
 
-def test_bad_arguments_raise_type_errors():
+class EntrySpy:
+    """Stands in for layernorm_ext._C in ops.py: records the entry points' arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def forward_output(self, *args):
+        self.calls.append(("forward", args))
+        return _C.forward_output(*args)
+
+    def rms_forward_output(self, *args):
+        self.calls.append(("rms", args))
+        return _C.rms_forward_output(*args)
+
+
+def test_eager_calls_take_the_entry_points_and_compiled_ones_the_ops(device, monkeypatch):
+    spy = EntrySpy()
+    monkeypatch.setattr(layernorm_ext.ops, "_C", spy)
+    x, w, b = inputs(device, torch.float32)
+    y = layernorm_ext.layer_norm(x, (3, 20), w, b, eps=0.1)
+    z = layernorm_ext.rms_norm(x, [20], w[0], eps=0.1)
+    assert [(name, args[1], args[-1]) for name, args in spy.calls] == \
+        [("forward", (3, 20), 0.1), ("rms", [20], 0.1)]
+    assert torch.equal(y, torch.ops.layernorm_ext.forward(x, [3, 20], w, b, 0.1)[0])
+    assert torch.equal(z, torch.ops.layernorm_ext.rms_forward(x, [20], w[0], 0.1)[0])
+
+    spy.calls.clear()
+    compiled = torch.compile(lambda x: layernorm_ext.layer_norm(x, (3, 20), w, b, eps=0.1)
+                             + layernorm_ext.rms_norm(x, [20], w[0], eps=0.1),
+                             backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), y + z)
+    assert spy.calls == []
+
+
+class Twenty(int):
+    pass
+
+
+def test_other_argument_types_go_the_long_way():
+    # NotImplemented from the entry points: ops.py then calls torch.ops, which takes what
+    # it can and raises torch's error for the rest.
     x, w, b = inputs("cpu", torch.float32)
-    bad_forward = [
-        (x, (3, 20), w, b),  # too few
-        (x, (3, 20), w, b, 1e-5, 1),  # too many
+    not_taken = [
         (x.numpy(), (3, 20), w, b, 1e-5),
         (x, 20, w, b, 1e-5),
         (x, (3, 20.0), w, b, 1e-5),
@@ -87,12 +125,22 @@ def test_bad_arguments_raise_type_errors():
         (x, (3, 20), w, b, 1),
         (x, (3, 20), w, b, None),
     ]
-    for args in bad_forward:
-        with pytest.raises(TypeError, match="layernorm_ext"):
-            _C.forward_output(*args)
-    for args in [(x, (20,), None), (x, (20,), None, 1), (x, [20], w.numpy(), None)]:
-        with pytest.raises(TypeError, match="layernorm_ext"):
-            _C.rms_forward_output(*args)
+    for args in not_taken:
+        assert _C.forward_output(*args) is NotImplemented
+    for args in [(x, (20,), None, 1), (x, [20], w.numpy(), None), (x, [20.0], None, None)]:
+        assert _C.rms_forward_output(*args) is NotImplemented
+    for entry, args in [(_C.forward_output, (x, (3, 20), w, b)),
+                        (_C.rms_forward_output, (x, (3, 20), w, 1e-5, None))]:
+        with pytest.raises(TypeError, match="positional arguments"):
+            entry(*args)
+
+    # int subclasses are ints (an IntEnum size, say)
+    y = layernorm_ext.layer_norm(x, (Twenty(3), Twenty(20)), w, b)
+    assert torch.equal(y, layernorm_ext.layer_norm(x, (3, 20), w, b))
+    assert torch.equal(_C.rms_forward_output(x, [Twenty(20)], None, None),
+                       layernorm_ext.rms_norm(x, [20]))
+    with pytest.raises(TypeError, match="weight"):  # torch's message, from the long way
+        layernorm_ext.layer_norm(x, (3, 20), "w", b)
 
 
 def test_the_ops_errors_come_through_with_torchs_types():
