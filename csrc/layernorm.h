@@ -42,6 +42,18 @@ at::ScalarType stats_dtype(at::ScalarType input_dtype);
 // computation type (float32's for float32/float16/bfloat16 input, float64's for float64).
 double rms_norm_eps(at::ScalarType input_dtype, std::optional<double> eps);
 
+// The value dtypes the kernels take: float32, float64, float16, bfloat16.
+inline bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+         dtype == at::kBFloat16;
+}
+
+// Whether the kernels take parameters of dtype `param` with input of dtype `input`: the
+// input's own, or float32 for float16/bfloat16 input.
+inline bool kernels_pair(at::ScalarType input, at::ScalarType param) {
+  return param == input || (param == at::kFloat && (input == at::kHalf || input == at::kBFloat16));
+}
+
 // dtype of the affine parameters (and of their gradients): weight's, else bias's, else input's.
 at::ScalarType param_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias);

@@ -14,10 +14,8 @@ namespace {
 
 void check_floating(const at::Tensor& t, const char* what) {
   const auto dtype = t.scalar_type();
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      "layernorm_ext: ", what, " must be float32, float64, float16 or bfloat16, but got ",
-      dtype);
+  TORCH_CHECK_NOT_IMPLEMENTED(is_kernel_dtype(dtype), "layernorm_ext: ", what,
+                              " must be float32, float64, float16 or bfloat16, but got ", dtype);
 }
 
 void check_same_device(const at::Tensor& input, const at::Tensor& other) {
@@ -40,9 +38,8 @@ void check_param(const at::Tensor& input, const at::Tensor& param, const char* n
   const auto in = input.scalar_type();
   const auto p = param.scalar_type();
   const bool reduced_input = in == at::kHalf || in == at::kBFloat16;
-  TORCH_CHECK(p == in || (reduced_input && p == at::kFloat), "mixed dtype: expected ", name,
-              " to have the input's dtype (", in, ")",
-              reduced_input ? " or float32" : "", ", but got ", p);
+  TORCH_CHECK(kernels_pair(in, p), "mixed dtype: expected ", name, " to have the input's dtype (",
+              in, ")", reduced_input ? " or float32" : "", ", but got ", p);
 }
 
 // The shape messages: layer_norm's, and rms_norm's, which torch words differently
@@ -82,9 +79,8 @@ RowShape check_norm_inputs(Norm norm, const at::Tensor& input, at::IntArrayRef n
   check_input_shape(norm, input, normalized_shape);
   if (norm == Norm::kRms) {
     const auto dtype = input.scalar_type();
-    TORCH_CHECK_NOT_IMPLEMENTED(dtype == at::kFloat || dtype == at::kDouble ||
-                                    dtype == at::kHalf || dtype == at::kBFloat16,
-                                "\"rms_norm\" not implemented for '", c10::toString(dtype), "'");
+    TORCH_CHECK_NOT_IMPLEMENTED(is_kernel_dtype(dtype), "\"rms_norm\" not implemented for '",
+                                c10::toString(dtype), "'");
   }
   check_floating(input, "input");
   const bool has_weight = weight.has_value() && weight->defined();

@@ -1,7 +1,9 @@
 // The Python module layernorm_ext._C. Loading it runs the operators' static registrations
 // (layernorm.cpp and the backends); the module itself holds the backward nodes' Python
 // classes (autograd_python.h), the forward ops' eager entry points and two queries.
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -15,36 +17,59 @@
 namespace layernorm_ext {
 namespace {
 
-// The eager entry points: layer_norm and rms_norm (ops.py) call the forward ops here with
-// positional arguments. torch.ops parses its arguments against the schema into a stack of
-// IValues and returns every output, ~1.9 us of a ~6 us call at the seed's 100x20; these
-// read just the plain types below and call the same op through the dispatcher (autograd,
-// autocast, modes, the profiler and the JIT tracer see it as before). For any other
-// argument they return NotImplemented, and ops.py calls torch.ops, which takes it
-// (symbolic sizes) or raises torch's error. Under torch.compile ops.py calls torch.ops,
-// which Dynamo traces.
+// The eager entry points: layer_norm and rms_norm (ops.py) first hand their arguments,
+// as the caller gave them, to these, which call the forward op through the dispatcher
+// (autograd, autocast, dispatch modes, the profiler and the JIT tracer see it as always).
+// They take only the common call, for which layer_norm's Python checks would find nothing
+// to do: plain tensors, a tuple, list or int of sizes, a float eps, no torch function
+// mode or functorch transform. For anything else they return NotImplemented, and ops.py
+// goes its long way (its checks, then torch.ops, which takes symbolic sizes and raises
+// torch's errors). torch.ops parses its arguments against the schema into a stack of
+// IValues and returns every output: with layer_norm's checks, ~2.5 us more a call than
+// this at the seed's 100x20. ops.py does not call these under torch.compile (Dynamo
+// would break the graph at an unknown builtin) or while forward AD is active.
 
-// A tuple or list of ints (int subclasses too, not bool) within int64, into `sizes`.
-bool read_int_list(PyObject* arg, c10::SmallVector<int64_t, 4>& sizes) {
-  const bool tuple = PyTuple_Check(arg);
-  if (!tuple && !PyList_Check(arg)) return false;
-  const Py_ssize_t size = tuple ? PyTuple_GET_SIZE(arg) : PyList_GET_SIZE(arg);
-  for (Py_ssize_t i = 0; i < size; ++i) {
-    PyObject* item = tuple ? PyTuple_GET_ITEM(arg, i) : PyList_GET_ITEM(arg, i);
-    if (!PyLong_Check(item) || PyBool_Check(item)) return false;
-    int overflow = 0;
-    const long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
-    if (overflow != 0) return false;
-    sizes.push_back(value);
-  }
-  return true;
+// torch.Tensor or nn.Parameter (torch's THPVariable_CheckExact): types that take no
+// __torch_function__ of their own, and not nested (ops.py handles those).
+bool is_plain_tensor(PyObject* arg) {
+  return THPVariable_CheckExact(arg) && !THPVariable_Unpack(arg).is_nested();
 }
 
-bool is_optional_tensor(PyObject* arg) { return arg == Py_None || THPVariable_Check(arg); }
+bool is_plain_optional_tensor(PyObject* arg) { return arg == Py_None || is_plain_tensor(arg); }
 
 std::optional<at::Tensor> optional_tensor(PyObject* arg) {
   if (arg == Py_None) return std::nullopt;
   return THPVariable_Unpack(arg);
+}
+
+// Nothing that layer_norm's Python would hand to another implementation: no torch function
+// mode (a TorchFunctionMode, torch.fx's tracer) and no functorch transform (vmap, grad,
+// jvp: their wrapped tensors are plain to Python), as torch._C's
+// _is_torch_function_mode_enabled and _are_functorch_transforms_active tell.
+bool no_override_active() {
+  if (at::impl::torch_function_mode_enabled()) return false;
+  const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  return !included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         !included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+// An int, or a tuple or list of ints (int subclasses too, not bool), within int64.
+bool read_sizes(PyObject* arg, c10::SmallVector<int64_t, 4>& sizes) {
+  const auto read = [&sizes](PyObject* item) {
+    if (!PyLong_Check(item) || PyBool_Check(item)) return false;
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    sizes.push_back(value);
+    return overflow == 0;
+  };
+  if (PyLong_Check(arg)) return read(arg);  // layer_norm(x, 768), as nn.LayerNorm takes it
+  const bool tuple = PyTuple_Check(arg);
+  if (!tuple && !PyList_Check(arg)) return false;
+  const Py_ssize_t size = tuple ? PyTuple_GET_SIZE(arg) : PyList_GET_SIZE(arg);
+  for (Py_ssize_t i = 0; i < size; ++i) {
+    if (!read(tuple ? PyTuple_GET_ITEM(arg, i) : PyList_GET_ITEM(arg, i))) return false;
+  }
+  return true;
 }
 
 void check_arg_count(Py_ssize_t given, Py_ssize_t expected, const char* function) {
@@ -52,15 +77,15 @@ void check_arg_count(Py_ssize_t given, Py_ssize_t expected, const char* function
                    " positional arguments but ", given, " were given");
 }
 
-// forward_output(input, normalized_shape, weight, bias, eps): layernorm_ext::forward's
-// output, or NotImplemented.
+// forward_output(input, normalized_shape, weight, bias, eps): layer_norm's output, or
+// NotImplemented.
 PyObject* forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_arg_count(nargs, 5, "forward_output");
   c10::SmallVector<int64_t, 4> normalized_shape;
-  if (!THPVariable_Check(args[0]) || !read_int_list(args[1], normalized_shape) ||
-      !is_optional_tensor(args[2]) || !is_optional_tensor(args[3]) ||
-      !PyFloat_CheckExact(args[4])) {
+  if (!is_plain_tensor(args[0]) || !read_sizes(args[1], normalized_shape) ||
+      !is_plain_optional_tensor(args[2]) || !is_plain_optional_tensor(args[3]) ||
+      !PyFloat_CheckExact(args[4]) || !no_override_active()) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   const at::Tensor& input = THPVariable_Unpack(args[0]);
@@ -81,18 +106,25 @@ PyObject* forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// rms_forward_output(input, normalized_shape, weight, eps): layernorm_ext::rms_forward's
-// output (eps None or a float), or NotImplemented.
+// rms_forward_output(input, normalized_shape, weight, eps): rms_norm's output (eps None or
+// a float), or NotImplemented.
 PyObject* rms_forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_arg_count(nargs, 4, "rms_forward_output");
   c10::SmallVector<int64_t, 4> normalized_shape;
-  if (!THPVariable_Check(args[0]) || !read_int_list(args[1], normalized_shape) ||
-      !is_optional_tensor(args[2]) || (args[3] != Py_None && !PyFloat_CheckExact(args[3]))) {
+  if (!is_plain_tensor(args[0]) || !read_sizes(args[1], normalized_shape) ||
+      !is_plain_optional_tensor(args[2]) || (args[3] != Py_None && !PyFloat_CheckExact(args[3])) ||
+      !no_override_active()) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   const at::Tensor& input = THPVariable_Unpack(args[0]);
   const auto weight = optional_tensor(args[2]);
+  // Only the dtypes the kernels pair: rms_norm casts other weights, and hands complex
+  // input or a weight of no kernel dtype to torch's rms_norm.
+  if (!is_kernel_dtype(input.scalar_type()) ||
+      (weight && !kernels_pair(input.scalar_type(), weight->scalar_type()))) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
   const std::optional<double> eps =
       args[3] == Py_None ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(args[3]));
   static const auto op = c10::Dispatcher::singleton()

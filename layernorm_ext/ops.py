@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
+from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _C  # loading the extension registers the operators
@@ -400,6 +401,13 @@ def layer_norm(
     It works under ``torch.func`` transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``,
     ``jacfwd``, ``hessian``, ``vmap``) and ``torch.autograd.forward_ad``.
     """
+    if forward_ad._current_level < 0 and not torch.compiler.is_compiling():
+        # The common eager call, whole in C (csrc/python_module.cpp says which calls it
+        # takes): ~3 us at the seed's 100x20, where the way below costs ~2.5 us more.
+        # For any other it returns NotImplemented. Dynamo traces the way below.
+        output = _C.forward_output(input, normalized_shape, weight, bias, eps)
+        if output is not NotImplemented:
+            return output
     if _overridden(input, weight, bias):
         # As F.layer_norm: tensor-likes and modes that override torch functions (an FX
         # Proxy in torch.fx.symbolic_trace, a TorchFunctionMode) get the call.
@@ -407,19 +415,11 @@ def layer_norm(
                                      normalized_shape, weight=weight, bias=bias, eps=eps)
     shape = _as_shape(normalized_shape)
     if type(input) is torch.Tensor and type(eps) is float and not input.is_nested:
-        # The common call: the op parses weight and bias itself; only if it refuses
-        # them do the checks below run, to raise torch's own error. At the seed's
-        # 100x20 a call takes ~4 us, and the checks would cost 0.3 us of it. Eager calls
-        # take _C's entry point, which skips torch.ops' argument parsing (~1.9 us) and
-        # returns NotImplemented for arguments of other types: they go the long way
-        # below. Dynamo traces the op itself.
+        # The op parses weight and bias itself; only if it refuses them do the checks
+        # below run, to raise torch's own error (they cost ~0.3 us a call).
         if not transforms_active():
             try:
-                if torch.compiler.is_compiling():
-                    return _forward(input, shape, weight, bias, eps)[0]
-                output = _C.forward_output(input, shape, weight, bias, eps)
-                if output is not NotImplemented:
-                    return output
+                return _forward(input, shape, weight, bias, eps)[0]
             except (TypeError, RuntimeError):
                 _check_argument_types(input, weight, bias, eps)
                 raise
@@ -535,6 +535,10 @@ def rms_norm(
     by row. It works under ``torch.func`` transforms and ``torch.autograd.forward_ad`` as
     :func:`layer_norm` does.
     """
+    if forward_ad._current_level < 0 and not torch.compiler.is_compiling():
+        output = _C.rms_forward_output(input, normalized_shape, weight, eps)  # as layer_norm's
+        if output is not NotImplemented:
+            return output
     if _overridden(input, weight):  # as layer_norm; NestedTensor's handler wants a list
         return handle_torch_function(rms_norm, _given(input, weight), input,
                                      _as_shape(normalized_shape, "rms_norm"),
@@ -560,10 +564,6 @@ def rms_norm(
     if type(input) is not torch.Tensor:  # as layer_norm's: not for plain tensors' calls
         register_if_dtensor(input, kernel_weight)
     try:
-        if type(input) is torch.Tensor and not torch.compiler.is_compiling():
-            output = _C.rms_forward_output(input, shape, kernel_weight, eps)  # as layer_norm's
-            if output is not NotImplemented:
-                return output
         return _rms_forward(input, shape, kernel_weight, eps)[0]
     except NotImplementedError:  # checked only then: the checks cost ~0.4 us a call
         if _torch_computes_only(input, weight):

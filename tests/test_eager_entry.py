@@ -1,7 +1,7 @@
 """The forward ops' eager entry points, layernorm_ext._C.forward_output and
 rms_forward_output, which layer_norm and rms_norm call instead of torch.ops for plain
-tensors outside torch.compile: the same op through the dispatcher, bitwise, and
-NotImplemented (never a crash) for arguments of other types, which then take torch.ops."""
+tensors outside torch.compile, modes and transforms: the same op through the dispatcher,
+bitwise, and NotImplemented (never a crash) for other calls, which then take torch.ops."""
 
 from __future__ import annotations
 
@@ -109,13 +109,20 @@ class Twenty(int):
     pass
 
 
+class Subclass(torch.Tensor):
+    pass
+
+
 def test_other_argument_types_go_the_long_way():
     # NotImplemented from the entry points: ops.py then calls torch.ops, which takes what
     # it can and raises torch's error for the rest.
     x, w, b = inputs("cpu", torch.float32)
     not_taken = [
         (x.numpy(), (3, 20), w, b, 1e-5),
-        (x, 20, w, b, 1e-5),
+        (x.as_subclass(Subclass), (3, 20), w, b, 1e-5),
+        (x, (3, 20), w.as_subclass(Subclass), b, 1e-5),
+        (x, (3, 20), w, b.as_subclass(Subclass), 1e-5),
+        (x, 20.0, w, b, 1e-5),
         (x, (3, 20.0), w, b, 1e-5),
         (x, (3, True), w, b, 1e-5),
         (x, (3, 2**63), w, b, 1e-5),
@@ -127,7 +134,11 @@ def test_other_argument_types_go_the_long_way():
     ]
     for args in not_taken:
         assert _C.forward_output(*args) is NotImplemented
-    for args in [(x, (20,), None, 1), (x, [20], w.numpy(), None), (x, [20.0], None, None)]:
+    for args in [(x, (20,), None, 1), (x, [20], w.numpy(), None), (x, [20.0], None, None),
+                 (x.as_subclass(Subclass), 20, None, None),
+                 (x, (3, 20), w.double(), None),  # rms_norm casts it
+                 (x.to(torch.complex64), 20, None, None),  # torch's rms_norm computes it
+                 (x, (3, 20), w.int(), None)]:
         assert _C.rms_forward_output(*args) is NotImplemented
     for entry, args in [(_C.forward_output, (x, (3, 20), w, b)),
                         (_C.rms_forward_output, (x, (3, 20), w, 1e-5, None))]:
@@ -143,9 +154,61 @@ def test_other_argument_types_go_the_long_way():
         layernorm_ext.layer_norm(x, (3, 20), "w", b)
 
 
+def test_the_calls_the_entry_points_take(device):
+    x, w, b = inputs(device, torch.float32)
+    # an int as normalized_shape, as nn.LayerNorm takes it; nn.Parameters
+    expected = torch.ops.layernorm_ext.forward(x, [20], w[0], b[0], 1e-5)[0]
+    assert torch.equal(_C.forward_output(x, 20, w[0], b[0], 1e-5), expected)
+    params = [torch.nn.Parameter(t[0]) for t in (w, b)]
+    assert torch.equal(_C.forward_output(x, 20, *params, 1e-5).detach(), expected)
+    # float32 weight with bfloat16 input, as the kernels pair them
+    xb = x.bfloat16()
+    assert torch.equal(_C.rms_forward_output(xb, 20, w[0], None),
+                       torch.ops.layernorm_ext.rms_forward(xb, [20], w[0], None)[0])
+
+
+def test_calls_under_a_mode_or_transform_go_the_long_way(device):
+    x, w, b = inputs(device, torch.float32)
+    nested = torch.nested.nested_tensor([x[0], x[1, :2]], layout=torch.jagged)
+    assert _C.forward_output(nested, (20,), None, None, 1e-5) is NotImplemented
+    assert _C.rms_forward_output(nested, (20,), None, None) is NotImplemented
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert _C.forward_output(x, (3, 20), w, b, 1e-5) is NotImplemented
+        assert _C.rms_forward_output(x, (3, 20), w, None) is NotImplemented
+
+    taken = []
+
+    def f(x):
+        taken.append(_C.forward_output(x, (20,), None, None, 1e-5) is not NotImplemented)
+        taken.append(_C.rms_forward_output(x, (20,), None, None) is not NotImplemented)
+        return layernorm_ext.layer_norm(x, (20,)).sum() + layernorm_ext.rms_norm(x, (20,)).sum()
+
+    torch.func.vmap(f)(x[:, 0])
+    torch.func.grad(f)(x[0, 0])
+    torch.func.jvp(f, (x[0, 0],), (torch.ones_like(x[0, 0]),))
+    assert taken == [False] * 6
+
+
 def test_the_ops_errors_come_through_with_torchs_types():
     x, w, b = inputs("cpu", torch.float32)
     with pytest.raises(RuntimeError, match="Expected weight to be of same shape"):
         _C.forward_output(x, (3, 20), w[0], b, 1e-5)
     with pytest.raises(NotImplementedError):
         _C.forward_output(x.to(torch.int32), (3, 20), None, None, 1e-5)
+
+
+def test_the_jit_tracer_records_the_ops():
+    x, w, b = inputs("cpu", torch.float32)
+    with pytest.warns(FutureWarning):  # torch.jit.trace is deprecated
+        traced = torch.jit.trace(
+            lambda x: layernorm_ext.layer_norm(x, (3, 20), w, b) + layernorm_ext.rms_norm(x, 20),
+            (x,))
+    kinds = [node.kind() for node in traced.graph.nodes()]
+    assert "layernorm_ext::forward" in kinds and "layernorm_ext::rms_forward" in kinds
+    assert torch.equal(traced(x), layernorm_ext.layer_norm(x, (3, 20), w, b)
+                       + layernorm_ext.rms_norm(x, 20))
