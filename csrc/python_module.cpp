@@ -42,12 +42,18 @@ std::optional<at::Tensor> optional_tensor(PyObject* arg) {
   return THPVariable_Unpack(arg);
 }
 
-// Nothing that layer_norm's Python would hand to another implementation: no torch function
-// mode (a TorchFunctionMode, torch.fx's tracer) and no functorch transform (vmap, grad,
-// jvp: their wrapped tensors are plain to Python), as torch._C's
-// _is_torch_function_mode_enabled and _are_functorch_transforms_active tell.
+// Nothing that layer_norm's Python would hand to another implementation, or would change
+// by checking: no torch function mode (a TorchFunctionMode, torch.set_default_device's),
+// no pending skip of one __torch_function__ hop (torch.overrides.redispatch_function sets
+// it for the next has_torch_function check, which the Python makes and so consumes), and
+// no functorch transform (vmap, grad, jvp: their wrapped tensors are plain to Python).
+// This mirrors what torch's has_torch_function reads of its thread-local state, with the
+// argument types (is_plain_tensor), and torch._C._are_functorch_transforms_active.
 bool no_override_active() {
-  if (at::impl::torch_function_mode_enabled()) return false;
+  using at::impl::PythonTorchFunctionTLS;
+  if (at::impl::torch_function_mode_enabled() || PythonTorchFunctionTLS::peek_skip_next()) {
+    return false;
+  }
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
   return !included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
          !included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);

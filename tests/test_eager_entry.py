@@ -169,9 +169,10 @@ def test_the_calls_the_entry_points_take(device):
 
 def test_calls_under_a_mode_or_transform_go_the_long_way(device):
     x, w, b = inputs(device, torch.float32)
-    nested = torch.nested.nested_tensor([x[0], x[1, :2]], layout=torch.jagged)
-    assert _C.forward_output(nested, (20,), None, None, 1e-5) is NotImplemented
-    assert _C.rms_forward_output(nested, (20,), None, None) is NotImplemented
+    for layout in (torch.jagged, torch.strided):
+        nested = torch.nested.nested_tensor([x[0], x[1, :2]], layout=layout)
+        assert _C.forward_output(nested, (20,), None, None, 1e-5) is NotImplemented
+        assert _C.rms_forward_output(nested, (20,), None, None) is NotImplemented
 
     class Mode(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -180,6 +181,40 @@ def test_calls_under_a_mode_or_transform_go_the_long_way(device):
     with Mode():
         assert _C.forward_output(x, (3, 20), w, b, 1e-5) is NotImplemented
         assert _C.rms_forward_output(x, (3, 20), w, None) is NotImplemented
+
+    # torch.overrides.redispatch_function leaves a skip of one __torch_function__ hop for
+    # the function's own check, which the long way makes (torch raises if none does)
+    class Redispatch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return torch.overrides.redispatch_function(func, types, args, kwargs or {})
+
+    class Unwraps(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            args = tuple(a.as_subclass(torch.Tensor) if isinstance(a, Unwraps) else a
+                         for a in args)
+            return torch.overrides.redispatch_function(func, types, args, kwargs or {})
+
+    expected = (layernorm_ext.layer_norm(x, (3, 20), w, b), layernorm_ext.rms_norm(x, (20,)))
+    with Redispatch():
+        got = (layernorm_ext.layer_norm(x, (3, 20), w, b), layernorm_ext.rms_norm(x, (20,)))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    got = (layernorm_ext.layer_norm(x.as_subclass(Unwraps), (3, 20), w, b),
+           layernorm_ext.rms_norm(x.as_subclass(Unwraps), (20,)))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+    # a Parameter subclass with a __torch_function__ of its own gets the call
+    class Seen(torch.nn.Parameter):
+        calls = 0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls += 1
+            return super().__torch_function__(func, types, args, kwargs)
+
+    assert _C.forward_output(x, (3, 20), Seen(w), b, 1e-5) is NotImplemented
+    layernorm_ext.layer_norm(x, (3, 20), Seen(w), b)
+    assert Seen.calls > 0
 
     taken = []
 
