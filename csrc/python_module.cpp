@@ -169,13 +169,13 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   };
   static PyMethodDef methods[] = {
       {"forward_output", fastcall(forward_output), METH_FASTCALL,
-       "forward_output(input, normalized_shape, weight, bias, eps): the output of "
-       "torch.ops.layernorm_ext.forward, for eager calls; NotImplemented for arguments "
-       "of other than the plain types."},
+       "forward_output(input, normalized_shape, weight, bias, eps): layer_norm's common "
+       "eager call, the output of torch.ops.layernorm_ext.forward; NotImplemented for any "
+       "other call."},
       {"rms_forward_output", fastcall(rms_forward_output), METH_FASTCALL,
-       "rms_forward_output(input, normalized_shape, weight, eps): the output of "
-       "torch.ops.layernorm_ext.rms_forward, for eager calls; NotImplemented for "
-       "arguments of other than the plain types."},
+       "rms_forward_output(input, normalized_shape, weight, eps): rms_norm's common eager "
+       "call, the output of torch.ops.layernorm_ext.rms_forward; NotImplemented for any "
+       "other call."},
       {"cpu_kernels_isa", cpu_kernels_isa, METH_NOARGS,
        "The instruction set of the CPU kernels: AVX512, AVX2 or DEFAULT."},
       {"stream_threshold_warning", stream_threshold_warning, METH_NOARGS,
