@@ -15,12 +15,10 @@ from layernorm_ext import _C
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def inputs(device, dtype, param_dtype=None):
+def inputs(device, dtype):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 3, 20, generator=g).to(device, dtype)
-    w = torch.randn(3, 20, generator=g).to(device, param_dtype or dtype)
-    b = torch.randn(3, 20, generator=g).to(device, param_dtype or dtype)
-    return x, w, b
+    return tuple(torch.randn(shape, generator=g).to(device, dtype)
+                 for shape in ((6, 3, 20), (3, 20), (3, 20)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
