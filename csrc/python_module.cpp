@@ -83,6 +83,17 @@ void check_arg_count(Py_ssize_t given, Py_ssize_t expected, const char* function
                    " positional arguments but ", given, " were given");
 }
 
+// The op's output (its first), called with the GIL released as torch's own bindings do.
+template <typename Op, typename... Args>
+PyObject* wrapped_output(const Op& op, const Args&... args) {
+  at::Tensor output;
+  {
+    pybind11::gil_scoped_release no_gil;
+    output = std::get<0>(op.call(args...));
+  }
+  return THPVariable_Wrap(std::move(output));
+}
+
 // forward_output(input, normalized_shape, weight, bias, eps): layer_norm's output, or
 // NotImplemented.
 PyObject* forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -103,12 +114,7 @@ PyObject* forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                              .typed<Tensor3(const at::Tensor&, at::IntArrayRef,
                                             const std::optional<at::Tensor>&,
                                             const std::optional<at::Tensor>&, double)>();
-  at::Tensor output;
-  {
-    pybind11::gil_scoped_release no_gil;  // as torch's own bindings
-    output = std::get<0>(op.call(input, normalized_shape, weight, bias, eps));
-  }
-  return THPVariable_Wrap(std::move(output));
+  return wrapped_output(op, input, at::IntArrayRef(normalized_shape), weight, bias, eps);
   END_HANDLE_TH_ERRORS
 }
 
@@ -138,12 +144,7 @@ PyObject* rms_forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs)
                              .typed<Tensor2(const at::Tensor&, at::IntArrayRef,
                                             const std::optional<at::Tensor>&,
                                             std::optional<double>)>();
-  at::Tensor output;
-  {
-    pybind11::gil_scoped_release no_gil;
-    output = std::get<0>(op.call(input, normalized_shape, weight, eps));
-  }
-  return THPVariable_Wrap(std::move(output));
+  return wrapped_output(op, input, at::IntArrayRef(normalized_shape), weight, eps);
   END_HANDLE_TH_ERRORS
 }
 
