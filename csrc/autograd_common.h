@@ -112,7 +112,7 @@ struct NormBackwardNode : public torch::autograd::Node {
 
   // Saves a forward call's tensors, in NodeT's order (an undefined one for a missing
   // weight or bias). Call it before attach_grad_fn.
-  void save(const SavedTensors& tensors, at::IntArrayRef normalized_shape, double eps) {
+  void save(const SavedTensors& tensors, c10::SymIntArrayRef normalized_shape, double eps) {
     for (size_t i = 0; i < kSaved; ++i) {
       saved_[i] = torch::autograd::SavedVariable(tensors[i], NodeT::kSavedIsOutput[i]);
     }
@@ -139,7 +139,7 @@ struct NormBackwardNode : public torch::autograd::Node {
     return NodeT::kSavedIsOutput[i] ? saved_[i].unpack(getptr()) : saved_[i].unpack();
   }
   const torch::autograd::SavedVariable& saved_variable(size_t i) const { return saved_[i]; }
-  const std::vector<int64_t>& normalized_shape() const { return normalized_shape_; }
+  const std::vector<c10::SymInt>& normalized_shape() const { return normalized_shape_; }
   double eps() const { return eps_; }
 
   void release_variables() override {
@@ -151,7 +151,7 @@ struct NormBackwardNode : public torch::autograd::Node {
   // has the node's type already) and what becomes its inputs (the saved tensors).
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
     for (size_t i = 0; i < kSaved; ++i) args.collect(saved_[i], NodeT::kSavedIsOutput[i]);
-    args.collect(normalized_shape_);
+    args.collect(normalized_shape_);  // sizes: a dynamic one becomes a graph input
     args.collect(eps_);
   }
 
@@ -163,6 +163,7 @@ struct NormBackwardNode : public torch::autograd::Node {
   variable_list apply_with_saved(const variable_list& inputs,
                                  torch::dynamo::autograd::SwapSavedVariables& swap) override {
     for (auto& saved : saved_) swap.before(saved);
+    swap.before(normalized_shape_);
     torch::dynamo::autograd::PackedArgs packed;
     for (const auto& saved : saved_) packed.pack(defined_or_none(saved.unpack()));
     packed.pack(normalized_shape_);
@@ -188,6 +189,7 @@ struct NormBackwardNode : public torch::autograd::Node {
         ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
             ca::get_input_metadata(next_edges())));
     for (auto& saved : saved_) swap.after(saved);
+    swap.after(normalized_shape_);
     return grads;
   }
 
@@ -199,7 +201,7 @@ struct NormBackwardNode : public torch::autograd::Node {
     for (auto& tensor : saved) {
       tensor = packed.unpack<std::optional<at::Tensor>>().value_or(at::Tensor());
     }
-    const auto normalized_shape = packed.unpack<std::vector<int64_t>>();
+    const auto normalized_shape = packed.unpack<std::vector<c10::SymInt>>();
     const auto eps = packed.unpack<double>();
     const auto wanted = packed.unpack<std::array<bool, kGradients>>();
     if (!grads[0].defined()) return variable_list(kGradients);
@@ -225,7 +227,7 @@ struct NormBackwardNode : public torch::autograd::Node {
   }
 
   std::array<torch::autograd::SavedVariable, kSaved> saved_;
-  std::vector<int64_t> normalized_shape_;
+  std::vector<c10::SymInt> normalized_shape_;  // symbolic while torch.compile traces
   double eps_ = 0.0;
 };
 

@@ -5,7 +5,7 @@
 // _raw_saved_<name> (torch's SavedTensor, whose register_hooks sets hooks on that one
 // tensor), _saved_normalized_shape and _saved_eps. Reading a saved tensor after the
 // backward freed it raises torch's error. The classes are added to the module by
-// PyInit__C (csrc/layernorm.cpp).
+// PyInit__C (csrc/python_module.cpp).
 #pragma once
 
 #include <torch/csrc/autograd/python_cpp_function.h>
@@ -56,7 +56,8 @@ PyObject* saved_normalized_shape(PyObject* self, void*) {
   PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(shape.size()));
   if (tuple == nullptr) return nullptr;
   for (size_t i = 0; i < shape.size(); ++i) {
-    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), PyLong_FromLongLong(shape[i]));
+    // An int, or a torch.SymInt for a size that compiled autograd traces symbolically.
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), pybind11::cast(shape[i]).release().ptr());
   }
   return tuple;
   END_HANDLE_TH_ERRORS

@@ -9,25 +9,29 @@
 namespace layernorm_ext {
 
 TORCH_LIBRARY(layernorm_ext, m) {
+  // normalized_shape is SymInt[], as in aten::native_layer_norm: torch.compile and export
+  // can keep the normalized sizes symbolic (a dynamic hidden size). The backends take it
+  // as int64 (the dispatcher hands them concrete sizes); the autograd and autocast
+  // kernels, which tracing runs with symbolic ones, take c10::SymIntArrayRef.
   // Returns (output, mean, rstd); mean/rstd have the input's leading dims and are
   // float32 (float64 for float64 input).
   m.def(
-      "forward(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "forward(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, "
       "float eps) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_input, grad_weight, grad_bias). The parameter gradients have
   // normalized_shape and the parameters' dtype, and are computed even for a missing
   // parameter (the fused kernel gets them almost for free).
   m.def(
-      "backward(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, "
+      "backward(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor mean, "
       "Tensor rstd, Tensor? weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   // RMSNorm, from the same kernels: returns (output, rstd), rstd as above. eps=None is
   // torch's default (rms_norm_eps in layernorm.h).
   m.def(
-      "rms_forward(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) "
+      "rms_forward(Tensor input, SymInt[] normalized_shape, Tensor? weight, float? eps) "
       "-> (Tensor, Tensor)");
   // Returns (grad_input, grad_weight); grad_weight as backward's.
   m.def(
-      "rms_backward(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, "
+      "rms_backward(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, "
       "Tensor? weight) -> (Tensor, Tensor)");
 }
 

@@ -11,7 +11,7 @@
 namespace layernorm_ext {
 namespace {
 
-Tensor3 forward_autocast_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
+Tensor3 forward_autocast_cuda(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, double eps) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
@@ -26,7 +26,7 @@ Tensor3 forward_autocast_cuda(const at::Tensor& input, at::IntArrayRef normalize
 
 // rms_norm is on the same CUDA float32 list where torch has a rule for it (below), and,
 // like layer_norm, has no CPU rule.
-Tensor2 rms_forward_autocast_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
+Tensor2 rms_forward_autocast_cuda(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                                   const std::optional<at::Tensor>& weight,
                                   std::optional<double> eps) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);

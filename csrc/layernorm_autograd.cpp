@@ -21,7 +21,7 @@
 namespace layernorm_ext {
 namespace {
 
-Tensor3 call_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+Tensor3 call_forward(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                      const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, double eps) {
   static const auto op = c10::Dispatcher::singleton()
@@ -34,7 +34,7 @@ Tensor3 call_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
 // dispatches below autograd: the op's Autograd kernel (the not-implemented fallback)
 // would only check and wrap its outputs, a few microseconds per call.
 Tensor3 call_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                      at::IntArrayRef normalized_shape, const at::Tensor& mean,
+                      c10::SymIntArrayRef normalized_shape, const at::Tensor& mean,
                       const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -47,7 +47,7 @@ Tensor3 call_backward(const at::Tensor& grad_out, const at::Tensor& input,
 // The LayerNorm backward as differentiable ATen ops (statistics recomputed from the
 // input, so their dependence on it is part of the graph). Returns (dx, dw, db).
 Tensor3 differentiable_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                                at::IntArrayRef normalized_shape, const at::Tensor& weight,
+                                c10::SymIntArrayRef normalized_shape, const at::Tensor& weight,
                                 const at::Tensor& bias, double eps) {
   const int64_t axis = input.dim() - static_cast<int64_t>(normalized_shape.size());
   std::vector<int64_t> row_dims(axis), col_dims(normalized_shape.size());
@@ -87,7 +87,7 @@ struct LayerNormBackward : public NormBackwardNode<LayerNormBackward, 5, 3> {
   std::string name() const override { return "layernorm_ext::LayerNormBackward"; }
 
   static variable_list gradients(const at::Tensor& grad_out, const SavedTensors& saved,
-                                 at::IntArrayRef normalized_shape, double eps) {
+                                 c10::SymIntArrayRef normalized_shape, double eps) {
     const auto& [input, weight, bias, mean, rstd] = saved;
     // Grad mode is on here when the backward must itself be differentiable: the engine
     // enables it only for create_graph=True (a direct call of the node keeps the caller's).
@@ -100,7 +100,7 @@ struct LayerNormBackward : public NormBackwardNode<LayerNormBackward, 5, 3> {
   }
 };
 
-Tensor3 forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
+Tensor3 forward_autograd(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                          const std::optional<at::Tensor>& weight,
                          const std::optional<at::Tensor>& bias, double eps) {
   if (!needs_autograd(input, {&weight, &bias})) {

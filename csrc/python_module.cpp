@@ -66,7 +66,8 @@ bool read_sizes(PyObject* arg, c10::SmallVector<int64_t, 4>& sizes) {
     int overflow = 0;
     const long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
     sizes.push_back(value);
-    return overflow == 0;
+    // Below -2^62 a c10::SymInt is no plain int (the range that marks a symbolic one).
+    return overflow == 0 && c10::SymInt::check_range(value);
   };
   if (PyLong_Check(arg)) return read(arg);  // layer_norm(x, 768), as nn.LayerNorm takes it
   const bool tuple = PyTuple_Check(arg);
@@ -111,10 +112,10 @@ PyObject* forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const double eps = PyFloat_AS_DOUBLE(args[4]);
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("layernorm_ext::forward", "")
-                             .typed<Tensor3(const at::Tensor&, at::IntArrayRef,
+                             .typed<Tensor3(const at::Tensor&, c10::SymIntArrayRef,
                                             const std::optional<at::Tensor>&,
                                             const std::optional<at::Tensor>&, double)>();
-  return wrapped_output(op, input, at::IntArrayRef(normalized_shape), weight, bias, eps);
+  return wrapped_output(op, input, c10::fromIntArrayRefUnchecked(normalized_shape), weight, bias, eps);
   END_HANDLE_TH_ERRORS
 }
 
@@ -141,10 +142,10 @@ PyObject* rms_forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       args[3] == Py_None ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(args[3]));
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("layernorm_ext::rms_forward", "")
-                             .typed<Tensor2(const at::Tensor&, at::IntArrayRef,
+                             .typed<Tensor2(const at::Tensor&, c10::SymIntArrayRef,
                                             const std::optional<at::Tensor>&,
                                             std::optional<double>)>();
-  return wrapped_output(op, input, at::IntArrayRef(normalized_shape), weight, eps);
+  return wrapped_output(op, input, c10::fromIntArrayRefUnchecked(normalized_shape), weight, eps);
   END_HANDLE_TH_ERRORS
 }
 

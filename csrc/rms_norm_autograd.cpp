@@ -18,7 +18,7 @@
 namespace layernorm_ext {
 namespace {
 
-Tensor2 call_rms_forward(const at::Tensor& input, at::IntArrayRef normalized_shape,
+Tensor2 call_rms_forward(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                          const std::optional<at::Tensor>& weight, std::optional<double> eps) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("layernorm_ext::rms_forward", "")
@@ -29,7 +29,7 @@ Tensor2 call_rms_forward(const at::Tensor& input, at::IntArrayRef normalized_sha
 // The fused backward, with grad mode off: below autograd, as call_backward in
 // layernorm_autograd.cpp.
 Tensor2 call_rms_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                          at::IntArrayRef normalized_shape, const at::Tensor& rstd,
+                          c10::SymIntArrayRef normalized_shape, const at::Tensor& rstd,
                           const std::optional<at::Tensor>& weight) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   static const auto op = c10::Dispatcher::singleton()
@@ -43,7 +43,7 @@ Tensor2 call_rms_backward(const at::Tensor& grad_out, const at::Tensor& input,
 //   dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * w,  xhat = x * rstd
 //   dw = sum over rows of dy * xhat
 Tensor2 differentiable_rms_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                                    at::IntArrayRef normalized_shape, const at::Tensor& weight,
+                                    c10::SymIntArrayRef normalized_shape, const at::Tensor& weight,
                                     double eps) {
   const int64_t axis = input.dim() - static_cast<int64_t>(normalized_shape.size());
   std::vector<int64_t> row_dims(axis), col_dims(normalized_shape.size());
@@ -74,7 +74,7 @@ struct RMSNormBackward : public NormBackwardNode<RMSNormBackward, 3, 2> {
 
   // eps: the resolved one (rms_norm_eps).
   static variable_list gradients(const at::Tensor& grad_out, const SavedTensors& saved,
-                                 at::IntArrayRef normalized_shape, double eps) {
+                                 c10::SymIntArrayRef normalized_shape, double eps) {
     const auto& [input, weight, rstd] = saved;
     // Grad mode is on here when the backward must itself be differentiable: the engine
     // enables it only for create_graph=True (a direct call of the node keeps the caller's).
@@ -87,7 +87,7 @@ struct RMSNormBackward : public NormBackwardNode<RMSNormBackward, 3, 2> {
   }
 };
 
-Tensor2 rms_forward_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
+Tensor2 rms_forward_autograd(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                              const std::optional<at::Tensor>& weight,
                              std::optional<double> eps) {
   if (!needs_autograd(input, {&weight})) {

@@ -281,13 +281,24 @@ def _as_index(size: object) -> object:
         return size
 
 
+def _past_int64(size: int) -> bool:
+    """Whether size is outside int64. Traced by Dynamo, a symbolic size is an int too, and a
+    plain comparison would guard it to int64's bounds (torch.export then refuses a dynamic
+    hidden dim): there the answer is what is known without a guard, exact for a constant."""
+    if not torch.compiler.is_compiling():
+        return not _INT64_MIN <= size <= _INT64_MAX
+    # Loaded by then; imported at the top it would add ~0.35 s to `import layernorm_ext`.
+    known = torch.fx.experimental.symbolic_shapes.statically_known_true
+    return known(size < _INT64_MIN) or known(size > _INT64_MAX)
+
+
 def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Sequence[int]:
     """normalized_shape as a sequence of ints; an int is taken as (int,), as nn.LayerNorm does."""
     # The usual case, a tuple/list/Size of plain ints, returned as it is: this function
     # runs on every call, and at the seed's 100x20 a call takes only ~5 us.
     if type(normalized_shape) in _PLAIN_SHAPE_TYPES:
         for size in normalized_shape:
-            if type(size) is not int or not _INT64_MIN <= size <= _INT64_MAX:
+            if type(size) is not int or _past_int64(size):
                 break
         else:
             # The op parses a torch.Size ~0.7 us slower than a tuple of the same ints.
@@ -304,7 +315,7 @@ def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Seq
             raise TypeError(f"{function}(): argument 'normalized_shape' (position 2) must be "
                             f"tuple of ints, but found element of type {_type_name(size)} "
                             f"at pos {pos}")
-        if isinstance(size, int) and not _INT64_MIN <= size <= _INT64_MAX:
+        if isinstance(size, int) and _past_int64(size):
             raise TypeError(f"{function}(): argument 'normalized_shape' (position 2): "
                             f"{size} at pos {pos} does not fit in int64")
         sizes.append(size)
