@@ -94,3 +94,27 @@ def test_modules_on_a_1d_channels_last_and_4d_input(device, norm):
             got, expected = program.module()(x), module(x)
         assert got.is_contiguous() and expected.is_contiguous()
         torch.testing.assert_close(got, expected, rtol=0, atol=ATOL[torch.float32])
+
+
+class NormsOfLastDim(torch.nn.Module):
+    def forward(self, x, weight, bias):
+        shape = x.shape[-1:]
+        return (*torch.ops.layernorm_ext.forward(x, shape, weight, bias, EPS),
+                *torch.ops.layernorm_ext.rms_forward(x, shape, weight, None))
+
+
+def test_a_dynamic_hidden_size_stays_dynamic_through_the_table(device):
+    # normalized_shape from the input's dynamic last dim (SymInt[] schemas): the decomposed
+    # program runs at other hidden sizes than the traced one.
+    table = default_decompositions()
+    table.update(layernorm_ext.decompositions.decomposition_table())
+    hidden = Dim("hidden")
+    dims = ({0: Dim("batch"), 1: hidden}, {0: hidden}, {0: hidden})
+    args = tuple(torch.randn(shape, device=device) for shape in ((3, 16), (16,), (16,)))
+    program = torch.export.export(NormsOfLastDim(), args,
+                                  dynamic_shapes=dims).run_decompositions(table)
+    for rows, cols in ((5, 40), (2, 9)):
+        args = tuple(torch.randn(shape, device=device) for shape in ((rows, cols), (cols,), (cols,)))
+        with torch.no_grad():
+            for out, ref in zip(program.module()(*args), NormsOfLastDim()(*args)):
+                torch.testing.assert_close(out, ref, rtol=0, atol=ATOL[torch.float32])

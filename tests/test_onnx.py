@@ -76,6 +76,21 @@ def test_exported_model_takes_a_dynamic_batch():
         _assert_matches(session, model, torch.randn(batch, 10))
 
 
+class _NormsOfLastDim(torch.nn.Module):
+    def forward(self, x):
+        return (layernorm_ext.layer_norm(x, x.shape[-1:])
+                + layernorm_ext.rms_norm(x, x.shape[-1:]))
+
+
+def test_exported_model_takes_a_dynamic_hidden_size():
+    # normalized_shape from the input's dynamic last dim stays symbolic (SymInt[] schemas).
+    model = _NormsOfLastDim()
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("hidden")},)
+    _, session = _export(model, torch.randn(4, 10), dynamic_shapes=dims)
+    for shape in ((3, 10), (5, 33)):
+        _assert_matches(session, model, torch.randn(shape))
+
+
 class _Ops(torch.nn.Module):
     """Returns every output of the forward ops: the statistics' shapes and values too."""
 
