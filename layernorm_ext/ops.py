@@ -316,10 +316,23 @@ def _as_shape(normalized_shape: _ShapeLike, function: str = "layer_norm") -> Seq
                             f"tuple of ints, but found element of type {_type_name(size)} "
                             f"at pos {pos}")
         if isinstance(size, int) and _past_int64(size):
-            raise TypeError(f"{function}(): argument 'normalized_shape' (position 2): "
-                            f"{size} at pos {pos} does not fit in int64")
+            raise _int64_error(size, pos, function)
         sizes.append(size)
     return sizes
+
+
+def _int64_error(size: int, pos: int, function: str) -> TypeError:
+    return TypeError(f"{function}(): argument 'normalized_shape' (position 2): {size} at pos "
+                     f"{pos} does not fit in int64")
+
+
+def _check_sizes_fit_int64(sizes: Sequence[int], function: str) -> None:
+    """After the op refused a call: torch's TypeError for a size outside int64. Under
+    torch.compile(dynamic=True) such a size can be traced as a symbol (which _as_shape checks
+    without a guard) and reach the op. A plain comparison here: the call fails anyway."""
+    for pos, size in enumerate(sizes):
+        if isinstance(size, int) and not _INT64_MIN <= size <= _INT64_MAX:
+            raise _int64_error(size, pos, function)
 
 
 def _as_eps(eps: object, position: int, function: str) -> Union[float, torch.SymFloat]:
@@ -432,6 +445,7 @@ def layer_norm(
             try:
                 return _forward(input, shape, weight, bias, eps)[0]
             except (TypeError, RuntimeError):
+                _check_sizes_fit_int64(shape, "layer_norm")
                 _check_argument_types(input, weight, bias, eps)
                 raise
     eps = _check_argument_types(input, weight, bias, eps)
@@ -576,8 +590,9 @@ def rms_norm(
         register_if_dtensor(input, kernel_weight)
     try:
         return _rms_forward(input, shape, kernel_weight, eps)[0]
-    except NotImplementedError:  # checked only then: the checks cost ~0.4 us a call
-        if _torch_computes_only(input, weight):
+    except RuntimeError as error:  # checked only then: the checks cost ~0.4 us a call
+        _check_sizes_fit_int64(shape, "rms_norm")
+        if isinstance(error, NotImplementedError) and _torch_computes_only(input, weight):
             return torch.rms_norm(input, shape, weight, eps)
         raise
 

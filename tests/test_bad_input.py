@@ -174,8 +174,8 @@ CASES: dict[str, BadCall] = {
                                          phrase="at pos 0 does not fit in int64"),
     # Below -2^62 a size is no plain c10::SymInt: torch's layer_norm refuses it with the
     # dispatcher's error (its source line and "expected to contain only concrete
-    # integers"), and so do ours (SymInt[] schemas, as torch's); torch's rms_norm (int[])
-    # gives its shape error.
+    # integers"), and so do ours (SymInt[] schemas, as torch's); torch's composite
+    # rms_norm checks the shape before its sizes become ints and gives its shape error.
     "normalized_shape_below_plain_symints": BadCall(
         lambda f, d: f(x_on(d), [-(2**62) - 5]),
         phrase="SymIntArrayRef expected to contain only concrete integers"),

@@ -459,10 +459,12 @@ def test_a_symbolic_normalized_shape_stays_symbolic(device, norm):
 @pytest.mark.parametrize("norm", NORMS)
 def test_a_size_past_int64_raises_under_torch_compile_as_in_eager(device, norm):
     # normalized_shape's int64 bounds are checked in Python (the op's parser raises a
-    # RuntimeError): traced by Dynamo too, a size past them raises eager's TypeError.
+    # RuntimeError): traced by Dynamo too, a size past them raises eager's TypeError, also
+    # where dynamic=True makes it symbolic while traced.
     ours = NORMS[norm][0]
     x = torch.randn(3, 4, device=device)
-    for call in (ours, torch.compile(ours, backend="eager")):
+    for call in (ours, torch.compile(ours, backend="eager"),
+                 torch.compile(ours, backend="eager", dynamic=True)):
         torch._dynamo.reset()
         with pytest.raises(TypeError, match="at pos 0 does not fit in int64"):
             call(x, (2**70,))
