@@ -53,13 +53,12 @@ template <class NodeT>
 PyObject* saved_normalized_shape(PyObject* self, void*) {
   HANDLE_TH_ERRORS
   const auto& shape = node_of<NodeT>(self).normalized_shape();
-  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(shape.size()));
-  if (tuple == nullptr) return nullptr;
+  pybind11::tuple tuple(shape.size());
   for (size_t i = 0; i < shape.size(); ++i) {
     // An int, or a torch.SymInt for a size that compiled autograd traces symbolically.
-    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), pybind11::cast(shape[i]).release().ptr());
+    tuple[i] = pybind11::cast(shape[i]);
   }
-  return tuple;
+  return tuple.release().ptr();
   END_HANDLE_TH_ERRORS
 }
 

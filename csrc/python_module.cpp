@@ -49,11 +49,19 @@ std::optional<at::Tensor> optional_tensor(PyObject* arg) {
 // no functorch transform (vmap, grad, jvp: their wrapped tensors are plain to Python).
 // This mirrors what torch's has_torch_function reads of its thread-local state, with the
 // argument types (is_plain_tensor), and torch._C._are_functorch_transforms_active.
-bool no_override_active() {
-  using at::impl::PythonTorchFunctionTLS;
-  if (at::impl::torch_function_mode_enabled() || PythonTorchFunctionTLS::peek_skip_next()) {
+// The pending skip; torch 2.13 has the flag (torch 2.11, the GPU machines' image, does
+// not, and there no call sets one).
+template <typename TLS = at::impl::PythonTorchFunctionTLS>
+bool skip_next_pending() {
+  if constexpr (requires { TLS::peek_skip_next(); }) {
+    return TLS::peek_skip_next();
+  } else {
     return false;
   }
+}
+
+bool no_override_active() {
+  if (at::impl::torch_function_mode_enabled() || skip_next_pending()) return false;
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
   return !included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
          !included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
