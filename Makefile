@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.14.1
 SOURCES := setup.py $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 export MAX_JOBS ?= 2
 
-.PHONY: setup train test clean gpu-check test-cpu-torch test-sanitize
+.PHONY: setup train test clean gpu-check test-cpu-torch test-image-torch test-sanitize
 
 # The stamp names the torch version: `make TORCH_VERSION=...` installs that torch into
 # the existing venv, and the build below then compiles against it.
@@ -45,26 +45,45 @@ clean:
 	rm -rf build *.egg-info layernorm_ext/*.so $(VENV)/.build-stamp
 	rm -f $(VENV)/lib/python*/site-packages/layernorm_ext-checkout.pth
 
+# Builds the extension against another venv's torch, outside the source tree (the main
+# build stays), then runs the API tests on that build with pytest's own script (with
+# python -m the source tree would shadow the build).
+# $(call build_and_test,venv,build dir,LAYERNORM_EXT_EXPECT_CUDA)
+OTHER_TORCH_TESTS := tests/test_autograd_graph.py tests/test_ops.py tests/test_transforms.py \
+    tests/test_module.py tests/test_decompositions.py tests/test_eager_entry.py
+define build_and_test
+	rm -rf $(2)
+	$(1)/bin/python setup.py -q build --build-base $(2) --build-lib $(2)/lib
+	LAYERNORM_EXT_EXPECT_CUDA=$(3) PYTHONPATH=$(abspath $(2))/lib $(1)/bin/pytest -q \
+	    -p no:cacheprovider $(OTHER_TORCH_TESTS)
+endef
+
 # The CPU-only build path against another torch: torch 2.13.0's CPU-only wheel (no
-# CUDA, an older autograd API), built outside the source tree so the main build stays,
-# then the autograd and API tests on it. Run by .ci/run after `make test`.
+# CUDA, an older autograd API), then the API tests on it. Run by .ci/run after `make test`.
 # PyPI's Linux torch has CUDA; elsewhere than here pass
 # CPU_TORCH_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
 CPU_TORCH_VERSION ?= 2.13.0
 CPU_TORCH_PIP_ARGS ?=
 CPU_VENV ?= .venv-cpu-torch
-CPU_BUILD := build/cpu-torch
 test-cpu-torch:
 	test -x $(CPU_VENV)/bin/python || python3 -m venv $(CPU_VENV)
 	$(CPU_VENV)/bin/python -m pip install -q $(CPU_TORCH_PIP_ARGS) "torch==$(CPU_TORCH_VERSION)" pytest numpy expecttest hypothesis setuptools
 	$(CPU_VENV)/bin/python -c "import sys, torch; sys.exit(None if torch.version.cuda is None else \
 	    f'test-cpu-torch wants a CPU-only torch, got {torch.__version__} (CUDA {torch.version.cuda}): rm -rf $(CPU_VENV), then run it again with CPU_TORCH_PIP_ARGS (see above)')"
-	rm -rf $(CPU_BUILD)
-	$(CPU_VENV)/bin/python setup.py -q build --build-base $(CPU_BUILD) --build-lib $(CPU_BUILD)/lib
-	# pytest's own script, not python -m: the source tree must not shadow the build.
-	LAYERNORM_EXT_EXPECT_CUDA=0 PYTHONPATH=$(abspath $(CPU_BUILD))/lib $(CPU_VENV)/bin/pytest -q -p no:cacheprovider \
-	    tests/test_autograd_graph.py tests/test_ops.py tests/test_transforms.py tests/test_module.py \
-	    tests/test_decompositions.py
+	$(call build_and_test,$(CPU_VENV),build/cpu-torch,0)
+
+# The torch of the GPU machines' image (2.11.0, CUDA 13.0 wheel): the CPU and CUDA
+# kernels built against it, then the API tests on the CPU. Run it by hand after changing
+# the C++ that talks to torch: a build that breaks there costs a GPU session its build
+# step (the build broke there three times, once on the H200). Not run by .ci/run: the
+# wheel and its CUDA libraries (~5 GB) come from the package index, not this machine's
+# local copy (here: 2 minutes to install, 6 to build, 2 to test).
+IMAGE_TORCH_VERSION ?= 2.11.0
+IMAGE_VENV ?= .venv-image-torch
+test-image-torch:
+	test -x $(IMAGE_VENV)/bin/python || python3 -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q "torch==$(IMAGE_TORCH_VERSION)" pytest numpy expecttest hypothesis setuptools ninja
+	$(call build_and_test,$(IMAGE_VENV),build/image-torch,1)
 
 # The C++ under gcc's AddressSanitizer and UndefinedBehaviorSanitizer: the CPU kernels,
 # checks and autograd (a CPU-only build in build/sanitize), the CUDA kernels on their CPU

@@ -378,6 +378,21 @@ def test_autocast_rule_follows_the_installed_torch():
     assert has_rule("layernorm_ext::forward") == has_rule("aten::layer_norm")
 
 
+def test_cuda_autocast_kernels_pass_cpu_tensors_through():
+    """The AutocastCUDA kernels' host code without a GPU: redispatched to them, CPU tensors
+    (which CUDA's casts leave alone) reach the CPU kernels with the caller's sizes and eps,
+    through the typed op handles (a signature that differs from the schema's raises)."""
+    autocast_cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)
+    x, w, b = (torch.randn(shape, dtype=torch.float64) for shape in ((4, 2, 8), (2, 8), (2, 8)))
+    ops = torch.ops.layernorm_ext
+    got = ops.forward.default.redispatch(autocast_cuda, x, [2, 8], w, b, 0.5)
+    assert torch.equal(got[0], ops.forward(x, [2, 8], w, b, 0.5)[0])
+    if torch._C._dispatch_has_kernel_for_dispatch_key("layernorm_ext::rms_forward",
+                                                      "AutocastCUDA"):
+        got = ops.rms_forward.default.redispatch(autocast_cuda, x, [8], w[0], 0.5)
+        assert torch.equal(got[0], ops.rms_forward(x, [8], w[0], 0.5)[0])
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 def torch_error(fn) -> tuple[type, str]:
