@@ -42,13 +42,6 @@ std::optional<at::Tensor> optional_tensor(PyObject* arg) {
   return THPVariable_Unpack(arg);
 }
 
-// Nothing that layer_norm's Python would hand to another implementation, or would change
-// by checking: no torch function mode (a TorchFunctionMode, torch.set_default_device's),
-// no pending skip of one __torch_function__ hop (torch.overrides.redispatch_function sets
-// it for the next has_torch_function check, which the Python makes and so consumes), and
-// no functorch transform (vmap, grad, jvp: their wrapped tensors are plain to Python).
-// This mirrors what torch's has_torch_function reads of its thread-local state, with the
-// argument types (is_plain_tensor), and torch._C._are_functorch_transforms_active.
 // The pending skip; torch 2.13 has the flag (torch 2.11, the GPU machines' image, does
 // not, and there no call sets one).
 template <typename TLS = at::impl::PythonTorchFunctionTLS>
@@ -60,6 +53,13 @@ bool skip_next_pending() {
   }
 }
 
+// Nothing that layer_norm's Python would hand to another implementation, or would change
+// by checking: no torch function mode (a TorchFunctionMode, torch.set_default_device's),
+// no pending skip of one __torch_function__ hop (torch.overrides.redispatch_function sets
+// it for the next has_torch_function check, which the Python makes and so consumes), and
+// no functorch transform (vmap, grad, jvp: their wrapped tensors are plain to Python).
+// This mirrors what torch's has_torch_function reads of its thread-local state, with the
+// argument types (is_plain_tensor), and torch._C._are_functorch_transforms_active.
 bool no_override_active() {
   if (at::impl::torch_function_mode_enabled() || skip_next_pending()) return false;
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
@@ -67,7 +67,8 @@ bool no_override_active() {
          !included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
 }
 
-// An int, or a tuple or list of ints (int subclasses too, not bool), within int64.
+// An int, or a tuple or list of ints (int subclasses too, not bool), within int64 and
+// above -2^62 (plain c10::SymInts).
 bool read_sizes(PyObject* arg, c10::SmallVector<int64_t, 4>& sizes) {
   const auto read = [&sizes](PyObject* item) {
     if (!PyLong_Check(item) || PyBool_Check(item)) return false;
@@ -123,7 +124,8 @@ PyObject* forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                              .typed<Tensor3(const at::Tensor&, c10::SymIntArrayRef,
                                             const std::optional<at::Tensor>&,
                                             const std::optional<at::Tensor>&, double)>();
-  return wrapped_output(op, input, c10::fromIntArrayRefUnchecked(normalized_shape), weight, bias, eps);
+  return wrapped_output(op, input, c10::fromIntArrayRefUnchecked(normalized_shape), weight,
+                        bias, eps);
   END_HANDLE_TH_ERRORS
 }
 
@@ -153,7 +155,8 @@ PyObject* rms_forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs)
                              .typed<Tensor2(const at::Tensor&, c10::SymIntArrayRef,
                                             const std::optional<at::Tensor>&,
                                             std::optional<double>)>();
-  return wrapped_output(op, input, c10::fromIntArrayRefUnchecked(normalized_shape), weight, eps);
+  return wrapped_output(op, input, c10::fromIntArrayRefUnchecked(normalized_shape), weight,
+                        eps);
   END_HANDLE_TH_ERRORS
 }
 

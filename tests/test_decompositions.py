@@ -110,11 +110,15 @@ def test_a_dynamic_hidden_size_stays_dynamic_through_the_table(device):
     table.update(layernorm_ext.decompositions.decomposition_table())
     hidden = Dim("hidden")
     dims = ({0: Dim("batch"), 1: hidden}, {0: hidden}, {0: hidden})
-    args = tuple(torch.randn(shape, device=device) for shape in ((3, 16), (16,), (16,)))
-    program = torch.export.export(NormsOfLastDim(), args,
+
+    def args(rows, cols):
+        return tuple(torch.randn(shape, device=device) for shape in ((rows, cols), (cols,),
+                                                                     (cols,)))
+
+    program = torch.export.export(NormsOfLastDim(), args(3, 16),
                                   dynamic_shapes=dims).run_decompositions(table)
     for rows, cols in ((5, 40), (2, 9)):
-        args = tuple(torch.randn(shape, device=device) for shape in ((rows, cols), (cols,), (cols,)))
+        inputs = args(rows, cols)
         with torch.no_grad():
-            for out, ref in zip(program.module()(*args), NormsOfLastDim()(*args)):
+            for out, ref in zip(program.module()(*inputs), NormsOfLastDim()(*inputs)):
                 torch.testing.assert_close(out, ref, rtol=0, atol=ATOL[torch.float32])
