@@ -1,10 +1,13 @@
-// The operator schemas. Kernels register per backend in csrc/cpu and csrc/cuda; the
-// argument checks are in layernorm_checks.cpp; autograd in layernorm_autograd.cpp and
-// rms_norm_autograd.cpp, fake (meta) kernels in Python (layernorm_ext/ops.py). The Python
-// module that loads them all is python_module.cpp.
+// The operator schemas, and the forward ops' calls from C++ (op_calls.h). Kernels
+// register per backend in csrc/cpu and csrc/cuda; the argument checks are in
+// layernorm_checks.cpp; autograd in layernorm_autograd.cpp and rms_norm_autograd.cpp,
+// fake (meta) kernels in Python (layernorm_ext/ops.py). The Python module that loads them
+// all is python_module.cpp.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "layernorm.h"
+#include "op_calls.h"
 
 namespace layernorm_ext {
 
@@ -33,6 +36,23 @@ TORCH_LIBRARY(layernorm_ext, m) {
   m.def(
       "rms_backward(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, "
       "Tensor? weight) -> (Tensor, Tensor)");
+}
+
+Tensor3 call_forward(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+                     const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layernorm_ext::forward", "")
+                             .typed<decltype(call_forward)>();
+  return op.call(input, normalized_shape, weight, bias, eps);
+}
+
+Tensor2 call_rms_forward(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+                         const std::optional<at::Tensor>& weight, std::optional<double> eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layernorm_ext::rms_forward", "")
+                             .typed<decltype(call_rms_forward)>();
+  return op.call(input, normalized_shape, weight, eps);
 }
 
 }  // namespace layernorm_ext

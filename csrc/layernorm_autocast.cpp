@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "layernorm.h"
+#include "op_calls.h"
 
 namespace layernorm_ext {
 namespace {
@@ -15,11 +16,8 @@ Tensor3 forward_autocast_cuda(const at::Tensor& input, c10::SymIntArrayRef norma
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, double eps) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("layernorm_ext::forward", "")
-                             .typed<decltype(forward_autocast_cuda)>();
   constexpr auto cuda = c10::DeviceType::CUDA;
-  return op.call(at::autocast::cached_cast(at::kFloat, input, cuda), normalized_shape,
+  return call_forward(at::autocast::cached_cast(at::kFloat, input, cuda), normalized_shape,
                  at::autocast::cached_cast(at::kFloat, weight, cuda),
                  at::autocast::cached_cast(at::kFloat, bias, cuda), eps);
 }
@@ -30,11 +28,8 @@ Tensor2 rms_forward_autocast_cuda(const at::Tensor& input, c10::SymIntArrayRef n
                                   const std::optional<at::Tensor>& weight,
                                   std::optional<double> eps) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("layernorm_ext::rms_forward", "")
-                             .typed<decltype(rms_forward_autocast_cuda)>();
   constexpr auto cuda = c10::DeviceType::CUDA;
-  return op.call(at::autocast::cached_cast(at::kFloat, input, cuda), normalized_shape,
+  return call_rms_forward(at::autocast::cached_cast(at::kFloat, input, cuda), normalized_shape,
                  at::autocast::cached_cast(at::kFloat, weight, cuda), eps);
 }
 

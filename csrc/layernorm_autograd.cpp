@@ -17,18 +17,10 @@
 #include "autograd_common.h"
 #include "autograd_python.h"
 #include "layernorm.h"
+#include "op_calls.h"
 
 namespace layernorm_ext {
 namespace {
-
-Tensor3 call_forward(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
-                     const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, double eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("layernorm_ext::forward", "")
-                             .typed<decltype(call_forward)>();
-  return op.call(input, normalized_shape, weight, bias, eps);
-}
 
 // The fused backward, called from LayerNormBackward::apply with grad mode off. It
 // dispatches below autograd: the op's Autograd kernel (the not-implemented fallback)

@@ -2,7 +2,6 @@
 // (layernorm.cpp and the backends); the module itself holds the backward nodes' Python
 // classes (autograd_python.h), the forward ops' eager entry points and two queries.
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/Exceptions.h>
@@ -13,6 +12,7 @@
 
 #include "autograd_python.h"
 #include "layernorm.h"
+#include "op_calls.h"
 
 namespace layernorm_ext {
 namespace {
@@ -93,13 +93,14 @@ void check_arg_count(Py_ssize_t given, Py_ssize_t expected, const char* function
                    " positional arguments but ", given, " were given");
 }
 
-// The op's output (its first), called with the GIL released as torch's own bindings do.
-template <typename Op, typename... Args>
-PyObject* wrapped_output(const Op& op, const Args&... args) {
+// The first output of `call(args...)`, made with the GIL released as torch's own bindings
+// do.
+template <typename Call, typename... Args>
+PyObject* wrapped_output(Call call, const Args&... args) {
   at::Tensor output;
   {
     pybind11::gil_scoped_release no_gil;
-    output = std::get<0>(op.call(args...));
+    output = std::get<0>(call(args...));
   }
   return THPVariable_Wrap(std::move(output));
 }
@@ -119,13 +120,8 @@ PyObject* forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto weight = optional_tensor(args[2]);
   const auto bias = optional_tensor(args[3]);
   const double eps = PyFloat_AS_DOUBLE(args[4]);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("layernorm_ext::forward", "")
-                             .typed<Tensor3(const at::Tensor&, c10::SymIntArrayRef,
-                                            const std::optional<at::Tensor>&,
-                                            const std::optional<at::Tensor>&, double)>();
-  return wrapped_output(op, input, c10::fromIntArrayRefUnchecked(normalized_shape), weight,
-                        bias, eps);
+  return wrapped_output(call_forward, input, c10::fromIntArrayRefUnchecked(normalized_shape),
+                        weight, bias, eps);
   END_HANDLE_TH_ERRORS
 }
 
@@ -150,13 +146,8 @@ PyObject* rms_forward_output(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   }
   const std::optional<double> eps =
       args[3] == Py_None ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(args[3]));
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("layernorm_ext::rms_forward", "")
-                             .typed<Tensor2(const at::Tensor&, c10::SymIntArrayRef,
-                                            const std::optional<at::Tensor>&,
-                                            std::optional<double>)>();
-  return wrapped_output(op, input, c10::fromIntArrayRefUnchecked(normalized_shape), weight,
-                        eps);
+  return wrapped_output(call_rms_forward, input,
+                        c10::fromIntArrayRefUnchecked(normalized_shape), weight, eps);
   END_HANDLE_TH_ERRORS
 }
 

@@ -14,17 +14,10 @@
 #include "autograd_common.h"
 #include "autograd_python.h"
 #include "layernorm.h"
+#include "op_calls.h"
 
 namespace layernorm_ext {
 namespace {
-
-Tensor2 call_rms_forward(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
-                         const std::optional<at::Tensor>& weight, std::optional<double> eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("layernorm_ext::rms_forward", "")
-                             .typed<decltype(call_rms_forward)>();
-  return op.call(input, normalized_shape, weight, eps);
-}
 
 // The fused backward, with grad mode off: below autograd, as call_backward in
 // layernorm_autograd.cpp.
