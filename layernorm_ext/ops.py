@@ -192,6 +192,10 @@ def _forward_vmap(info, in_dims, input, normalized_shape, weight, bias, eps):
         input = input.movedim(input_dim, 0)
     if weight_dim is None and bias_dim is None:
         return _forward(input, normalized_shape, weight, bias, eps), (0, 0, 0)
+    # What a loop of unbatched calls would refuse (a dtype pair above all), refused here
+    # too with its message: one call on no rows, with one sample of each parameter.
+    _forward(input.narrow(0, 0, 0), normalized_shape, _one_sample(weight, weight_dim),
+             _one_sample(bias, bias_dim), eps)
 
     # Normalized in the kernels' accumulation type, the weight and bias applied there,
     # and rounded to the input's dtype once, as the unbatched kernel does.
@@ -210,6 +214,13 @@ def _forward_vmap(info, in_dims, input, normalized_shape, weight, bias, eps):
     w, b = per_sample(weight, weight_dim), per_sample(bias, bias_dim)
     output = _apply_per_sample(output, w, b)
     return (output.to(input.dtype), mean, rstd), (0, 0, 0)
+
+
+def _one_sample(param: Optional[torch.Tensor], dim: Optional[int]) -> Optional[torch.Tensor]:
+    """A stand-in for one sample of a (maybe batched) parameter: its shape, dtype, device."""
+    if param is None or dim is None:
+        return param
+    return param.new_empty(param.shape[:dim] + param.shape[dim + 1:])
 
 
 def _in_accumulation_type(input: torch.Tensor) -> torch.Tensor:

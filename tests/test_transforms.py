@@ -572,6 +572,27 @@ def test_vmap_per_sample_parameters_round_once_as_a_loop(device, norm, dtype, pa
     assert ((mapped - looped).abs() <= ulp).all()
 
 
+@pytest.mark.parametrize("param", ["weight", "bias"])
+@pytest.mark.parametrize("bad", ["dtype", "shape"])
+def test_vmap_per_sample_parameters_refuse_what_a_loop_refuses(device, param, bad):
+    """A per-sample parameter the unbatched op refuses (float64 with float32 input, or
+    a sample of the wrong shape) raises that op's error under vmap too. The dtype case
+    used to pass: the batching rule's arithmetic promoted, then rounded to float32."""
+    x = torch.randn(3, 4, 8, device=device)
+    size, dtype = (9, torch.float32) if bad == "shape" else (8, torch.float64)
+    p = torch.randn(3, size, device=device, dtype=dtype)
+    message = {"dtype": f"expected {param} to have the input's dtype \\(Float\\), but got Double",
+               "shape": f"Expected {param} to be of same shape as normalized_shape"}[bad]
+
+    def call(x, p):
+        return layer_norm(x, (8,), **{param: p})
+
+    with pytest.raises(RuntimeError, match=message):
+        call(x[0], p[0])
+    with pytest.raises(RuntimeError, match=message):
+        func.vmap(call)(x, p)
+
+
 def test_cuda_autocast_casts_before_the_dtype_pairs_are_checked(device):
     """Under a transform the op's checks run in Python first: the dtype pairs must be left
     to the op, which sees the float32 tensors of CUDA autocast (as eager does)."""
