@@ -43,25 +43,37 @@ def test_a_million_tiny_rows(device, dtype, D):
     run_and_check(x, [D], weight, bias, random64(M, D, seed=3).to(device, dtype))
 
 
+def positive64(*shape, seed=0):
+    """Uniform on [0.5, 1.5): terms of one sign, whose sums' rounding errors add up."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.float64) + 0.5
+
+
+@pytest.mark.parametrize("data", ["signed", "positive"])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
-def test_parameter_grads_of_many_rows_keep_their_accuracy(device, norm):
+def test_parameter_grads_of_many_rows_keep_their_accuracy(device, norm, data):
     """dgamma (and dbeta) sum a term from every row: 131072 of them here. Summed one after
     another per thread (65536 a chunk on 2 threads), RMSNorm's dgamma had a relative error
-    of 5.9e-6, 25x that of torch's composite rms_norm, which sums pairwise; chunks of at
-    most a few hundred rows keep it at 5.2e-7 (LayerNorm's 5.6e-7, where torch's kernel,
-    whose threads sum one after another, has 8e-6). Relative to max |reference|."""
+    of 5.9e-6, 25x that of torch's composite rms_norm, which sums pairwise. In chunks of at
+    most a few hundred rows whose partials were summed one after another: 6.8e-7 (signed
+    data) and 7.6e-7 (positive), 2.9x and 3.6x torch's; summed pairwise: 2.9e-7 and 8.3e-8,
+    1.25x and 0.4x. LayerNorm's: 2.8e-7 and 4.0e-7, where torch's kernel, whose threads
+    sum one after another, has 8e-6 and 7e-6. Relative to max |reference|."""
     M, D = 1 << 17, 64
-    x = random64(M, D).float().to(device)
+    make = random64 if data == "signed" else positive64
+    x = make(M, D).float().to(device)
     weight = (random64(D, seed=1) + 1).float().to(device)
     bias = random64(D, seed=2).float().to(device) if norm == "layer" else None
-    grad_out = random64(M, D, seed=3).float().to(device)
+    grad_out = make(M, D, seed=3).float().to(device)
     ours, theirs, reference = run_all(x, [D], weight, bias, grad_out, norm=norm)
+    # CUDA's partials (a slot's rows one after another) are not measured at this size yet.
+    floor = 2e-6 if device == "cuda" else 0.0
     for name, o, t, r in list(zip(("grad_weight", "grad_bias"), ours[2:], theirs[2:],
                                   reference[2:]))[:2 if norm == "layer" else 1]:
         scale = r.abs().max().item()
         error = (o.cpu().double() - r).abs().max().item() / scale
         torch_error = (t.cpu().double() - r).abs().max().item() / scale
-        assert error <= max(2e-6, 2 * torch_error), (name, error, torch_error)
+        assert error <= max(floor, 2 * torch_error), (name, error, torch_error)
 
 
 def available_memory(device: str) -> int:
