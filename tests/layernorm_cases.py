@@ -460,6 +460,33 @@ def params(D, dtype, device, seed=1):
     return weight, bias
 
 
+def positive64(*shape, seed=0):
+    """Seeded uniform float64 values on [0.5, 1.5): terms of one sign, whose sums'
+    rounding errors add up instead of cancelling."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, generator=g, dtype=torch.float64) + 0.5
+
+
+def check_parameter_grads_of_many_rows(norm: str, data: str, D: int, device: str = "cpu",
+                                       ours_fn: OursFn = layernorm_ext_results,
+                                       floor: float = 0.0, rows: int = 1 << 17) -> None:
+    """dgamma (and dbeta) of float32 rows, `data` "signed" (standard normal x and
+    grad_out) or "positive" (positive64), each within twice torch's error, or `floor`,
+    of the float64 reference, relative to its largest element."""
+    make = random64 if data == "signed" else positive64
+    x = make(rows, D).float().to(device)
+    weight = (random64(D, seed=1) + 1).float().to(device)
+    bias = random64(D, seed=2).float().to(device) if norm == "layer" else None
+    grad_out = make(rows, D, seed=3).float().to(device)
+    ours, theirs, reference = run_all(x, [D], weight, bias, grad_out, norm=norm, ours_fn=ours_fn)
+    for name, o, t, r in list(zip(("grad_weight", "grad_bias"), ours[2:], theirs[2:],
+                                  reference[2:]))[:2 if norm == "layer" else 1]:
+        scale = r.abs().max().item()
+        error = (o.cpu().double() - r).abs().max().item() / scale
+        torch_error = (t.cpu().double() - r).abs().max().item() / scale
+        assert error <= max(floor, 2 * torch_error), (name, error, torch_error)
+
+
 def check_ramp_rows(dtype: torch.dtype, offset: float, D: int, device: str = "cpu",
                     ours_fn: OursFn = layernorm_ext_results, odd_at: int | None = None) -> None:
     """Rows that climb from offset to offset + 1 (sorted values: smooth signals,
