@@ -503,7 +503,8 @@ def _rms_backward_fake(grad_out, input, normalized_shape, rstd, weight):
 @torch.library.register_vmap("layernorm_ext::rms_forward")
 def _rms_forward_vmap(info, in_dims, input, normalized_shape, weight, eps):
     """As LayerNorm's rule: the batch dim becomes one more leading dim of the op's input; a
-    per-sample weight is applied after an unweighted call, rounded once."""
+    per-sample weight is checked as an unbatched call would, then applied after an
+    unweighted call, rounded once."""
     input_dim, _, weight_dim, _ = in_dims
     if input_dim is None:
         input = input.expand(info.batch_size, *input.shape)
@@ -511,6 +512,7 @@ def _rms_forward_vmap(info, in_dims, input, normalized_shape, weight, eps):
         input = input.movedim(input_dim, 0)
     if weight_dim is None:
         return _rms_forward(input, normalized_shape, weight, eps), (0, 0)
+    _rms_forward(input.narrow(0, 0, 0), normalized_shape, _one_sample(weight, weight_dim), eps)
     # (eps=None: float32's machine epsilon for float16/bfloat16 input and its float32 copy)
     output, rstd = _rms_forward(_in_accumulation_type(input), normalized_shape, None, eps)
     ones = (1,) * (input.dim() - 1 - len(normalized_shape))

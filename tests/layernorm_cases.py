@@ -473,7 +473,7 @@ def check_parameter_grads_of_many_rows(norm: str, data: str, D: int, device: str
     """dgamma (and dbeta) of float32 rows, `data` "signed" (standard normal x and
     grad_out) or "positive" (positive64), each within twice torch's error, or `floor`,
     of the float64 reference, relative to its largest element."""
-    make = random64 if data == "signed" else positive64
+    make = {"signed": random64, "positive": positive64}[data]
     x = make(rows, D).float().to(device)
     weight = (random64(D, seed=1) + 1).float().to(device)
     bias = random64(D, seed=2).float().to(device) if norm == "layer" else None

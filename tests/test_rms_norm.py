@@ -206,13 +206,14 @@ def test_op_returns_rstd(device):
     torch.testing.assert_close(out, F.rms_norm(x, [4, 5], w, 1e-6))
 
 
-@pytest.mark.parametrize("D", [4099, (1 << 20) + 3, (1 << 22) + 5])
+@pytest.mark.parametrize("D", [4099, 5000, (1 << 20) + 3, (1 << 22) + 5])
 def test_mean_square_of_like_terms_keeps_its_accuracy(device, D):
     """mean(x^2) adds terms of one sign, whose rounding errors add up along a chain. On
     the CPU, rstd of a constant float32 row had a relative error of 4.3e-7 at D = 4099,
     7.5e-7 at 2^20 + 3 and 2.7e-6 at 2^22 + 5 (torch's composite rms_norm: 6e-8 to
     1.4e-7) with 64-term chains and the blocks added into a running total; 1.4e-7 with
-    32-term chains and the blocks added pairwise."""
+    32-term chains and the blocks added pairwise (5000: an odd number of blocks, the last
+    one short, and a partial chunk)."""
     if device != "cpu":
         pytest.skip("the CUDA kernels' sums (and rsqrt.approx) are not measured on a GPU")
     x = torch.full((2, D), 3.3, device=device)

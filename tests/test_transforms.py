@@ -572,19 +572,34 @@ def test_vmap_per_sample_parameters_round_once_as_a_loop(device, norm, dtype, pa
     assert ((mapped - looped).abs() <= ulp).all()
 
 
-@pytest.mark.parametrize("param", ["weight", "bias"])
+@pytest.mark.parametrize("entry", ["function", "op"])
+@pytest.mark.parametrize("param", ["weight", "bias", "rms_weight"])
 @pytest.mark.parametrize("bad", ["dtype", "shape"])
-def test_vmap_per_sample_parameters_refuse_what_a_loop_refuses(device, param, bad):
+def test_vmap_per_sample_parameters_refuse_what_a_loop_refuses(device, entry, param, bad):
     """A per-sample parameter the unbatched op refuses (float64 with float32 input, or
-    a sample of the wrong shape) raises that op's error under vmap too. The dtype case
-    used to pass: the batching rule's arithmetic promoted, then rounded to float32."""
+    a sample of the wrong shape) raises that op's error under vmap too. Through the ops,
+    every case used to pass: the batching rules' arithmetic promoted, then rounded to
+    float32, or broadcast a wrong shape. (Through the functions, shapes were checked in
+    Python already; rms_norm takes a float64 weight, as torch's does.)"""
+    if entry == "function" and param == "rms_weight" and bad == "dtype":
+        pytest.skip("rms_norm casts the weight to the input's dtype, as torch's rms_norm")
     x = torch.randn(3, 4, 8, device=device)
     size, dtype = (9, torch.float32) if bad == "shape" else (8, torch.float64)
+    if bad == "shape" and entry == "op":
+        size = 1  # broadcasts against the rows
     p = torch.randn(3, size, device=device, dtype=dtype)
-    message = {"dtype": f"expected {param} to have the input's dtype \\(Float\\), but got Double",
-               "shape": f"Expected {param} to be of same shape as normalized_shape"}[bad]
+    name = "weight" if param == "rms_weight" else param
+    message = {"dtype": f"expected {name} to have the input's dtype \\(Float\\), but got Double",
+               "shape": f"Expected {name} to be of same shape as normalized_shape"}[bad]
 
     def call(x, p):
+        if param == "rms_weight":
+            if entry == "op":
+                return torch.ops.layernorm_ext.rms_forward(x, [8], p, None)[0]
+            return rms_norm(x, (8,), p)
+        if entry == "op":
+            return torch.ops.layernorm_ext.forward(x, [8], *((p, None) if param == "weight"
+                                                           else (None, p)), 1e-5)[0]
         return layer_norm(x, (8,), **{param: p})
 
     with pytest.raises(RuntimeError, match=message):
