@@ -487,6 +487,19 @@ def check_parameter_grads_of_many_rows(norm: str, data: str, D: int, device: str
         assert error <= max(floor, 2 * torch_error), (name, error, torch_error)
 
 
+def check_mean_square_of_like_terms(rms_forward: Callable, D: int,
+                                    dtype: torch.dtype = torch.float32,
+                                    device: str = "cpu") -> None:
+    """rstd of constant rows (3.3: squares of one sign, whose rounding errors add up along
+    a chain) from rms_forward (torch.ops.layernorm_ext.rms_forward's signature), within
+    two float32 epsilons of the float64 reference."""
+    x = torch.full((2, D), 3.3, device=device).to(dtype)
+    _, rstd = rms_forward(x, [D], None, 1e-6)
+    reference = (x.cpu().double().pow(2).mean(-1) + 1e-6).rsqrt()
+    error = ((rstd.cpu().double().flatten() - reference) / reference).abs().max().item()
+    assert error <= 2 * torch.finfo(torch.float32).eps, (D, dtype, error)
+
+
 def check_ramp_rows(dtype: torch.dtype, offset: float, D: int, device: str = "cpu",
                     ours_fn: OursFn = layernorm_ext_results, odd_at: int | None = None) -> None:
     """Rows that climb from offset to offset + 1 (sorted values: smooth signals,
