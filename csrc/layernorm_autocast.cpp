@@ -18,8 +18,8 @@ Tensor3 forward_autocast_cuda(const at::Tensor& input, c10::SymIntArrayRef norma
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   constexpr auto cuda = c10::DeviceType::CUDA;
   return call_forward(at::autocast::cached_cast(at::kFloat, input, cuda), normalized_shape,
-                 at::autocast::cached_cast(at::kFloat, weight, cuda),
-                 at::autocast::cached_cast(at::kFloat, bias, cuda), eps);
+                      at::autocast::cached_cast(at::kFloat, weight, cuda),
+                      at::autocast::cached_cast(at::kFloat, bias, cuda), eps);
 }
 
 // rms_norm is on the same CUDA float32 list where torch has a rule for it (below), and,
@@ -30,7 +30,7 @@ Tensor2 rms_forward_autocast_cuda(const at::Tensor& input, c10::SymIntArrayRef n
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   constexpr auto cuda = c10::DeviceType::CUDA;
   return call_rms_forward(at::autocast::cached_cast(at::kFloat, input, cuda), normalized_shape,
-                 at::autocast::cached_cast(at::kFloat, weight, cuda), eps);
+                          at::autocast::cached_cast(at::kFloat, weight, cuda), eps);
 }
 
 // Whether the installed torch has an autocast rule for its own rms_norm on CUDA. Newer

@@ -430,15 +430,13 @@ at::opmath_type<T> row_mean_square(const T* x, int64_t n) {
   using C = Chunk<T>;
   using Vec = typename C::Vec;
   const int64_t chunks = n / C::kSize;
-  typename C::Parts total{Vec(0), Vec(0)};
-  if (chunks > kSquareBlockSteps) {
-    const auto block = [&](int64_t first, int64_t steps) {
-      return LaneSums<T>{block_sum_squares(x + first * C::kSize, steps)};
-    };
-    total = cascade_blocks<kSquareBlockSteps, LaneSums<T>>(0, chunks, block).sum;
-  } else if (chunks > 0) {
-    total = block_sum_squares(x, chunks);
-  }
+  const auto block = [&](int64_t first, int64_t steps) {
+    return LaneSums<T>{block_sum_squares(x + first * C::kSize, steps)};
+  };
+  // (No chunks: block_sum_squares's zeros.)
+  auto total = chunks <= kSquareBlockSteps
+                   ? block(0, chunks).sum
+                   : cascade_blocks<kSquareBlockSteps, LaneSums<T>>(0, chunks, block).sum;
   const int64_t rest = n - chunks * C::kSize;
   if (rest > 0) {
     const auto v = C::load(x + chunks * C::kSize, rest);
