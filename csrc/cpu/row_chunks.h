@@ -50,13 +50,6 @@ void stream_store(void* p, const V& v) {
 #endif
 }
 
-// Orders the non-temporal stores before whatever the calling thread does next.
-inline void stream_fence() {
-#ifdef LN_HAVE_STREAM_STORES
-  _mm_sfence();
-#endif
-}
-
 #if defined(CPU_CAPABILITY_AVX512)
 // setup.py compiles the AVX-512 object of row_kernels.cpp with -mavx512bf16 too; its
 // instructions run only on CPUs that have them: kernel_table_AVX512() (row_kernels.cpp,

@@ -171,7 +171,6 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
       C::store_row(a.y + (first + r) * N, yv, N, false);  // N < kSize: no whole chunk to stream
     }
   }
-  if (a.stream_output) stream_fence();
 }
 
 // Forward of rows [begin, end). LayerNorm: Welford moments, then y = xhat * w + b.
@@ -259,7 +258,6 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       });
     }
   }
-  if (a.stream_output) stream_fence();
 }
 
 // x of a row's chunk for the backward's row sums: the lanes past the row's end (n) set
@@ -410,7 +408,6 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
     }
   }
 #endif
-  if (a.stream_output) stream_fence();
 }
 
 // Backward of rows [begin, end); RMSNorm (dbeta null) skips mean(g) and dbeta.
@@ -478,7 +475,6 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       if constexpr (kNorm == Norm::kLayer) AC::store(dbeta + j, dbv, n);
     });
   }
-  if (a.stream_output) stream_fence();
 }
 
 template <typename T, typename P>

@@ -15,6 +15,10 @@
 #include <cstdint>
 #include <tuple>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #include "../layernorm_math.h"
 
 namespace layernorm_ext::cpu {
@@ -30,7 +34,7 @@ struct ForwardRows {
   acc_t* rstd;
   int64_t cols;
   acc_t eps;
-  bool stream_output;  // write y with non-temporal stores (see kernel_table users)
+  bool stream_output;  // write y with non-temporal stores, unfenced (see below)
 };
 
 template <typename T, typename P>
@@ -43,7 +47,7 @@ struct BackwardRows {
   const P* weight;  // may be null
   T* dx;
   int64_t cols;
-  bool stream_output;  // write dx with non-temporal stores
+  bool stream_output;  // write dx with non-temporal stores, unfenced (see below)
 };
 
 template <typename T, typename P>
@@ -56,6 +60,16 @@ struct NormRowKernels {
   void (*backward)(const BackwardRows<T, P>&, int64_t begin, int64_t end, acc_t* dgamma,
                    acc_t* dbeta);
 };
+
+// Orders the row kernels' non-temporal stores (stream_output) before whatever the
+// calling thread does next. The kernels leave it to their caller, which fences once a
+// parallel task: the backward calls its kernel once a chunk of rows, and a fence a
+// chunk cost ~10% at 3407872x20 float32 (2-core Xeon; 820-row chunks).
+inline void fence_streamed_stores() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_sfence();
+#endif
+}
 
 // The same row kernels compiled for each norm (layernorm_math.h's Norm flag).
 template <typename T, typename P>
