@@ -33,13 +33,16 @@ namespace {
 constexpr int64_t kElementsPerTask = 1 << 14;
 
 // The most rows a backward chunk adds into its partial dgamma/dbeta rows, unless a
-// task's worth of rows is more (rows_per_task), rounded up to whole cache lines of rows
-// (backward_kernel): the error of a chunk's sums grows with its rows, that of the sum
-// over chunks with their number.
+// task's worth of rows is more (rows_per_task); for short rows, rounded up to a row
+// count spanning whole cache lines (backward_kernel): the error of a chunk's sums grows
+// with its rows, that of the sum over chunks with their number.
 constexpr int64_t kMaxChunkRows = 256;
 
-// Bytes in a cache line, which the row kernels' vectors fill (64 bytes with AVX-512).
+// Bytes in a cache line (can_stream's kLine in row_chunks.h), and the longest rows
+// whose backward chunks start on one: the AVX-512 kernels take rows of at most one
+// vector chunk (128 bytes of float32) a group at a time, as contiguous vectors.
 constexpr int64_t kCacheLine = 64;
+constexpr int64_t kLineAlignedRowBytes = 128;
 
 int64_t round_up(int64_t value, int64_t multiple) {
   return at::ceil_div(value, multiple) * multiple;
@@ -197,14 +200,18 @@ void backward_kernel(const BackwardArgs& a) {
   // pairwise), the rows split evenly over the threads below that, and rows enough that
   // the partial rows (kGrads acc_t rows a chunk) stay within half the chunk's input: a
   // few long rows over many threads would otherwise need partials several times the input.
-  // Rounded up so that chunks start on a cache line: short rows are read and dx written
-  // a group of rows at a time in whole vectors, which from a line's middle straddle two
-  // lines and cannot be stored non-temporally. With that and one fence a task
-  // (fence_streamed_stores), LayerNorm's float32 backward of 3407872x20 took ~35 ms
+  // Short rows: rounded up so that chunks start on a cache line. On AVX-512 a group of
+  // short rows is read and its dx written as contiguous vectors, which from a line's
+  // middle straddle two lines (and can_stream declines them). With that and one fence a
+  // task (fence_streamed_stores), LayerNorm's float32 backward of 3407872x20 took ~35 ms
   // against ~40 ms, RMSNorm's ~30 against ~40 (a 2-core Xeon, medians of 5 processes);
-  // one chunk a thread, ~30 ms for both, has the error of the long chain above.
+  // one chunk a thread, ~30 ms for both, has the error of the long chain above. Longer
+  // rows are aligned or not row by row; rounding would only cut their chunks (and
+  // threads: 32 rows of 4097 floats on 16 threads in 2 chunks, not 11).
   const int64_t partial_rows = at::ceil_div<int64_t>(2 * kGrads * sizeof(acc_t), sizeof(T));
-  const int64_t line_rows = kCacheLine / std::gcd<int64_t>(kCacheLine, N * sizeof(T));
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(T));
+  const int64_t line_rows =
+      row_bytes <= kLineAlignedRowBytes ? kCacheLine / std::gcd(kCacheLine, row_bytes) : 1;
   const int64_t chunk_rows = round_up(
       std::max({rows_per_task(N),
                 std::min(at::ceil_div<int64_t>(M, at::get_num_threads()), kMaxChunkRows),
