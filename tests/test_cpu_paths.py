@@ -196,3 +196,34 @@ def test_backward_partials_stay_below_the_input_with_many_threads():
                          text=True, timeout=300, check=True, env=subprocess_env())
     growth_mib = int(out.stdout.split()[-1])
     assert growth_mib < 128 + 128, out.stdout  # dx and the partials
+
+
+SPLIT_SCRIPT = r"""
+import sys, torch, layernorm_ext
+torch.manual_seed(0)
+results = {}
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for D in (1, 7, 20, 33):
+        x, dy = (torch.randn(4099, D, dtype=dtype) for _ in range(2))
+        w, b = (torch.randn(D, dtype=dtype) for _ in range(2))
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            y, mean, rstd = torch.ops.layernorm_ext.forward(x, [D], w, b, 1e-5)
+            dx = torch.ops.layernorm_ext.backward(dy, x, [D], mean, rstd, w, b)[0]
+            results[f"{dtype}-{D}-{threads}"] = (y, mean, rstd, dx)
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_rows_split_over_threads_give_the_same_rows_as_one_thread(tmp_path):
+    """Tasks and backward chunks of short rows start on whole cache lines (units of up to
+    32 rows), so with an odd row count and three threads the split falls where one
+    thread's would not; every row must still be written once, the same as on one
+    thread, with the outputs streamed (and so fenced by each task) too."""
+    out = tmp_path / "split.pt"
+    subprocess.run([sys.executable, "-c", SPLIT_SCRIPT, str(out)], check=True, timeout=300,
+                   env=subprocess_env(LAYERNORM_EXT_STREAM_BYTES="0"))
+    results = torch.load(out)
+    for key in [k for k in results if k.endswith("-1")]:
+        for a, b in zip(results[key], results[key[:-1] + "3"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)

@@ -33,14 +33,14 @@ namespace {
 constexpr int64_t kElementsPerTask = 1 << 14;
 
 // The most rows a backward chunk adds into its partial dgamma/dbeta rows, unless a
-// task's worth of rows is more (rows_per_task); for short rows, rounded up to a row
-// count spanning whole cache lines (backward_kernel): the error of a chunk's sums grows
-// with its rows, that of the sum over chunks with their number.
+// task's worth of rows is more (rows_per_task); for short rows, rounded up to whole
+// units of line_rows: the error of a chunk's sums grows with its rows, that of the sum
+// over chunks with their number.
 constexpr int64_t kMaxChunkRows = 256;
 
 // Bytes in a cache line (can_stream's kLine in row_chunks.h), and the longest rows
-// whose backward chunks start on one: the AVX-512 kernels take rows of at most one
-// vector chunk (128 bytes of float32) a group at a time, as contiguous vectors.
+// whose tasks and chunks start on one (line_rows): the AVX-512 kernels take rows of at
+// most one vector chunk (128 bytes of float32) a group at a time.
 constexpr int64_t kCacheLine = 64;
 constexpr int64_t kLineAlignedRowBytes = 128;
 
@@ -119,6 +119,15 @@ int64_t rows_per_task(int64_t cols) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
 }
 
+// The rows to split work at, so that a task or chunk of short rows starts on a cache
+// line: on AVX-512 a group of short rows is read and its outputs written as contiguous
+// vectors, which from a line's middle straddle two lines (and can_stream declines
+// them). Longer rows are aligned or not row by row: 1.
+int64_t line_rows(int64_t cols, int64_t element_bytes) {
+  const int64_t row_bytes = cols * element_bytes;
+  return row_bytes <= kLineAlignedRowBytes ? kCacheLine / std::gcd(kCacheLine, row_bytes) : 1;
+}
+
 // The row kernels of the best instruction set this CPU and ATen allow, and its name.
 struct SelectedKernels {
   const cpu::KernelTable& table;
@@ -166,9 +175,13 @@ void forward_kernel(const ForwardArgs& a) {
       static_cast<acc_t>(a.eps),
       stream_output(a.output)};
   const auto forward = row_kernels<kNorm, T, P>().forward;
-  at::parallel_for(0, a.shape.rows, rows_per_task(a.shape.cols),
+  // Tasks of whole units of line_rows: split at an odd row, 3407874x20 float32 took ~40
+  // ms against ~34 for 3407872 rows (2 threads, the second task starting mid-line).
+  const int64_t M = a.shape.rows;
+  const int64_t unit = line_rows(a.shape.cols, sizeof(T));
+  at::parallel_for(0, at::ceil_div(M, unit), at::ceil_div(rows_per_task(a.shape.cols), unit),
                    [&](int64_t begin, int64_t end) {
-                     forward(rows, begin, end);
+                     forward(rows, begin * unit, std::min(M, end * unit));
                      if (rows.stream_output) cpu::fence_streamed_stores();
                    });
 }
@@ -200,23 +213,18 @@ void backward_kernel(const BackwardArgs& a) {
   // pairwise), the rows split evenly over the threads below that, and rows enough that
   // the partial rows (kGrads acc_t rows a chunk) stay within half the chunk's input: a
   // few long rows over many threads would otherwise need partials several times the input.
-  // Short rows: rounded up so that chunks start on a cache line. On AVX-512 a group of
-  // short rows is read and its dx written as contiguous vectors, which from a line's
-  // middle straddle two lines (and can_stream declines them). With that and one fence a
-  // task (fence_streamed_stores), LayerNorm's float32 backward of 3407872x20 took ~35 ms
-  // against ~40 ms, RMSNorm's ~30 against ~40 (a 2-core Xeon, medians of 5 processes);
-  // one chunk a thread, ~30 ms for both, has the error of the long chain above. Longer
-  // rows are aligned or not row by row; rounding would only cut their chunks (and
-  // threads: 32 rows of 4097 floats on 16 threads in 2 chunks, not 11).
+  // Rounded up to whole units of line_rows, so that chunks of short rows start on a
+  // cache line. With that and one fence a task (fence_streamed_stores), LayerNorm's
+  // float32 backward of 3407872x20 took ~35 ms against ~40 ms, RMSNorm's ~30 against ~40
+  // (a 2-core Xeon, medians of 5 processes); one chunk a thread, ~30 ms for both, has
+  // the error of the long chain above. (Rounding longer rows would only cut their chunks
+  // and threads: 32 rows of 4097 floats on 16 threads in 2 chunks, not 11.)
   const int64_t partial_rows = at::ceil_div<int64_t>(2 * kGrads * sizeof(acc_t), sizeof(T));
-  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(T));
-  const int64_t line_rows =
-      row_bytes <= kLineAlignedRowBytes ? kCacheLine / std::gcd(kCacheLine, row_bytes) : 1;
   const int64_t chunk_rows = round_up(
       std::max({rows_per_task(N),
                 std::min(at::ceil_div<int64_t>(M, at::get_num_threads()), kMaxChunkRows),
                 partial_rows}),
-      line_rows);
+      line_rows(N, sizeof(T)));
   const int64_t chunks = at::ceil_div<int64_t>(M, chunk_rows);
   at::Tensor partials =
       at::zeros({chunks, kGrads, N}, a.input.options().dtype(a.rstd.scalar_type()));
