@@ -38,10 +38,8 @@ constexpr int64_t kElementsPerTask = 1 << 14;
 // over chunks with their number.
 constexpr int64_t kMaxChunkRows = 256;
 
-// Bytes in a cache line (can_stream's kLine in row_chunks.h), and the longest rows
-// whose tasks and chunks start on one (line_rows): the AVX-512 kernels take rows of at
-// most one vector chunk (128 bytes of float32) a group at a time.
-constexpr int64_t kCacheLine = 64;
+// The longest rows whose tasks and chunks start on a cache line (line_rows): the AVX-512
+// kernels take rows of at most one vector chunk (128 bytes of float32) a group at a time.
 constexpr int64_t kLineAlignedRowBytes = 128;
 
 int64_t round_up(int64_t value, int64_t multiple) {
@@ -125,7 +123,8 @@ int64_t rows_per_task(int64_t cols) {
 // them). Longer rows are aligned or not row by row: 1.
 int64_t line_rows(int64_t cols, int64_t element_bytes) {
   const int64_t row_bytes = cols * element_bytes;
-  return row_bytes <= kLineAlignedRowBytes ? kCacheLine / std::gcd(kCacheLine, row_bytes) : 1;
+  constexpr int64_t kLine = cpu::kCacheLineBytes;
+  return row_bytes <= kLineAlignedRowBytes ? kLine / std::gcd(kLine, row_bytes) : 1;
 }
 
 // The row kernels of the best instruction set this CPU and ATen allow, and its name.

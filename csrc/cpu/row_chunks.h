@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "row_kernels.h"
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #define LN_HAVE_STREAM_STORES 1
@@ -190,7 +192,7 @@ constexpr int64_t kShortRowsAhead = 2048;
 template <typename T>
 bool can_stream(const T* row) {
 #ifdef LN_HAVE_STREAM_STORES
-  constexpr uintptr_t kLine = 64;
+  constexpr uintptr_t kLine = kCacheLineBytes;
   if constexpr (Chunk<T>::kSize * sizeof(T) % kLine != 0) return false;  // e.g. AVX2 bf16
   return reinterpret_cast<uintptr_t>(row) % kLine == 0;
 #else

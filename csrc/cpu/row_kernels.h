@@ -23,6 +23,10 @@
 
 namespace layernorm_ext::cpu {
 
+// Bytes in a cache line: the streamed stores fill whole ones (can_stream), and tasks of
+// short rows start on one (layernorm_cpu.cpp).
+constexpr int64_t kCacheLineBytes = 64;
+
 template <typename T, typename P>
 struct ForwardRows {
   using acc_t = at::opmath_type<T>;
