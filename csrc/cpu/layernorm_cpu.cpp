@@ -170,6 +170,7 @@ void forward_kernel(const ForwardArgs& a) {
       a.bias.defined() ? a.bias.const_data_ptr<P>() : nullptr,
       data_or_null<acc_t>(a.mean),
       a.rstd.mutable_data_ptr<acc_t>(),
+      a.shape.rows,
       a.shape.cols,
       static_cast<acc_t>(a.eps),
       stream_output(a.output)};
@@ -201,6 +202,7 @@ void backward_kernel(const BackwardArgs& a) {
       a.rstd.const_data_ptr<acc_t>(),
       a.weight.defined() ? a.weight.const_data_ptr<P>() : nullptr,
       a.grad_input.mutable_data_ptr<T>(),
+      M,
       N,
       stream_output(a.grad_input)};
   const auto backward = row_kernels<kNorm, T, P>().backward;

@@ -83,7 +83,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
     const int64_t rows = std::min(kGroupRows, end - first);
     const auto row_x = [&](int64_t r) { return a.x + (first + r) * N; };
     for (int64_t r = 0; r < rows; ++r) {
-      if (first + r + ahead < end) prefetch_short_row(row_x(r) + ahead * N, N);
+      if (first + r + ahead < a.rows) prefetch_short_row(row_x(r) + ahead * N, N);
       const auto v = C::load(row_x(r), N);
       if constexpr (kNorm == Norm::kRms) {
         terms[r] = Vec(0);  // no mask: the lanes past N load as zero
@@ -338,14 +338,17 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
   std::array<Vec, kGroupRows> g_terms, g_xhat_terms;
   for (int64_t first = begin; first < end; first += kGroupRows) {
     const int64_t rows = std::min(kGroupRows, end - first);
-    const int64_t offset = first * N;
     const auto rstds = RowColumn<acc_t>::load(a.rstd + first, rows);
     const auto centers = kNorm == Norm::kRms
                              ? RowColumn<acc_t>::zeros()
                              : centers_of_rows(RowColumn<acc_t>::load(a.mean + first, rows), rstds);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = first + r;
-      if (row + ahead < end) {
+      // Bounded by the tensor's rows, not the call's: a call is one chunk (~800 rows at
+      // D = 20), whose first rows went unprefetched otherwise (3407872x20 on a 2-core
+      // Xeon, medians of 5 alternated processes: RMSNorm float32 36.1 -> 34.6 ms,
+      // LayerNorm bf16 26.9 -> 25.9, float32 36.8 -> 36.3).
+      if (row + ahead < a.rows) {
         prefetch_short_row(a.dy + (row + ahead) * N, N);
         prefetch_short_row(a.x + (row + ahead) * N, N);
       }
@@ -364,6 +367,7 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
     if constexpr (kContiguous) {
       if (rows == kGroupRows) {
         contiguous_used = true;
+        const int64_t offset = first * N;
         const int64_t elements = kGroupRows * N;
         for (int64_t e = 0; e < elements; e += C::kSize) {
           const int64_t n = std::min(C::kSize, elements - e);

@@ -36,6 +36,7 @@ struct ForwardRows {
   const P* bias;    // may be null
   acc_t* mean;  // null for RMSNorm
   acc_t* rstd;
+  int64_t rows;  // all of the tensor's: a call's prefetches may run past its last row
   int64_t cols;
   acc_t eps;
   bool stream_output;  // write y with non-temporal stores, unfenced (see below)
@@ -50,6 +51,7 @@ struct BackwardRows {
   const acc_t* rstd;
   const P* weight;  // may be null
   T* dx;
+  int64_t rows;  // all of the tensor's: a call's prefetches may run past its last row
   int64_t cols;
   bool stream_output;  // write dx with non-temporal stores, unfenced (see below)
 };
