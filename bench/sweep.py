@@ -213,8 +213,9 @@ def describe_run(config: SweepConfig) -> dict[str, str]:
         "torch": torch.__version__ + (f", CUDA {torch.version.cuda}" if device == "cuda" else ""),
         "layernorm_ext": f"{layernorm_ext.__version__}, git "
                          + machine.source_revision(Path(__file__).resolve().parent)
-                         + (f", {layernorm_ext.cpu_kernels_isa()} CPU kernels"
-                            if device == "cpu" else ""),
+                         + (f", {layernorm_ext.cpu_kernels_isa()} CPU kernels, outputs from "
+                            f"{machine.format_bytes(layernorm_ext.cpu_stream_threshold())} "
+                            "streamed" if device == "cpu" else ""),
         "norms": ", ".join({"layer": "LayerNorm", "rms": "RMSNorm"}[n] for n in config.norms),
         "threads": str(torch.get_num_threads()),
         "allocator": machine.allocator_settings(),

@@ -99,6 +99,10 @@ BackwardArgs prepare_backward(Norm norm, const at::Tensor& grad_out, const at::T
 // "DEFAULT" (csrc/cpu/layernorm_cpu.cpp; Python: layernorm_ext.cpu_kernels_isa()).
 const char* cpu_kernels_isa();
 
+// Outputs of at least this many bytes the CPU kernels write past the cache, with
+// non-temporal stores (layernorm_cpu.cpp; Python: layernorm_ext.cpu_stream_threshold()).
+int64_t stream_threshold_bytes();
+
 // Empty, or why LAYERNORM_EXT_STREAM_BYTES was ignored (layernorm_cpu.cpp): Python warns
 // with it at import, where a C++ warning from an op would only reach stderr.
 const std::string& stream_threshold_warning();

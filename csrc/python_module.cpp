@@ -155,6 +155,10 @@ PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(layernorm_ext::cpu_kernels_isa());
 }
 
+PyObject* stream_threshold_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(layernorm_ext::stream_threshold_bytes());
+}
+
 PyObject* stream_threshold_warning(PyObject*, PyObject*) {
   // The variable's bytes need not be UTF-8: shown as \xNN escapes, not an import error.
   const std::string& warning = layernorm_ext::stream_threshold_warning();
@@ -182,6 +186,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
        "other call."},
       {"cpu_kernels_isa", cpu_kernels_isa, METH_NOARGS,
        "The instruction set of the CPU kernels: AVX512, AVX2 or DEFAULT."},
+      {"stream_threshold_bytes", stream_threshold_bytes, METH_NOARGS,
+       "Outputs of at least this many bytes the CPU kernels write past the cache."},
       {"stream_threshold_warning", stream_threshold_warning, METH_NOARGS,
        "Empty, or why LAYERNORM_EXT_STREAM_BYTES was ignored."},
       {nullptr, nullptr, 0, nullptr}};

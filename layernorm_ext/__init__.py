@@ -15,12 +15,12 @@ import sys
 
 from . import decompositions, onnx, sharding
 from .modules import LayerNorm, RMSNorm
-from .ops import cpu_kernels_isa, has_cuda_kernels, layer_norm, rms_norm
+from .ops import cpu_kernels_isa, cpu_stream_threshold, has_cuda_kernels, layer_norm, rms_norm
 from .patch import replace_layernorm, replace_rmsnorm
 
 if "torch.distributed.tensor" in sys.modules:  # else on the first DTensor (sharding.py)
     sharding.register()
 
 __all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "has_cuda_kernels",
-           "cpu_kernels_isa", "replace_layernorm", "replace_rmsnorm"]
+           "cpu_kernels_isa", "cpu_stream_threshold", "replace_layernorm", "replace_rmsnorm"]
 __version__ = "0.1.0"

@@ -23,7 +23,8 @@ from .sharding import register_if_dtensor
 from .transforms import (acc_dtype, transformed_layer_norm, transformed_rms_norm,
                          transforms_active)
 
-__all__ = ["layer_norm", "rms_norm", "has_cuda_kernels", "cpu_kernels_isa"]
+__all__ = ["layer_norm", "rms_norm", "has_cuda_kernels", "cpu_kernels_isa",
+           "cpu_stream_threshold"]
 
 _forward = torch.ops.layernorm_ext.forward.default
 _backward = torch.ops.layernorm_ext.backward.default
@@ -51,6 +52,14 @@ def cpu_kernels_isa() -> str:
     capability (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY``
     lowers); AVX2 and AVX-512 also need F16C and BMI2, which a virtual CPU may hide."""
     return _C.cpu_kernels_isa()
+
+
+def cpu_stream_threshold() -> int:
+    """The size in bytes from which the CPU kernels write their output (y, or dx) with
+    non-temporal stores, past the cache: the last-level cache's size, at most 64 MiB (a
+    virtual machine lists its host's cache), or ``LAYERNORM_EXT_STREAM_BYTES`` when that
+    is set to a whole number of bytes. Smaller outputs stay cached for the next op."""
+    return _C.stream_threshold_bytes()
 
 
 def _param_dtype(input: torch.Tensor, weight: Optional[torch.Tensor],

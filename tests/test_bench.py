@@ -63,7 +63,10 @@ def test_markdown_names_machine_settings_contenders_and_summary(quick_run: Path)
         assert setting in text
     assert "| status | complete |" in text
     import layernorm_ext
-    assert f", {layernorm_ext.cpu_kernels_isa()} CPU kernels |" in text  # which were timed
+    from bench.machine import format_bytes
+    threshold = format_bytes(layernorm_ext.cpu_stream_threshold())
+    assert (f", {layernorm_ext.cpu_kernels_isa()} CPU kernels, outputs from {threshold} "
+            "streamed |") in text  # which were timed, how
     for pass_name in PASSES:
         for dtype in DTYPES:
             assert f"## {pass_name}, {dtype}" in text

@@ -98,6 +98,28 @@ def test_a_stream_threshold_that_is_no_number_is_ignored_with_a_warning(tmp_path
     assert "LAYERNORM_EXT_STREAM_BYTES" not in run.stderr, run.stderr
 
 
+def test_stream_threshold_is_the_cache_at_most_64_mib_unless_set(tmp_path):
+    """The default is the last-level cache's size, capped at 64 MiB: VMs list their host's
+    L3 (260 and 480 MiB on 2-core Xeon VMs, where outputs of 64-256 MiB left unstreamed
+    took 1.3-1.8x the time). LAYERNORM_EXT_STREAM_BYTES, when taken, replaces it."""
+    script = "import layernorm_ext; print(layernorm_ext.cpu_stream_threshold())"
+
+    def threshold(**env: str) -> int:
+        environment = subprocess_env(**env)
+        if not env:
+            environment.pop("LAYERNORM_EXT_STREAM_BYTES", None)
+        return int(subprocess.run([sys.executable, "-c", script], check=True, timeout=120,
+                                  capture_output=True, text=True, cwd=tmp_path,
+                                  env=environment).stdout.split()[-1])
+
+    default = threshold()
+    assert 0 < default <= 64 << 20
+    assert threshold(LAYERNORM_EXT_STREAM_BYTES="4096") == 4096
+    assert threshold(LAYERNORM_EXT_STREAM_BYTES=str(1 << 40)) == 1 << 40  # above the cap
+    assert threshold(LAYERNORM_EXT_STREAM_BYTES="-5") == 0  # everything streamed
+    assert threshold(LAYERNORM_EXT_STREAM_BYTES="64M") == default  # ignored (warned above)
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="x86 instruction sets")
 def test_kernels_follow_atens_capability_where_the_cpu_has_f16c_and_bmi2():

@@ -78,6 +78,18 @@ int64_t last_level_cache_bytes() {
 #endif
 }
 
+// The most the stream threshold is without LAYERNORM_EXT_STREAM_BYTES, whatever the
+// cache size: a VM's sysfs shows its host's L3, of which its few vCPUs keep a fraction.
+// On a 2-core Xeon VM listing a 480 MiB L3, LayerNorm float32 at D = 4096 (ours and
+// torch's alternated in one process, medians of 12 calls, two processes each way) took,
+// streamed from 64 MiB against from 480: forward 3.5 against 4.8-5.2 ms at 64 MiB,
+// 15.4-15.9 against 22.2-22.6 at 256; backward 6.7 against 11.7-12.7 at 64 MiB (torch
+// 11.4-12.2), 27.8-29.0 against 35.6-36.9 at 256; torch's calls after ours as fast, but
+// for the forward at 128 MiB (15.7-15.9 -> 17.1 ms). Streamed from 32 MiB, our backward
+// gained nothing there and torch's backward after ours slowed (8 MiB: 0.95 -> 1.34 ms),
+// as at 4-16 MiB on a VM listing 260 MiB.
+constexpr int64_t kMaxDefaultStreamBytes = int64_t(64) << 20;
+
 // Outputs at least this large are written with non-temporal stores: they cannot stay
 // in the last-level cache anyway, and streaming skips reading every line before
 // writing it. Smaller outputs are stored normally, to stay cached for the next op.
@@ -104,7 +116,7 @@ const StreamThreshold& stream_threshold() {
                 "\", which is not a whole number of bytes";
     }
     const int64_t llc = last_level_cache_bytes();
-    return {llc > 0 ? llc : int64_t(32) << 20, warning};
+    return {llc > 0 ? std::min(llc, kMaxDefaultStreamBytes) : int64_t(32) << 20, warning};
   }();
   return threshold;
 }
@@ -283,6 +295,8 @@ struct BackwardKernel {
 }  // namespace
 
 const char* cpu_kernels_isa() { return selected_kernels().isa; }
+
+int64_t stream_threshold_bytes() { return stream_threshold().bytes; }
 
 const std::string& stream_threshold_warning() { return stream_threshold().warning; }
 
