@@ -101,7 +101,7 @@ def test_a_stream_threshold_that_is_no_number_is_ignored_with_a_warning(tmp_path
 def test_stream_threshold_is_the_cache_at_most_64_mib_unless_set(tmp_path):
     """The default is the last-level cache's size, capped at 64 MiB: VMs list their host's
     L3 (260 and 480 MiB on 2-core Xeon VMs, where outputs of 64-256 MiB left unstreamed
-    took 1.3-1.8x the time). LAYERNORM_EXT_STREAM_BYTES, when taken, replaces it."""
+    took 1.2-1.9x the time). LAYERNORM_EXT_STREAM_BYTES, when taken, replaces it."""
     script = "import layernorm_ext; print(layernorm_ext.cpu_stream_threshold())"
 
     def threshold(**env: str) -> int:
