@@ -68,8 +68,9 @@ def last_level_cache_bytes(cpu_root: Path = Path("/sys/devices/system/cpu"),
     """Size of the largest-level CPU cache as the OS reports it: one instance's size (sysfs)
     times the instances over the CPUs this process may run on (``cpus``, by default its
     affinity: data spread over the cores of an 8-CCD EPYC stays in eight L3s of 32 MiB),
-    else sysconf's size. The CPU kernels stream their outputs from one instance's size
-    up (csrc/cpu/layernorm_cpu.cpp), so a sweep sized by this total is streamed too."""
+    else sysconf's size. The CPU kernels stream their outputs from one instance's size,
+    or 64 MiB if that is less, up (csrc/cpu/layernorm_cpu.cpp), so a sweep sized by this
+    total is streamed too."""
     if cpus is None:
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(
             os.cpu_count() or 1)

@@ -57,8 +57,9 @@ def cpu_kernels_isa() -> str:
 def cpu_stream_threshold() -> int:
     """The size in bytes from which the CPU kernels write their output (y, or dx) with
     non-temporal stores, past the cache: the last-level cache's size, at most 64 MiB (a
-    virtual machine lists its host's cache), or ``LAYERNORM_EXT_STREAM_BYTES`` when that
-    is set to a whole number of bytes. Smaller outputs stay cached for the next op."""
+    virtual machine lists its host's cache; 32 MiB when the size is unknown), or
+    ``LAYERNORM_EXT_STREAM_BYTES`` when that is set to a whole number of bytes. Smaller
+    outputs stay cached for the next op."""
     return _C.stream_threshold_bytes()
 
 

@@ -6,6 +6,7 @@ run in a subprocess and compared bitwise, or within rounding across instruction 
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -114,6 +115,9 @@ def test_stream_threshold_is_the_cache_at_most_64_mib_unless_set(tmp_path):
 
     default = threshold()
     assert 0 < default <= 64 << 20
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):  # where the kernels read it
+        from bench.machine import last_level_cache_bytes
+        assert default == min(last_level_cache_bytes(cpus=[0]), 64 << 20)
     assert threshold(LAYERNORM_EXT_STREAM_BYTES="4096") == 4096
     assert threshold(LAYERNORM_EXT_STREAM_BYTES=str(1 << 40)) == 1 << 40  # above the cap
     assert threshold(LAYERNORM_EXT_STREAM_BYTES="-5") == 0  # everything streamed

@@ -90,9 +90,10 @@ int64_t last_level_cache_bytes() {
 // as at 4-16 MiB on a VM listing 260 MiB.
 constexpr int64_t kMaxDefaultStreamBytes = int64_t(64) << 20;
 
-// Outputs at least this large are written with non-temporal stores: they cannot stay
-// in the last-level cache anyway, and streaming skips reading every line before
-// writing it. Smaller outputs are stored normally, to stay cached for the next op.
+// Outputs at least this large (the last-level cache's size, at most the cap above) are
+// written with non-temporal stores: they cannot stay in the cache anyway, and streaming
+// skips reading every line before writing it. Smaller outputs are stored normally, to
+// stay cached for the next op. 32 MiB where the cache's size is unknown.
 // LAYERNORM_EXT_STREAM_BYTES overrides the threshold (the tests use it), read once: at
 // import, where Python asks for stream_threshold_warning().
 struct StreamThreshold {
