@@ -430,7 +430,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
   // dependency chains overlap), then pass 2 chunk by chunk over the group's rows, so
   // that each dgamma/dbeta chunk is loaded and stored once per group, not once per
   // row. Each element still adds its rows' terms in row order: the same bits.
-  const int64_t group_rows = group_rows_for<T>(N);
+  const int64_t group_rows = backward_group_rows_for<T>(N);
   std::array<acc_t, kGroupRows> centers, rstds, mean_gs, mean_g_xhats;
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
