@@ -37,28 +37,33 @@ using at::vec::Vectorized;
 constexpr int64_t kGroupRows = 16;
 constexpr int64_t kGroupBytes = 16 << 10;
 
-// Rows per group of the forward for rows of `cols` elements of T.
+// Rows per group for rows of `cols` elements of T.
 template <typename T>
 int64_t group_rows_for(int64_t cols) {
   return std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(1, cols * int64_t(sizeof(T))), 1,
                              kGroupRows);
 }
 
-// The backward groups rows the same way, but takes at least kBackwardMinRows a group
-// while they fit in kBackwardGroupBytes (rows of up to 32 KiB): its pass 2 loads and
-// stores each dgamma/dbeta chunk once a group, which with one row of 16-32 KiB a group
-// cost more than the row's own reads. 2-core Xeon, 2^26 elements, medians of 5
-// alternated processes: bf16 D = 8192 20.8 -> 17.3 ms, 16384 20.8 -> 17.6; float32
-// D = 4096 30.5 -> 26.6, 8192 31.9 -> 27.7. Bounded at 512 KiB instead, the longest
-// rows slowed: bf16 D = 65536 22 -> 27 ms, float32 D = 32768 43 -> 49.
-constexpr int64_t kBackwardMinRows = 4;
-constexpr int64_t kBackwardGroupBytes = 128 << 10;
+// Groups whose outputs are written chunk by chunk over their rows, each weight/bias
+// (dgamma/dbeta) chunk loaded once a group: the backward's, and the forward's where
+// the parameters fill L1 (row_kernels.cpp). They take at least kSharedParamMinRows
+// rows while those fit in kSharedParamGroupBytes (rows of up to 32 KiB): with one row
+// of 16-32 KiB a group, the backward's dgamma/dbeta chunks, loaded and stored for
+// every row, cost more than the row's own reads. 2-core Xeon, 2^26 elements, medians
+// of 5 alternated processes: bf16 D = 8192 20.8 -> 17.3 ms, 16384 20.8 -> 17.6;
+// float32 D = 4096 30.5 -> 26.6, 8192 31.9 -> 27.7. Bounded at 512 KiB instead, the
+// longest rows slowed: bf16 D = 65536 22 -> 27 ms, float32 D = 32768 43 -> 49.
+constexpr int64_t kSharedParamMinRows = 4;
+constexpr int64_t kSharedParamGroupBytes = 128 << 10;
+// The forward's groups go chunk by chunk where one parameter, as acc_t, takes this
+// much or more: weight and bias then fill two thirds of a 48 KiB L1.
+constexpr int64_t kLongParamBytes = 16 << 10;
 
 template <typename T>
-int64_t backward_group_rows_for(int64_t cols) {
+int64_t shared_param_group_rows_for(int64_t cols) {
   const int64_t row_bytes = std::max<int64_t>(1, cols * int64_t(sizeof(T)));
   return std::max(group_rows_for<T>(cols),
-                  std::clamp<int64_t>(kBackwardGroupBytes / row_bytes, 1, kBackwardMinRows));
+                  std::clamp<int64_t>(kSharedParamGroupBytes / row_bytes, 1, kSharedParamMinRows));
 }
 
 // Lane 0 of v.
