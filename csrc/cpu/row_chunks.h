@@ -187,7 +187,8 @@ inline void prefetch_short_row(const T* row, int64_t cols) {
 constexpr int64_t kShortRowsAhead = 2048;
 
 // Whether a row's whole chunks may be streamed: the ISA has stream stores, a chunk is
-// a whole number of 64-byte cache lines, and the row starts on a line. Every streamed
+// a whole number of 64-byte cache lines, and the row (or a chunk of it) starts on a
+// line. Every streamed
 // chunk then fills whole lines; a partly written line waits in a write-combining
 // buffer, and the backward has a whole group of rows' lines open at once.
 template <typename T>

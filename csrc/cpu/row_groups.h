@@ -30,10 +30,11 @@ namespace {
 using at::vec::Vectorized;
 
 // The forward goes through rows in groups of up to kGroupRows (and kGroupBytes of
-// input): first the statistics of every row of the group, then their outputs, the rows
-// still in L1. A row's statistics are one long dependency chain (lane merges, square
-// root, division); rows of a group do not depend on each other, so the core overlaps
-// their chains. 1966080x128 bf16, 2 threads: 51% -> 63% of the copy roof.
+// input; long rows: shared_param_group_rows_for below): first the statistics of every
+// row of the group, then their outputs, the rows still in L1 or L2. A row's statistics
+// are one long dependency chain (lane merges, square root, division); rows of a group
+// do not depend on each other, so the core overlaps their chains. 1966080x128 bf16,
+// 2 threads: 51% -> 63% of the copy roof.
 constexpr int64_t kGroupRows = 16;
 constexpr int64_t kGroupBytes = 16 << 10;
 
@@ -46,17 +47,21 @@ int64_t group_rows_for(int64_t cols) {
 
 // Groups whose outputs are written chunk by chunk over their rows, each weight/bias
 // (dgamma/dbeta) chunk loaded once a group: the backward's, and the forward's where
-// the parameters fill L1 (row_kernels.cpp). They take at least kSharedParamMinRows
-// rows while those fit in kSharedParamGroupBytes (rows of up to 32 KiB): with one row
-// of 16-32 KiB a group, the backward's dgamma/dbeta chunks, loaded and stored for
-// every row, cost more than the row's own reads. 2-core Xeon, 2^26 elements, medians
-// of 5 alternated processes: bf16 D = 8192 20.8 -> 17.3 ms, 16384 20.8 -> 17.6;
-// float32 D = 4096 30.5 -> 26.6, 8192 31.9 -> 27.7. Bounded at 512 KiB instead, the
-// longest rows slowed: bf16 D = 65536 22 -> 27 ms, float32 D = 32768 43 -> 49.
+// the parameters fill L1 (row_kernels.cpp). Where group_rows_for gives fewer, they
+// take kSharedParamMinRows rows, or as many as fit in kSharedParamGroupBytes of input
+// (2 for rows of 64 KiB, 1 from 128 KiB): with one row of 16-32 KiB a group, the
+// backward loaded and stored its dgamma/dbeta chunks for every row. 2-core Xeon, 2^26
+// elements, medians of 5 alternated processes: bf16 D = 8192 20.8 -> 17.3 ms, 16384
+// 20.8 -> 17.6; float32 D = 4096 30.5 -> 26.6, 8192 31.9 -> 27.7. Bounded at 512 KiB
+// instead, the longest rows slowed: bf16 D = 65536 22 -> 27 ms, float32 D = 32768
+// 43 -> 49.
 constexpr int64_t kSharedParamMinRows = 4;
 constexpr int64_t kSharedParamGroupBytes = 128 << 10;
 // The forward's groups go chunk by chunk where one parameter, as acc_t, takes this
-// much or more: weight and bias then fill two thirds of a 48 KiB L1.
+// much or more (D >= 4096; 2048 in double): weight and bias then fill two thirds of a
+// 48 KiB L1. With fewer parameters the order is no slower (2^26 elements, medians of 6:
+// RMSNorm bf16 D = 4096 9.3 -> 8.7 ms, float32 16384 16.3 -> 15.4; LayerNorm without
+// weight and bias, bf16 D = 4096 10.3 -> 9.3), so D alone decides.
 constexpr int64_t kLongParamBytes = 16 << 10;
 
 template <typename T>
