@@ -165,15 +165,17 @@ def test_every_instruction_set_agrees_with_the_best(tmp_path, capability):
                          ids=str)
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("rows", ["random", "with_nan_and_max"])
-def test_short_rows_give_the_same_bits_in_a_group_as_alone(dtype, norm, rows):
+def test_rows_give_the_same_bits_in_a_group_as_alone(dtype, norm, rows):
     """Rows of at most one vector chunk go 16 at a time; on AVX-512 a whole group's y and
     dx are written from contiguous vectors, a partial group's row by row, and a row with
-    NaN or sums that overflow takes other statistics than its neighbours. A row's results
-    must not depend on any of that: 37 rows (two whole groups and five more) against each
-    row alone. The parameter gradients sum over rows, in another order: close."""
+    NaN or sums that overflow takes other statistics than its neighbours. Longer rows go
+    in groups too, and from D = 4096 (2048 in float64) the forward writes a group's
+    outputs chunk by chunk over its rows. A row's results must not depend on any of
+    that: 37 rows (whole groups and a partial one) against each row alone. The
+    parameter gradients sum over rows, in another order: close."""
     torch.manual_seed(0)
     largest = torch.finfo(dtype).max
-    for D in (1, 7, 16, 20, 31, 32):
+    for D in (1, 7, 16, 20, 31, 32, 1000, 4100):
         x, dy = ((torch.randn(37, D, dtype=torch.float64) * 3 + 1).to(dtype) for _ in range(2))
         if rows == "with_nan_and_max":
             x[3, 0] = float("nan")

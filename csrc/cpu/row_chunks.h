@@ -188,9 +188,9 @@ constexpr int64_t kShortRowsAhead = 2048;
 
 // Whether a row's whole chunks may be streamed: the ISA has stream stores, a chunk is
 // a whole number of 64-byte cache lines, and the row (or a chunk of it) starts on a
-// line. Every streamed
-// chunk then fills whole lines; a partly written line waits in a write-combining
-// buffer, and the backward has a whole group of rows' lines open at once.
+// line. Every streamed chunk then fills whole lines; a partly written line waits in a
+// write-combining buffer, and the backward has a whole group of rows' lines open at
+// once.
 template <typename T>
 bool can_stream(const T* row) {
 #ifdef LN_HAVE_STREAM_STORES
