@@ -30,11 +30,11 @@ namespace {
 using at::vec::Vectorized;
 
 // The forward goes through rows in groups of up to kGroupRows (and kGroupBytes of
-// input; long rows: shared_param_group_rows_for below): first the statistics of every
-// row of the group, then their outputs, the rows still in L1 or L2. A row's statistics
-// are one long dependency chain (lane merges, square root, division); rows of a group
-// do not depend on each other, so the core overlaps their chains. 1966080x128 bf16,
-// 2 threads: 51% -> 63% of the copy roof.
+// input; long rows, and the backward's: shared_param_group_rows_for below): first the
+// statistics of every row of the group, then their outputs, the rows still in L1 or L2.
+// A row's statistics are one long dependency chain (lane merges, square root,
+// division); rows of a group do not depend on each other, so the core overlaps their
+// chains. 1966080x128 bf16, 2 threads: 51% -> 63% of the copy roof.
 constexpr int64_t kGroupRows = 16;
 constexpr int64_t kGroupBytes = 16 << 10;
 
@@ -47,15 +47,16 @@ int64_t group_rows_for(int64_t cols) {
 
 // Groups whose outputs are written chunk by chunk over their rows, each weight/bias
 // (dgamma/dbeta) chunk loaded once a group: the backward's, and the forward's where
-// the parameters fill L1 (row_kernels.cpp). Where group_rows_for gives fewer, they
-// take kSharedParamMinRows rows, or as many as fit in kSharedParamGroupBytes of input
-// (2 for rows of 64 KiB, 1 from 128 KiB): with one row of 16-32 KiB a group, the
-// backward loaded and stored its dgamma/dbeta chunks for every row. 2-core Xeon, 2^26
-// elements, medians of 5 alternated processes: bf16 D = 8192 20.8 -> 17.3 ms, 16384
-// 20.8 -> 17.6; float32 D = 4096 30.5 -> 26.6, 8192 31.9 -> 27.7. Bounded at 512 KiB
-// instead, the longest rows slowed: bf16 D = 65536 22 -> 27 ms, float32 D = 32768
-// 43 -> 49.
-constexpr int64_t kSharedParamMinRows = 4;
+// the parameters fill L1 (row_kernels.cpp). kSharedParamRows rows, or as many as fit
+// in kSharedParamGroupBytes of input (2 for rows of 64 KiB, 1 from 128 KiB). With one
+// row of 16-32 KiB a group, the backward loaded and stored its dgamma/dbeta chunks for
+// every row (2-core Xeon, 2^26 elements, medians of 5 alternated processes: bf16
+// D = 8192 20.8 -> 17.3 ms, float32 D = 4096 30.5 -> 26.6); bounded at 512 KiB, the
+// longest rows slowed (bf16 D = 65536 22 -> 27 ms). More rows for shorter ones (the
+// forward's kGroupBytes, up to 16 rows) made the bf16/fp16 backward slower: medians of
+// 5 processes each, bf16 D = 768 18.6 against 17.1 ms with 4 rows, 1024 18.3 against
+// 16.7, fp16 1024 17.6 against 16.1; float32 the same either way.
+constexpr int64_t kSharedParamRows = 4;
 constexpr int64_t kSharedParamGroupBytes = 128 << 10;
 // The forward's groups go chunk by chunk where one parameter, as acc_t, takes this
 // much or more (D >= 4096; 2048 in double): weight and bias then fill two thirds of a
@@ -67,8 +68,7 @@ constexpr int64_t kLongParamBytes = 16 << 10;
 template <typename T>
 int64_t shared_param_group_rows_for(int64_t cols) {
   const int64_t row_bytes = std::max<int64_t>(1, cols * int64_t(sizeof(T)));
-  return std::max(group_rows_for<T>(cols),
-                  std::clamp<int64_t>(kSharedParamGroupBytes / row_bytes, 1, kSharedParamMinRows));
+  return std::clamp<int64_t>(kSharedParamGroupBytes / row_bytes, 1, kSharedParamRows);
 }
 
 // Lane 0 of v.
