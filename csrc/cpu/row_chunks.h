@@ -203,6 +203,114 @@ bool can_stream(const T* row) {
 #endif
 }
 
+// Copies a span of `count` elements to dst from src, which lies at the same offset
+// within a cache line: its whole lines with non-temporal stores, its partial first and
+// last lines (which it shares with the rows around it) with plain ones.
+template <typename T>
+void copy_streaming(T* dst, const T* src, int64_t count) {
+  constexpr int64_t kLine = kCacheLineBytes;
+  auto* d = reinterpret_cast<char*>(dst);
+  auto* s = reinterpret_cast<const char*>(src);
+  int64_t bytes = count * int64_t(sizeof(T));
+  const int64_t head =
+      std::min<int64_t>(bytes, (kLine - reinterpret_cast<uintptr_t>(d) % kLine) % kLine);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= kLine; d += kLine, s += kLine, bytes -= kLine) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_load_si512(s));
+#elif defined(CPU_CAPABILITY_AVX2)
+    for (int half = 0; half < 2; ++half) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d) + half,
+                          _mm256_load_si256(reinterpret_cast<const __m256i*>(s) + half));
+    }
+#else
+    std::memcpy(d, s, kLine);
+#endif
+  }
+  std::memcpy(d, s, bytes);
+}
+
+// A buffer of at least `bytes`, the calling thread's own, kept for its next calls: a
+// heap allocation each call of a row kernel made the float32 backward of 6291456x20
+// ~10% slower (its calls of ~800 rows each stage their last, partial group).
+// (No std::unique_ptr: its inline destructor would be shared by the ISAs' objects.)
+struct ThreadBuffer {
+  char* data = nullptr;
+  int64_t size = 0;
+  ~ThreadBuffer() { delete[] data; }
+};
+inline char* thread_buffer(int64_t bytes) {
+  thread_local ThreadBuffer buffer;
+  if (buffer.size < bytes) {
+    delete[] buffer.data;
+    buffer.data = new char[bytes];
+    buffer.size = bytes;
+  }
+  return buffer.data;
+}
+
+// Where a group of rows writes its outputs (y, dx). Rows whose whole chunks start on
+// cache lines, and outputs not streamed, go straight to the output (whole chunks
+// streamed where stream_chunk() says so). Other rows of a streamed output (rows whose
+// bytes are no whole number of lines, as D = 100 or 1000 in float32, or rows shorter
+// than a chunk) would fill their lines in parts, and the core reads every such line
+// from DRAM before it writes it: half again the forward's traffic, a third more the
+// backward's. Those go to a buffer that lies within a line as the output does, and
+// finish() streams the group's lines from there, the copy in L1/L2. Groups of more
+// than kMaxStagedBytes (rows past 128 KiB) are not worth a copy through L3: they write
+// in place, unstreamed.
+template <typename T>
+class OutputRows {
+ public:
+  static constexpr int64_t kMaxStagedBytes = 128 << 10;
+
+  // out: the output's rows of `cols` elements, written in groups of up to max_rows.
+  OutputRows(T* out, int64_t cols, int64_t max_rows, bool stream) : out_(out), cols_(cols) {
+#ifdef LN_HAVE_STREAM_STORES
+    constexpr int64_t kLine = kCacheLineBytes;
+    const int64_t row_bytes = cols * int64_t(sizeof(T));
+    const bool rows_on_lines = cols >= Chunk<T>::kSize && row_bytes % kLine == 0 &&
+                               Chunk<T>::kSize * int64_t(sizeof(T)) % kLine == 0 &&
+                               reinterpret_cast<uintptr_t>(out) % kLine == 0;
+    stream_direct_ = stream && rows_on_lines;
+    if (stream && !rows_on_lines && max_rows * row_bytes <= kMaxStagedBytes) {
+      staged_bytes_ = max_rows * row_bytes + 2 * kLine;
+    }
+#else
+    (void)max_rows, (void)stream;
+#endif
+  }
+  // Starts the group whose first row is `first`.
+  void start(int64_t first) {
+    first_ = first;
+    if (staged_bytes_ > 0) {
+      constexpr uintptr_t kLine = kCacheLineBytes;
+      const auto base = reinterpret_cast<uintptr_t>(thread_buffer(staged_bytes_));
+      const uintptr_t offset = reinterpret_cast<uintptr_t>(out_ + first * cols_) % kLine;
+      staged_ = reinterpret_cast<T*>((base + kLine - 1) / kLine * kLine + offset);
+    }
+  }
+  // Where row r of the group goes.
+  T* row(int64_t r) const {
+    return staged_ ? staged_ + r * cols_ : out_ + (first_ + r) * cols_;
+  }
+  // Whether a whole chunk at p (in a row from row()) is to be streamed.
+  bool stream_chunk(const T* p) const { return stream_direct_ && can_stream(p); }
+  // Ends the group: writes out its first `rows` rows where they were staged.
+  void finish(int64_t rows) const {
+    if (staged_) copy_streaming(out_ + first_ * cols_, staged_, rows * cols_);
+  }
+
+ private:
+  T* out_;
+  int64_t cols_;
+  int64_t first_ = 0;
+  bool stream_direct_ = false;
+  int64_t staged_bytes_ = 0;  // the buffer's size, where rows are staged
+  T* staged_ = nullptr;  // row 0 of the group in the buffer
+};
+
 // A weight or bias row as acc_t values. half/bf16 parameters are converted once per
 // call of a row kernel (one task, >= kElementsPerTask elements), not once per row: in
 // the row loops their conversion costs as many vector instructions as the input's.

@@ -76,6 +76,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
 #endif
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
   const auto valid = valid_lanes<T>(N);
+  OutputRows<T> out(a.y, N, kGroupRows, a.stream_output);
   std::array<Vec, kGroupRows> terms, squares;
   alignas(64) std::array<acc_t, kGroupRows> shifts{}, means{}, row_stats{};
   const Vec n_v(static_cast<acc_t>(N));
@@ -161,6 +162,7 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
       }
     }
 #endif
+    out.start(first);
     for (int64_t r = 0; r < rows; ++r) {
       const Vec center = centers.broadcast(r), rstd = rstds.broadcast(r);
       typename C::Parts yv;
@@ -168,8 +170,9 @@ void forward_short_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) 
       for (int k = 0; k < C::kParts; ++k) {
         yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], center, rstd), wv[k], bv[k]);
       }
-      C::store_row(a.y + (first + r) * N, yv, N, false);  // N < kSize: no whole chunk to stream
+      C::store(out.row(r), yv, N);  // N < kSize: no whole chunk to stream
     }
+    out.finish(rows);
   }
 }
 
@@ -180,7 +183,8 @@ template <Norm kNorm, typename T, typename P>
 C10_NOINLINE void write_outputs_by_chunk(const ForwardRows<T, P>& a, int64_t first, int64_t rows,
                                          int64_t end, const at::opmath_type<T>* means,
                                          const RowColumn<at::opmath_type<T>>& rstds,
-                                         const AccParam<P>& weight, const AccParam<P>& bias) {
+                                         const AccParam<P>& weight, const AccParam<P>& bias,
+                                         const OutputRows<T>& out) {
   using C = Chunk<T>;
   using AC = Chunk<at::opmath_type<T>>;
   using acc_t = typename C::acc_t;
@@ -203,7 +207,8 @@ C10_NOINLINE void write_outputs_by_chunk(const ForwardRows<T, P>& a, int64_t fir
         yv[k] = math::affine<kNorm>(math::normalize<kNorm>(xv[k], mean_vs[r], rstd_vs[r]),
                                     wv[k], bv[k]);
       }
-      C::store_row(a.y + offset, yv, n, a.stream_output && can_stream(a.y + offset));
+      T* y = out.row(r) + j;
+      C::store_row(y, yv, n, out.stream_chunk(y));
     }
   });
 }
@@ -233,6 +238,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
   alignas(64) std::array<acc_t, kGroupRows> means{}, stats{};
   std::array<LaneMoments<T>, kGroupRows> lanes;
   const int64_t chunks = N / C::kSize;
+  OutputRows<T> out(a.y, N, group_rows, a.stream_output);
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
     if constexpr (kNorm == Norm::kRms) {
@@ -281,17 +287,19 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
     // While the group's outputs are written, the next group's input is prefetched into
     // L2 (the same offset, one group ahead): the hardware prefetcher restarts at every
     // group's first pass, which cost ~15% at D = 16384 in bf16.
+    out.start(first);
     if (by_chunk) {
-      write_outputs_by_chunk<kNorm>(a, first, rows, end, means.data(), rstds, weight, bias);
+      write_outputs_by_chunk<kNorm>(a, first, rows, end, means.data(), rstds, weight, bias, out);
+      out.finish(rows);
       continue;
     }
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = a.x + (first + r) * N;
-      T* y = a.y + (first + r) * N;
+      T* y = out.row(r);
       const bool prefetch = first + r + rows < end;  // (no pointer past the rows)
       const Vec rstd_v = rstds.broadcast(r);
       const Vec mean_v(math::normalize_center(means[r], first_lane(rstd_v)));
-      const bool stream = a.stream_output && can_stream(y);
+      const bool stream = out.stream_chunk(y);
       for_each_chunk<T>(N, [&](int64_t j, auto n) {
         if (prefetch) prefetch_chunk(x + rows * N + j);
         const auto xv = C::load(x + j, n);
@@ -304,6 +312,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
         C::store_row(y + j, yv, n, stream);
       });
     }
+    out.finish(rows);
   }
 }
 
@@ -382,6 +391,7 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
   const int64_t ahead = std::max<int64_t>(1, kShortRowsAhead / (N * int64_t(sizeof(T))));
   const Vec n_v(static_cast<acc_t>(N));
   const auto valid = valid_lanes<T>(N);
+  OutputRows<T> out(a.dx, N, kGroupRows, a.stream_output);
   std::array<Vec, kGroupRows> g_terms, g_xhat_terms;
   for (int64_t first = begin; first < end; first += kGroupRows) {
     const int64_t rows = std::min(kGroupRows, end - first);
@@ -439,15 +449,17 @@ void backward_short_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end
       }
     }
 #endif
+    out.start(first);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = first + r;
       typename C::Parts dxv;
       chunk_grads<kNorm>(C::load(a.dy + row * N, N), C::load(a.x + row * N, N), wv,
                          centers.broadcast(r), rstds.broadcast(r), mean_gs.broadcast(r),
                          mean_g_xhats.broadcast(r), dxv, dgv, dbv);
-      T* dx = a.dx + row * N;
-      C::store_row(dx, dxv, N, a.stream_output && can_stream(dx));
+      T* dx = out.row(r);
+      C::store_row(dx, dxv, N, out.stream_chunk(dx));
     }
+    out.finish(rows);
   }
   AC::store(dgamma, dgv, N);
   if constexpr (kNorm == Norm::kLayer) AC::store(dbeta, dbv, N);
@@ -479,6 +491,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
   // row. Each element still adds its rows' terms in row order: the same bits.
   const int64_t group_rows = shared_param_group_rows_for<T>(N);
   std::array<acc_t, kGroupRows> centers, rstds, mean_gs, mean_g_xhats;
+  OutputRows<T> out(a.dx, N, group_rows, a.stream_output);
   for (int64_t first = begin; first < end; first += group_rows) {
     const int64_t rows = std::min(group_rows, end - first);
 
@@ -505,6 +518,7 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
     // shorter ones it made the backward slower (131072x128 bf16 on a Zen 4, A/B in one
     // process: 1.2-1.8x the time without), where for longer ones it gains 10-25%.
     const bool prefetch = N * int64_t(sizeof(T)) >= 512;
+    out.start(first);
     for_each_chunk<T>(N, [&](int64_t j, auto n) {
       const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
       auto dgv = AC::load(dgamma + j, n);
@@ -520,11 +534,13 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
         chunk_grads<kNorm>(C::load(a.dy + offset, n), C::load(a.x + offset, n), wv,
                            Vec(centers[r]), Vec(rstds[r]), Vec(mean_gs[r]), Vec(mean_g_xhats[r]),
                            dxv, dgv, dbv);
-        C::store_row(a.dx + offset, dxv, n, a.stream_output && can_stream(a.dx + offset));
+        T* dx = out.row(r) + j;
+        C::store_row(dx, dxv, n, out.stream_chunk(dx));
       }
       AC::store(dgamma + j, dgv, n);
       if constexpr (kNorm == Norm::kLayer) AC::store(dbeta + j, dbv, n);
     });
+    out.finish(rows);
   }
 }
 
