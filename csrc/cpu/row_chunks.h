@@ -169,11 +169,12 @@ struct Chunk {
   }
 };
 
-// Prefetches a chunk into L2 (one prefetch per 64-byte line).
-template <typename T>
-inline void prefetch_chunk(const T* p) {
+// Prefetches a chunk of n elements into L2 (one prefetch per 64-byte line); n, not a
+// whole chunk, so that no pointer runs past a tensor's last row.
+template <typename T, typename Count>
+inline void prefetch_chunk(const T* p, Count n) {
   constexpr int64_t kLineElems = 64 / sizeof(T);
-  for (int64_t e = 0; e < Chunk<T>::kSize; e += kLineElems) __builtin_prefetch(p + e, 0, 2);
+  for (int64_t e = 0; e < n; e += kLineElems) __builtin_prefetch(p + e, 0, 2);
 }
 
 // Prefetches a row of at most one chunk (128 bytes: up to three lines) into L2. The
@@ -243,8 +244,9 @@ struct ThreadBuffer {
 inline char* thread_buffer(int64_t bytes) {
   thread_local ThreadBuffer buffer;
   if (buffer.size < bytes) {
+    char* larger = new char[bytes];  // first: a failed allocation leaves the old one
     delete[] buffer.data;
-    buffer.data = new char[bytes];
+    buffer.data = larger;
     buffer.size = bytes;
   }
   return buffer.data;
@@ -259,7 +261,7 @@ inline char* thread_buffer(int64_t bytes) {
 // backward's. Those go to a buffer that lies within a line as the output does, and
 // finish() streams the group's lines from there, the copy in L1/L2. Groups of more
 // than kMaxStagedBytes (rows past 128 KiB) are not worth a copy through L3: they write
-// in place, unstreamed.
+// in place, streamed only where a row happens to start on a line.
 template <typename T>
 class OutputRows {
  public:
@@ -273,13 +275,15 @@ class OutputRows {
     const bool rows_on_lines = cols >= Chunk<T>::kSize && row_bytes % kLine == 0 &&
                                Chunk<T>::kSize * int64_t(sizeof(T)) % kLine == 0 &&
                                reinterpret_cast<uintptr_t>(out) % kLine == 0;
-    stream_direct_ = stream && rows_on_lines;
     if (stream && !rows_on_lines && max_rows * row_bytes <= kMaxStagedBytes) {
       staged_bytes_ = max_rows * row_bytes + 2 * kLine;
     }
 #else
-    (void)max_rows, (void)stream;
+    (void)max_rows;
 #endif
+    // In place, the chunks that start on a line (can_stream): every chunk of rows on
+    // lines, some of longer unstaged ones.
+    stream_direct_ = stream && staged_bytes_ == 0;
   }
   // Starts the group whose first row is `first`.
   void start(int64_t first) {

@@ -30,11 +30,12 @@ namespace {
 using at::vec::Vectorized;
 
 // The forward goes through rows in groups of up to kGroupRows (and kGroupBytes of
-// input; long rows, and the backward's: shared_param_group_rows_for below): first the
-// statistics of every row of the group, then their outputs, the rows still in L1 or L2.
-// A row's statistics are one long dependency chain (lane merges, square root,
-// division); rows of a group do not depend on each other, so the core overlaps their
-// chains. 1966080x128 bf16, 2 threads: 51% -> 63% of the copy roof.
+// input; for long rows, and the backward's rows longer than a chunk, see
+// shared_param_group_rows_for below): first the statistics of every row of the group,
+// then their outputs, the rows still in L1 or L2. A row's statistics are one long
+// dependency chain (lane merges, square root, division); rows of a group do not depend
+// on each other, so the core overlaps their chains. 1966080x128 bf16, 2 threads: 51% ->
+// 63% of the copy roof.
 constexpr int64_t kGroupRows = 16;
 constexpr int64_t kGroupBytes = 16 << 10;
 

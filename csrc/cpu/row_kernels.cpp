@@ -200,7 +200,7 @@ C10_NOINLINE void write_outputs_by_chunk(const ForwardRows<T, P>& a, int64_t fir
     const auto bv = AC::load_or(bias.from(j), n, acc_t(0));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t offset = (first + r) * N + j;
-      if (first + r + rows < end) prefetch_chunk(a.x + offset + rows * N);  // as forward_rows
+      if (first + r + rows < end) prefetch_chunk(a.x + offset + rows * N, n);  // as forward_rows
       const auto xv = C::load(a.x + offset, n);
       typename C::Parts yv;
       for (int k = 0; k < C::kParts; ++k) {
@@ -301,7 +301,7 @@ void forward_rows(const ForwardRows<T, P>& a, int64_t begin, int64_t end) {
       const Vec mean_v(math::normalize_center(means[r], first_lane(rstd_v)));
       const bool stream = out.stream_chunk(y);
       for_each_chunk<T>(N, [&](int64_t j, auto n) {
-        if (prefetch) prefetch_chunk(x + rows * N + j);
+        if (prefetch) prefetch_chunk(x + rows * N + j, n);
         const auto xv = C::load(x + j, n);
         const auto wv = AC::load_or(weight.from(j), n, acc_t(1));
         const auto bv = AC::load_or(bias.from(j), n, acc_t(0));
@@ -528,8 +528,8 @@ void backward_rows(const BackwardRows<T, P>& a, int64_t begin, int64_t end,
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (first + r) * N + j;
         if (first + r + rows < end) {  // the next group's rows, as in forward_rows
-          prefetch_chunk(a.dy + offset + rows * N);
-          prefetch_chunk(a.x + offset + rows * N);
+          prefetch_chunk(a.dy + offset + rows * N, n);
+          prefetch_chunk(a.x + offset + rows * N, n);
         }
         typename C::Parts dxv;
         chunk_grads<kNorm>(C::load(a.dy + offset, n), C::load(a.x + offset, n), wv,
