@@ -217,17 +217,11 @@ void copy_streaming(T* dst, const T* src, int64_t count) {
       std::min<int64_t>(bytes, (kLine - reinterpret_cast<uintptr_t>(d) % kLine) % kLine);
   std::memcpy(d, s, head);
   d += head, s += head, bytes -= head;
+  using Bits = Vectorized<float>;  // any vector: the bytes are copied as they are
+  constexpr int64_t kVectorBytes = Bits::size() * int64_t(sizeof(float));
+  static_assert(kLine % kVectorBytes == 0);
   for (; bytes >= kLine; d += kLine, s += kLine, bytes -= kLine) {
-#if defined(CPU_CAPABILITY_AVX512)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_load_si512(s));
-#elif defined(CPU_CAPABILITY_AVX2)
-    for (int half = 0; half < 2; ++half) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d) + half,
-                          _mm256_load_si256(reinterpret_cast<const __m256i*>(s) + half));
-    }
-#else
-    std::memcpy(d, s, kLine);
-#endif
+    for (int64_t v = 0; v < kLine; v += kVectorBytes) stream_store(d + v, Bits::loadu(s + v));
   }
   std::memcpy(d, s, bytes);
 }
